@@ -1,0 +1,324 @@
+// flashcupy generic family: attention backward (FlashAttention-2's three kernels).
+//
+//   1. fc_generic_bwd_preprocess  delta_i = rowsum(dO_i * O_i)
+//   2. fc_generic_bwd_dkdv        one CTA per key tile: dK, dV accumulated in
+//                                 registers over every query tile (and over the
+//                                 batch axes that k and v broadcast, "groups")
+//   3. fc_generic_bwd_dq          one CTA per query tile: dQ over every key tile
+// Both 2 and 3 recompute P = exp2(S * scale * log2(e) - LSE * log2(e)) from the
+// saved LSE, so nothing of size Sq x Sk exists.  No atomics: every gradient
+// element has exactly one writer, so the results are deterministic.
+//
+// With dP = dO V^T and dS = P o (dP - delta):
+//   dV = P^T dO,  dK = scale * dS^T Q,  dQ = scale * dS K.
+#pragma once
+#include "../mask.cuh"
+#include "../softmax.cuh"
+#include "tile.cuh"
+
+// ---------------------------------------------------------------------------
+// delta = rowsum(dO o O): one warp per query row.
+// ---------------------------------------------------------------------------
+template <typename T, typename Acc, int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32)
+fc_generic_bwd_preprocess(FC_TENSOR_ARG(const T, o), FC_TENSOR_ARG(const T, dout),
+                          FC_TENSOR_ARG(Acc, delta), int nb0, int nb1, int nb2, int seqlen_q,
+                          int head_dim_v) {
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const T, o);
+  FC_VIEW(const T, dout);
+  FC_VIEW(Acc, delta);
+  const int row = blockIdx.x * NWARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= seqlen_q) return;
+  const T *o_r = o_v.batch(bi.b0, bi.b1, bi.b2) + row * o_sr;
+  const T *do_r = dout_v.batch(bi.b0, bi.b1, bi.b2) + row * dout_sr;
+  Acc s = Acc(0);
+  for (int c = lane; c < head_dim_v; c += 32) s = fma(to_acc<Acc>(o_r[c]), to_acc<Acc>(do_r[c]), s);
+  s = warp_sum(s);
+  if (lane == 0) delta_v.batch(bi.b0, bi.b1, bi.b2)[row * delta_sr] = s;
+}
+
+namespace generic {
+
+template <typename Acc, int HD, int HDV, int NWARPS, int ROWS>
+struct DqSmem {
+  static constexpr int BLOCK_M = NWARPS * ROWS;
+  static constexpr int LDK = HD + TileGeom<Acc>::PAD;   // per-lane rows of K
+  static constexpr int LDV = HDV + TileGeom<Acc>::PAD;  // per-lane rows of V
+  // (BLOCK_M, HD) Q and (BLOCK_M, HDV) dO rows, broadcast reads;
+  // (BLOCK_N, LDK) K and (BLOCK_N, LDV) V, per-lane reads
+  static constexpr int Q_OFF = 0;
+  static constexpr int DO_OFF = Q_OFF + BLOCK_M * HD;
+  static constexpr int K_OFF = DO_OFF + BLOCK_M * HDV;
+  static constexpr int V_OFF = K_OFF + BLOCK_N * LDK;
+  static constexpr int SIZE = V_OFF + BLOCK_N * LDV;
+};
+
+template <typename Acc, int HD, int HDV, int NWARPS, int ROWS>
+struct DkdvSmem {
+  static constexpr int BLOCK_KEYS = NWARPS * ROWS;  // keys per CTA
+  static constexpr int TILE_Q = 32;                 // queries per step, one per lane
+  static constexpr int LDQ = HD + TileGeom<Acc>::PAD;
+  static constexpr int LDO = HDV + TileGeom<Acc>::PAD;
+  // (BLOCK_KEYS, HD) K and (BLOCK_KEYS, HDV) V, broadcast reads;
+  // (TILE_Q, LDQ) Q and (TILE_Q, LDO) dO, per-lane reads;
+  // (TILE_Q) LSE in log2 units and (TILE_Q) delta
+  static constexpr int K_OFF = 0;
+  static constexpr int V_OFF = K_OFF + BLOCK_KEYS * HD;
+  static constexpr int Q_OFF = V_OFF + BLOCK_KEYS * HDV;
+  static constexpr int DO_OFF = Q_OFF + TILE_Q * LDQ;
+  static constexpr int LSE_OFF = DO_OFF + TILE_Q * LDO;
+  static constexpr int DELTA_OFF = LSE_OFF + TILE_Q;
+  static constexpr int SIZE = DELTA_OFF + TILE_Q;
+};
+
+}  // namespace generic
+
+// ---------------------------------------------------------------------------
+// dQ: the mirror of the forward kernel.  Warp w owns ROWS query rows, lane j
+// key j of each 32-key tile; lane owns dQ columns lane, lane+32, ...
+// ---------------------------------------------------------------------------
+template <typename T, typename Acc, typename TG, int HD, int HDV, int NWARPS, int ROWS>
+__global__ void __launch_bounds__(NWARPS * 32)
+fc_generic_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
+                  FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const Acc, lse),
+                  FC_TENSOR_ARG(const Acc, delta), FC_TENSOR_ARG(TG, dq), int nb0, int nb1,
+                  int nb2, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
+                  Acc softmax_scale, Acc scale_log2, int causal) {
+  using namespace generic;
+  using L = DqSmem<Acc, HD, HDV, NWARPS, ROWS>;
+  constexpr int NTHREADS = NWARPS * 32;
+  constexpr int BLOCK_M = L::BLOCK_M;
+  constexpr int CPL = HD / 32;  // dQ columns per lane
+
+  extern __shared__ __align__(16) unsigned char fc_smem_raw[];
+  Acc *sQ = reinterpret_cast<Acc *>(fc_smem_raw) + L::Q_OFF;
+  Acc *sdO = reinterpret_cast<Acc *>(fc_smem_raw) + L::DO_OFF;
+  Acc *sK = reinterpret_cast<Acc *>(fc_smem_raw) + L::K_OFF;
+  Acc *sV = reinterpret_cast<Acc *>(fc_smem_raw) + L::V_OFF;
+
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const T, q);
+  FC_VIEW(const T, k);
+  FC_VIEW(const T, v);
+  FC_VIEW(const T, dout);
+  FC_VIEW(const Acc, lse);
+  FC_VIEW(const Acc, delta);
+  FC_VIEW(TG, dq);
+  const T *k_b = k_v.batch(bi.b0, bi.b1, bi.b2);
+  const T *v_b = v_v.batch(bi.b0, bi.b1, bi.b2);
+
+  const Mask mask{seqlen_q, seqlen_k, causal != 0};
+  const int m_start = blockIdx.x * BLOCK_M;
+  const int m_end = fc_min(m_start + BLOCK_M, seqlen_q);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = m_start + warp * ROWS;
+
+  load_tile<T, Acc, BLOCK_M, HD, HD, NTHREADS>(
+      sQ, q_v.batch(bi.b0, bi.b1, bi.b2) + m_start * q_sr, q_sr, m_end - m_start, head_dim);
+  load_tile<T, Acc, BLOCK_M, HDV, HDV, NTHREADS>(
+      sdO, dout_v.batch(bi.b0, bi.b1, bi.b2) + m_start * dout_sr, dout_sr, m_end - m_start,
+      head_dim_v);
+
+  Acc lse2[ROWS], dlt[ROWS], acc_dq[ROWS][CPL];
+  const Acc *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
+  const Acc *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int row = row0 + r;
+    // Rows past Sq: LSE -inf makes their P exactly 0.
+    lse2[r] = row < seqlen_q ? lse_b[row * lse_sr] * Acc(FC_LOG2E) : fc_neg_inf<Acc>::value();
+    dlt[r] = row < seqlen_q ? delta_b[row * delta_sr] : Acc(0);
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) acc_dq[r][c] = Acc(0);
+  }
+
+  const int n_end = mask.key_end(m_start, m_end);
+  for (int n_start = 0; n_start < n_end; n_start += BLOCK_N) {
+    __syncthreads();
+    const int n_valid = fc_min(BLOCK_N, seqlen_k - n_start);
+    load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * k_sr, k_sr, n_valid,
+                                                     head_dim);
+    load_tile<T, Acc, BLOCK_N, HDV, L::LDV, NTHREADS>(sV, v_b + n_start * v_sr, v_sr, n_valid,
+                                                      head_dim_v);
+    __syncthreads();
+
+    Acc s[ROWS], dp[ROWS], ds[ROWS];
+    dot_rows<Acc, HD, ROWS>(s, sQ + warp * ROWS * HD, HD, sK + lane * L::LDK);
+    dot_rows<Acc, HDV, ROWS>(dp, sdO + warp * ROWS * HDV, HDV, sV + lane * L::LDV);
+    const int j = n_start + lane;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const Acc p = mask.allowed(row0 + r, j)
+                        ? OnlineSoftmax<Acc>::prob_from_lse(s[r] * scale_log2, lse2[r])
+                        : Acc(0);
+      ds[r] = p * (dp[r] - dlt[r]);
+    }
+    // dQ += dS K
+#pragma unroll 4
+    for (int jj = 0; jj < BLOCK_N; ++jj) {
+      Acc dsj[ROWS];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) dsj[r] = __shfl_sync(0xffffffffu, ds[r], jj);
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        const Acc kv = sK[jj * L::LDK + lane + 32 * c];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc_dq[r][c] = fma(dsj[r], kv, acc_dq[r][c]);
+      }
+    }
+  }
+
+  TG *dq_b = dq_v.batch(bi.b0, bi.b1, bi.b2);
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int row = row0 + r;
+    if (row >= seqlen_q) continue;
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) {
+      const int col = lane + 32 * c;
+      if (col < head_dim) dq_b[row * dq_sr + col] = from_acc<TG>(acc_dq[r][c] * softmax_scale);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// dK, dV.  Warp w owns ROWS keys of the CTA's key tile; lane i is query i of
+// each 32-query step; lane owns dK/dV columns lane, lane+32, ...
+// The loop runs over n_group broadcast "groups" (e.g. the query heads that share
+// one KV head in GQA) and, inside each, over the query tiles that can see the
+// key tile, so dK and dV are complete sums when they are written.
+// ---------------------------------------------------------------------------
+template <typename T, typename Acc, typename TG, int HD, int HDV, int NWARPS, int ROWS>
+__global__ void __launch_bounds__(NWARPS * 32)
+fc_generic_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
+                    FC_TENSOR_ARG(const T, v), FC_TENSOR_ARG(const T, dout),
+                    FC_TENSOR_ARG(const Acc, lse), FC_TENSOR_ARG(const Acc, delta),
+                    FC_TENSOR_ARG(TG, dk), FC_TENSOR_ARG(TG, dv), int nb0, int nb1, int nb2,
+                    int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
+                    fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim,
+                    int head_dim_v, Acc softmax_scale, Acc scale_log2, int causal) {
+  using namespace generic;
+  using L = DkdvSmem<Acc, HD, HDV, NWARPS, ROWS>;
+  constexpr int NTHREADS = NWARPS * 32;
+  constexpr int BLOCK_KEYS = L::BLOCK_KEYS;
+  constexpr int TILE_Q = L::TILE_Q;
+  constexpr int CPLK = HD / 32, CPLV = HDV / 32;
+
+  extern __shared__ __align__(16) unsigned char fc_smem_raw[];
+  Acc *sK = reinterpret_cast<Acc *>(fc_smem_raw) + L::K_OFF;
+  Acc *sV = reinterpret_cast<Acc *>(fc_smem_raw) + L::V_OFF;
+  Acc *sQ = reinterpret_cast<Acc *>(fc_smem_raw) + L::Q_OFF;
+  Acc *sdO = reinterpret_cast<Acc *>(fc_smem_raw) + L::DO_OFF;
+  Acc *sLse2 = reinterpret_cast<Acc *>(fc_smem_raw) + L::LSE_OFF;
+  Acc *sDelta = reinterpret_cast<Acc *>(fc_smem_raw) + L::DELTA_OFF;
+
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const T, q);
+  FC_VIEW(const T, k);
+  FC_VIEW(const T, v);
+  FC_VIEW(const T, dout);
+  FC_VIEW(const Acc, lse);
+  FC_VIEW(const Acc, delta);
+  FC_VIEW(TG, dk);
+  FC_VIEW(TG, dv);
+
+  const Mask mask{seqlen_q, seqlen_k, causal != 0};
+  const int n_start = blockIdx.x * BLOCK_KEYS;
+  const int n_valid = fc_min(BLOCK_KEYS, seqlen_k - n_start);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int key0 = n_start + warp * ROWS;  // first key of this warp
+
+  // K and V rows stay in shared memory for the whole loop.
+  load_tile<T, Acc, BLOCK_KEYS, HD, HD, NTHREADS>(
+      sK, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr, n_valid, head_dim);
+  load_tile<T, Acc, BLOCK_KEYS, HDV, HDV, NTHREADS>(
+      sV, v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr, n_valid, head_dim_v);
+
+  Acc acc_dk[ROWS][CPLK], acc_dv[ROWS][CPLV];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+    for (int c = 0; c < CPLK; ++c) acc_dk[r][c] = Acc(0);
+#pragma unroll
+    for (int c = 0; c < CPLV; ++c) acc_dv[r][c] = Acc(0);
+  }
+
+  // Causal: query rows above query_begin cannot see any key of this tile.
+  const int m_begin = (mask.query_begin(n_start) / TILE_Q) * TILE_Q;
+  for (int g = 0; g < n_group; ++g) {
+    const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2) + g * q_sg;
+    const T *do_b = dout_v.batch(bi.b0, bi.b1, bi.b2) + g * dout_sg;
+    const Acc *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2) + g * lse_sg;
+    const Acc *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2) + g * delta_sg;
+    for (int m_start = m_begin; m_start < seqlen_q; m_start += TILE_Q) {
+      __syncthreads();
+      const int m_valid = fc_min(TILE_Q, seqlen_q - m_start);
+      load_tile<T, Acc, TILE_Q, HD, L::LDQ, NTHREADS>(sQ, q_b + m_start * q_sr, q_sr, m_valid,
+                                                      head_dim);
+      load_tile<T, Acc, TILE_Q, HDV, L::LDO, NTHREADS>(sdO, do_b + m_start * dout_sr, dout_sr,
+                                                       m_valid, head_dim_v);
+      load_rowvec<Acc, TILE_Q, NTHREADS>(sLse2, lse_b + m_start * lse_sr, lse_sr, m_valid,
+                                         Acc(FC_LOG2E), fc_neg_inf<Acc>::value());
+      load_rowvec<Acc, TILE_Q, NTHREADS>(sDelta, delta_b + m_start * delta_sr, delta_sr, m_valid,
+                                         Acc(1), Acc(0));
+      __syncthreads();
+
+      const int i = m_start + lane;  // this lane's query
+      Acc s[ROWS], dp[ROWS], p[ROWS], ds[ROWS];
+      dot_rows<Acc, HD, ROWS>(s, sK + warp * ROWS * HD, HD, sQ + lane * L::LDQ);
+      dot_rows<Acc, HDV, ROWS>(dp, sV + warp * ROWS * HDV, HDV, sdO + lane * L::LDO);
+      const Acc lse2_i = sLse2[lane], delta_i = sDelta[lane];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        p[r] = (i < seqlen_q && mask.allowed(i, key0 + r))
+                   ? OnlineSoftmax<Acc>::prob_from_lse(s[r] * scale_log2, lse2_i)
+                   : Acc(0);
+        ds[r] = p[r] * (dp[r] - delta_i);
+      }
+      // dV += P^T dO, dK += dS^T Q (scale applied once at the end)
+#pragma unroll 4
+      for (int ii = 0; ii < TILE_Q; ++ii) {
+        Acc pi[ROWS], dsi[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          pi[r] = __shfl_sync(0xffffffffu, p[r], ii);
+          dsi[r] = __shfl_sync(0xffffffffu, ds[r], ii);
+        }
+#pragma unroll
+        for (int c = 0; c < CPLV; ++c) {
+          const Acc x = sdO[ii * L::LDO + lane + 32 * c];
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) acc_dv[r][c] = fma(pi[r], x, acc_dv[r][c]);
+        }
+#pragma unroll
+        for (int c = 0; c < CPLK; ++c) {
+          const Acc x = sQ[ii * L::LDQ + lane + 32 * c];
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) acc_dk[r][c] = fma(dsi[r], x, acc_dk[r][c]);
+        }
+      }
+    }
+  }
+
+  TG *dk_b = dk_v.batch(bi.b0, bi.b1, bi.b2);
+  TG *dv_b = dv_v.batch(bi.b0, bi.b1, bi.b2);
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int key = key0 + r;
+    if (key >= seqlen_k) continue;
+#pragma unroll
+    for (int c = 0; c < CPLK; ++c) {
+      const int col = lane + 32 * c;
+      if (col < head_dim) dk_b[key * dk_sr + col] = from_acc<TG>(acc_dk[r][c] * softmax_scale);
+    }
+#pragma unroll
+    for (int c = 0; c < CPLV; ++c) {
+      const int col = lane + 32 * c;
+      if (col < head_dim_v) dv_b[key * dv_sr + col] = from_acc<TG>(acc_dv[r][c]);
+    }
+  }
+}

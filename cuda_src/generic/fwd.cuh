@@ -1,0 +1,138 @@
+// flashcupy generic family: attention forward (FlashAttention-2 scheme, plain FMA).
+//
+// Grid: (ceil(Sq / BLOCK_M), batch) -- one CTA per query tile and batch element.
+// Each of the NWARPS warps owns ROWS query rows; a K/V tile of BLOCK_N = 32 keys
+// streams through shared memory, lane j holding key j of the tile.  Per tile:
+//   S = Q K^T           lane j computes s[r] = q_r . k_j for its ROWS rows
+//   online softmax      warp max over the 32 keys; each lane keeps a partial
+//                       row sum l_i, reduced across the warp once at the end
+//   O += P V            lane owns output columns lane, lane+32, ...; p_rj
+//                       reaches every lane by shuffle
+// Only O and the row LSE are written; nothing of size Sq x Sk is stored.
+#pragma once
+#include "../mask.cuh"
+#include "../softmax.cuh"
+#include "tile.cuh"
+
+namespace generic {
+
+template <typename Acc, int HD, int HDV, int NWARPS, int ROWS>
+struct FwdSmem {
+  static constexpr int BLOCK_M = NWARPS * ROWS;
+  static constexpr int LDK = HD + TileGeom<Acc>::PAD;  // per-lane rows of K
+  // (BLOCK_M, HD) Q rows, broadcast reads   | (BLOCK_N, LDK) K, per-lane reads
+  // (BLOCK_N, HDV) V, lane-contiguous columns
+  static constexpr int Q_OFF = 0;
+  static constexpr int K_OFF = Q_OFF + BLOCK_M * HD;
+  static constexpr int V_OFF = K_OFF + BLOCK_N * LDK;
+  static constexpr int SIZE = V_OFF + BLOCK_N * HDV;
+};
+
+}  // namespace generic
+
+template <typename T, typename Acc, int HD, int HDV, int NWARPS, int ROWS>
+__global__ void __launch_bounds__(NWARPS * 32)
+fc_generic_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
+               FC_TENSOR_ARG(T, o), FC_TENSOR_ARG(Acc, lse), int nb0, int nb1, int nb2,
+               int seqlen_q, int seqlen_k, int head_dim, int head_dim_v, Acc softmax_scale,
+               Acc scale_log2, int causal) {
+  using namespace generic;
+  using L = FwdSmem<Acc, HD, HDV, NWARPS, ROWS>;
+  constexpr int NTHREADS = NWARPS * 32;
+  constexpr int BLOCK_M = L::BLOCK_M;
+  constexpr int CPL = HDV / 32;  // output columns per lane
+  static_assert(HD % 32 == 0 && HDV % 32 == 0, "head-dim buckets are multiples of 32");
+
+  extern __shared__ __align__(16) unsigned char fc_smem_raw[];
+  Acc *sQ = reinterpret_cast<Acc *>(fc_smem_raw) + L::Q_OFF;
+  Acc *sK = reinterpret_cast<Acc *>(fc_smem_raw) + L::K_OFF;
+  Acc *sV = reinterpret_cast<Acc *>(fc_smem_raw) + L::V_OFF;
+
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const T, q);
+  FC_VIEW(const T, k);
+  FC_VIEW(const T, v);
+  FC_VIEW(T, o);
+  FC_VIEW(Acc, lse);
+  const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
+  const T *k_b = k_v.batch(bi.b0, bi.b1, bi.b2);
+  const T *v_b = v_v.batch(bi.b0, bi.b1, bi.b2);
+
+  const Mask mask{seqlen_q, seqlen_k, causal != 0};
+  const int m_start = blockIdx.x * BLOCK_M;
+  const int m_end = fc_min(m_start + BLOCK_M, seqlen_q);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = m_start + warp * ROWS;  // first query row of this warp
+
+  // load q: it stays in shared memory for the whole key loop
+  load_tile<T, Acc, BLOCK_M, HD, HD, NTHREADS>(sQ, q_b + m_start * q_sr, q_sr, m_end - m_start,
+                                               head_dim);
+
+  OnlineSoftmax<Acc> sm[ROWS];  // m_i warp-uniform; l_i a per-lane partial sum
+  Acc acc_o[ROWS][CPL];         // (ROWS, HDV) output rows, this lane's columns
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    sm[r].init();
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) acc_o[r][c] = Acc(0);
+  }
+
+  const int n_end = mask.key_end(m_start, m_end);  // causal: skip fully masked tiles
+  for (int n_start = 0; n_start < n_end; n_start += BLOCK_N) {
+    __syncthreads();  // the previous tile is no longer read
+    const int n_valid = fc_min(BLOCK_N, seqlen_k - n_start);
+    load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * k_sr, k_sr, n_valid,
+                                                     head_dim);
+    load_tile<T, Acc, BLOCK_N, HDV, HDV, NTHREADS>(sV, v_b + n_start * v_sr, v_sr, n_valid,
+                                                   head_dim_v);
+    __syncthreads();
+
+    // S = Q K^T for this lane's key, in log2 units
+    Acc s[ROWS];
+    dot_rows<Acc, HD, ROWS>(s, sQ + warp * ROWS * HD, HD, sK + lane * L::LDK);
+    const int j = n_start + lane;
+    Acc p[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      Acc s2 = mask.allowed(row0 + r, j) ? s[r] * scale_log2 : fc_neg_inf<Acc>::value();
+      const Acc m_new = fmax(sm[r].m_i, warp_max(s2));
+      const Acc alpha = sm[r].rescale(m_new);
+      p[r] = fc_exp2(s2 - OnlineSoftmax<Acc>::safe_max(m_new));
+      sm[r].l_i += p[r];
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) acc_o[r][c] *= alpha;
+    }
+
+    // O += P V
+#pragma unroll 4
+    for (int jj = 0; jj < BLOCK_N; ++jj) {
+      Acc pj[ROWS];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) pj[r] = __shfl_sync(0xffffffffu, p[r], jj);
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        const Acc vv = sV[jj * HDV + lane + 32 * c];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc_o[r][c] = fma(pj[r], vv, acc_o[r][c]);
+      }
+    }
+  }
+
+  // Epilogue: normalize by l, write O and the natural-log LSE.
+  T *o_b = o_v.batch(bi.b0, bi.b1, bi.b2);
+  Acc *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int row = row0 + r;
+    const Acc l = warp_sum(sm[r].l_i);
+    if (row >= seqlen_q) continue;
+    const Acc inv_l = OnlineSoftmax<Acc>::inv_sum(l);
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) {
+      const int col = lane + 32 * c;
+      if (col < head_dim_v) o_b[row * o_sr + col] = from_acc<T>(acc_o[r][c] * inv_l);
+    }
+    if (lane == 0) lse_b[row * lse_sr] = OnlineSoftmax<Acc>::lse_natural(sm[r].m_i, l);
+  }
+}
