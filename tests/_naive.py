@@ -1,0 +1,221 @@
+"""Naive attention "in a dtype", on CuPy (GPU) or NumPy (CPU) arrays alike.
+
+The tolerance rule (see ``_assert.py``) compares the kernels' error with the
+error of a naive implementation in the same dtype, both against a float64
+reference.  This module provides both sides:
+
+* ``dtype = float64``: the float64 reference (plain formulas, float64 math).
+* ``dtype = float32``: naive float32 attention (matmul -> softmax -> matmul).
+* ``dtype = float16 / bfloat16``: CuPy cannot run batched matmuls in bfloat16,
+  so we emulate what a framework's half-precision naive attention does: math
+  in float32, with every intermediate a framework would store in the dtype
+  rounded to it -- q * scale, S, P, O (and in the backward dP, dS, dQ, dK, dV).
+
+Everything works on NumPy arrays too (CPU tests use that to check these
+helpers against ``flashcupy.reference``).  bfloat16 conversions are done with
+integer bit operations (round to nearest even), so they need no bfloat16
+support in CuPy's elementwise kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+DTYPES = (F16, BF16, F32, F64)
+DTYPE_IDS = {F16: "fp16", BF16: "bf16", F32: "fp32", F64: "fp64"}
+
+
+def xp_of(x):
+    if isinstance(x, np.ndarray):
+        return np
+    import cupy
+
+    return cupy.get_array_module(x)
+
+
+# ----------------------------------------------------------------------------
+# dtype conversions (bfloat16 by bit manipulation)
+# ----------------------------------------------------------------------------
+
+def _round_bf16_bits(x32):
+    """float32 -> uint32 whose high half is the bfloat16 nearest (ties to even)."""
+    xp = xp_of(x32)
+    u = xp.ascontiguousarray(x32).view(xp.uint32)
+    # -inf (0xFF800000) and finite values round correctly; there is no NaN here.
+    return (u + xp.uint32(0x7FFF) + ((u >> 16) & xp.uint32(1))) & xp.uint32(0xFFFF0000)
+
+
+def to_f32(x):
+    """Any supported array as float32 (exact for float16 and bfloat16)."""
+    xp = xp_of(x)
+    if x.dtype == BF16:
+        bits = xp.ascontiguousarray(x).view(xp.uint16).astype(xp.uint32) << 16
+        return bits.view(xp.float32)
+    return x.astype(xp.float32)
+
+
+def to_f64(x):
+    return to_f32(x).astype(np.float64) if x.dtype == BF16 else x.astype(np.float64)
+
+
+def cast(x, dtype):
+    """A float32/float64 array converted (rounded to nearest) to ``dtype``."""
+    xp = xp_of(x)
+    dtype = np.dtype(dtype)
+    if dtype == BF16:
+        bits = _round_bf16_bits(x.astype(xp.float32))
+        return (bits >> 16).astype(xp.uint16).view(BF16)
+    return x.astype(dtype)
+
+
+def compute_dtype(dtype):
+    """The dtype the naive math runs in: float64 for float64, float32 otherwise."""
+    return F64 if np.dtype(dtype) == F64 else F32
+
+
+def rounder(dtype):
+    """Function rounding a compute-dtype array to ``dtype`` and back (identity if same)."""
+    dtype = np.dtype(dtype)
+    if dtype == BF16:
+        return lambda x: _round_bf16_bits(x).view(xp_of(x).float32)
+    if dtype == F16:
+        return lambda x: x.astype(F16).astype(F32)
+    return lambda x: x
+
+
+def upcast(x, dtype):
+    return to_f64(x) if compute_dtype(dtype) == F64 else to_f32(x)
+
+
+# ----------------------------------------------------------------------------
+# random inputs
+# ----------------------------------------------------------------------------
+
+def randn(xp, seed, shape, dtype, scale=1.0):
+    """Standard normal * scale, drawn in float32 (float64 for float64) and cast to dtype."""
+    dtype = np.dtype(dtype)
+    cdt = compute_dtype(dtype)
+    if xp is np:
+        x = np.random.default_rng(seed).standard_normal(shape).astype(cdt)
+    else:
+        x = xp.random.RandomState(seed).standard_normal(shape, dtype=cdt)
+    if scale != 1.0:
+        x = x * cdt.type(scale)
+    return cast(x, dtype)
+
+
+def randn_many(xp, seed, shapes, dtype):
+    """One independent standard normal array per shape (seeds seed, seed+1, ...)."""
+    return [randn(xp, (seed + i) % 2**32, s, dtype) for i, s in enumerate(shapes)]
+
+
+# ----------------------------------------------------------------------------
+# naive attention in a dtype
+# ----------------------------------------------------------------------------
+
+def batch_shape(q, k, v):
+    return tuple(np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+
+
+def sum_to_shape(g, shape):
+    """Sums g over the axes along which an input of ``shape`` was broadcast."""
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape)
+
+
+def empty_rows(seqlen_q, seqlen_k, causal):
+    """Number of leading query rows that see no key (all of them when Sk == 0)."""
+    if seqlen_k == 0:
+        return seqlen_q
+    return max(0, seqlen_q - seqlen_k) if causal else 0
+
+
+def _probs(q, k, causal, scale, dtype):
+    """Forward up to P: returns (qs, P, lse) in the compute dtype, batch-broadcast."""
+    xp = xp_of(q)
+    cdt = compute_dtype(dtype)
+    rnd = rounder(dtype)
+    batch = tuple(np.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+    qc = xp.broadcast_to(upcast(q, dtype), batch + q.shape[-2:])
+    kc = xp.broadcast_to(upcast(k, dtype), batch + k.shape[-2:])
+    qs = rnd(qc * cdt.type(scale))                         # a framework scales q in the dtype
+    s = rnd(xp.matmul(qs, xp.swapaxes(kc, -1, -2)))         # S stored in the dtype
+    sq, sk = q.shape[-2], k.shape[-2]
+    if causal:
+        i = xp.arange(sq)[:, None]
+        j = xp.arange(sk)[None, :]
+        s = xp.where(j <= i + (sk - sq), s, cdt.type(-np.inf))
+    m = s.max(axis=-1)                                     # -inf for an empty row
+    m_safe = xp.where(xp.isneginf(m), cdt.type(0), m)      # avoid (-inf) - (-inf)
+    e = xp.exp(s - m_safe[..., None])
+    l = e.sum(axis=-1)
+    seen = l > 0
+    p = rnd(e / xp.where(seen, l, cdt.type(1))[..., None])  # softmax output in the dtype
+    lse = xp.where(seen, m_safe + xp.log(xp.where(seen, l, cdt.type(1))), cdt.type(-np.inf))
+    return qs, p, lse
+
+
+def attention(q, k, v, causal=False, scale=None, dtype=None):
+    """Naive attention in ``dtype`` (default q's dtype).
+
+    Returns ``(out, lse)`` in the compute dtype (float32, or float64 for
+    float64), out rounded to ``dtype``, with the broadcast batch shape.
+    A row that sees no key gets out = 0 and lse = -inf.
+    """
+    xp = xp_of(q)
+    dtype = np.dtype(q.dtype if dtype is None else dtype)
+    cdt = compute_dtype(dtype)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    batch = batch_shape(q, k, v)
+    sq, sk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    if sq == 0 or sk == 0:   # reductions over empty axes: the answer is known
+        return (xp.zeros(batch + (sq, dv), cdt),
+                xp.full(batch + (sq,), -np.inf, cdt))
+    _, p, lse = _probs(q, k, causal, scale, dtype)
+    vc = xp.broadcast_to(upcast(v, dtype), batch + v.shape[-2:])
+    out = rounder(dtype)(xp.matmul(xp.broadcast_to(p, batch + p.shape[-2:]), vc))
+    return out, xp.broadcast_to(lse, batch + (sq,))
+
+
+def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None):
+    """Naive gradients in ``dtype`` (default q's dtype), from a naive forward.
+
+    Returns ``(dq, dk, dv)`` in the compute dtype, rounded to ``dtype``,
+    shaped like q, k, v (summed over broadcast axes in the compute dtype, then
+    rounded once, as a framework's expand-backward does).
+    """
+    xp = xp_of(q)
+    dtype = np.dtype(q.dtype if dtype is None else dtype)
+    cdt = compute_dtype(dtype)
+    rnd = rounder(dtype)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    batch = batch_shape(q, k, v)
+    sq, sk = q.shape[-2], k.shape[-2]
+    if sq == 0 or sk == 0:
+        return (xp.zeros(q.shape, cdt), xp.zeros(k.shape, cdt), xp.zeros(v.shape, cdt))
+    qs, p, _ = _probs(q, k, causal, scale, dtype)
+    p = xp.broadcast_to(p, batch + p.shape[-2:])
+    qs = xp.broadcast_to(qs, batch + qs.shape[-2:])
+    kc = xp.broadcast_to(upcast(k, dtype), batch + k.shape[-2:])
+    vc = xp.broadcast_to(upcast(v, dtype), batch + v.shape[-2:])
+    do = xp.broadcast_to(upcast(dout, dtype), batch + (sq, v.shape[-1]))
+
+    dv = xp.matmul(xp.swapaxes(p, -1, -2), do)                        # P^T dO
+    dp = rnd(xp.matmul(do, xp.swapaxes(vc, -1, -2)))                  # dP = dO V^T
+    ds = rnd(p * (dp - (dp * p).sum(axis=-1, keepdims=True)))         # softmax backward
+    dqs = rnd(xp.matmul(ds, kc))                                      # grad of q * scale
+    dq = dqs * cdt.type(scale)
+    dk = xp.matmul(xp.swapaxes(ds, -1, -2), qs)
+    return (rnd(sum_to_shape(dq, q.shape)), rnd(sum_to_shape(dk, k.shape)),
+            rnd(sum_to_shape(dv, v.shape)))
