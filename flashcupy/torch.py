@@ -1,0 +1,374 @@
+"""PyTorch interop: flashcupy attention on CUDA tensors, differentiable and compilable.
+
+``import flashcupy`` never imports PyTorch; this module is loaded only by
+``import flashcupy.torch``.  (Inside it, ``import torch`` is an absolute import
+and binds the real PyTorch, not this module.)
+
+Public functions
+----------------
+attention(q, k, v, *, causal=False, scale=None, return_lse=False)
+    flashcupy's own convention: leading dims broadcast like ``torch.matmul``
+    (MQA/GQA), causal masking is bottom-right aligned.
+scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                             is_causal=False, *, scale=None, enable_gqa=False)
+    a drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on the
+    subset it supports (no mask tensor, no dropout).
+
+How a call reaches the kernels
+------------------------------
+1. Validation in Python (types, devices, dtypes, unsupported arguments), so a
+   bad call raises before anything is allocated or launched.  Under
+   ``torch.compile`` these checks run once, at trace time.
+2. ``torch.ops.flashcupy.attention_fwd`` / ``attention_bwd``: custom operators
+   (``torch.library.custom_op``) with fake (meta) implementations, so autograd,
+   ``torch.compile(fullgraph=True)`` and ``opcheck`` treat them like any ATen op.
+3. Inside an operator: outputs are ``torch.empty`` (PyTorch's caching
+   allocator), every tensor is wrapped with ``cupy.from_dlpack`` (zero-copy,
+   strides kept, stride-0 broadcast views included), and ``flashcupy.api``
+   launches the kernels on PyTorch's *current stream* of the tensors' device.
+   Workspaces the core allocates through CuPy come from PyTorch's allocator
+   too (see ``_cupy_on_torch``), which keeps the call safe to capture in a
+   CUDA graph.
+
+The LSE output is not differentiable: ``attention(..., return_lse=True)``
+returns it with ``requires_grad=False``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import cupy
+import torch  # the real PyTorch (absolute import), not this module
+
+from flashcupy import api
+
+__all__ = ["attention", "scaled_dot_product_attention"]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DEVICE_TYPE = "cuda"
+
+
+# ----------------------------------------------------------------------------
+# validation (pure Python on tensor metadata: traceable by torch.compile)
+# ----------------------------------------------------------------------------
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_tensors(fn: str, **tensors: torch.Tensor) -> None:
+    """Raises TypeError/ValueError naming the argument on anything the kernels can't take."""
+    names = list(tensors)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}(): {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{fn}(): {name} must be a dense (strided) tensor, got layout {t.layout}")
+        if t.device.type != _DEVICE_TYPE:
+            raise ValueError(
+                f"{fn}(): {name} must be a CUDA tensor, got a tensor on {t.device}; "
+                f"move it with .cuda() or .to('cuda')")
+        if t.dim() < 2:
+            raise ValueError(
+                f"{fn}(): {name} must have at least 2 dims (..., seq, head_dim), "
+                f"got shape {tuple(t.shape)}")
+    first = names[0]
+    t0 = tensors[first]
+    for name in names[1:]:
+        t = tensors[name]
+        if t.device != t0.device:
+            raise ValueError(
+                f"{fn}(): all tensors must be on one device: {first} is on {t0.device} "
+                f"but {name} is on {t.device}")
+    if t0.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{fn}(): {first} has dtype {_dtype_name(t0.dtype)}; supported: float16, bfloat16, "
+            f"float32, float64")
+    for name in names[1:]:
+        t = tensors[name]
+        if t.dtype != t0.dtype:
+            raise TypeError(
+                f"{fn}(): all tensors must have one dtype: {first} is {_dtype_name(t0.dtype)} "
+                f"but {name} is {_dtype_name(t.dtype)}")
+
+
+def _check_scale(fn: str, scale) -> float | None:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}(): scale must be a Python float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    # the kernels accumulate float64 inputs in float64, everything else in float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _output_shapes(q_shape, k_shape, v_shape):
+    """(out_shape, lse_shape).  Concrete shapes go through ``api.broadcast_shapes``
+    (one source of truth, and its error messages); symbolic shapes (torch.compile
+    with dynamic=True, opcheck's dynamic test) take the SymInt-safe route."""
+    q_shape, k_shape, v_shape = tuple(q_shape), tuple(k_shape), tuple(v_shape)
+    if all(type(d) is int for d in (*q_shape, *k_shape, *v_shape)):
+        out_shape, lse_shape = api.broadcast_shapes(q_shape, k_shape, v_shape)
+        return tuple(out_shape), tuple(lse_shape)
+    batch = tuple(torch.broadcast_shapes(q_shape[:-2], k_shape[:-2], v_shape[:-2]))
+    return (*batch, q_shape[-2], v_shape[-1]), (*batch, q_shape[-2])
+
+
+# ----------------------------------------------------------------------------
+# torch -> cupy: devices, streams, allocations, zero-copy views
+# ----------------------------------------------------------------------------
+
+class _SameStreamExport:
+    """A tensor seen through DLPack *without* a producer-side stream sync.
+
+    ``cupy.from_dlpack`` passes CuPy's current stream to ``__dlpack__``, and
+    PyTorch then records an event on its current stream and makes the
+    consumer's stream wait on it.  We always consume on PyTorch's current
+    stream itself, so that sync is a no-op that still costs an event per
+    tensor; ``stream=-1`` ("no synchronization", the DLPack convention) skips it.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __dlpack_device__(self):
+        return self.tensor.__dlpack_device__()
+
+    def __dlpack__(self, *, stream=None, **kwargs):
+        return self.tensor.__dlpack__(stream=-1, **kwargs)
+
+
+def _as_cupy(t: torch.Tensor) -> cupy.ndarray:
+    """Zero-copy CuPy view of ``t`` (same pointer, same strides, stride-0 dims kept).
+
+    ``detach()`` is a metadata-only view: DLPack refuses tensors that require grad.
+    """
+    return cupy.from_dlpack(_SameStreamExport(t.detach()))
+
+
+def _cupy_stream(ts: torch.cuda.Stream) -> cupy.cuda.Stream:
+    try:
+        return cupy.cuda.Stream.from_external(ts)  # CUDA stream protocol (__cuda_stream__)
+    except (AttributeError, TypeError):  # older CuPy or PyTorch: wrap the raw handle
+        return cupy.cuda.ExternalStream(ts.cuda_stream, ts.device_index)
+
+
+def _torch_malloc(device_index: int):
+    """A CuPy allocator that takes memory from PyTorch's caching allocator.
+
+    Each buffer is a ``torch.uint8`` tensor allocated on PyTorch's current
+    stream (the one the kernels run on), kept alive by the ``UnownedMemory``
+    that wraps it; CuPy drops it when the workspace array dies and the block
+    returns to PyTorch's cache, stream-ordered.  During CUDA graph capture
+    the buffers come from the graph's private pool, as PyTorch's own do.
+    """
+    device = torch.device("cuda", device_index)
+
+    def malloc(nbytes: int) -> cupy.cuda.MemoryPointer:
+        buf = torch.empty((nbytes,), dtype=torch.uint8, device=device)
+        mem = cupy.cuda.UnownedMemory(buf.data_ptr(), nbytes, buf, device_index)
+        return cupy.cuda.MemoryPointer(mem, 0)
+
+    return malloc
+
+
+@contextlib.contextmanager
+def _cupy_on_torch(device: torch.device):
+    """Makes CuPy work where PyTorch does, for the duration of one operator call.
+
+    * current device: ``device`` for both PyTorch and CuPy (DLPack export
+      requires PyTorch's current device to be the tensor's);
+    * current stream: PyTorch's current stream on that device (a side stream,
+      a graph-capture stream, or the default stream);
+    * allocations CuPy makes (the core's workspaces): PyTorch's caching
+      allocator, through a thread-local CuPy allocator.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index), cupy.cuda.Device(index):
+        stream = _cupy_stream(torch.cuda.current_stream(index))
+        with stream, cupy.cuda.using_allocator(_torch_malloc(index)):
+            yield
+
+
+# ----------------------------------------------------------------------------
+# custom operators
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op(
+    "flashcupy::attention_fwd", mutates_args=(), device_types="cuda",
+    schema="(Tensor q, Tensor k, Tensor v, bool causal, float? scale) -> (Tensor, Tensor)")
+def _attention_fwd(q, k, v, causal, scale):
+    # shapes validated (ValueError) before anything is allocated
+    out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
+    # outputs from PyTorch's caching allocator: the kernels write into them in place
+    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=q.device)
+    with _cupy_on_torch(q.device):
+        api._forward(_as_cupy(q), _as_cupy(k), _as_cupy(v), causal=causal, scale=scale,
+                     out=_as_cupy(out), lse=_as_cupy(lse))
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, causal, scale):
+    out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
+    return (q.new_empty(out_shape),
+            q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype)))
+
+
+@torch.library.custom_op(
+    "flashcupy::attention_bwd", mutates_args=(), device_types="cuda",
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+           "float? scale, bool deterministic) -> (Tensor, Tensor, Tensor)")
+def _attention_bwd(dout, q, k, v, out, lse, causal, scale, deterministic):
+    # gradients have their inputs' shapes (summed over broadcast axes), C-contiguous
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    with _cupy_on_torch(q.device):
+        api._backward(_as_cupy(dout), _as_cupy(q), _as_cupy(k), _as_cupy(v),
+                      _as_cupy(out), _as_cupy(lse), causal=causal, scale=scale,
+                      deterministic=deterministic,
+                      dq=_as_cupy(dq), dk=_as_cupy(dk), dv=_as_cupy(dv))
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal = causal
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, dlse):
+    # dlse is ignored: lse is marked non-differentiable in _setup_context
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout.stride(-1) != 1:
+        # e.g. the fully expanded (all strides 0) gradient of out.sum(); the core
+        # wants a unit-stride last axis, so make that one copy here, in PyTorch
+        dout = dout.contiguous()
+    dq, dk, dv = torch.ops.flashcupy.attention_bwd(
+        dout, q, k, v, out, lse, ctx.causal, ctx.scale,
+        torch.are_deterministic_algorithms_enabled())
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+            None, None)
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None, return_lse: bool = False):
+    """FlashAttention on CUDA tensors, differentiable w.r.t. ``q``, ``k`` and ``v``.
+
+    Parameters
+    ----------
+    q : torch.Tensor, shape (..., Sq, D)
+    k : torch.Tensor, shape (..., Sk, D)
+    v : torch.Tensor, shape (..., Sk, Dv)
+        CUDA tensors of one dtype (float16, bfloat16, float32 or float64) on
+        one device.  Leading dims broadcast like ``torch.matmul``: ``k``/``v``
+        of shape ``(B, 1, Sk, D)`` against ``q`` of shape ``(B, H, Sq, D)`` is
+        multi-query attention.  Strided views (e.g. ``x.transpose(1, 2)`` of a
+        ``(B, S, H, D)`` tensor, or ``expand``-ed dims) are used in place.
+    causal : bool
+        Bottom-right aligned mask: query ``i`` sees key ``j`` iff
+        ``j <= i + Sk - Sq``.  Rows that see no key give ``out = 0``,
+        ``lse = -inf``.
+    scale : float, optional
+        Multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
+    return_lse : bool
+        Also return the row log-sum-exp of the scaled scores (natural log).
+
+    Returns
+    -------
+    out : torch.Tensor, shape (*batch, Sq, Dv), the input dtype, C-contiguous
+    lse : torch.Tensor, shape (*batch, Sq), float32 (float64 for float64 input)
+        Only with ``return_lse=True``; not differentiable.
+
+    Any subset of ``q``, ``k``, ``v`` may require grad.  The kernels run on
+    ``torch.cuda.current_stream()`` of the tensors' device.
+    """
+    _check_tensors("attention", q=q, k=k, v=v)
+    scale = _check_scale("attention", scale)
+    out, lse = torch.ops.flashcupy.attention_fwd(q, k, v, bool(causal), scale)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, *, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (a subset).
+
+    Same signature and results as PyTorch's for what it supports:
+
+    * ``attn_mask`` must be ``None`` and ``dropout_p`` 0 (else NotImplementedError);
+    * ``is_causal=True`` needs ``L == S`` (query and key lengths): PyTorch's
+      causal mask is top-left aligned and flashcupy's bottom-right, which agree
+      only for square masks (else NotImplementedError; for the bottom-right
+      mask call ``flashcupy.torch.attention(..., causal=True)``);
+    * ``enable_gqa=True``: query ``(..., Hq, L, E)``, key/value ``(..., Hkv, S, E)``
+      with ``Hq = G * Hkv``, query head ``h`` uses key/value head ``h // G``;
+      mapped onto broadcasting with views, no copies.
+
+    Leading dims broadcast as in ``torch.matmul`` (as PyTorch's math backend does).
+    """
+    fn = "scaled_dot_product_attention"
+    if attn_mask is not None:
+        raise NotImplementedError(
+            f"{fn}(): attn_mask is not supported by flashcupy (got a mask tensor); for a causal "
+            f"mask pass is_causal=True, for other masks use torch's own SDPA")
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"{fn}(): dropout_p={dropout_p} is not supported by flashcupy (only 0.0); "
+            f"pass dropout_p=0.0 (e.g. `dropout_p if self.training else 0.0` in eval)")
+    _check_tensors(fn, query=query, key=key, value=value)
+    scale = _check_scale(fn, scale)
+    L, S = query.size(-2), key.size(-2)
+    if is_causal and L != S:
+        raise NotImplementedError(
+            f"{fn}(): is_causal=True with query length L={L} != key length S={S} is not "
+            f"supported: torch's causal mask is top-left aligned (query i sees keys j <= i) "
+            f"while flashcupy's is bottom-right aligned (j <= i + S - L); they agree only when "
+            f"L == S. For the bottom-right mask use flashcupy.torch.attention(q, k, v, causal=True)")
+    q, k, v = query, key, value
+    grouped = False
+    if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and value.dim() >= 3:
+        hq, hk, hv = query.size(-3), key.size(-3), value.size(-3)
+        if hk != hv:
+            raise ValueError(
+                f"{fn}(): with enable_gqa=True key and value must have the same number of "
+                f"heads (dim -3), got key {hk} and value {hv}")
+        if hq != hk:
+            if hk == 0 or hq % hk != 0:
+                raise ValueError(
+                    f"{fn}(): with enable_gqa=True the query heads (dim -3, {hq}) must be a "
+                    f"multiple of the key/value heads ({hk})")
+            # query head h = j * G + g uses kv head j = h // G: split the query head axis
+            # into (Hkv, G) (a view: splitting a dim never copies) and broadcast k/v over G
+            q = query.unflatten(-3, (hk, hq // hk))
+            k = key.unsqueeze(-3)
+            v = value.unsqueeze(-3)
+            grouped = True
+    out, _ = torch.ops.flashcupy.attention_fwd(q, k, v, bool(is_causal), scale)
+    if grouped:
+        out = out.flatten(-4, -3)  # (..., Hkv, G, L, Ev) -> (..., Hq, L, Ev): a view
+    return out
