@@ -20,7 +20,7 @@
 // delta = rowsum(dO o O): one warp per query row.
 // ---------------------------------------------------------------------------
 template <typename T, typename Acc, int NWARPS>
-__global__ void __launch_bounds__(NWARPS * 32)
+__global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_generic_bwd_preprocess(FC_TENSOR_ARG(const T, o), FC_TENSOR_ARG(const T, dout),
                           FC_TENSOR_ARG(Acc, delta), int nb0, int nb1, int nb2, int seqlen_q,
                           int head_dim_v) {
@@ -80,7 +80,7 @@ struct DkdvSmem {
 // key j of each 32-key tile; lane owns dQ columns lane, lane+32, ...
 // ---------------------------------------------------------------------------
 template <typename T, typename Acc, typename TG, int HD, int HDV, int NWARPS, int ROWS>
-__global__ void __launch_bounds__(NWARPS * 32)
+__global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_generic_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
                   FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const Acc, lse),
                   FC_TENSOR_ARG(const Acc, delta), FC_TENSOR_ARG(TG, dq), int nb0, int nb1,
@@ -192,7 +192,7 @@ fc_generic_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSO
 // key tile, so dK and dV are complete sums when they are written.
 // ---------------------------------------------------------------------------
 template <typename T, typename Acc, typename TG, int HD, int HDV, int NWARPS, int ROWS>
-__global__ void __launch_bounds__(NWARPS * 32)
+__global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_generic_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                     FC_TENSOR_ARG(const T, v), FC_TENSOR_ARG(const T, dout),
                     FC_TENSOR_ARG(const Acc, lse), FC_TENSOR_ARG(const Acc, delta),

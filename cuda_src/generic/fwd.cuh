@@ -31,7 +31,7 @@ struct FwdSmem {
 }  // namespace generic
 
 template <typename T, typename Acc, int HD, int HDV, int NWARPS, int ROWS>
-__global__ void __launch_bounds__(NWARPS * 32)
+__global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_generic_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
                FC_TENSOR_ARG(T, o), FC_TENSOR_ARG(Acc, lse), int nb0, int nb1, int nb2,
                int seqlen_q, int seqlen_k, int head_dim, int head_dim_v, Acc softmax_scale,

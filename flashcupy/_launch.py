@@ -1,0 +1,108 @@
+"""Kernel launches: grid, block, shared memory, argument packing.
+
+Arguments follow the ABI of cuda_src/params.cuh: each tensor is a pointer and
+four int64 element strides (three batch axes, then rows), followed by the
+batch sizes and the kernel's scalars.  Scalars are NumPy scalars of the exact
+C type (int32 for ``int``, float32/float64 for ``Acc``), pointers uint64.
+Everything launches on CuPy's current stream.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _compile
+
+_MAX_GRID_Y = 65535
+
+
+def _grid(n_tiles: int, nbatch: int):
+    # gridDim.y stops at 65,535: spill the batch into gridDim.z (BatchIndex).
+    gy = min(nbatch, _MAX_GRID_Y)
+    gz = -(-nbatch // gy)
+    return (n_tiles, gy, gz)
+
+
+def _tensor(arr, chunk_entry, row_stride) -> tuple:
+    off, s0, s1, s2 = chunk_entry
+    ptr = arr.data.ptr + off * arr.itemsize
+    return (np.uint64(ptr), np.int64(s0), np.int64(s1), np.int64(s2), np.int64(row_stride))
+
+
+def _row_stride(arr) -> int:
+    return arr.strides[-2] // arr.itemsize if arr.ndim >= 2 else 0
+
+
+def _vec_stride(arr) -> int:
+    return arr.strides[-1] // arr.itemsize
+
+
+def launch(spec, device_id, cc, layout, operands, n_rows, middle=(), scalars=()):
+    """Launches ``spec`` over every batch chunk of ``layout``.
+
+    operands: [(name, array, row_stride)] in kernel-argument order; the names
+    index ``layout.strides``.  ``n_rows`` is the length of the tiled sequence
+    axis (queries, or keys for dK/dV).  ``middle`` are the arguments between the
+    batch sizes and the scalars (the dK/dV group loop).
+    """
+    kern = _compile.get_kernel(spec, device_id, cc)
+    n_tiles = -(-n_rows // spec.tile_rows)
+    block = (spec.threads, 1, 1)
+    for nb0, nb1, nb2, entries in layout.chunks():
+        args = []
+        for name, arr, rs in operands:
+            args.extend(_tensor(arr, entries[name], rs))
+        args.extend((np.int32(nb0), np.int32(nb1), np.int32(nb2)))
+        args.extend(middle)
+        args.extend(scalars)
+        kern(_grid(n_tiles, nb0 * nb1 * nb2), block, tuple(args), shared_mem=spec.smem_bytes)
+
+
+def fwd(spec, device_id, cc, layout, q, k, v, out, lse, p):
+    """p: a problem description (seqlen_q, seqlen_k, head_dim, head_dim_v,
+    scale, causal, acc_dtype)."""
+    acc = p.acc_dtype.type
+    launch(spec, device_id, cc, layout,
+           [("q", q, _row_stride(q)), ("k", k, _row_stride(k)), ("v", v, _row_stride(v)),
+            ("o", out, _row_stride(out)), ("lse", lse, _vec_stride(lse))],
+           n_rows=p.seqlen_q,
+           scalars=(np.int32(p.seqlen_q), np.int32(p.seqlen_k), np.int32(p.head_dim),
+                    np.int32(p.head_dim_v), acc(p.scale), acc(p.scale * np.log2(np.e)),
+                    np.int32(p.causal)))
+
+
+def bwd_preprocess(spec, device_id, cc, layout, out, dout, delta, p):
+    launch(spec, device_id, cc, layout,
+           [("o", out, _row_stride(out)), ("dout", dout, _row_stride(dout)),
+            ("delta", delta, _vec_stride(delta))],
+           n_rows=p.seqlen_q,
+           scalars=(np.int32(p.seqlen_q), np.int32(p.head_dim_v)))
+
+
+def _bwd_scalars(p):
+    acc = p.acc_dtype.type
+    return (np.int32(p.seqlen_q), np.int32(p.seqlen_k), np.int32(p.head_dim),
+            np.int32(p.head_dim_v), acc(p.scale), acc(p.scale * np.log2(np.e)),
+            np.int32(p.causal))
+
+
+def bwd_dq(spec, device_id, cc, layout, q, k, v, dout, lse, delta, dq, p):
+    launch(spec, device_id, cc, layout,
+           [("q", q, _row_stride(q)), ("k", k, _row_stride(k)), ("v", v, _row_stride(v)),
+            ("dout", dout, _row_stride(dout)), ("lse", lse, _vec_stride(lse)),
+            ("delta", delta, _vec_stride(delta)), ("dq", dq, _row_stride(dq))],
+           n_rows=p.seqlen_q, scalars=_bwd_scalars(p))
+
+
+def bwd_dkdv(spec, device_id, cc, layout, q, k, v, dout, lse, delta, dk, dv, group, p):
+    """group: (n_group, {q, dout, lse, delta: element stride}) -- the broadcast
+    axis of k and v that the kernel sums over in registers."""
+    n_group, gs = group
+    launch(spec, device_id, cc, layout,
+           [("q", q, _row_stride(q)), ("k", k, _row_stride(k)), ("v", v, _row_stride(v)),
+            ("dout", dout, _row_stride(dout)), ("lse", lse, _vec_stride(lse)),
+            ("delta", delta, _vec_stride(delta)), ("dk", dk, _row_stride(dk)),
+            ("dv", dv, _row_stride(dv))],
+           n_rows=p.seqlen_k,
+           middle=(np.int32(n_group), np.int64(gs["q"]), np.int64(gs["dout"]),
+                   np.int64(gs["lse"]), np.int64(gs["delta"])),
+           scalars=_bwd_scalars(p))

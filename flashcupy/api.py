@@ -1,0 +1,432 @@
+"""NumPy-style entry points on ``cupy.ndarray``.
+
+Data flows one way: validate -> pick a kernel configuration -> compile (memoized)
+-> launch.  Everything that can be wrong with the arguments is checked here,
+before any allocation or launch; the messages name the argument, what it got,
+and what was expected.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _batch, _config, _dtypes, _launch
+
+try:
+    import cupy
+except ImportError as e:  # pragma: no cover - exercised only without CuPy
+    raise ImportError(
+        "flashcupy needs CuPy. Install it with the extra for your CUDA major version, "
+        "e.g. `pip install \"flashcupy[cuda13]\"` (or `flashcupy[cuda12]`); if you already "
+        "have a CuPy build, install flashcupy without extras.") from e
+
+
+# ---------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------
+def _fmt(x) -> str:
+    return f"shape {tuple(x.shape)} and dtype {x.dtype}"
+
+
+def broadcast_shapes(q_shape, k_shape, v_shape):
+    """Output shapes of ``attention`` for inputs of the given shapes.
+
+    Returns ``(out_shape, lse_shape)``: ``(*batch, Sq, Dv)`` and ``(*batch, Sq)``,
+    where ``batch`` is the numpy.matmul broadcast of the three leading shapes.
+    Pure Python: raises ``ValueError`` naming the offending arguments.
+    """
+    q_shape, k_shape, v_shape = tuple(q_shape), tuple(k_shape), tuple(v_shape)
+    for name, s in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(s) < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., S, D), got shape {s}")
+    if q_shape[-1] != k_shape[-1]:
+        raise ValueError(f"q and k must have the same head dim (last axis): q has shape "
+                         f"{q_shape}, k has shape {k_shape}")
+    if k_shape[-2] != v_shape[-2]:
+        raise ValueError(f"k and v must have the same sequence length (axis -2): k has shape "
+                         f"{k_shape}, v has shape {v_shape}")
+    for name, d in (("q/k head dim", q_shape[-1]), ("v head dim", v_shape[-1])):
+        if d > _config.MAX_HEAD_DIM:
+            raise ValueError(f"{name} is {d}; flashcupy supports head dims up to "
+                             f"{_config.MAX_HEAD_DIM}")
+        if d < 1:
+            raise ValueError(f"{name} is {d}; head dims must be at least 1")
+    try:
+        bshape = np.broadcast_shapes(q_shape[:-2], k_shape[:-2], v_shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"the batch dimensions of q, k and v do not broadcast (numpy.matmul rules): "
+            f"q {q_shape[:-2]}, k {k_shape[:-2]}, v {v_shape[:-2]} "
+            f"(full shapes q {q_shape}, k {k_shape}, v {v_shape})") from None
+    return bshape + (q_shape[-2], v_shape[-1]), bshape + (q_shape[-2],)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+def _check_array(fn: str, name: str, x):
+    if isinstance(x, cupy.ndarray):
+        return
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        raise TypeError(
+            f"{fn}: {name} is a torch.Tensor; this function takes cupy.ndarray. Use "
+            f"flashcupy.torch.attention for tensors (autograd, torch streams), or convert "
+            f"without a copy with cupy.from_dlpack({name})")
+    if isinstance(x, np.ndarray):
+        raise TypeError(
+            f"{fn}: {name} is a numpy.ndarray with {_fmt(x)}; flashcupy runs on the GPU and "
+            f"takes cupy.ndarray: pass cupy.asarray({name})")
+    raise TypeError(f"{fn}: {name} must be a cupy.ndarray, got {type(x).__module__}."
+                    f"{type(x).__qualname__}")
+
+
+def _check_dtype(fn: str, name: str, x):
+    if not _dtypes.is_supported(x.dtype):
+        raise TypeError(f"{fn}: {name} has {_fmt(x)}; supported dtypes are "
+                        f"{_dtypes.describe_supported()}")
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device_id: int) -> int:
+    return int(cupy.cuda.Device(device_id).compute_capability)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated attention problem: everything the launchers need."""
+
+    bshape: tuple
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    head_dim_v: int
+    scale: float
+    causal: bool
+    dtype: np.dtype
+    acc_dtype: np.dtype
+    device_id: int
+    cc: int
+    family: str
+
+    @property
+    def dtype_name(self) -> str:
+        return _dtypes.info(self.dtype).name
+
+    @property
+    def nbatch(self) -> int:
+        return math.prod(self.bshape)
+
+    @property
+    def empty(self) -> bool:
+        return self.nbatch == 0 or self.seqlen_q == 0 or self.seqlen_k == 0
+
+
+def _last_axis_contiguous(x):
+    """The kernels read rows as contiguous runs: copy only when the last axis is
+    strided (any other layout, including broadcast axes, is used in place)."""
+    if x.ndim and x.shape[-1] != 1 and x.strides[-1] != x.itemsize:
+        return cupy.ascontiguousarray(x)
+    if any(s % x.itemsize for s in x.strides):
+        return cupy.ascontiguousarray(x)
+    return x
+
+
+def _prepare(fn, q, k, v, causal, scale):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_array(fn, name, x)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_dtype(fn, name, x)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{fn}: q, k and v must have the same dtype, got q {q.dtype}, "
+                        f"k {k.dtype}, v {v.dtype}")
+    try:
+        broadcast_shapes(q.shape, k.shape, v.shape)
+    except ValueError as e:
+        raise ValueError(f"{fn}: {e}") from None
+    dev = q.device.id
+    for name, x in (("k", k), ("v", v)):
+        if x.device.id != dev:
+            raise ValueError(f"{fn}: all arrays must be on one GPU; q is on device {dev}, "
+                             f"{name} on device {x.device.id}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"{fn}: causal must be a bool, got {causal!r}")
+    d = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    else:
+        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
+            raise TypeError(f"{fn}: scale must be a real number or None, got {scale!r}")
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    cc = _compute_capability(dev)
+    info = _dtypes.info(q.dtype)
+    try:
+        family = _config.choose_family(info.name, cc)
+    except ValueError as e:
+        raise ValueError(f"{fn}: {e}") from None
+    bshape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    prob = Problem(bshape=tuple(bshape), seqlen_q=q.shape[-2], seqlen_k=k.shape[-2],
+                   head_dim=d, head_dim_v=v.shape[-1], scale=scale, causal=bool(causal),
+                   dtype=q.dtype, acc_dtype=info.acc_dtype, device_id=dev, cc=cc, family=family)
+    return prob
+
+
+def _check_given(fn, name, x, shape, dtype, dev):
+    _check_array(fn, name, x)
+    if tuple(x.shape) != tuple(shape) or x.dtype != dtype:
+        raise ValueError(f"{fn}: {name} has {_fmt(x)}; expected shape {tuple(shape)} and "
+                         f"dtype {np.dtype(dtype)}")
+    if x.device.id != dev:
+        raise ValueError(f"{fn}: {name} is on device {x.device.id}, the inputs on device {dev}")
+
+
+def _check_output(fn, name, x, shape, dtype, dev):
+    """A preallocated output: exact shape and dtype, C-contiguous."""
+    _check_given(fn, name, x, shape, dtype, dev)
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{fn}: the preallocated {name} must be C-contiguous")
+
+
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+    """Exact attention ``softmax(q @ k^T * scale) @ v``, FlashAttention-style.
+
+    Parameters
+    ----------
+    q : cupy.ndarray, shape (..., Sq, D)
+    k : cupy.ndarray, shape (..., Sk, D)
+    v : cupy.ndarray, shape (..., Sk, Dv)
+        float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64, all the
+        same.  Leading dims broadcast as in ``numpy.matmul`` without being
+        materialized: a k/v head axis of size 1 is MQA, a grouped one GQA.
+        1 <= D, Dv <= 256.  Arrays whose last axis is contiguous are used in
+        place (e.g. a (B, S, H, D) array passed as ``x.swapaxes(-2, -3)``).
+    causal : bool
+        Query i attends to key j only when j <= i + (Sk - Sq) (bottom-right
+        aligned).  A query row with no key gets out = 0 and lse = -inf.
+    scale : float, optional
+        Defaults to 1 / sqrt(D).
+    return_lse : bool
+        Also return the row logsumexp (natural log) of the scaled scores.
+
+    Returns
+    -------
+    out : cupy.ndarray, shape (..., Sq, Dv), the input dtype
+    lse : cupy.ndarray, shape (..., Sq), float32 (float64 for float64 inputs)
+        Only with ``return_lse=True``.
+    """
+    out, lse = _forward(q, k, v, causal=causal, scale=scale)
+    return (out, lse) if return_lse else out
+
+
+def _forward(q, k, v, *, causal, scale, out=None, lse=None):
+    """``attention`` with optional preallocated, C-contiguous ``out``/``lse``."""
+    fn = "flashcupy.attention"
+    prob = _prepare(fn, q, k, v, causal, scale)
+    out_shape, lse_shape = broadcast_shapes(q.shape, k.shape, v.shape)
+    if out is not None:
+        _check_output(fn, "out", out, out_shape, prob.dtype, prob.device_id)
+    if lse is not None:
+        _check_output(fn, "lse", lse, lse_shape, prob.acc_dtype, prob.device_id)
+    with cupy.cuda.Device(prob.device_id):
+        if out is None:
+            out = cupy.empty(out_shape, prob.dtype)
+        if lse is None:
+            lse = cupy.empty(lse_shape, prob.acc_dtype)
+        if prob.empty:
+            # Sk = 0: every row sees no key, so out = 0 and lse = -inf.
+            out.fill(0)
+            lse.fill(-np.inf)
+            return out, lse
+        q, k, v = (_last_axis_contiguous(x) for x in (q, k, v))
+        _run_forward(prob, q, k, v, out, lse)
+    return out, lse
+
+
+def _strides(x, bshape):
+    return _batch.batch_strides(x.shape[:-2], [s // x.itemsize for s in x.strides[:-2]], bshape)
+
+
+def _vec_strides(x, bshape):
+    return _batch.batch_strides(x.shape[:-1], [s // x.itemsize for s in x.strides[:-1]], bshape)
+
+
+def _fwd_spec(prob):
+    if prob.family == "generic":
+        return _config.generic_spec("fwd", prob.dtype_name, prob.head_dim, prob.head_dim_v)
+    from . import _config_sm80
+    return _config_sm80.fwd_spec(prob)
+
+
+def _run_forward(prob, q, k, v, out, lse):
+    bs = prob.bshape
+    layout = _batch.Layout.build(bs, range(len(bs)), {
+        "q": _strides(q, bs), "k": _strides(k, bs), "v": _strides(v, bs),
+        "o": _strides(out, bs), "lse": _vec_strides(lse, bs)})
+    _launch.fwd(_fwd_spec(prob), prob.device_id, prob.cc, layout, q, k, v, out, lse, prob)
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, deterministic=False):
+    """Gradients of ``attention`` with respect to q, k and v.
+
+    Parameters
+    ----------
+    dout : cupy.ndarray, shape (..., Sq, Dv)
+        Gradient of the loss with respect to ``out`` (any strides).
+    q, k, v : cupy.ndarray
+        The forward inputs.
+    out, lse : cupy.ndarray
+        The forward outputs (``attention(..., return_lse=True)``).
+    causal, scale : as in the forward call.
+    deterministic : bool
+        Bit-identical results run to run.  The generic kernels are always
+        deterministic; the tensor-core kernels then compute dQ in a separate
+        pass instead of with float32 atomics (see README for the cost).
+
+    Returns
+    -------
+    dq, dk, dv : cupy.ndarray with the shapes and dtype of q, k, v.
+        Gradients of broadcast inputs are summed over the broadcast axes.
+    """
+    return _backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
+                     deterministic=deterministic)
+
+
+def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False,
+              dq=None, dk=None, dv=None):
+    fn = "flashcupy.attention_backward"
+    prob = _prepare(fn, q, k, v, causal, scale)
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"{fn}: deterministic must be a bool, got {deterministic!r}")
+    out_shape, lse_shape = broadcast_shapes(q.shape, k.shape, v.shape)
+    dev = prob.device_id
+    _check_given(fn, "dout", dout, out_shape, prob.dtype, dev)
+    _check_given(fn, "out", out, out_shape, prob.dtype, dev)
+    _check_given(fn, "lse", lse, lse_shape, prob.acc_dtype, dev)
+    for name, x, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if x is not None:
+            _check_output(fn, name, x, ref.shape, prob.dtype, dev)
+
+    with cupy.cuda.Device(dev):
+        dq = cupy.empty(q.shape, prob.dtype) if dq is None else dq
+        dk = cupy.empty(k.shape, prob.dtype) if dk is None else dk
+        dv = cupy.empty(v.shape, prob.dtype) if dv is None else dv
+        if prob.empty:
+            # No (query, key) pair interacts: every gradient is 0.
+            for g in (dq, dk, dv):
+                g.fill(0)
+            return dq, dk, dv
+        q, k, v, out, dout = (_last_axis_contiguous(x) for x in (q, k, v, out, dout))
+        _run_backward(prob, dout, q, k, v, out, lse, dq, dk, dv, deterministic)
+    return dq, dk, dv
+
+
+def _group_axes(bshape, k, v, strides):
+    """Chooses the batch axes that k and v both broadcast over and that the
+    dK/dV kernel can sum in registers: the largest run of adjacent such axes
+    that merges into one strided axis for q, dout, lse and delta.  Returns
+    (axes, n_group, {name: group stride})."""
+    kb = _batch.is_broadcast(k.shape[:-2], bshape)
+    vb = _batch.is_broadcast(v.shape[:-2], bshape)
+    names = ("q", "dout", "lse", "delta")
+    best, run = [], []
+    for i in range(len(bshape)):
+        if kb[i] and vb[i]:
+            if run and all(strides[n][run[-1]] == strides[n][i] * bshape[i] for n in names):
+                run.append(i)
+            else:
+                run = [i]
+            if math.prod(bshape[j] for j in run) > math.prod(bshape[j] for j in best):
+                best = list(run)
+        else:
+            run = []
+    if not best:
+        return [], 1, {n: 0 for n in names}
+    return best, math.prod(bshape[j] for j in best), {n: strides[n][best[-1]] for n in names}
+
+
+def _bwd_spec(prob, kernel, grad_dtype=""):
+    if prob.family == "generic":
+        if kernel == "bwd_preprocess":
+            return _config.generic_spec(kernel, prob.dtype_name)
+        return _config.generic_spec(kernel, prob.dtype_name, prob.head_dim, prob.head_dim_v,
+                                    grad_dtype)
+    from . import _config_sm80
+    return _config_sm80.bwd_spec(prob, kernel, grad_dtype)
+
+
+def _grad_target(x, grad, bshape, prob, drop_axes=(), force_buffer=False):
+    """Where a kernel writes the gradient of input ``x``: ``grad`` itself, or,
+    when ``x`` broadcasts over batch axes the kernel does not sum (or when
+    ``force_buffer``), a buffer in the accumulator dtype shaped like the
+    broadcast, reduced into ``grad`` by ``_finish_grad``.
+    Returns (buffer, axes to sum)."""
+    b = _batch.is_broadcast(x.shape[:-2], bshape)
+    reduce_axes = tuple(i for i, f in enumerate(b) if f and i not in drop_axes)
+    if not reduce_axes and not force_buffer:
+        return grad, ()
+    shape = tuple(1 if (i in drop_axes or (force_buffer and not reduce_axes and f)) else n
+                  for i, (n, f) in enumerate(zip(bshape, b))) + tuple(x.shape[-2:])
+    return cupy.empty(shape, prob.acc_dtype), reduce_axes
+
+
+def _finish_grad(grad, buf, reduce_axes):
+    if buf is grad:
+        return
+    s = buf.sum(axis=reduce_axes, keepdims=True) if reduce_axes else buf
+    grad[...] = s.reshape(grad.shape).astype(grad.dtype)
+
+
+def _run_backward(prob, dout, q, k, v, out, lse, dq, dk, dv, deterministic):
+    bs = prob.bshape
+    dev, cc = prob.device_id, prob.cc
+    all_axes = range(len(bs))
+    acc_name = "fp64" if prob.acc_dtype == np.float64 else "fp32"
+
+    # 1. delta = rowsum(dO * O), in the accumulator dtype
+    delta = cupy.empty(bs + (prob.seqlen_q,), prob.acc_dtype)
+    layout = _batch.Layout.build(bs, all_axes, {
+        "o": _strides(out, bs), "dout": _strides(dout, bs), "delta": _vec_strides(delta, bs)})
+    _launch.bwd_preprocess(_bwd_spec(prob, "bwd_preprocess"), dev, cc, layout, out, dout,
+                           delta, prob)
+
+    st = {"q": _strides(q, bs), "k": _strides(k, bs), "v": _strides(v, bs),
+          "dout": _strides(dout, bs), "lse": _vec_strides(lse, bs),
+          "delta": _vec_strides(delta, bs)}
+
+    # 2. dQ: one writer per element; q broadcast over a batch axis needs a sum.
+    dq_buf, dq_red = _grad_target(q, dq, bs, prob)
+    layout = _batch.Layout.build(bs, all_axes, dict(st, dq=_strides(dq_buf, bs)))
+    spec = _bwd_spec(prob, "bwd_dq", "" if dq_buf is dq else acc_name)
+    _launch.bwd_dq(spec, dev, cc, layout, q, k, v, dout, lse, delta, dq_buf, prob)
+    _finish_grad(dq, dq_buf, dq_red)
+
+    # 3. dK, dV: the kernel sums one run of broadcast axes (GQA/MQA groups) in
+    #    registers; any other broadcast of k or v is summed afterwards.  Both
+    #    gradients share one store type, so if one needs a buffer, both get one.
+    g_axes, n_group, g_strides = _group_axes(bs, k, v, st)
+    dk_buf, dk_red = _grad_target(k, dk, bs, prob, g_axes)
+    dv_buf, dv_red = _grad_target(v, dv, bs, prob, g_axes)
+    if (dk_buf is dk) != (dv_buf is dv):
+        if dk_buf is dk:
+            dk_buf, dk_red = _grad_target(k, dk, bs, prob, g_axes, force_buffer=True)
+        else:
+            dv_buf, dv_red = _grad_target(v, dv, bs, prob, g_axes, force_buffer=True)
+    rest = [i for i in all_axes if i not in g_axes]
+    layout = _batch.Layout.build(bs, rest, dict(st, dk=_strides(dk_buf, bs),
+                                                dv=_strides(dv_buf, bs)))
+    spec = _bwd_spec(prob, "bwd_dkdv", "" if dk_buf is dk else acc_name)
+    _launch.bwd_dkdv(spec, dev, cc, layout, q, k, v, dout, lse, delta, dk_buf, dv_buf,
+                     (n_group, g_strides), prob)
+    _finish_grad(dk, dk_buf, dk_red)
+    _finish_grad(dv, dv_buf, dv_red)

@@ -1,0 +1,102 @@
+"""GPU-free kernel check: ``python -m flashcupy.kernels check --arch sm_80 --arch sm_90a``.
+
+Compiles every shipped specialization with NVRTC for the named architectures
+(no GPU, no driver) and prints, per kernel: registers, static shared memory,
+the dynamic shared memory the launcher will request, stack frame and spill
+bytes.  Exits non-zero on a compile error, on any spill, or on more than 255
+registers.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+from . import _compile, _config, _config_sm80
+
+DTYPES = ("fp16", "bf16", "fp32", "fp64")
+
+
+def shipped_specs(families=None, kernels=None):
+    """Every specialization flashcupy ships: the test grid reaches each one."""
+    specs = []
+    for dt in DTYPES:
+        specs.append(_config.generic_spec("bwd_preprocess", dt))
+        for b in _config.HEAD_DIM_BUCKETS:
+            for kern in ("fwd", "bwd_dq", "bwd_dkdv"):
+                specs.append(_config.generic_spec(kern, dt, b, b))
+    if _config_sm80.AVAILABLE:
+        specs.extend(_config_sm80.shipped_specs())
+    if families:
+        specs = [s for s in specs if s.family in families]
+    if kernels:
+        specs = [s for s in specs if s.kernel in kernels]
+    return specs
+
+
+def _check_group(source, arch, specs):
+    names = [s.name_expression for s in specs]
+    ok, log, lowered = _compile.nvrtc_compile(_compile.module_source(source), arch, names)
+    if not ok:
+        return [(s, arch, None, log) for s in specs]
+    info = _compile.parse_ptxas(log)
+    return [(s, arch, info.get(lowered[s.name_expression]), "") for s in specs]
+
+
+def check(archs, families=None, kernels=None, jobs=2, out=sys.stdout) -> int:
+    specs = shipped_specs(families, kernels)
+    groups = defaultdict(list)
+    for s in specs:
+        for a in archs:
+            groups[(s.source, s.dtype, a)].append(s)
+    with ThreadPoolExecutor(max_workers=jobs) as ex:
+        results = [r for rs in ex.map(lambda kv: _check_group(kv[0][0], kv[0][2], kv[1]),
+                                      groups.items()) for r in rs]
+    order = {s: i for i, s in enumerate(specs)}
+    results.sort(key=lambda r: (order[r[0]], r[1]))
+
+    failures = 0
+    hdr = f"{'kernel':<44} {'arch':<7} {'regs':>5} {'smem(static)':>12} {'smem(dyn)':>10} {'stack':>6} {'spill st/ld':>12}  status"
+    print(hdr, file=out)
+    print("-" * len(hdr), file=out)
+    for spec, arch, info, log in results:
+        if info is None:
+            failures += 1
+            print(f"{spec.key:<44} {arch:<7} {'-':>5} {'-':>12} {'-':>10} {'-':>6} {'-':>12}  COMPILE ERROR", file=out)
+            print(log[-3000:], file=out)
+            continue
+        spill = info["spill_stores"] + info["spill_loads"]
+        bad = []
+        if spill:
+            bad.append("SPILL")
+        if info["regs"] > 255:
+            bad.append("REGS>255")
+        limit = _config.SMEM_LIMIT_SM90 if arch.startswith("sm_9") else _config.SMEM_LIMIT_SM80
+        if spec.smem_bytes + info["smem"] > limit:
+            bad.append("SMEM>LIMIT")
+        failures += bool(bad)
+        print(f"{spec.key:<44} {arch:<7} {info['regs']:>5} {info['smem']:>12} {spec.smem_bytes:>10} "
+              f"{info['stack']:>6} {info['spill_stores']:>5}/{info['spill_loads']:<6}  "
+              f"{' '.join(bad) or 'ok'}", file=out)
+    print(f"\n{len(results)} kernel builds, {failures} failing", file=out)
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flashcupy.kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="compile every shipped specialization with NVRTC, no GPU")
+    c.add_argument("--arch", action="append", default=None,
+                   help="target, e.g. sm_80 or sm_90a (repeatable; default: both)")
+    c.add_argument("--family", action="append", choices=_config.FAMILIES, default=None)
+    c.add_argument("--kernel", action="append", default=None,
+                   help="fwd, bwd_preprocess, bwd_dq, bwd_dkdv, ... (repeatable)")
+    c.add_argument("-j", "--jobs", type=int, default=2)
+    args = p.parse_args(argv)
+    return check(args.arch or ["sm_80", "sm_90a"], args.family, args.kernel, args.jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
