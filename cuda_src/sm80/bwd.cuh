@@ -1,0 +1,566 @@
+// flashcupy sm80 family: attention backward on tensor cores (FlashAttention-2).
+//
+//   0. fc_generic_bwd_preprocess<T, float, NWARPS>   delta = rowsum(dO o O) (reused)
+//   1. fc_sm80_bwd_dkdv    one CTA per key tile: dK, dV in registers over every query
+//                          tile and broadcast group; signature of fc_generic_bwd_dkdv
+//      fc_sm80_bwd_dkdvq   the same, and dQ accumulated with fp32 red.global.add into
+//                          the workspace dq_accum ("fast" mode, non-deterministic)
+//   2. fc_sm80_bwd_dq      one CTA per query tile: dQ over every key tile
+//                          (deterministic mode); signature of fc_generic_bwd_dq
+//      fc_sm80_bwd_dq_convert   dq = dq_accum * softmax_scale, cast to T (fast mode)
+// P is recomputed as exp2(S * scale_log2 - LSE * log2(e)); with dP = dO V^T and
+// dS = P o (dP - delta):  dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K.
+//
+// Template parameters of 1 and 2:
+//   <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool CAUSAL>
+//   (the runtime `causal` argument is ignored; the launcher picks the specialization)
+//
+// fc_sm80_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv tensors, nb0, nb1, nb2, n_group,
+//                  q_sg, dout_sg, lse_sg, delta_sg, seqlen_q, seqlen_k, head_dim,
+//                  head_dim_v, float softmax_scale, float scale_log2, int causal)
+// fc_sm80_bwd_dkdvq(... the same ..., int causal, dq_accum tensor (float), fc_index_t dq_accum_sg)
+//   grid  = (ceil(Sk / BLOCK_N), batch of k/v over y*z);  block = NWARPS * 32
+//   smem  = DkdvCfg::SMEM_BYTES
+//         = 2 * BLOCK_N * (HD + HDV + 16)                                 K, V
+//         + STAGES * (2 * BLOCK_M * (HD + HDV + 16) + 8 * BLOCK_M)       Q, dO, lse, delta
+//         + (dkdvq only) 2 * BLOCK_N * (BLOCK_M + 8)                      dS^T
+//   dq_accum: float32, zero-initialized by the host, indexed like q (its own batch
+//   strides, row stride and group stride dq_accum_sg); holds dS K without the
+//   softmax scale.  Then fc_sm80_bwd_dq_convert writes dq.
+//
+// fc_sm80_bwd_dq(q, k, v, dout, lse, delta, dq tensors, nb0, nb1, nb2, seqlen_q, seqlen_k,
+//                head_dim, head_dim_v, float softmax_scale, float scale_log2, int causal)
+//   grid  = (ceil(Sq / BLOCK_M), batch over y*z), reversed like the forward;  block = NWARPS*32
+//   smem  = DqCfg::SMEM_BYTES = 2 * (BLOCK_M * (HD + HDV + 16) + STAGES * BLOCK_N * (HD + HDV + 16))
+//
+// fc_sm80_bwd_dq_convert<T, NWARPS>(dq_accum (const float), dq (T) tensors, nb0, nb1, nb2,
+//                                   seqlen_q, head_dim, float softmax_scale)
+//   grid = (ceil(Sq / NWARPS), batch over y*z); block = NWARPS * 32; no smem.  One warp per row.
+//
+// dK/dV work split: warp w owns keys [w*WN, (w+1)*WN) of the CTA's key tile (WN = 16
+// or 32) and computes the transposed products S^T = K Q^T and dP^T = V dO^T for
+// them, so P^T and dS^T land in registers exactly as the A operands of
+// dV += P^T dO and dK += dS^T Q: no shared-memory round trip and no reduction
+// across warps.  Q, dO (and LSE, delta) stream through a cp.async ring.
+#pragma once
+#include "../mask.cuh"
+#include "../softmax.cuh"
+#include "mma.cuh"
+
+namespace sm80 {
+
+template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool ATOMIC_DQ>
+struct DkdvCfg {
+  static constexpr int NTHREADS = NWARPS * 32;
+  static constexpr int WN = BLOCK_N / NWARPS;  // keys per warp
+  static constexpr int NT = WN / 16;           // m16 tiles (of keys) per warp
+  static constexpr int LDK = HD + PAD, LDV = HDV + PAD, LDQ = HD + PAD, LDO = HDV + PAD;
+  static constexpr int LDS = BLOCK_M + PAD;    // dS^T pitch
+  static constexpr bool K_IN_REGS = NT * (HD + HDV) <= 64;
+  // (BLOCK_N, LDK) K | (BLOCK_N, LDV) V | STAGES x [(BLOCK_M, LDQ) Q | (BLOCK_M, LDO) dO]
+  // | STAGES x (BLOCK_M) lse | STAGES x (BLOCK_M) delta | (BLOCK_N, LDS) dS^T
+  static constexpr int K_OFF = 0;                              // bytes
+  static constexpr int V_OFF = K_OFF + 2 * BLOCK_N * LDK;
+  static constexpr int QDO_OFF = V_OFF + 2 * BLOCK_N * LDV;
+  static constexpr int QDO_STAGE = 2 * BLOCK_M * (LDQ + LDO);
+  static constexpr int LSE_OFF = QDO_OFF + STAGES * QDO_STAGE;
+  static constexpr int DELTA_OFF = LSE_OFF + 4 * STAGES * BLOCK_M;
+  static constexpr int DS_OFF = DELTA_OFF + 4 * STAGES * BLOCK_M;
+  static constexpr int SMEM_BYTES = DS_OFF + (ATOMIC_DQ ? 2 * BLOCK_N * LDS : 0);
+  // dQ = dS K over the CTA: warps tile (BLOCK_M / 16) m16 tiles x column groups of HD
+  static constexpr int MT16 = BLOCK_M / 16;
+  static constexpr int DQ_MT = MT16 >= NWARPS ? MT16 / NWARPS : 1;
+  static constexpr int DQ_WM = MT16 / DQ_MT;        // warps along M
+  static constexpr int DQ_WN = NWARPS / DQ_WM;      // warps along HD
+  static constexpr int DQ_COLS = HD / DQ_WN;
+  static_assert(WN % 16 == 0 && NT >= 1 && NT <= 2, "a warp owns 16 or 32 keys");
+  static_assert(BLOCK_M % 16 == 0 && HD % 16 == 0 && HDV % 16 == 0, "multiples of 16");
+  static_assert(DQ_WM * DQ_WN == NWARPS && DQ_COLS % 16 == 0, "dQ warp tiling");
+  static_assert(STAGES >= 2, "at least double-buffered");
+};
+
+template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES>
+struct DqCfg {
+  static constexpr int NTHREADS = NWARPS * 32;
+  static constexpr int WM = BLOCK_M / NWARPS;
+  static constexpr int MT = WM / 16;
+  static constexpr int LDQ = HD + PAD, LDO = HDV + PAD, LDK = HD + PAD, LDV = HDV + PAD;
+  static constexpr bool Q_IN_REGS = MT * (HD + HDV) <= 128;  // Q and dO fragments
+  // (BLOCK_M, LDQ) Q (later dQ staging) | (BLOCK_M, LDO) dO | STAGES x [(BLOCK_N, LDK) K | (BLOCK_N, LDV) V]
+  static constexpr int Q_ELEMS = BLOCK_M * LDQ;
+  static constexpr int DO_ELEMS = BLOCK_M * LDO;
+  static constexpr int KV_ELEMS = BLOCK_N * (LDK + LDV);
+  static constexpr int SMEM_BYTES = 2 * (Q_ELEMS + DO_ELEMS + STAGES * KV_ELEMS);
+  static_assert(WM % 16 == 0 && MT >= 1 && MT <= 2, "a warp owns 16 or 32 query rows");
+  static_assert(STAGES >= 2, "at least double-buffered");
+};
+
+// LSE (natural log) -> log2 units for exp2(s2 - lse2).  A row that saw no key
+// (lse = -inf) gets +inf, so exp2(s2 - lse2) = 0 without a test per element
+// (and never exp2(-inf + inf) = NaN).
+__device__ __forceinline__ float lse_to_log2(float lse) {
+  return lse == fc_neg_inf<float>::value() ? -fc_neg_inf<float>::value()
+                                           : lse * float(FC_LOG2E);
+}
+
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
+          bool CAUSAL, bool ATOMIC_DQ>
+__device__ __forceinline__ void bwd_dkdv_body(
+    FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
+    FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
+    FC_TENSOR_ARG(const float, delta), FC_TENSOR_ARG(T, dk), FC_TENSOR_ARG(T, dv), int nb0,
+    int nb1, int nb2, int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
+    fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
+    float softmax_scale, float scale_log2, FC_TENSOR_ARG(float, dqa), fc_index_t dqa_sg) {
+  using C = DkdvCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ>;
+  constexpr int NTHREADS = C::NTHREADS, NT = C::NT, WN = C::WN;
+  constexpr int LDK = C::LDK, LDV = C::LDV, LDQ = C::LDQ, LDO = C::LDO, LDS = C::LDS;
+  constexpr int NQ = BLOCK_M / 8;  // n8 tiles of S^T (queries)
+
+  extern __shared__ __align__(16) unsigned char fc_sm80_smem[];
+  T *sK = reinterpret_cast<T *>(fc_sm80_smem + C::K_OFF);  // (BLOCK_N, LDK)
+  T *sV = reinterpret_cast<T *>(fc_sm80_smem + C::V_OFF);  // (BLOCK_N, LDV)
+  const u32 smem0 = smem_u32(fc_sm80_smem);
+
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const T, q);
+  FC_VIEW(const T, k);
+  FC_VIEW(const T, v);
+  FC_VIEW(const T, dout);
+  FC_VIEW(const float, lse);
+  FC_VIEW(const float, delta);
+  FC_VIEW(T, dk);
+  FC_VIEW(T, dv);
+  FC_VIEW(float, dqa);
+
+  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
+  const int diag = mask.diag();
+  const int n_start = blockIdx.x * BLOCK_N;
+  const int n_rows = fc_min(BLOCK_N, seqlen_k - n_start);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, c4 = lane & 3;
+  const int wkey = warp * WN;  // first tile key of this warp
+
+  // Causal: query rows above query_begin see no key of this tile.
+  const int m_first = mask.query_begin(n_start) / BLOCK_M;
+  const int n_mt = fc_max(0, fc_ceil_div(seqlen_q, BLOCK_M) - m_first);  // query tiles per group
+  const int n_steps = n_group * n_mt;
+
+  const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
+  const T *do_b = dout_v.batch(bi.b0, bi.b1, bi.b2);
+  const float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
+  const float *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
+
+  auto load_step = [&](int t, int stage) {
+    const int grp = t / n_mt;
+    const int m0 = (m_first + t % n_mt) * BLOCK_M, mv = seqlen_q - m0;
+    T *sQ = reinterpret_cast<T *>(fc_sm80_smem + C::QDO_OFF + stage * C::QDO_STAGE);
+    load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + grp * q_sg + m0 * q_sr, q_sr, mv, head_dim);
+    load_tile<T, BLOCK_M, HDV, NTHREADS>(sQ + BLOCK_M * LDQ, do_b + grp * dout_sg + m0 * dout_sr,
+                                         dout_sr, mv, head_dim_v);
+    for (int r = tid; r < 2 * BLOCK_M; r += NTHREADS) {
+      const bool is_lse = r < BLOCK_M;
+      const int rr = is_lse ? r : r - BLOCK_M;
+      const float *src = is_lse ? lse_b + grp * lse_sg + (fc_index_t)(m0 + rr) * lse_sr
+                                : delta_b + grp * delta_sg + (fc_index_t)(m0 + rr) * delta_sr;
+      const u32 dst =
+          smem0 + (is_lse ? C::LSE_OFF : C::DELTA_OFF) + 4 * (stage * BLOCK_M + rr);
+      const bool ok = rr < mv;
+      cp_async_4(dst, ok ? src : lse_b, ok ? 4 : 0);  // rows past Sq: lse = delta = 0
+    }
+  };
+
+  // K and V stay resident for the whole loop.
+  load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr,
+                                      n_rows, head_dim);
+  load_tile<T, BLOCK_N, HDV, NTHREADS>(sV, v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr,
+                                       n_rows, head_dim_v);
+  cp_async_commit();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_steps) load_step(s, s);
+    cp_async_commit();
+  }
+
+  const u32 sK_a = smem_u32(sK) + 2 * (wkey * LDK + lane_a<LDK>(lane));
+  const u32 sV_a = smem_u32(sV) + 2 * (wkey * LDV + lane_a<LDV>(lane));
+  u32 kf[C::K_IN_REGS ? NT : 1][C::K_IN_REGS ? HD / 16 : 1][4];
+  u32 vf[C::K_IN_REGS ? NT : 1][C::K_IN_REGS ? HDV / 16 : 1][4];
+  cp_async_wait<STAGES - 1>();
+  __syncthreads();
+  if constexpr (C::K_IN_REGS) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) ldsm_x4(kf[nt][kk], sK_a + 2 * (nt * 16 * LDK + kk * 16));
+#pragma unroll
+      for (int kk = 0; kk < HDV / 16; ++kk) ldsm_x4(vf[nt][kk], sV_a + 2 * (nt * 16 * LDV + kk * 16));
+    }
+  }
+  auto k_frag = [&](int nt, int kk, u32(&a)[4]) {
+    if constexpr (C::K_IN_REGS) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = kf[nt][kk][e];
+    } else {
+      ldsm_x4(a, sK_a + 2 * (nt * 16 * LDK + kk * 16));
+    }
+  };
+  auto v_frag = [&](int nt, int kk, u32(&a)[4]) {
+    if constexpr (C::K_IN_REGS) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = vf[nt][kk][e];
+    } else {
+      ldsm_x4(a, sV_a + 2 * (nt * 16 * LDV + kk * 16));
+    }
+  };
+
+  float acc_dk[NT][HD / 8][4];   // (WN, HD) this warp's dK rows, unscaled
+  float acc_dv[NT][HDV / 8][4];  // (WN, HDV) this warp's dV rows
+  zero(acc_dk);
+  zero(acc_dv);
+
+#pragma unroll 1
+  for (int t = 0; t < n_steps; ++t) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    if (t + STAGES - 1 < n_steps) load_step(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+    cp_async_commit();
+
+    const int stage = t % STAGES;
+    const int grp = t / n_mt;
+    const int m0 = (m_first + t % n_mt) * BLOCK_M;
+    const u32 sQ_u = smem0 + C::QDO_OFF + stage * C::QDO_STAGE;
+    const u32 sdO_u = sQ_u + 2 * BLOCK_M * LDQ;
+    const float *sLse =
+        reinterpret_cast<const float *>(fc_sm80_smem + C::LSE_OFF) + stage * BLOCK_M;
+    const float *sDelta =
+        reinterpret_cast<const float *>(fc_sm80_smem + C::DELTA_OFF) + stage * BLOCK_M;
+
+    // S^T = K Q^T and dP^T = V dO^T, (WN, BLOCK_M) each
+    float st[NT][NQ][4], dpt[NT][NQ][4];
+    zero(st);
+    gemm_nt<T, NT, BLOCK_M, HD, LDQ>(st, k_frag, sQ_u, lane);
+    zero(dpt);
+    gemm_nt<T, NT, BLOCK_M, HDV, LDO>(dpt, v_frag, sdO_u, lane);
+
+    // P^T = exp2(S^T * scale_log2 - lse2[query]); dS^T = P^T o (dP^T - delta[query]).
+    // Masked only where the tile crosses the key end or the causal diagonal.
+    // Query rows past Sq are zero-filled (Q = dO = 0, lse = delta = 0): they add 0.
+    const bool need_mask =
+        n_start + BLOCK_N > seqlen_k || (CAUSAL && n_start + BLOCK_N - 1 > m0 + diag);
+#pragma unroll
+    for (int mq = 0; mq < NQ; ++mq) {
+      const float2 l2 = *reinterpret_cast<const float2 *>(sLse + mq * 8 + 2 * c4);
+      const float lse2[2] = {lse_to_log2(l2.x), lse_to_log2(l2.y)};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          st[nt][mq][r] = ex2(st[nt][mq][r] * scale_log2 - lse2[r & 1]);
+    }
+    if (need_mask) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int j = n_start + wkey + nt * 16 + g + 8 * h;  // key
+          // key j is seen by queries i >= j - diag, and only if j < Sk
+          const int i_min = j < seqlen_k ? (CAUSAL ? j - diag : -0x7fffffff) : 0x7fffffff;
+#pragma unroll
+          for (int mq = 0; mq < NQ; ++mq)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (m0 + mq * 8 + 2 * c4 + e < i_min) st[nt][mq][2 * h + e] = 0.f;
+        }
+    }
+#pragma unroll
+    for (int mq = 0; mq < NQ; ++mq) {
+      const float2 d2 = *reinterpret_cast<const float2 *>(sDelta + mq * 8 + 2 * c4);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          dpt[nt][mq][r] = st[nt][mq][r] * (dpt[nt][mq][r] - ((r & 1) ? d2.y : d2.x));
+    }
+
+    // dV += P^T dO,  dK += dS^T Q   (k = queries)
+    gemm_pn<T, NT, HDV, BLOCK_M, LDO>(acc_dv, st, sdO_u, lane);
+    gemm_pn<T, NT, HD, BLOCK_M, LDQ>(acc_dk, dpt, sQ_u, lane);
+
+    if constexpr (ATOMIC_DQ) {
+      // dQ (BLOCK_M, HD) += dS K: dS^T goes to shared memory (each warp its keys),
+      // then warps tile dQ and add it into the fp32 workspace.
+      T *sdS = reinterpret_cast<T *>(fc_sm80_smem + C::DS_OFF);  // (BLOCK_N, LDS) dS^T
+      frag_to_smem<T, NT, NQ, LDS>(sdS, wkey, dpt, 1.f, lane);
+      __syncthreads();
+      constexpr int DQ_MT = C::DQ_MT, DQ_COLS = C::DQ_COLS;
+      const int wm = warp % C::DQ_WM, wn = warp / C::DQ_WM;
+      const int qrow0 = wm * DQ_MT * 16, col0 = wn * DQ_COLS;
+      float acc_dq[DQ_MT][DQ_COLS / 8][4];
+      zero(acc_dq);
+      const u32 a_lane = smem_u32(sdS) + 2 * (lane_at<LDS>(lane) + qrow0);
+      const u32 b_lane = smem_u32(sK) + 2 * (lane_bk<LDK>(lane) + col0);
+#pragma unroll 2
+      for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+        u32 a[DQ_MT][4];
+#pragma unroll
+        for (int mt = 0; mt < DQ_MT; ++mt) ldsm_x4_t(a[mt], a_lane + 2 * (kk * 16 * LDS + mt * 16));
+#pragma unroll
+        for (int n2 = 0; n2 < DQ_COLS / 16; ++n2) {
+          u32 b[4];
+          ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDK + n2 * 16));
+#pragma unroll
+          for (int mt = 0; mt < DQ_MT; ++mt) {
+            Mma<T>::mma(acc_dq[mt][2 * n2], a[mt], b[0], b[1]);
+            Mma<T>::mma(acc_dq[mt][2 * n2 + 1], a[mt], b[2], b[3]);
+          }
+        }
+      }
+      float *dqa_b = dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg;
+#pragma unroll
+      for (int mt = 0; mt < DQ_MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = m0 + qrow0 + mt * 16 + g + 8 * h;
+          if (row < seqlen_q) {
+            float *dst = dqa_b + row * dqa_sr;
+#pragma unroll
+            for (int nt = 0; nt < DQ_COLS / 8; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int col = col0 + nt * 8 + 2 * c4 + e;
+                if (col < head_dim) red_add(dst + col, acc_dq[mt][nt][2 * h + e]);
+              }
+          }
+        }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: stage dK (scaled) and dV through the K / V tiles, then store.
+  __syncthreads();
+  frag_to_smem<T, NT, HD / 8, LDK>(sK, wkey, acc_dk, softmax_scale, lane);
+  frag_to_smem<T, NT, HDV / 8, LDV>(sV, wkey, acc_dv, 1.f, lane);
+  __syncthreads();
+  store_tile<T, BLOCK_N, HD, NTHREADS>(dk_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dk_sr, dk_sr,
+                                       sK, n_rows, head_dim);
+  store_tile<T, BLOCK_N, HDV, NTHREADS>(dv_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dv_sr, dv_sr,
+                                        sV, n_rows, head_dim_v);
+}
+
+}  // namespace sm80
+
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
+          bool CAUSAL>
+__global__ void __launch_bounds__(NWARPS * 32, 1)
+fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
+                 FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
+                 FC_TENSOR_ARG(const float, delta), FC_TENSOR_ARG(T, dk), FC_TENSOR_ARG(T, dv),
+                 int nb0, int nb1, int nb2, int n_group, fc_index_t q_sg, fc_index_t dout_sg,
+                 fc_index_t lse_sg, fc_index_t delta_sg, int seqlen_q, int seqlen_k,
+                 int head_dim, int head_dim_v, float softmax_scale, float scale_log2,
+                 int causal) {
+  sm80::bwd_dkdv_body<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false>(
+      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
+      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
+      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
+      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
+      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, nullptr, 0, 0, 0, 0, 0);
+}
+
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
+          bool CAUSAL>
+__global__ void __launch_bounds__(NWARPS * 32, 1)
+fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
+                  FC_TENSOR_ARG(const T, v), FC_TENSOR_ARG(const T, dout),
+                  FC_TENSOR_ARG(const float, lse), FC_TENSOR_ARG(const float, delta),
+                  FC_TENSOR_ARG(T, dk), FC_TENSOR_ARG(T, dv), int nb0, int nb1, int nb2,
+                  int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
+                  fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim,
+                  int head_dim_v, float softmax_scale, float scale_log2, int causal,
+                  FC_TENSOR_ARG(float, dq_accum), fc_index_t dq_accum_sg) {
+  sm80::bwd_dkdv_body<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true>(
+      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
+      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
+      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
+      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
+      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, dq_accum, dq_accum_sb0,
+      dq_accum_sb1, dq_accum_sb2, dq_accum_sr, dq_accum_sg);
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic dQ: the mirror of the forward.  Warp w owns WM query rows; Q and
+// dO (fragments in registers when they fit), LSE and delta of its rows in
+// registers; K/V tiles stream through the cp.async ring.
+// ---------------------------------------------------------------------------
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
+          bool CAUSAL>
+__global__ void __launch_bounds__(NWARPS * 32, 1)
+fc_sm80_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
+               FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
+               FC_TENSOR_ARG(const float, delta), FC_TENSOR_ARG(T, dq), int nb0, int nb1,
+               int nb2, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
+               float softmax_scale, float scale_log2, int causal) {
+  using namespace sm80;
+  using C = DqCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES>;
+  constexpr int NTHREADS = C::NTHREADS, MT = C::MT, WM = C::WM;
+  constexpr int LDQ = C::LDQ, LDO = C::LDO, LDK = C::LDK, LDV = C::LDV;
+  constexpr int NS = BLOCK_N / 8;
+
+  extern __shared__ __align__(16) unsigned char fc_sm80_smem[];
+  T *sQ = reinterpret_cast<T *>(fc_sm80_smem);  // (BLOCK_M, LDQ), later dQ staging
+  T *sdO = sQ + C::Q_ELEMS;                      // (BLOCK_M, LDO)
+  T *sKV = sdO + C::DO_ELEMS;                    // STAGES x [(BLOCK_N, LDK) K | (BLOCK_N, LDV) V]
+
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const T, q);
+  FC_VIEW(const T, k);
+  FC_VIEW(const T, v);
+  FC_VIEW(const T, dout);
+  FC_VIEW(const float, lse);
+  FC_VIEW(const float, delta);
+  FC_VIEW(T, dq);
+  const T *k_b = k_v.batch(bi.b0, bi.b1, bi.b2);
+  const T *v_b = v_v.batch(bi.b0, bi.b1, bi.b2);
+
+  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
+  const int diag = mask.diag();
+  const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
+  const int m_rows = fc_min(BLOCK_M, seqlen_q - m_start);
+  const int n_end = mask.key_end(m_start, m_start + m_rows);
+  const int n_tiles = fc_ceil_div(n_end, BLOCK_N);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, c4 = lane & 3;
+  const int wrow = warp * WM;
+
+  auto load_kv = [&](int n, int stage) {
+    T *sK = sKV + stage * C::KV_ELEMS;
+    const int n0 = n * BLOCK_N, nv = seqlen_k - n0;
+    load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * k_sr, k_sr, nv, head_dim);
+    load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * v_sr, v_sr, nv,
+                                         head_dim_v);
+  };
+
+  load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_v.batch(bi.b0, bi.b1, bi.b2) + m_start * q_sr, q_sr,
+                                      m_rows, head_dim);
+  load_tile<T, BLOCK_M, HDV, NTHREADS>(
+      sdO, dout_v.batch(bi.b0, bi.b1, bi.b2) + m_start * dout_sr, dout_sr, m_rows, head_dim_v);
+  cp_async_commit();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_tiles) load_kv(s, s);
+    cp_async_commit();
+  }
+
+  // Per-row LSE (log2 units, +inf for rows with no key) and delta.
+  const float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
+  const float *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
+  float lse2[MT][2], dlt[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m_start + wrow + mt * 16 + g + 8 * h;
+      lse2[mt][h] = row < seqlen_q ? lse_to_log2(lse_b[row * lse_sr]) : 0.f;
+      dlt[mt][h] = row < seqlen_q ? delta_b[row * delta_sr] : 0.f;
+    }
+
+  const u32 sQ_a = smem_u32(sQ) + 2 * (wrow * LDQ + lane_a<LDQ>(lane));
+  const u32 sdO_a = smem_u32(sdO) + 2 * (wrow * LDO + lane_a<LDO>(lane));
+  u32 qf[C::Q_IN_REGS ? MT : 1][C::Q_IN_REGS ? HD / 16 : 1][4];
+  u32 of[C::Q_IN_REGS ? MT : 1][C::Q_IN_REGS ? HDV / 16 : 1][4];
+  cp_async_wait<STAGES - 1>();
+  __syncthreads();
+  if constexpr (C::Q_IN_REGS) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) ldsm_x4(qf[mt][kk], sQ_a + 2 * (mt * 16 * LDQ + kk * 16));
+#pragma unroll
+      for (int kk = 0; kk < HDV / 16; ++kk) ldsm_x4(of[mt][kk], sdO_a + 2 * (mt * 16 * LDO + kk * 16));
+    }
+  }
+  auto q_frag = [&](int mt, int kk, u32(&a)[4]) {
+    if constexpr (C::Q_IN_REGS) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = qf[mt][kk][e];
+    } else {
+      ldsm_x4(a, sQ_a + 2 * (mt * 16 * LDQ + kk * 16));
+    }
+  };
+  auto do_frag = [&](int mt, int kk, u32(&a)[4]) {
+    if constexpr (C::Q_IN_REGS) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = of[mt][kk][e];
+    } else {
+      ldsm_x4(a, sdO_a + 2 * (mt * 16 * LDO + kk * 16));
+    }
+  };
+
+  float acc_dq[MT][HD / 8][4];  // (WM, HD) unscaled dQ rows of this warp
+  zero(acc_dq);
+
+#pragma unroll 1
+  for (int n = 0; n < n_tiles; ++n) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    if (n + STAGES - 1 < n_tiles) load_kv(n + STAGES - 1, (n + STAGES - 1) % STAGES);
+    cp_async_commit();
+
+    const T *sK = sKV + (n % STAGES) * C::KV_ELEMS;
+    const u32 sK_u = smem_u32(sK), sV_u = smem_u32(sK + BLOCK_N * LDK);
+    const int n0 = n * BLOCK_N;
+
+    float s[MT][NS][4], dp[MT][NS][4];
+    zero(s);
+    gemm_nt<T, MT, BLOCK_N, HD, LDK>(s, q_frag, sK_u, lane);
+    zero(dp);
+    gemm_nt<T, MT, BLOCK_N, HDV, LDV>(dp, do_frag, sV_u, lane);
+
+    const bool need_mask =
+        n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m_start + diag);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = m_start + wrow + mt * 16 + g + 8 * h;
+        const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float p = ex2(s[mt][nt][2 * h + e] * scale_log2 - lse2[mt][h]);
+            if (need_mask && n0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
+            dp[mt][nt][2 * h + e] = p * (dp[mt][nt][2 * h + e] - dlt[mt][h]);
+          }
+      }
+
+    // dQ += dS K   (k = keys; K stored (keys, HD) -> .trans)
+    gemm_pn<T, MT, HD, BLOCK_N, LDK>(acc_dq, dp, sK_u, lane);
+  }
+  cp_async_wait<0>();
+
+  __syncthreads();
+  frag_to_smem<T, MT, HD / 8, LDQ>(sQ, wrow, acc_dq, softmax_scale, lane);
+  __syncthreads();
+  store_tile<T, BLOCK_M, HD, NTHREADS>(dq_v.batch(bi.b0, bi.b1, bi.b2) + m_start * dq_sr, dq_sr,
+                                       sQ, m_rows, head_dim);
+}
+
+// dq = dq_accum * softmax_scale, cast to T.  One warp per query row.
+template <typename T, int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32)
+fc_sm80_bwd_dq_convert(FC_TENSOR_ARG(const float, dq_accum), FC_TENSOR_ARG(T, dq), int nb0,
+                       int nb1, int nb2, int seqlen_q, int head_dim, float softmax_scale) {
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const float, dq_accum);
+  FC_VIEW(T, dq);
+  const int row = blockIdx.x * NWARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= seqlen_q) return;
+  const float *src = dq_accum_v.batch(bi.b0, bi.b1, bi.b2) + row * dq_accum_sr;
+  T *dst = dq_v.batch(bi.b0, bi.b1, bi.b2) + row * dq_sr;
+  for (int c = lane; c < head_dim; c += 32) dst[c] = from_acc<T>(src[c] * softmax_scale);
+}

@@ -1,0 +1,232 @@
+// flashcupy sm80 family: attention forward on tensor cores (FlashAttention-2).
+//
+// Kernel (signature identical to fc_generic_fwd's):
+//   template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
+//             bool CAUSAL>
+//   fc_sm80_fwd(q, k, v, o, lse tensors, nb0, nb1, nb2, seqlen_q, seqlen_k, head_dim,
+//               head_dim_v, float softmax_scale, float scale_log2, int causal)
+//   T        fc_half | fc_bf16;  lse is float32, natural-log units
+//   HD, HDV  head-dim buckets (multiples of 16, e.g. 32/64/128/256); head_dim <= HD,
+//            head_dim_v <= HDV at run time, any value >= 1
+//   CAUSAL   compile-time mask; the runtime `causal` argument is ignored (the
+//            launcher must pick the matching specialization)
+//   grid   = (ceil(Sq / BLOCK_M), batch spread over y*z as in BatchIndex)
+//            blockIdx.x is reversed: the heaviest causal tiles start first
+//   block  = NWARPS * 32
+//   smem   = FwdCfg<...>::SMEM_BYTES
+//          = 2 * (BLOCK_M * (max(HD, HDV) + 8) + STAGES * BLOCK_N * (HD + HDV + 16)) bytes
+//
+// Work split: warp w owns query rows [w*WM, (w+1)*WM) of the tile (WM = BLOCK_M /
+// NWARPS = 16 or 32, i.e. MT = 1 or 2 m16 tiles); all warps share each K/V tile.
+// Per K/V tile (BLOCK_N keys), entirely in registers:
+//   S = Q K^T        Q fragments stay in registers for the whole loop (Q_IN_REGS) or
+//                    are re-read by ldmatrix (large HD, to stay under 255 registers)
+//   online softmax   row max over the quad (shfl_xor 1, 2), exp2 on MUFU, O rescaled
+//   O += P V         P's C fragments are P V's A fragments: no shared-memory trip
+// K/V tiles stream through a STAGES-deep cp.async ring; only the tiles that cross
+// the sequence end or the causal diagonal are masked element by element.
+#pragma once
+#include "../mask.cuh"
+#include "../softmax.cuh"
+#include "mma.cuh"
+
+namespace sm80 {
+
+template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES>
+struct FwdCfg {
+  static constexpr int NTHREADS = NWARPS * 32;
+  static constexpr int WM = BLOCK_M / NWARPS;  // query rows per warp
+  static constexpr int MT = WM / 16;           // m16 tiles per warp
+  static constexpr int LDQ = HD + PAD, LDK = HD + PAD, LDV = HDV + PAD, LDO = HDV + PAD;
+  // Q fragments in registers: MT * HD / 4 registers.
+  static constexpr bool Q_IN_REGS = MT * HD <= 128;
+  // (BLOCK_M, LDQ) Q; reused as the (BLOCK_M, LDO) O staging tile in the epilogue
+  static constexpr int Q_ELEMS = BLOCK_M * (LDQ > LDO ? LDQ : LDO);
+  // per stage: (BLOCK_N, LDK) K then (BLOCK_N, LDV) V
+  static constexpr int KV_ELEMS = BLOCK_N * (LDK + LDV);
+  static constexpr int SMEM_BYTES = 2 * (Q_ELEMS + STAGES * KV_ELEMS);
+  static_assert(WM % 16 == 0 && MT >= 1 && MT <= 2, "a warp owns 16 or 32 query rows");
+  static_assert(HD % 16 == 0 && HDV % 16 == 0 && BLOCK_N % 16 == 0, "tiles are multiples of 16");
+  static_assert(STAGES >= 2, "at least double-buffered");
+};
+
+}  // namespace sm80
+
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
+          bool CAUSAL>
+__global__ void __launch_bounds__(NWARPS * 32, 1)
+fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
+            FC_TENSOR_ARG(T, o), FC_TENSOR_ARG(float, lse), int nb0, int nb1, int nb2,
+            int seqlen_q, int seqlen_k, int head_dim, int head_dim_v, float softmax_scale,
+            float scale_log2, int causal) {
+  using namespace sm80;
+  using C = FwdCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES>;
+  constexpr int NTHREADS = C::NTHREADS, MT = C::MT, WM = C::WM;
+  constexpr int LDQ = C::LDQ, LDK = C::LDK, LDV = C::LDV, LDO = C::LDO;
+  constexpr int NS = BLOCK_N / 8;  // n8 tiles of S
+  constexpr int NO = HDV / 8;      // n8 tiles of O
+
+  extern __shared__ __align__(16) unsigned char fc_sm80_smem[];
+  T *sQ = reinterpret_cast<T *>(fc_sm80_smem);  // (BLOCK_M, LDQ), later O staging
+  T *sKV = sQ + C::Q_ELEMS;                       // STAGES x [(BLOCK_N, LDK) K, (BLOCK_N, LDV) V]
+
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const T, q);
+  FC_VIEW(const T, k);
+  FC_VIEW(const T, v);
+  FC_VIEW(T, o);
+  FC_VIEW(float, lse);
+  const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
+  const T *k_b = k_v.batch(bi.b0, bi.b1, bi.b2);
+  const T *v_b = v_v.batch(bi.b0, bi.b1, bi.b2);
+
+  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
+  const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
+  const int m_rows = fc_min(BLOCK_M, seqlen_q - m_start);
+  const int n_end = mask.key_end(m_start, m_start + m_rows);  // causal: later tiles are empty
+  const int n_tiles = fc_ceil_div(n_end, BLOCK_N);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, c4 = lane & 3;
+  const int wrow = warp * WM;  // first tile row of this warp
+
+  auto load_kv = [&](int n, int stage) {
+    T *sK = sKV + stage * C::KV_ELEMS;
+    const int n0 = n * BLOCK_N, nv = seqlen_k - n0;
+    load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * k_sr, k_sr, nv, head_dim);
+    load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * v_sr, v_sr, nv,
+                                         head_dim_v);
+  };
+
+  // load q: it stays in registers (or in shared memory) for the whole key loop
+  load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + m_start * q_sr, q_sr, m_rows, head_dim);
+  cp_async_commit();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_tiles) load_kv(s, s);
+    cp_async_commit();
+  }
+
+  const u32 sQ_u = smem_u32(sQ) + 2 * (wrow * LDQ + lane_a<LDQ>(lane));
+  u32 qf[C::Q_IN_REGS ? MT : 1][C::Q_IN_REGS ? HD / 16 : 1][4];
+  cp_async_wait<STAGES - 1>();
+  __syncthreads();
+  if constexpr (C::Q_IN_REGS) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) ldsm_x4(qf[mt][kk], sQ_u + 2 * (mt * 16 * LDQ + kk * 16));
+  }
+  auto q_frag = [&](int mt, int kk, u32(&a)[4]) {
+    if constexpr (C::Q_IN_REGS) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = qf[mt][kk][e];
+    } else {
+      ldsm_x4(a, sQ_u + 2 * (mt * 16 * LDQ + kk * 16));
+    }
+  };
+
+  OnlineSoftmax<float> sm[MT][2];  // rows g and g+8 of each m16 tile; l_i per-thread partial
+  float acc_o[MT][NO][4];          // (WM, HDV) output rows of this warp, fp32
+  zero(acc_o);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) sm[mt][0].init(), sm[mt][1].init();
+
+  const int diag = mask.diag();
+#pragma unroll 1
+  for (int n = 0; n < n_tiles; ++n) {
+    cp_async_wait<STAGES - 2>();  // tile n has landed
+    __syncthreads();              // ... for every thread, and tile n-1's buffer is free
+    if (n + STAGES - 1 < n_tiles) load_kv(n + STAGES - 1, (n + STAGES - 1) % STAGES);
+    cp_async_commit();
+
+    const T *sK = sKV + (n % STAGES) * C::KV_ELEMS;
+    const u32 sK_u = smem_u32(sK), sV_u = smem_u32(sK + BLOCK_N * LDK);
+    const int n0 = n * BLOCK_N;
+
+    // S = Q K^T  (WM, BLOCK_N), fp32
+    float s[MT][NS][4];
+    zero(s);
+    gemm_nt<T, MT, BLOCK_N, HD, LDK>(s, q_frag, sK_u, lane);
+
+    // Scale to log2 units; mask only tiles that cross the sequence end or the diagonal.
+    const bool need_mask =
+        n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m_start + diag);
+    if (need_mask) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int i = m_start + wrow + mt * 16 + g + 8 * h;
+          const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
+#pragma unroll
+          for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = n0 + nt * 8 + 2 * c4 + e;
+              s[mt][nt][2 * h + e] =
+                  j < lim ? s[mt][nt][2 * h + e] * scale_log2 : fc_neg_inf<float>::value();
+            }
+        }
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
+    }
+
+    // Online softmax, in registers.  A row is spread over the 4 lanes of a quad.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = sm[mt][h].m_i;
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+        mx = fmaxf(mx, shfl_xor(mx, 1));
+        mx = fmaxf(mx, shfl_xor(mx, 2));
+        const float alpha = sm[mt][h].rescale(mx);
+        // All keys so far masked: subtract 0, not -inf (no -inf - -inf = NaN).
+        const float sub = OnlineSoftmax<float>::safe_max(mx);
+        float lsum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = ex2(s[mt][nt][2 * h + e] - sub);
+            s[mt][nt][2 * h + e] = p;
+            lsum += p;
+          }
+        sm[mt][h].l_i += lsum;
+#pragma unroll
+        for (int nt = 0; nt < NO; ++nt) acc_o[mt][nt][2 * h] *= alpha, acc_o[mt][nt][2 * h + 1] *= alpha;
+      }
+
+    // O += P V
+    gemm_pn<T, MT, HDV, BLOCK_N, LDV>(acc_o, s, sV_u, lane);
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: normalize by l, stage O through shared memory, write O and LSE.
+  T *o_b = o_v.batch(bi.b0, bi.b1, bi.b2);
+  float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
+  float inv_l[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float l = sm[mt][h].l_i;
+      l += shfl_xor(l, 1);
+      l += shfl_xor(l, 2);
+      inv_l[mt][h] = OnlineSoftmax<float>::inv_sum(l);  // 0 for a row that saw no key
+      const int row = m_start + wrow + mt * 16 + g + 8 * h;
+      if (c4 == 0 && row < seqlen_q)
+        lse_b[row * lse_sr] = OnlineSoftmax<float>::lse_natural(sm[mt][h].m_i, l);
+    }
+  __syncthreads();  // every warp is done with sQ / the K-V ring
+  frag_to_smem_rows<T, MT, NO, LDO>(sQ, wrow, acc_o, inv_l, lane);
+  __syncthreads();
+  store_tile<T, BLOCK_M, HDV, NTHREADS>(o_b + m_start * o_sr, o_sr, sQ, m_rows, head_dim_v);
+}

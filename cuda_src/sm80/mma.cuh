@@ -1,0 +1,347 @@
+// flashcupy sm80 family: tensor-core building blocks (sm_80+, inline PTX).
+//
+// Everything a kernel of this family composes:
+//   * Mma<T>::mma      one mma.sync.m16n8k16.row.col, fp32 accumulators
+//   * Mma<T>::pack     two fp32 -> one f16x2 / bf16x2 register (cvt.rn)
+//   * ldsm_x4(_t)      ldmatrix x4 (and .trans) from shared memory
+//   * cp_async_16      16-byte cp.async.cg with zero fill (src-size 0 past the end)
+//   * load_tile        a (ROWS, COLS) global tile -> padded shared tile, async when
+//                      16-byte aligned, element-wise otherwise (odd head_dim/strides)
+//   * store_tile       the reverse, for epilogues staged through shared memory
+//
+// Shared-memory layout of every 16-bit tile: row-major, row pitch COLS + PAD
+// elements (PAD = 8, 16 bytes).  ldmatrix reads 8 rows x 16 bytes per matrix;
+// with the 16-byte skew the 8 rows start in 8 different 16-byte bank groups,
+// so every ldmatrix (plain or .trans) and every 16-byte cp.async store is
+// bank-conflict free.  (An XOR swizzle gives the same with no padding; the pad
+// costs 6% of shared memory and keeps addressing a single multiply-add.)
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, lane = 4 * g + c):
+//   A (16x16, row):  a0 (g, 2c..2c+1)  a1 (g+8, 2c..)  a2 (g, 2c+8..)  a3 (g+8, 2c+8..)
+//   B (16x8, col):   b0 (k 2c..2c+1, n g)  b1 (k 2c+8.., n g)
+//   C (16x8):        c0,c1 (g, 2c..2c+1)  c2,c3 (g+8, 2c..2c+1)
+// Hence the C fragments of two adjacent n8 tiles of one product are exactly the
+// A fragment of the next product's k16 step (P -> P V, dS -> dS K): `pack_a`.
+#pragma once
+#include "../common.cuh"
+#include "../params.cuh"
+
+namespace sm80 {
+
+typedef unsigned int u32;
+
+constexpr int PAD = 8;  // shared-memory row skew, elements (16 bytes)
+
+__device__ __forceinline__ u32 smem_u32(const void *p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<fc_half> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // lo goes to the low 16 bits (the lower column index)
+  static __device__ __forceinline__ u32 pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+template <>
+struct Mma<fc_bf16> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ u32 pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+
+// The A fragment of k16 step j from the fp32 C fragments of n8 tiles 2j, 2j+1.
+template <typename T>
+__device__ __forceinline__ void pack_a(u32 (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = Mma<T>::pack(c0[0], c0[1]);
+  a[1] = Mma<T>::pack(c0[2], c0[3]);
+  a[2] = Mma<T>::pack(c1[0], c1[1]);
+  a[3] = Mma<T>::pack(c1[2], c1[3]);
+}
+
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Per-lane element offsets (row * LD + col) of the three ldmatrix.x4 patterns,
+// relative to the top-left corner of a 16x16 block of a padded tile:
+//   lane_a    A operand (rows = M, cols = K), plain:   matrices (r0-7,k0-7) (r8-15,k0-7) (r0-7,k8-15) (r8-15,k8-15)
+//   lane_bn   B operand of two n8 tiles stored (n, k) [K^T-like], plain:
+//             r0,r1 = b0,b1 of n-tile 0; r2,r3 = of n-tile 1
+//   lane_bk   B operand of two n8 tiles stored (k, n) [V-like], .trans: same register order
+//   lane_at   A operand stored transposed (k rows, m cols), .trans
+template <int LD>
+__device__ __forceinline__ int lane_a(int lane) { return (lane & 15) * LD + (lane >> 4) * 8; }
+template <int LD>
+__device__ __forceinline__ int lane_bn(int lane) {
+  return ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8;
+}
+template <int LD>
+__device__ __forceinline__ int lane_bk(int lane) {
+  return ((lane & 7) + (((lane >> 3) & 1) << 3)) * LD + (lane >> 4) * 8;
+}
+template <int LD>
+__device__ __forceinline__ int lane_at(int lane) {
+  return ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8;
+}
+
+// exp2 on the MUFU unit; ex2(-inf) = +0.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float shfl_xor(float x, int m) {
+  return __shfl_xor_sync(0xffffffffu, x, m);
+}
+
+__device__ __forceinline__ void red_add(float *p, float v) {
+  asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
+}
+
+// ---------------------------------------------------------------------------
+// cp.async
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async_16(u32 dst, const void *src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+// 4 bytes (per-row LSE / delta); src-size 0 zero-fills.
+__device__ __forceinline__ void cp_async_4(u32 dst, const void *src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_b32(u32 addr, u32 v) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+
+// True when 16-byte vector accesses are legal for every row of the tile: the
+// tile start and the row pitch are 16-byte multiples and head_dim fills whole
+// 16-byte chunks.  Otherwise the element-wise path runs (e.g. head_dim 59).
+template <typename T>
+__device__ __forceinline__ bool vec16_ok(const T *g, fc_index_t row_stride, int cols_valid) {
+  return ((reinterpret_cast<unsigned long long>(g) | (unsigned long long)(row_stride * 2)) & 15) ==
+             0 &&
+         (cols_valid & 7) == 0;
+}
+
+// (ROWS, COLS) tile of a row-major global view -> shared tile of pitch COLS + PAD.
+// Rows >= rows_valid and columns >= cols_valid become 0 (src-size 0 zero fill),
+// so padded key rows never bring 0 * NaN from stale shared memory.  The async
+// path issues cp.async only (the caller commits); the element-wise path stores
+// synchronously (visible after the caller's __syncthreads).
+template <typename T, int ROWS, int COLS, int NTHREADS>
+__device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row_stride,
+                                          int rows_valid, int cols_valid) {
+  constexpr int CPR = COLS / 8;  // 16-byte chunks per row
+  constexpr int LD = COLS + PAD;
+  constexpr int TOTAL = ROWS * CPR;
+  constexpr int ITERS = (TOTAL + NTHREADS - 1) / NTHREADS;
+  const u32 s0 = smem_u32(smem);
+  if (vec16_ok(gmem, row_stride, cols_valid)) {
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int idx = threadIdx.x + it * NTHREADS;
+      if (TOTAL % NTHREADS == 0 || idx < TOTAL) {
+        const int r = idx / CPR, c = idx % CPR;
+        const bool ok = r < rows_valid && c * 8 < cols_valid;
+        const T *src = ok ? gmem + r * row_stride + c * 8 : gmem;
+        cp_async_16(s0 + 2 * (r * LD + c * 8), src, ok ? 16 : 0);
+      }
+    }
+  } else {
+    const unsigned short *g16 = reinterpret_cast<const unsigned short *>(gmem);
+#pragma unroll 1
+    for (int it = 0; it < ITERS; ++it) {
+      const int idx = threadIdx.x + it * NTHREADS;
+      if (idx < TOTAL) {
+        const int r = idx / CPR, c = idx % CPR;
+        u32 w[4] = {0u, 0u, 0u, 0u};
+        if (r < rows_valid) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const int col = c * 8 + e;
+            if (col < cols_valid) w[e / 2] |= (u32)g16[r * row_stride + col] << (16 * (e & 1));
+          }
+        }
+        asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(s0 + 2 * (r * LD + c * 8)),
+                     "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                     : "memory");
+      }
+    }
+  }
+}
+
+// Shared tile of pitch COLS + PAD -> rows [0, rows_valid), columns [0, cols_valid)
+// of a row-major global view (16-byte stores when aligned, else element-wise).
+template <typename T, int ROWS, int COLS, int NTHREADS>
+__device__ __forceinline__ void store_tile(T *gmem, fc_index_t row_stride, const T *smem,
+                                           int rows_valid, int cols_valid) {
+  constexpr int CPR = COLS / 8;
+  constexpr int LD = COLS + PAD;
+  constexpr int TOTAL = ROWS * CPR;
+  constexpr int ITERS = (TOTAL + NTHREADS - 1) / NTHREADS;
+  const u32 s0 = smem_u32(smem);
+  const bool vec = vec16_ok(gmem, row_stride, cols_valid);
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int idx = threadIdx.x + it * NTHREADS;
+    if (TOTAL % NTHREADS == 0 || idx < TOTAL) {
+      const int r = idx / CPR, c = idx % CPR;
+      if (r < rows_valid && c * 8 < cols_valid) {
+        u32 w[4];
+        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                     : "r"(s0 + 2 * (r * LD + c * 8)));
+        T *dst = gmem + r * row_stride + c * 8;
+        if (vec) {
+          asm volatile("st.global.v4.u32 [%0], {%1,%2,%3,%4};" ::"l"(dst), "r"(w[0]), "r"(w[1]),
+                       "r"(w[2]), "r"(w[3])
+                       : "memory");
+        } else {
+          unsigned short *d16 = reinterpret_cast<unsigned short *>(dst);
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            if (c * 8 + e < cols_valid) d16[e] = (unsigned short)(w[e / 2] >> (16 * (e & 1)));
+        }
+      }
+    }
+  }
+}
+
+// Writes one warp's fp32 C fragments (MT m16 tiles x NT n8 tiles), times `mul`,
+// as T into a shared tile of pitch LD at (row0, 0).
+template <typename T, int MT, int NT, int LD>
+__device__ __forceinline__ void frag_to_smem(T *smem, int row0, const float (&acc)[MT][NT][4],
+                                             float mul, int lane) {
+  const u32 s0 = smem_u32(smem);
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + mt * 16 + g + 8 * h;
+        st_shared_b32(s0 + 2 * (r * LD + nt * 8 + 2 * c),
+                      Mma<T>::pack(acc[mt][nt][2 * h] * mul, acc[mt][nt][2 * h + 1] * mul));
+      }
+}
+
+template <typename T, int MT, int NT, int LD>
+__device__ __forceinline__ void frag_to_smem_rows(T *smem, int row0,
+                                                  const float (&acc)[MT][NT][4],
+                                                  const float (&mul)[MT][2], int lane) {
+  const u32 s0 = smem_u32(smem);
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + mt * 16 + g + 8 * h;
+        st_shared_b32(s0 + 2 * (r * LD + nt * 8 + 2 * c),
+                      Mma<T>::pack(acc[mt][nt][2 * h] * mul[mt][h],
+                                   acc[mt][nt][2 * h + 1] * mul[mt][h]));
+      }
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+}
+
+// ---------------------------------------------------------------------------
+// Warp-level products.  acc is (MT*16, N) in C fragments.
+// ---------------------------------------------------------------------------
+
+// acc += A B^T, B stored (N, K) row-major in smem at sB (pitch LDB) [K^T-like].
+// A comes from `afrag(mt, kk, a)` (registers or ldmatrix), K/16 steps.
+template <typename T, int MT, int N, int K, int LDB, typename AFrag>
+__device__ __forceinline__ void gemm_nt(float (&acc)[MT][N / 8][4], AFrag afrag, u32 sB,
+                                        int lane) {
+  const u32 b_lane = sB + 2 * lane_bn<LDB>(lane);
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    u32 a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) afrag(mt, kk, a[mt]);
+#pragma unroll
+    for (int n2 = 0; n2 < N / 16; ++n2) {
+      u32 b[4];
+      ldsm_x4(b, b_lane + 2 * (n2 * 16 * LDB + kk * 16));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        Mma<T>::mma(acc[mt][2 * n2], a[mt], b[0], b[1]);
+        Mma<T>::mma(acc[mt][2 * n2 + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc += P B, P the fp32 C fragments (MT*16, K) of a previous product (rounded
+// to T here), B stored (K, N) row-major in smem at sB (pitch LDB) [V-like].
+template <typename T, int MT, int N, int K, int LDB>
+__device__ __forceinline__ void gemm_pn(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
+                                        u32 sB, int lane) {
+  const u32 b_lane = sB + 2 * lane_bk<LDB>(lane);
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    u32 a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) pack_a<T>(a[mt], p[mt][2 * kk], p[mt][2 * kk + 1]);
+#pragma unroll
+    for (int n2 = 0; n2 < N / 16; ++n2) {
+      u32 b[4];
+      ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDB + n2 * 16));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        Mma<T>::mma(acc[mt][2 * n2], a[mt], b[0], b[1]);
+        Mma<T>::mma(acc[mt][2 * n2 + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+}  // namespace sm80
