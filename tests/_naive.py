@@ -53,7 +53,8 @@ def to_f32(x):
     """Any supported array as float32 (exact for float16 and bfloat16)."""
     xp = xp_of(x)
     if x.dtype == BF16:
-        bits = xp.ascontiguousarray(x).view(xp.uint16).astype(xp.uint32) << 16
+        # same-itemsize view: fine for any strides; the astype makes it contiguous
+        bits = x.view(xp.uint16).astype(xp.uint32) << xp.uint32(16)
         return bits.view(xp.float32)
     return x.astype(xp.float32)
 
