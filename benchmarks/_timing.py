@@ -161,18 +161,21 @@ def do_bench(fn, warmup_ms=WARMUP_MS, rep_ms=REP_MS, min_reps=MIN_REPS, max_reps
     fn()  # compiles / autotunes / allocates; untimed
     stream.synchronize()
 
-    # Estimate the cost of one (flush + call), as Triton does.
-    n_est = 5
-    e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
-    e0.record(stream)
-    for _ in range(n_est):
+    # Estimate the cost of one (flush + call), as Triton does: up to 5 calls,
+    # fewer when they are slow (their time counts as warm-up).
+    est_ms, n_est = 0.0, 0
+    while n_est < 5 and (n_est == 0 or est_ms < warmup_ms):
+        e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
         flush()
+        e0.record(stream)
         fn()
-    e1.record(stream)
-    e1.synchronize()
-    est = max(cupy.cuda.get_elapsed_time(e0, e1) / n_est, 1e-3)
+        e1.record(stream)
+        e1.synchronize()
+        est_ms += cupy.cuda.get_elapsed_time(e0, e1)
+        n_est += 1
+    est = max(est_ms / n_est, 1e-3)
 
-    n_warmup = max(1, int(warmup_ms / est))
+    n_warmup = max(0, int((warmup_ms - est_ms) / est))
     n_rep = min(max(min_reps, int(rep_ms / est)), max(max_reps, min_reps))
 
     for _ in range(n_warmup):
@@ -269,11 +272,16 @@ def peak_extra_bytes(fn) -> int:
     return int(extra)
 
 
-def free_gpu_memory() -> None:
-    """Return cached blocks of both allocators to the driver (between cells)."""
+def free_gpu_memory(collect=False) -> None:
+    """Return cached blocks of both allocators to the driver (between runs).
+
+    ``collect`` runs the garbage collector first (slow with torch loaded; use
+    after an exception, whose traceback may hold arrays in a cycle).
+    """
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         import cupy
 
@@ -297,7 +305,7 @@ def classify_error(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if "OutOfMemory" in name or "out of memory" in msg.lower():
         return "OOM"
-    if "No available kernel" in msg:
+    if "No available kernel" in msg or "No viable backend" in msg:
         return "unsupported"
     if isinstance(e, NotImplementedError):
         return f"unsupported: {msg[:80]}"
@@ -499,15 +507,15 @@ def fmt(x, nd=1):
     return str(x)
 
 
-def format_table(rows, columns, headers=None) -> str:
-    """Plain fixed-width table; ``rows`` are lists of strings."""
-    headers = headers or columns
+def format_table(rows, columns, sep="  ") -> str:
+    """Plain fixed-width table, right-aligned; ``rows`` are lists of strings."""
+    headers = columns
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
-    out = ["  ".join(h.rjust(w) for h, w in zip(headers, widths)),
-           "  ".join("-" * w for w in widths)]
+    out = [sep.join(h.rjust(w) for h, w in zip(headers, widths)),
+           sep.join("-" * w for w in widths)]
     for r in rows:
-        out.append("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        out.append(sep.join(c.rjust(w) for c, w in zip(r, widths)))
     return "\n".join(out)
 
 

@@ -206,10 +206,11 @@ def run_one(provider, case, args, libs):
            "tflops": None, "peak_extra_bytes": None, "status": "ok"}
     limit = args.max_score_gib * 2**30
     if provider in ("sdpa-math", "naive-cupy-fp16") and case.score_bytes_fp32() > limit:
-        row["status"] = (f"skipped: B*H*S*S*4 = {case.score_bytes_fp32() / 2**30:.0f} GiB "
+        row["status"] = (f"skipped: B*H*S*S*4 = {case.score_bytes_fp32() / 2**30:.3g} GiB "
                          f"> {args.max_score_gib:g} GiB")
         return row
     fn = ctx = None
+    failed = False
     try:
         if provider in FC_FAMILIES:
             fc, why = libs["flashcupy"]
@@ -240,9 +241,10 @@ def run_one(provider, case, args, libs):
     except Exception as e:  # noqa: BLE001 - one provider failing must not end the sweep
         row["status"] = T.classify_error(e)
         row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        failed = True
     finally:
         fn = ctx = None
-        T.free_gpu_memory()
+        T.free_gpu_memory(collect=failed)
     return row
 
 
@@ -296,7 +298,7 @@ def long_table(rows):
                      T.fmt(r["tflops"], 1), T.fmt(r.get("vs_best_sdpa"), 2),
                      T.fmt(r.get("vs_sdpa_flash"), 2),
                      T.fmt(mem / 2**20 if mem is not None else None, 0),
-                     "" if r["status"] == "ok" else r["status"]])
+                     "" if r["status"] == "ok" else r["status"][:48]])
     return T.format_table(body, cols)
 
 
@@ -312,26 +314,32 @@ def _short_status(r):
 
 
 def summary_table(rows, providers):
-    """TFLOP/s per provider; one block per (mode, dtype, D, causal), one line per S."""
-    out = []
+    """TFLOP/s per provider, one line per S, a title line per (mode, dtype, D, causal).
+
+    Kept narrow (about 10 kB for the full sweep) so it fits in a 12 kB log tail.
+    """
     groups = {}
     for r in rows:
         groups.setdefault((r["mode"], r["dtype"], r["D"], r["causal"]), []).append(r)
-    cols = ["S", "B"] + [SHORT.get(p, p) for p in providers] + ["fc/best", "fc/flash"]
+    cols = ["S"] + [SHORT.get(p, p) for p in providers] + ["fc/best", "fc/flash"]
+    body, titles = [], {}
     for (mode, dtype, D, causal), grs in groups.items():
-        out.append(f"== {mode} {dtype} D={D} {'causal' if causal else 'non-causal'} "
-                   f"H={grs[0]['H']}  (TFLOP/s; fc/best = flashcupy / best SDPA backend)")
+        titles[len(body)] = (f"-- {mode} {dtype} D={D} {'causal' if causal else 'non-causal'} "
+                             f"H={grs[0]['H']}")
         by_s = {}
         for r in grs:
             by_s.setdefault(r["S"], {})[r["provider"]] = r
-        body = []
         for S, d in by_s.items():
             fc = d.get("flashcupy", {})
-            any_r = next(iter(d.values()))
-            body.append([str(S), str(any_r["B"])]
-                        + [_short_status(d[p]) if p in d else "" for p in providers]
+            body.append([str(S)] + [_short_status(d[p]) if p in d else "" for p in providers]
                         + [T.fmt(fc.get("vs_best_sdpa"), 2), T.fmt(fc.get("vs_sdpa_flash"), 2)])
-        out.append(T.format_table(body, cols))
+    lines = T.format_table(body, cols, sep=" ").split("\n")
+    out = ["TFLOP/s by provider (B = tokens / S); fc/best = flashcupy / best SDPA backend, "
+           "fc/flash = flashcupy / sdpa-flash", lines[0]]
+    for i, line in enumerate(lines[2:]):
+        if i in titles:
+            out.append(titles[i])
+        out.append(line)
     return "\n".join(out)
 
 
@@ -424,8 +432,9 @@ def parse_args(argv=None):
     p.add_argument("--rotate", type=int, default=2, help="input sets to rotate among (>= 2)")
     p.add_argument("--no-flush-l2", action="store_true", help="skip the L2-evicting memset")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds; cells not started by then are left out (JSON keeps the rest)")
+    p.add_argument("--time-limit", type=float, default=540.0,
+                   help="seconds (default 540, under the device tool's 600 s cap); cells not "
+                        "started by then are left out and listed; 0 = no limit")
     p.add_argument("--out", default="bench_out/results.json", help="JSON path")
     p.add_argument("--plot", default="bench_out/attention.png", help="PNG path")
     p.add_argument("--no-plot", action="store_true")
@@ -461,11 +470,13 @@ def main(argv=None):
     cases = build_cases(args)
     n = len(cases) * len(args.providers)
     T.progress(f"{len(cases)} cells x {len(args.providers)} providers = {n} runs on {env['gpu']}")
-    rows, k, t0 = [], 0, time.time()
+    rows, k, t0, left_out = [], 0, time.time(), []
     try:
         for case in cases:
             if args.time_limit and time.time() - t0 > args.time_limit:
-                T.progress(f"time limit {args.time_limit:g} s reached; stopping")
+                left_out = cases[cases.index(case):]
+                T.progress(f"time limit {args.time_limit:g} s reached; {len(left_out)} cells "
+                           f"left out")
                 break
             cell = []
             for prov in args.providers:
@@ -484,16 +495,22 @@ def main(argv=None):
     T.release_flush_buffer()
     write_json(args.out, env, method, args, rows)
     png = None if args.no_plot else plot(args.plot, rows, args.providers)
-    T.progress(f"wrote {args.out}" + (f" and {png}" if png else "")
+    long_text = (long_table(rows) + "\npeak MiB = extra GPU memory of one call: CuPy pool "
+                 "allocations (memory hook) + torch.cuda.max_memory_allocated delta; outputs and "
+                 "workspaces, not inputs.\n")
+    tail = T.format_environment(env, method) + "\n" + summary_table(rows, args.providers)
+    if left_out:
+        tail += (f"\nNOT RUN (--time-limit {args.time_limit:g} s): {len(left_out)} cells, from "
+                 f"{left_out[0].label()} to {left_out[-1].label()}")
+    txt = os.path.splitext(args.out)[0] + ".txt"
+    with open(txt, "w") as f:
+        f.write(long_text + "\n" + tail + "\n")
+    T.progress(f"wrote {args.out}, {txt}" + (f" and {png}" if png else "")
                + f"; {time.time() - t0:.0f} s total")
     sys.stderr.flush()
     if not args.no_long_table:
-        print(long_table(rows))
-        print("peak MiB = extra GPU memory of one call: CuPy pool allocations (memory hook) + "
-              "torch.cuda.max_memory_allocated delta; outputs and workspaces, not inputs.")
-        print()
-    print(T.format_environment(env, method))
-    print(summary_table(rows, args.providers))
+        print(long_text)
+    print(tail)  # last: the device tool keeps only the final 12 kB of output
     sys.stdout.flush()
     return 0
 
