@@ -23,7 +23,8 @@ Providers:
   sdpa-default       SDPA with PyTorch's own dispatch (opt-in via --providers)
   naive-cupy-fp16    q @ k^T -> softmax -> @ v in CuPy, float16 even in bf16 rows
                      (CuPy has no bf16 batched matmul); bwd from the saved softmax matrix
-sdpa-math and naive-cupy-fp16 are skipped when B*H*S*S*4 bytes exceeds --max-score-gib.
+sdpa-math and naive-cupy-fp16 are skipped when B*H*S*S*4 bytes exceeds --max-score-gib,
+naive-cupy-fp16 also above --naive-max-s.
 """
 from __future__ import annotations
 
@@ -209,38 +210,47 @@ def run_one(provider, case, args, libs):
         row["status"] = (f"skipped: B*H*S*S*4 = {case.score_bytes_fp32() / 2**30:.3g} GiB "
                          f"> {args.max_score_gib:g} GiB")
         return row
+    naive_max_s = getattr(args, "naive_max_s", 0)
+    if provider == "naive-cupy-fp16" and naive_max_s and case.S > naive_max_s:
+        row["status"] = f"skipped: S > --naive-max-s {naive_max_s}"
+        return row
     fn = ctx = None
     failed = False
+    caught = []
     try:
-        if provider in FC_FAMILIES:
-            fc, why = libs["flashcupy"]
-            if fc is None:
-                row["status"] = f"unavailable: {why}"
-                return row
-            fn, ctx = make_flashcupy(case, fc, FC_FAMILIES[provider], args.rotate)
-        elif provider in SDPA_BACKENDS:
-            torch, why = libs["torch"]
-            if torch is None:
-                row["status"] = f"unavailable: {why}"
-                return row
-            fn, ctx = make_sdpa(case, torch, SDPA_BACKENDS[provider], args.rotate)
-        elif provider == "naive-cupy-fp16":
-            fn, ctx = make_naive_cupy(case, args.rotate)
-        else:
-            raise ValueError(provider)
-        with ctx, _quiet():
-            t = T.do_bench(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                           min_reps=args.min_reps, flush_l2=not args.no_flush_l2)
-            row.update(ms=t.ms, min_ms=t.min_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)
-            row["tflops"] = T.tflops(T.attention_flops(case.B, case.H, case.S, case.S, case.D,
-                                                       case.causal, case.mode), t.ms)
-            if not args.no_memory:
-                row["peak_extra_bytes"] = T.peak_extra_bytes(fn)
+        with _quiet(caught):
+            if provider in FC_FAMILIES:
+                fc, why = libs["flashcupy"]
+                if fc is None:
+                    row["status"] = f"unavailable: {why}"
+                    return row
+                fn, ctx = make_flashcupy(case, fc, FC_FAMILIES[provider], args.rotate)
+            elif provider in SDPA_BACKENDS:
+                torch, why = libs["torch"]
+                if torch is None:
+                    row["status"] = f"unavailable: {why}"
+                    return row
+                fn, ctx = make_sdpa(case, torch, SDPA_BACKENDS[provider], args.rotate)
+            elif provider == "naive-cupy-fp16":
+                fn, ctx = make_naive_cupy(case, args.rotate)
+            else:
+                raise ValueError(provider)
+            with ctx:
+                t = T.do_bench(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                               min_reps=args.min_reps, flush_l2=not args.no_flush_l2)
+                row.update(ms=t.ms, min_ms=t.min_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                           reps=t.reps)
+                row["tflops"] = T.tflops(T.attention_flops(case.B, case.H, case.S, case.S,
+                                                           case.D, case.causal, case.mode), t.ms)
+                if not args.no_memory:
+                    row["peak_extra_bytes"] = T.peak_extra_bytes(fn)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - one provider failing must not end the sweep
         row["status"] = T.classify_error(e)
         row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        if caught:  # PyTorch says why a backend declined in warnings, not in the error
+            row["warnings"] = sorted({str(w.message)[:300] for w in caught})[:8]
         failed = True
     finally:
         fn = ctx = None
@@ -249,13 +259,16 @@ def run_one(provider, case, args, libs):
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Silence PyTorch's per-call 'backend not available because ...' warnings."""
+def _quiet(caught):
+    """Collect (not print) warnings, e.g. SDPA's 'backend not used because ...'."""
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            caught.extend(w[:50])
 
 
 def add_ratios(cell_rows):
@@ -426,6 +439,9 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=2048, help="H * D (default 2048)")
     p.add_argument("--max-score-gib", type=float, default=8.0,
                    help="skip sdpa-math and naive-cupy-fp16 when B*H*S*S*4 bytes exceeds this")
+    p.add_argument("--naive-max-s", type=int, default=4096,
+                   help="skip naive-cupy-fp16 above this S (default 4096; it is the slowest "
+                        "provider, about half the sweep's time if run to 16k); 0 = no limit")
     p.add_argument("--warmup-ms", type=float, default=T.WARMUP_MS)
     p.add_argument("--rep-ms", type=float, default=T.REP_MS)
     p.add_argument("--min-reps", type=int, default=T.MIN_REPS)
