@@ -1,0 +1,351 @@
+"""GPU correctness + timing of the sm80 family (standalone: CuPy, no flashcupy).
+
+PYTHONUNBUFFERED=1 python3 dev/sm80/harness.py [--quick] [--no-bench]
+Kernels come from dev/sm80/build (cubins made by build_cubin.py, no device-time
+NVRTC) or are compiled here when that folder is missing.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import cupy as cp
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import specs  # noqa: E402
+
+BUILD = os.path.join(HERE, "build")
+_mods, _fns = {}, {}
+_names = json.load(open(os.path.join(BUILD, "names.json"))) if os.path.exists(
+    os.path.join(BUILD, "names.json")) else None
+
+
+def kernel(name, smem=0):
+    if name not in _fns:
+        if _names is not None and name in _names:
+            fn, low = _names[name]
+            if fn not in _mods:
+                _mods[fn] = cp.RawModule(path=os.path.join(BUILD, fn))
+            f = _mods[fn].get_function(low)
+        else:
+            import src
+            m = cp.RawModule(code=src.source(), options=("-std=c++17",), name_expressions=[name])
+            f = m.get_function(name)
+        _fns[name] = f
+    f = _fns[name]
+    if smem > 48 * 1024:
+        f.max_dynamic_shared_size_bytes = smem
+    return f
+
+
+TNAME = {"bf16": "fc_bf16", "fp16": "fc_half"}
+CPDT = {"fp16": cp.float16}
+
+
+def spec(kind, t, hd, causal):
+    for s in specs.all_specs((TNAME[t],)):
+        if s.kind == kind and f"<{TNAME[t]}, {hd}, {hd}," in s.name and (
+                s.name.endswith("true>") == causal):
+            return s
+    raise KeyError((kind, t, hd, causal))
+
+
+def bucket(d):
+    for b in (32, 64, 128, 256):
+        if d <= b:
+            return b
+
+
+def targ(a):
+    """pointer + (sb0, sb1, sb2, sr) of a (B, H, S, D) or (B, H, S) array."""
+    it = a.itemsize
+    st = [s // it for s in a.strides]
+    return [np.uint64(a.data.ptr), np.int64(st[0]), np.int64(st[1]), np.int64(0), np.int64(st[2])]
+
+
+# bf16 storage: uint16 arrays; conversions by bit ops on the GPU
+def to_dev(x64, t):
+    if t == "fp16":
+        return x64.astype(cp.float16)
+    f = x64.astype(cp.float32).view(cp.uint32)
+    r = ((f + cp.uint32(0x7FFF) + ((f >> 16) & 1)) >> 16).astype(cp.uint16)  # RNE
+    return r
+
+
+def from_dev(a, t):
+    if t == "fp16":
+        return a.astype(cp.float64)
+    return (a.astype(cp.uint32) << 16).view(cp.float32).astype(cp.float64)
+
+
+POISON = True
+
+
+def poison(a):
+    if not POISON:
+        return
+    if a.dtype == cp.uint16:
+        a.fill(0x7FC0)
+    else:
+        a.fill(np.nan)
+
+
+# ----------------------------------------------------------------------------
+def fwd(q, k, v, t, causal, scale, B, H, hd_bucket=None, kb_strides=None):
+    Sq, D = q.shape[2], q.shape[3]
+    Sk, Dv = k.shape[2], v.shape[3]
+    hd = hd_bucket or bucket(max(D, Dv))
+    s = spec("fwd", t, hd, causal)
+    bm = s.tiles[0]
+    o = cp.empty(q.shape[:3] + (Dv,), q.dtype)
+    lse = cp.empty(q.shape[:3], cp.float32)
+    poison(o), poison(lse)
+    ka, va = targ(k), targ(v)
+    if kb_strides is not None:  # broadcast k/v over axis 1 groups (GQA): override
+        ka[1:4], va[1:4] = kb_strides[0], kb_strides[1]
+    args = targ(q) + ka + va + targ(o) + targ(lse) + [np.int32(B), np.int32(H), np.int32(1),
+            np.int32(Sq), np.int32(Sk), np.int32(D), np.int32(Dv), np.float32(scale),
+            np.float32(scale * math.log2(math.e)), np.int32(causal)]
+    kernel(s.name, s.smem)((math.ceil(Sq / bm), B * H, 1), (s.nthreads,), tuple(args),
+                           shared_mem=s.smem)
+    return o, lse
+
+
+def bwd(q, k, v, o, lse, do, t, causal, scale, mode, B, Hk, G=1):
+    """q/o/do/lse: (B, Hk*G, Sq, .), k/v: (B, Hk, Sk, .); mode 'det' | 'atomic'."""
+    Sq, D = q.shape[2], q.shape[3]
+    Sk, Dv = k.shape[2], v.shape[3]
+    hd = bucket(max(D, Dv))
+    sl2 = np.float32(scale * math.log2(math.e))
+    delta = cp.empty(q.shape[:3], cp.float32)
+    poison(delta)
+    pre = kernel(f"fc_generic_bwd_preprocess<{TNAME[t]}, float, 4>")
+    pre_args = tuple(targ(o) + targ(do) + targ(delta) + [np.int32(B), np.int32(Hk * G), np.int32(1),
+                                                         np.int32(Sq), np.int32(Dv)])
+    dq = cp.empty_like(q)
+    dk = cp.empty_like(k)
+    dv = cp.empty_like(v)
+    poison(dq), poison(dk), poison(dv)
+
+    def gview(a):  # (B, Hk*G, S, .) -> args with batch (B, Hk) and group stride
+        st = [x // a.itemsize for x in a.strides]
+        return [np.uint64(a.data.ptr), np.int64(st[0]), np.int64(st[1] * G), np.int64(0),
+                np.int64(st[2])], np.int64(st[1])
+    qa, q_sg = gview(q)
+    da, do_sg = gview(do)
+    la, l_sg = gview(lse)
+    dla, dl_sg = gview(delta)
+    common_tail = [np.int32(Sq), np.int32(Sk), np.int32(D), np.int32(Dv), np.float32(scale), sl2,
+                   np.int32(causal)]
+    kind = "dkdvq" if mode == "atomic" else "dkdv"
+    s = spec(kind, t, hd, causal)
+    args = qa + targ(k) + targ(v) + da + la + dla + targ(dk) + targ(dv) + [
+        np.int32(B), np.int32(Hk), np.int32(1), np.int32(G), q_sg, do_sg, l_sg, dl_sg] + common_tail
+    launches = []
+    if mode == "atomic":
+        dqa = cp.zeros(q.shape, cp.float32)
+        dqa_a, dqa_sg = gview(dqa)
+        args = args + dqa_a + [dqa_sg]
+        launches.append((kernel(s.name, s.smem), (math.ceil(Sk / s.tiles[1]), B * Hk, 1),
+                         (s.nthreads,), tuple(args), s.smem))
+        cs = [x for x in specs.all_specs((TNAME[t],)) if x.kind == "convert"][0]
+        cargs = targ(dqa) + targ(dq) + [np.int32(B), np.int32(Hk * G), np.int32(1), np.int32(Sq),
+                                        np.int32(D), np.float32(scale)]
+        launches.append((kernel(cs.name), (math.ceil(Sq / 4), B * Hk * G, 1), (128,),
+                         tuple(cargs), 0))
+    else:
+        launches.append((kernel(s.name, s.smem), (math.ceil(Sk / s.tiles[1]), B * Hk, 1),
+                         (s.nthreads,), tuple(args), s.smem))
+        sq = spec("dq", t, hd, causal)
+        # dq kernel: batch over (B, Hk*G); k/v broadcast over the group axis
+        kst = [x // k.itemsize for x in k.strides]
+        vst = [x // v.itemsize for x in v.strides]
+        Hq = Hk * G
+        kq = [np.uint64(k.data.ptr), np.int64(kst[0]), np.int64(kst[1]), np.int64(0), np.int64(kst[2])]
+        vq = [np.uint64(v.data.ptr), np.int64(vst[0]), np.int64(vst[1]), np.int64(0), np.int64(vst[2])]
+        # nb = (B, Hk, G): q strides (sB, G*sH, sH)
+        def qv3(a):
+            st = [x // a.itemsize for x in a.strides]
+            return [np.uint64(a.data.ptr), np.int64(st[0]), np.int64(st[1] * G), np.int64(st[1]),
+                    np.int64(st[2])]
+        qargs = qv3(q) + kq + vq + qv3(do) + qv3(lse) + qv3(delta) + qv3(dq) + [
+            np.int32(B), np.int32(Hk), np.int32(G)] + common_tail
+        launches.append((kernel(sq.name, sq.smem), (math.ceil(Sq / sq.tiles[0]), B * Hq, 1),
+                         (sq.nthreads,), tuple(qargs), sq.smem))
+
+    def run():
+        pre((math.ceil(Sq / 4), B * Hk * G, 1), (128,), pre_args)
+        if mode == "atomic":
+            dqa.fill(0)
+        for f, grid, block, a, sm in launches:
+            f(grid, block, a, shared_mem=sm)
+    run()
+    return dq, dk, dv, run
+
+
+# ----------------------------------------------------------------------------
+def reference(q, k, v, do, causal, scale, G=1):
+    """float64; q (B, Hq, Sq, D), k/v (B, Hk, Sk, .) with Hq = Hk*G."""
+    if G > 1:
+        k = cp.repeat(k, G, axis=1)
+        v = cp.repeat(v, G, axis=1)
+    Sq, Sk = q.shape[2], k.shape[2]
+    s = cp.matmul(q, k.transpose(0, 1, 3, 2)) * scale
+    if causal:
+        i = cp.arange(Sq)[:, None]
+        j = cp.arange(Sk)[None, :]
+        s = cp.where(j <= i + (Sk - Sq), s, -cp.inf)
+    m = s.max(-1, keepdims=True)
+    msafe = cp.where(cp.isinf(m), 0, m)
+    e = cp.exp(s - msafe)
+    l = e.sum(-1, keepdims=True)
+    p = cp.where(l > 0, e / cp.where(l > 0, l, 1), 0)
+    o = cp.matmul(p, v)
+    lse = cp.where(l[..., 0] > 0, cp.log(cp.where(l > 0, l, 1))[..., 0] + msafe[..., 0], -cp.inf)
+    dp = cp.matmul(do, v.transpose(0, 1, 3, 2))
+    delta = (do * o).sum(-1, keepdims=True)
+    ds = p * (dp - delta)
+    dq = cp.matmul(ds, k) * scale
+    dk = cp.matmul(ds.transpose(0, 1, 3, 2), q) * scale
+    dv = cp.matmul(p.transpose(0, 1, 3, 2), do)
+    if G > 1:
+        B, Hq = q.shape[:2]
+        dk = dk.reshape(B, Hq // G, G, Sk, -1).sum(2)
+        dv = dv.reshape(B, Hq // G, G, Sk, -1).sum(2)
+    return o, lse, dq, dk, dv
+
+
+def relerr(x, ref):
+    x = from_dev(x, T) if x.dtype != cp.float32 else x.astype(cp.float64)
+    if bool(cp.isnan(x).any()):
+        return float("nan")
+    return float(cp.abs(x - ref).max() / max(float(cp.abs(ref).max()), 1e-6))
+
+
+T = "bf16"
+TOL_F = {"bf16": 2e-2, "fp16": 4e-3}
+TOL_B = {"bf16": 5e-2, "fp16": 1e-2}
+
+
+def correctness(quick=False):
+    global T
+    fails = 0
+    rng = cp.random.default_rng(0)
+    Ds = [(32, 32), (64, 64), (128, 128), (256, 256), (59, 59), (80, 80), (1, 1), (64, 48)]
+    lens = [(1, 1), (17, 257), (255, 1000), (1000, 255), (257, 17), (128, 128)]
+    if quick:
+        Ds, lens = Ds[:3] + Ds[4:6], lens[1:4]
+    print(f"{'dt':4s} {'D':>7s} {'causal':6s} {'Sq':>5s} {'Sk':>5s} {'G':>2s} | o      lse    | "
+          "det: dq     dk     dv    | atomic: dq   dk     dv")
+    for t in ("bf16", "fp16"):
+        T = t
+        for D, Dv in Ds:
+            for causal in (False, True):
+                for (Sq, Sk) in lens:
+                    for G in ((1, 2) if (Sq, Sk) == (255, 1000) else (1,)):
+                        B, Hk = 2, 2 if G == 1 else 1
+                        Hq = Hk * G
+                        scale = 1.0 / math.sqrt(D)
+                        q64 = rng.standard_normal((B, Hq, Sq, D))
+                        k64 = rng.standard_normal((B, Hk, Sk, D))
+                        v64 = rng.standard_normal((B, Hk, Sk, Dv))
+                        do64 = rng.standard_normal((B, Hq, Sq, Dv))
+                        q, k, v, do = (to_dev(x, t) for x in (q64, k64, v64, do64))
+                        q64, k64, v64, do64 = (from_dev(x, t) for x in (q, k, v, do))
+                        ro, rlse, rdq, rdk, rdv = reference(q64, k64, v64, do64, causal, scale, G)
+                        ks = [np.int64(k.strides[0] // 2), np.int64(0), np.int64(0)]
+                        vs = [np.int64(v.strides[0] // 2), np.int64(0), np.int64(0)]
+                        if G == 1:
+                            o, lse = fwd(q, k, v, t, causal, scale, B, Hq)
+                        else:  # q as (B, Hq): k/v broadcast over heads (Hk == 1)
+                            o, lse = fwd(q, k, v, t, causal, scale, B, Hq, kb_strides=(ks, vs))
+                        eo = relerr(o, ro)
+                        fin = cp.isfinite(rlse)
+                        lse_ok = bool(cp.all(cp.isneginf(lse) == ~fin)) and not bool(cp.isnan(lse).any())
+                        else_ = float(cp.abs(cp.where(fin, lse - rlse, 0)).max()) if lse_ok else float("nan")
+                        ok = eo <= TOL_F[t] and else_ <= 1e-2
+                        line = f"{t:4s} {D:3d}/{Dv:3d} {str(causal):6s} {Sq:5d} {Sk:5d} {G:2d} | {eo:.1e} {else_:.1e} |"
+                        if max(D, Dv) <= 128:
+                            # backward from the reference-consistent O (kernel's O in T)
+                            for mode in ("det", "atomic"):
+                                dq, dk, dv, _ = bwd(q, k, v, o, lse, do, t, causal, scale, mode, B, Hk, G)
+                                es = [relerr(dq, rdq), relerr(dk, rdk), relerr(dv, rdv)]
+                                ok &= all(e <= TOL_B[t] for e in es)
+                                line += " " + " ".join(f"{e:.1e}" for e in es) + " |"
+                        if not ok:
+                            fails += 1
+                            line += "  FAIL"
+                        print(line)
+    cp.cuda.Device().synchronize()
+    print("correctness failures:", fails)
+    return fails
+
+
+# ----------------------------------------------------------------------------
+def bench():
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    global T, POISON
+    T = "bf16"
+    POISON = False
+    print("GPU:", cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "| torch", torch.__version__,
+          "| cupy", cp.__version__, "| CUDA events, median of 10 after 3 warm-up")
+
+    def timeit(fn, n=10):
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(n):
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(cp.cuda.get_elapsed_time(a, b))
+        return float(np.median(ts)) * 1e-3
+
+    print(f"{'D':>4s} {'S':>6s} {'causal':6s} | fwd ours  sdpa | bwd det  atomic  sdpa   (TFLOP/s)")
+    for D in (64, 128):
+        H = 2048 // D
+        for S in (1024, 4096, 16384):
+            B = 16384 // S
+            for causal in (False, True):
+                flops = 4 * B * H * S * S * D / (2 if causal else 1)
+                tq = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                tk = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                tv = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                tdo = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+                q, k, v, do = (cp.from_dlpack(x.detach().view(torch.int16)).view(cp.uint16)
+                               for x in (tq, tk, tv, tdo))
+                scale = 1 / math.sqrt(D)
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    t_sf = timeit(lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal))
+                    out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                    t_sb = timeit(lambda: torch.autograd.grad(out, (tq, tk, tv), tdo, retain_graph=True))
+                torch.cuda.synchronize()
+                t_f = timeit(lambda: fwd(q, k, v, "bf16", causal, scale, B, H))
+                o, lse = fwd(q, k, v, "bf16", causal, scale, B, H)
+                res = []
+                for mode in ("det", "atomic"):
+                    *_, run = bwd(q, k, v, o, lse, do, "bf16", causal, scale, mode, B, H)
+                    res.append(timeit(run))
+                print(f"{D:4d} {S:6d} {str(causal):6s} | {flops / t_f / 1e12:8.1f} {flops / t_sf / 1e12:5.1f} | "
+                      f"{2.5 * flops / res[0] / 1e12:7.1f} {2.5 * flops / res[1] / 1e12:7.1f} "
+                      f"{2.5 * flops / t_sb / 1e12:6.1f}", flush=True)
+                del tq, tk, tv, tdo, out
+                cp.get_default_memory_pool().free_all_blocks()
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    if "--no-check" not in sys.argv:
+        correctness("--quick" in sys.argv)
+        print(f"[{time.time() - t0:.0f}s]")
+    if "--no-bench" not in sys.argv:
+        bench()
+        print(f"[{time.time() - t0:.0f}s]")
