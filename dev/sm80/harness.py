@@ -25,12 +25,16 @@ _names = json.load(open(os.path.join(BUILD, "names.json"))) if os.path.exists(
 
 def kernel(name, smem=0):
     if name not in _fns:
+        f = None
         if _names is not None and name in _names:
             fn, low = _names[name]
-            if fn not in _mods:
-                _mods[fn] = cp.RawModule(path=os.path.join(BUILD, fn))
-            f = _mods[fn].get_function(low)
-        else:
+            try:
+                if fn not in _mods:
+                    _mods[fn] = cp.RawModule(path=os.path.join(BUILD, fn))
+                f = _mods[fn].get_function(low)
+            except Exception as e:  # e.g. driver older than the NVRTC that built it
+                print("cubin load failed, compiling:", name, e)
+        if f is None:
             import src
             m = cp.RawModule(code=src.source(), options=("-std=c++17",), name_expressions=[name])
             f = m.get_function(name)
