@@ -46,7 +46,8 @@ def timing_method(warmup_ms=WARMUP_MS, rep_ms=REP_MS, min_reps=MIN_REPS, flush_l
                   rotate=2) -> str:
     """One line that says how the numbers in a table were measured."""
     flush = "256 MiB L2-evicting memset before each rep" if flush_l2 else "no L2 flush"
-    return (f"median of per-call CUDA events on CuPy's current stream (torch runs on the same stream); "
+    return (f"median of per-call CUDA events on CuPy's current stream "
+            f"(torch runs on the same stream); "
             f"1 untimed call, {warmup_ms:g} ms warm-up, {rep_ms:g} ms of reps (>= {min_reps}); "
             f"{flush}; inputs standard normal, rotated among {rotate} sets; "
             f"FLOPs fwd 4*B*H*Sq*Sk*D (halved if causal), bwd 2.5x fwd")
@@ -251,8 +252,6 @@ def peak_extra_bytes(fn) -> int:
     and workspaces; excludes the inputs and anything allocated outside the
     two allocators (cuBLAS/cuDNN handles' own workspaces, CUDA context).
     """
-    import cupy
-
     torch = sys.modules.get("torch")
     use_torch = torch is not None and torch.cuda.is_available()
     synchronize()

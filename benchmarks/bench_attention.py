@@ -383,7 +383,9 @@ def plot(path, rows, providers):
     fig, axes = plt.subplots(len(mc), len(Ds), figsize=(4.2 * len(Ds), 3.2 * len(mc)),
                              squeeze=False, sharex=True)
     dtypes = sorted({r["dtype"] for r in rows})
-    styles = ["-", "--", ":", "-."]
+    styles = ["-", "--", ":", "-."]  # one per dtype; one colour per provider
+    colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+    s_ticks = sorted({r["S"] for r in rows})
     for i, (mode, causal) in enumerate(mc):
         for j, D in enumerate(Ds):
             ax = axes[i][j]
@@ -394,9 +396,13 @@ def plot(path, rows, providers):
                                  and r["D"] == D and r["causal"] == causal and r["tflops"])
                     if pts:
                         ax.plot([x for x, _ in pts], [y for _, y in pts], styles[k % 4],
-                                marker="o", ms=3,
+                                color=colors[p], marker="o", ms=3,
+                                lw=2.2 if p.startswith("flashcupy") else 1.2,
                                 label=p if len(dtypes) == 1 else f"{p} {dt}")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(s_ticks)
+            ax.set_xticklabels([f"{x // 1024}k" if x >= 1024 else str(x) for x in s_ticks])
+            ax.set_ylim(bottom=0)
             ax.set_title(f"{mode} D={D} {'causal' if causal else 'non-causal'}", fontsize=9)
             ax.set_xlabel("S")
             ax.set_ylabel("TFLOP/s")
