@@ -117,9 +117,11 @@ def _gpu_reference(q, k, v, causal):
         j = cupy.arange(sk)[None, :]
         s = cupy.where(j <= i + (sk - sq), s, -cupy.inf)
     m = s.max(-1, keepdims=True)
+    m = cupy.where(cupy.isfinite(m), m, 0)  # rows with no key: avoid -inf - -inf
     p = cupy.exp(s - m)
     l_ = p.sum(-1, keepdims=True)
-    return (p / l_) @ v, (m + cupy.log(l_))[..., 0]
+    out = cupy.where(l_ > 0, p / cupy.where(l_ > 0, l_, 1), 0) @ v
+    return out, (m + cupy.log(l_))[..., 0]
 
 
 def _gpu_reference_bwd(do, q, k, v, out, lse, causal):
@@ -132,7 +134,7 @@ def _gpu_reference_bwd(do, q, k, v, out, lse, causal):
         i = cupy.arange(sq)[:, None]
         j = cupy.arange(sk)[None, :]
         s = cupy.where(j <= i + (sk - sq), s, -cupy.inf)
-    p = cupy.exp(s - lse[..., None])
+    p = cupy.where(cupy.isfinite(lse[..., None]), cupy.exp(s - lse[..., None]), 0)
     dv = p.swapaxes(-1, -2) @ do
     dp = do @ v.swapaxes(-1, -2)
     ds = p * (dp - (do * out).sum(-1, keepdims=True))
