@@ -244,6 +244,8 @@ def run_one(provider, case, args, libs):
                                                            case.D, case.causal, case.mode), t.ms)
                 if not args.no_memory:
                     row["peak_extra_bytes"] = T.peak_extra_bytes(fn)
+                if provider in FC_FAMILIES:
+                    row["family"] = _resolved_family(libs["flashcupy"][0], case.dtype)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - one provider failing must not end the sweep
@@ -256,6 +258,17 @@ def run_one(provider, case, args, libs):
         fn = ctx = None
         T.free_gpu_memory(collect=failed)
     return row
+
+
+def _resolved_family(fc, dtype_name):
+    """The kernel family flashcupy picks here (under the active kernel_family), or None."""
+    try:
+        import cupy
+
+        cc = int(cupy.cuda.Device().compute_capability)
+        return fc._config.choose_family(dtype_name, cc)
+    except Exception:  # noqa: BLE001 - private API; informational only
+        return None
 
 
 @contextlib.contextmanager
@@ -302,7 +315,7 @@ def build_cases(args):
 
 def long_table(rows):
     cols = ["provider", "mode", "dtype", "B", "H", "S", "D", "causal", "ms", "TFLOP/s",
-            "x best sdpa", "x sdpa-flash", "peak MiB", "status"]
+            "x best sdpa", "x sdpa-flash", "peak MiB", "status / note"]
     body = []
     for r in rows:
         mem = r.get("peak_extra_bytes")
@@ -311,7 +324,8 @@ def long_table(rows):
                      T.fmt(r["tflops"], 1), T.fmt(r.get("vs_best_sdpa"), 2),
                      T.fmt(r.get("vs_sdpa_flash"), 2),
                      T.fmt(mem / 2**20 if mem is not None else None, 0),
-                     "" if r["status"] == "ok" else r["status"][:48]])
+                     r["status"][:48] if r["status"] != "ok"
+                     else (f"family {r['family']}" if r.get("family") else "")])
     return T.format_table(body, cols)
 
 
