@@ -182,7 +182,9 @@ def main(argv=None):
     p.add_argument("--s", type=int, default=128)
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--causal", type=int, choices=[0, 1], default=0)
-    p.add_argument("--n", type=int, default=200, help="calls per measurement")
+    p.add_argument("--n", type=int, default=100,
+                   help="calls per measurement (keep n x launches per call under ~1000, the "
+                        "launch queue depth, or (a) is flagged)")
     p.add_argument("--repeats", type=int, default=7, help="measurements; the median is shown")
     p.add_argument("--out", default="bench_out/overhead.json", help="JSON path")
     args = p.parse_args(argv)
