@@ -64,6 +64,7 @@ def _check_tensors(fn: str, **tensors: torch.Tensor) -> None:
             raise TypeError(f"{fn}(): {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.layout != torch.strided:
             raise TypeError(f"{fn}(): {name} must be a dense (strided) tensor, got layout {t.layout}")
+    for name, t in tensors.items():
         if t.device.type != _DEVICE_TYPE:
             raise ValueError(
                 f"{fn}(): {name} must be a CUDA tensor, got a tensor on {t.device}; "
