@@ -96,22 +96,36 @@ def upcast(x, dtype):
 # random inputs
 # ----------------------------------------------------------------------------
 
-def randn(xp, seed, shape, dtype, scale=1.0):
+def _generator(xp, seed):
+    if xp is np:
+        return np.random.default_rng(seed)
+    return xp.random.RandomState(seed)
+
+
+def _draw(xp, gen, shape, dtype, scale=1.0):
     """Standard normal * scale, drawn in float32 (float64 for float64) and cast to dtype."""
     dtype = np.dtype(dtype)
     cdt = compute_dtype(dtype)
+    if math.prod(shape) == 0:  # curand is never asked for 0 numbers
+        return xp.zeros(shape, dtype)
     if xp is np:
-        x = np.random.default_rng(seed).standard_normal(shape).astype(cdt)
+        x = gen.standard_normal(shape).astype(cdt)
     else:
-        x = xp.random.RandomState(seed).standard_normal(shape, dtype=cdt)
+        x = gen.standard_normal(shape, dtype=cdt)
     if scale != 1.0:
         x = x * cdt.type(scale)
     return cast(x, dtype)
 
 
+def randn(xp, seed, shape, dtype, scale=1.0):
+    """One standard normal array of ``dtype`` (never all zeros unless empty)."""
+    return _draw(xp, _generator(xp, seed), shape, dtype, scale)
+
+
 def randn_many(xp, seed, shapes, dtype):
-    """One independent standard normal array per shape (seeds seed, seed+1, ...)."""
-    return [randn(xp, (seed + i) % 2**32, s, dtype) for i, s in enumerate(shapes)]
+    """Independent standard normal arrays, one per shape, from one generator."""
+    gen = _generator(xp, seed)
+    return [_draw(xp, gen, tuple(s), dtype) for s in shapes]
 
 
 # ----------------------------------------------------------------------------
