@@ -81,6 +81,12 @@ def _check_tensors(fn: str, **tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"{fn}(): all tensors must be on one device: {first} is on {t0.device} "
                 f"but {name} is on {t.device}")
+
+
+def _check_dtypes(fn: str, **tensors: torch.Tensor) -> None:
+    names = list(tensors)
+    first = names[0]
+    t0 = tensors[first]
     if t0.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(
             f"{fn}(): {first} has dtype {_dtype_name(t0.dtype)}; supported: float16, bfloat16, "
@@ -91,6 +97,18 @@ def _check_tensors(fn: str, **tensors: torch.Tensor) -> None:
             raise TypeError(
                 f"{fn}(): all tensors must have one dtype: {first} is {_dtype_name(t0.dtype)} "
                 f"but {name} is {_dtype_name(t.dtype)}")
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple:
+    """Under ``torch.autocast("cuda")``, casts to the autocast dtype as PyTorch does
+    for SDPA (a "lower precision" op): float16/bfloat16/float32 inputs are cast,
+    float64 ones are not.  Outside autocast (or with matching dtypes) nothing is copied."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def _check_scale(fn: str, scale) -> float | None:
@@ -305,9 +323,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         Only with ``return_lse=True``; not differentiable.
 
     Any subset of ``q``, ``k``, ``v`` may require grad.  The kernels run on
-    ``torch.cuda.current_stream()`` of the tensors' device.
+    ``torch.cuda.current_stream()`` of the tensors' device.  Under
+    ``torch.autocast("cuda")`` inputs are cast to the autocast dtype, as for
+    PyTorch's SDPA.
     """
     _check_tensors("attention", q=q, k=k, v=v)
+    q, k, v = _autocast(q, k, v)
+    _check_dtypes("attention", q=q, k=k, v=v)
     scale = _check_scale("attention", scale)
     out, lse = torch.ops.flashcupy.attention_fwd(q, k, v, bool(causal), scale)
     return (out, lse) if return_lse else out
@@ -342,6 +364,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             f"{fn}(): dropout_p={dropout_p} is not supported by flashcupy (only 0.0); "
             f"pass dropout_p=0.0 (e.g. `dropout_p if self.training else 0.0` in eval)")
     _check_tensors(fn, query=query, key=key, value=value)
+    query, key, value = _autocast(query, key, value)
+    _check_dtypes(fn, query=query, key=key, value=value)
     scale = _check_scale(fn, scale)
     L, S = query.size(-2), key.size(-2)
     if is_causal and L != S:

@@ -16,7 +16,7 @@ What is checked, and against what
 * ``torch.library.opcheck``, ``torch.autograd.gradcheck`` (float64, causal and
   not, broadcast k/v), ``torch.compile(fullgraph=True)`` with backward;
 * ``scaled_dot_product_attention`` as a drop-in for PyTorch's (is_causal,
-  enable_gqa, scale), and every error path, raised before any launch.
+  enable_gqa, scale, autocast), and every error path, raised before any launch.
 
 Tests marked ``gpu`` skip without a CUDA GPU; the rest (import hygiene, fake
 shapes on meta tensors, errors on CPU tensors) run anywhere PyTorch does.
@@ -669,6 +669,19 @@ def test_sdpa_matches_torch(case, seed):
     assert_close("out", out, ref)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(name, g, r, grad=True)
+
+
+@gpu
+def test_autocast_casts_like_sdpa(seed):
+    q, k, v = make_inputs("mha-97", torch.float32, seed, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fct.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    qb, kb, vb = (t.detach().bfloat16() for t in (q, k, v))
+    assert_close("out", out, reference(qb, kb, vb, True)[0], naive_in_dtype(qb, kb, vb, True)[0])
+    out.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.float32
 
 
 @gpu
