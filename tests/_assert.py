@@ -100,7 +100,7 @@ def assert_close(name, actual, ref, naive, *, grad=False, ulps=None):
     fl = floor(actual.dtype, ref_max, table)
     tol = 2.0 * naive_err + fl
     if not err <= tol:
-        idx = tuple(int(i) for i in xp.unravel_index(int(err_map.argmax()), err_map.shape))
+        idx = tuple(int(i) for i in np.unravel_index(int(err_map.argmax()), err_map.shape))
         raise AssertionError(
             f"{name} ({nv.DTYPE_IDS.get(np.dtype(actual.dtype), actual.dtype)}): max error "
             f"{err:.3e} at {idx} (got {float(a[idx]):.6g}, ref {float(r[idx]):.6g}) > tolerance "
