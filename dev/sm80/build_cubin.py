@@ -30,7 +30,7 @@ def build(i_name, arch="sm_90a"):
 
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
-    names = [s.name for s in specs.all_specs()] + EXTRA
+    names = sorted({s.name for s in specs.all_specs() + specs.variant_specs()}) + EXTRA
     with ThreadPoolExecutor(16) as ex:
         res = dict(ex.map(build, enumerate(names)))
     json.dump(res, open(os.path.join(OUT, "names.json"), "w"), indent=1)

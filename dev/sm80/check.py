@@ -36,8 +36,10 @@ def parse(log):
 
 
 def main():
-    filt = sys.argv[1] if len(sys.argv) > 1 else ""
-    jobs = [(s, a) for s in specs.all_specs() if filt in s.name for a in ("sm_80", "sm_90a")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    filt = args[0] if args else ""
+    allspecs = specs.variant_specs() if "--variants" in sys.argv else specs.all_specs()
+    jobs = [(s, a) for s in allspecs if filt in s.name for a in ("sm_80", "sm_90a")]
     bad = 0
     with ThreadPoolExecutor(16) as ex:
         res = list(ex.map(lambda j: compile_one(j[0].name, j[1]), jobs))
