@@ -4,8 +4,8 @@
 // so that exp2 (one MUFU op) replaces exp.  m_i is the running maximum of s2 and l_i
 // the running sum of exp2(s2 - m_i).  The one boundary where units change is
 // `lse_natural`: the LSE that reaches global memory is in natural-log units,
-// lse = (m_i + log2(l_i)) * ln(2), and the backward pass multiplies it back by
-// log2(e) when it recomputes P.
+// lse = (m_i + log2(l_i)) * ln(2); the backward pass recomputes P from it in
+// natural units (prob_from_lse).
 #pragma once
 #include "common.cuh"
 
@@ -43,9 +43,15 @@ struct OnlineSoftmax {
     return l > Acc(0) ? (m + fc_log2(l)) * Acc(FC_LN2) : fc_neg_inf<Acc>::value();
   }
 
-  // exp2(s2 - lse2) for the backward pass, with lse in natural-log units.  A row
-  // with lse = -inf saw no key: its P is 0 everywhere (not exp2(-inf + inf) = NaN).
-  static __device__ __forceinline__ Acc prob_from_lse(Acc s2, Acc lse_log2) {
-    return lse_log2 == fc_neg_inf<Acc>::value() ? Acc(0) : fc_exp2(s2 - lse_log2);
+  // P = exp(s * scale - lse) for the backward pass, from the raw score s = q . k
+  // and the natural-log LSE.  The argument is formed with one FMA in natural
+  // units, so it is rounded once at its own (small, for the P that matter)
+  // magnitude instead of at the magnitude of lse (a difference of two rounded
+  // log2-unit values of size |lse| * log2(e) would carry their rounding into
+  // every P).  A row with lse = -inf saw no key: its P is 0 everywhere (not
+  // exp(-inf + inf) = NaN).
+  static __device__ __forceinline__ Acc prob_from_lse(Acc s, Acc scale, Acc lse) {
+    return lse == fc_neg_inf<Acc>::value() ? Acc(0)
+                                           : fc_exp2(fma(s, scale, -lse) * Acc(FC_LOG2E));
   }
 };

@@ -150,7 +150,13 @@ GENERIC_ROWS = {
                           128: 2,                # 84 KB smem (4 rows would be 100 KB, over sm_86's 99)
                           256: 1},               # 149 KB: per-lane Q, dO tiles are 132 KB (sm_80/90 only)
 }
-GENERIC_PREPROCESS_WARPS = 8  # one warp per row, 8 rows per CTA: a pure bandwidth kernel
+GENERIC_PREPROCESS_WARPS = 8
+# The dK/dV kernels sum the query heads that share a KV head (GQA/MQA groups) in
+# registers, sequentially in the accumulator type.  Up to GROUP_MAX of them per
+# CTA: that bounds the sequential fp32 sum (error grows with its length; a group
+# of 70,000 heads lost 1.5e-5 relative in a test), and spreads larger groups
+# over more CTAs; their partial sums are added by a pairwise CuPy reduction.
+GROUP_MAX = 16  # one warp per row, 8 rows per CTA: a pure bandwidth kernel
 
 
 def generic_spec(kernel: str, dtype: str, head_dim: int = 0, head_dim_v: int = 0,

@@ -365,19 +365,15 @@ def _bwd_spec(prob, kernel, grad_dtype=""):
     return _config_sm80.bwd_spec(prob, kernel, grad_dtype)
 
 
-def _grad_target(x, grad, bshape, prob, drop_axes=(), force_buffer=False):
-    """Where a kernel writes the gradient of input ``x``: ``grad`` itself, or,
-    when ``x`` broadcasts over batch axes the kernel does not sum (or when
-    ``force_buffer``), a buffer in the accumulator dtype shaped like the
-    broadcast, reduced into ``grad`` by ``_finish_grad``.
+def _grad_target(x, grad, bshape, prob):
+    """Where the dQ kernel writes the gradient of ``x``: ``grad`` itself, or,
+    when ``x`` broadcasts over batch axes, a buffer of the broadcast shape in the
+    accumulator dtype that ``_finish_grad`` sums into ``grad``.
     Returns (buffer, axes to sum)."""
-    b = _batch.is_broadcast(x.shape[:-2], bshape)
-    reduce_axes = tuple(i for i, f in enumerate(b) if f and i not in drop_axes)
-    if not reduce_axes and not force_buffer:
+    reduce_axes = tuple(i for i, f in enumerate(_batch.is_broadcast(x.shape[:-2], bshape)) if f)
+    if not reduce_axes:
         return grad, ()
-    shape = tuple(1 if (i in drop_axes or (force_buffer and not reduce_axes and f)) else n
-                  for i, (n, f) in enumerate(zip(bshape, b))) + tuple(x.shape[-2:])
-    return cupy.empty(shape, prob.acc_dtype), reduce_axes
+    return cupy.empty(tuple(bshape) + tuple(x.shape[-2:]), prob.acc_dtype), reduce_axes
 
 
 def _finish_grad(grad, buf, reduce_axes):
@@ -411,22 +407,50 @@ def _run_backward(prob, dout, q, k, v, out, lse, dq, dk, dv, deterministic):
     _launch.bwd_dq(spec, dev, cc, layout, q, k, v, dout, lse, delta, dq_buf, prob)
     _finish_grad(dq, dq_buf, dq_red)
 
-    # 3. dK, dV: the kernel sums one run of broadcast axes (GQA/MQA groups) in
-    #    registers; any other broadcast of k or v is summed afterwards.  Both
-    #    gradients share one store type, so if one needs a buffer, both get one.
+    # 3. dK, dV: the kernel sums up to GROUP_MAX of the heads that share a KV
+    #    head (GQA/MQA) in registers; larger groups are split over CTAs along an
+    #    extra "chunk" axis, and every other broadcast of k or v is summed
+    #    afterwards by a (pairwise, so accurate) CuPy reduction.
+    _run_dkdv(prob, st, q, k, v, dout, lse, delta, dk, dv)
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def _run_dkdv(prob, st, q, k, v, dout, lse, delta, dk, dv):
+    bs = prob.bshape
     g_axes, n_group, g_strides = _group_axes(bs, k, v, st)
-    dk_buf, dk_red = _grad_target(k, dk, bs, prob, g_axes)
-    dv_buf, dv_red = _grad_target(v, dv, bs, prob, g_axes)
-    if (dk_buf is dk) != (dv_buf is dv):
-        if dk_buf is dk:
-            dk_buf, dk_red = _grad_target(k, dk, bs, prob, g_axes, force_buffer=True)
-        else:
-            dv_buf, dv_red = _grad_target(v, dv, bs, prob, g_axes, force_buffer=True)
-    rest = [i for i in all_axes if i not in g_axes]
-    layout = _batch.Layout.build(bs, rest, dict(st, dk=_strides(dk_buf, bs),
-                                                dv=_strides(dv_buf, bs)))
-    spec = _bwd_spec(prob, "bwd_dkdv", "" if dk_buf is dk else acc_name)
-    _launch.bwd_dkdv(spec, dev, cc, layout, q, k, v, dout, lse, delta, dk_buf, dv_buf,
-                     (n_group, g_strides), prob)
-    _finish_grad(dk, dk_buf, dk_red)
-    _finish_grad(dv, dv_buf, dv_red)
+    in_kernel = _largest_divisor_at_most(n_group, _config.GROUP_MAX)
+    n_chunks = n_group // in_kernel
+    rest = [i for i in range(len(bs)) if i not in g_axes]
+
+    # Virtual batch axes of the launch: the non-group axes, then the chunk axis.
+    vshape = [bs[i] for i in rest] + ([n_chunks] if n_chunks > 1 else [])
+    vst = {n: [st[n][i] for i in rest] + ([g_strides.get(n, 0) * in_kernel] if n_chunks > 1 else [])
+           for n in st}
+    kb = _batch.is_broadcast(k.shape[:-2], bs)
+    vb = _batch.is_broadcast(v.shape[:-2], bs)
+    chunk = [True] if n_chunks > 1 else []
+    k_red = tuple(a for a, f in enumerate([kb[i] for i in rest] + chunk) if f)
+    v_red = tuple(a for a, f in enumerate([vb[i] for i in rest] + chunk) if f)
+    if k_red or v_red:
+        # Both gradients share the kernel's store type: buffers for both.
+        dk_buf = cupy.empty(tuple(vshape) + tuple(k.shape[-2:]), prob.acc_dtype)
+        dv_buf = cupy.empty(tuple(vshape) + tuple(v.shape[-2:]), prob.acc_dtype)
+        vst["dk"] = [s_ // dk_buf.itemsize for s_ in dk_buf.strides[:-2]]
+        vst["dv"] = [s_ // dv_buf.itemsize for s_ in dv_buf.strides[:-2]]
+        acc_name = "fp64" if prob.acc_dtype == np.float64 else "fp32"
+    else:
+        dk_buf, dv_buf = dk, dv
+        vst["dk"] = [_strides(dk, bs)[i] for i in rest]
+        vst["dv"] = [_strides(dv, bs)[i] for i in rest]
+        acc_name = ""
+    vst["k"] = vst["k"][:len(rest)] + [0] * (n_chunks > 1)
+    vst["v"] = vst["v"][:len(rest)] + [0] * (n_chunks > 1)
+    layout = _batch.Layout.build(vshape, range(len(vshape)), vst)
+    spec = _bwd_spec(prob, "bwd_dkdv", acc_name)
+    _launch.bwd_dkdv(spec, prob.device_id, prob.cc, layout, q, k, v, dout, lse, delta, dk_buf,
+                     dv_buf, (in_kernel, g_strides), prob)
+    _finish_grad(dk, dk_buf, k_red)
+    _finish_grad(dv, dv_buf, v_red)

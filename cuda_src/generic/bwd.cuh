@@ -5,8 +5,7 @@
 //                                 registers over every query tile (and over the
 //                                 batch axes that k and v broadcast, "groups")
 //   3. fc_generic_bwd_dq          one CTA per query tile: dQ over every key tile
-// Both 2 and 3 recompute P = exp2(S * scale * log2(e) - LSE * log2(e)) from the
-// saved LSE, so nothing of size Sq x Sk exists.  No atomics: every gradient
+// Both 2 and 3 recompute P = exp(S * scale - LSE) from the saved LSE, so nothing of size Sq x Sk exists.  No atomics: every gradient
 // element has exactly one writer, so the results are deterministic.
 //
 // With dP = dO V^T and dS = P o (dP - delta):
@@ -63,7 +62,7 @@ struct DkdvSmem {
   static constexpr int LDO = HDV + TileGeom<Acc>::PAD;
   // (BLOCK_KEYS, HD) K and (BLOCK_KEYS, HDV) V, broadcast reads;
   // (TILE_Q, LDQ) Q and (TILE_Q, LDO) dO, per-lane reads;
-  // (TILE_Q) LSE in log2 units and (TILE_Q) delta
+  // (TILE_Q) LSE (natural log) and (TILE_Q) delta
   static constexpr int K_OFF = 0;
   static constexpr int V_OFF = K_OFF + BLOCK_KEYS * HD;
   static constexpr int Q_OFF = V_OFF + BLOCK_KEYS * HDV;
@@ -122,14 +121,14 @@ fc_generic_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSO
       sdO, dout_v.batch(bi.b0, bi.b1, bi.b2) + m_start * dout_sr, dout_sr, m_end - m_start,
       head_dim_v);
 
-  Acc lse2[ROWS], dlt[ROWS], acc_dq[ROWS][CPL];
+  Acc lse_i[ROWS], dlt[ROWS], acc_dq[ROWS][CPL];
   const Acc *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
   const Acc *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = row0 + r;
     // Rows past Sq: LSE -inf makes their P exactly 0.
-    lse2[r] = row < seqlen_q ? lse_b[row * lse_sr] * Acc(FC_LOG2E) : fc_neg_inf<Acc>::value();
+    lse_i[r] = row < seqlen_q ? lse_b[row * lse_sr] : fc_neg_inf<Acc>::value();
     dlt[r] = row < seqlen_q ? delta_b[row * delta_sr] : Acc(0);
 #pragma unroll
     for (int c = 0; c < CPL; ++c) acc_dq[r][c] = Acc(0);
@@ -152,7 +151,7 @@ fc_generic_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSO
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const Acc p = mask.allowed(row0 + r, j)
-                        ? OnlineSoftmax<Acc>::prob_from_lse(s[r] * scale_log2, lse2[r])
+                        ? OnlineSoftmax<Acc>::prob_from_lse(s[r], softmax_scale, lse_i[r])
                         : Acc(0);
       ds[r] = p * (dp[r] - dlt[r]);
     }
@@ -212,7 +211,7 @@ fc_generic_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
   Acc *sV = reinterpret_cast<Acc *>(fc_smem_raw) + L::V_OFF;
   Acc *sQ = reinterpret_cast<Acc *>(fc_smem_raw) + L::Q_OFF;
   Acc *sdO = reinterpret_cast<Acc *>(fc_smem_raw) + L::DO_OFF;
-  Acc *sLse2 = reinterpret_cast<Acc *>(fc_smem_raw) + L::LSE_OFF;
+  Acc *sLse = reinterpret_cast<Acc *>(fc_smem_raw) + L::LSE_OFF;
   Acc *sDelta = reinterpret_cast<Acc *>(fc_smem_raw) + L::DELTA_OFF;
 
   BatchIndex bi;
@@ -261,8 +260,8 @@ fc_generic_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                                                       head_dim);
       load_tile<T, Acc, TILE_Q, HDV, L::LDO, NTHREADS>(sdO, do_b + m_start * dout_sr, dout_sr,
                                                        m_valid, head_dim_v);
-      load_rowvec<Acc, TILE_Q, NTHREADS>(sLse2, lse_b + m_start * lse_sr, lse_sr, m_valid,
-                                         Acc(FC_LOG2E), fc_neg_inf<Acc>::value());
+      load_rowvec<Acc, TILE_Q, NTHREADS>(sLse, lse_b + m_start * lse_sr, lse_sr, m_valid,
+                                         Acc(1), fc_neg_inf<Acc>::value());
       load_rowvec<Acc, TILE_Q, NTHREADS>(sDelta, delta_b + m_start * delta_sr, delta_sr, m_valid,
                                          Acc(1), Acc(0));
       __syncthreads();
@@ -271,11 +270,11 @@ fc_generic_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
       Acc s[ROWS], dp[ROWS], p[ROWS], ds[ROWS];
       dot_rows<Acc, HD, ROWS>(s, sK + warp * ROWS * HD, HD, sQ + lane * L::LDQ);
       dot_rows<Acc, HDV, ROWS>(dp, sV + warp * ROWS * HDV, HDV, sdO + lane * L::LDO);
-      const Acc lse2_i = sLse2[lane], delta_i = sDelta[lane];
+      const Acc lse_i = sLse[lane], delta_i = sDelta[lane];
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         p[r] = (i < seqlen_q && mask.allowed(i, key0 + r))
-                   ? OnlineSoftmax<Acc>::prob_from_lse(s[r] * scale_log2, lse2_i)
+                   ? OnlineSoftmax<Acc>::prob_from_lse(s[r], softmax_scale, lse_i)
                    : Acc(0);
         ds[r] = p[r] * (dp[r] - delta_i);
       }
