@@ -1,20 +1,142 @@
-"""Tensor-core (sm_80+, mma.sync) family: specializations and their table.
+"""Tensor-core family (mma.sync m16n8k16, sm_80+): the selection table.
 
-Filled in when the family lands; until then ``AVAILABLE`` is False and the
-dispatcher never picks it.
+Kernels: cuda_src/sm80/fwd.cuh (fc_sm80_fwd) and cuda_src/sm80/bwd.cuh
+(fc_sm80_bwd_dkdv, fc_sm80_bwd_dq), all templated on
+``<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL>``.  The backward
+preprocess (delta) is the generic family's bandwidth kernel.
+
+Each bucket lists tile candidates in order of preference; the first whose
+shared memory fits the device is used (H100: 227 KB, A100: 163 KB, sm_86/89:
+99 KB).  Figures are H100 bf16 TFLOP/s at S = 4k / 16k (batch*S = 16k,
+H*D = 2048) from dev/sm80/h100_variants.log.
 """
 from __future__ import annotations
 
-AVAILABLE = False
+from ._config import KernelSpec, SMEM_LIMIT_SM80, SMEM_LIMIT_SM90, head_dim_bucket
+
+AVAILABLE = True
+PAD = 8  # smem row padding in elements (16 bytes): conflict-free ldmatrix / cp.async
+
+# (BLOCK_M, BLOCK_N, NWARPS, STAGES)
+FWD_TILES = {
+    32: [(128, 64, 4, 2)],   # as 64 (4 warps x 32 rows), not timed separately
+    64: [(128, 64, 4, 2)],   # 4 warps x 32 rows: each K/V fragment feeds two m16 tiles;
+                             # 253/282 non-causal vs 221/251 for 128x128x8w
+    128: [(128, 128, 8, 2),  # 251/285, causal 212/288; 174 KB: H100 only
+          (128, 64, 8, 2),   # 239/275; 104 KB: A100
+          (64, 64, 4, 2)],   # 87 KB: sm_86/89
+    256: [(64, 32, 4, 2)],   # the largest tile within 163 KB and 255 registers
+}
+# dK/dV: BLOCK_M = queries per step, BLOCK_N = keys per CTA
+DKDV_TILES = {
+    32: [(64, 128, 8, 2)],
+    64: [(64, 128, 8, 2)],   # 201/197 (whole backward, S=16k); 64x64x4w 191/191; 3 stages: no gain
+    128: [(32, 64, 4, 2)],   # 202/198, 2 CTAs/SM; BLOCK_M 64 spills
+}
+DQ_TILES = {
+    32: [(64, 64, 4, 2)],
+    64: [(64, 128, 4, 2)],   # 197-204
+    128: [(64, 64, 4, 2)],   # 180-203; 3 stages slower
+}
+# HD = 256 backward: a warp owning 16 keys would need 256 registers for its dK,
+# dV accumulators alone; it runs on the generic family.
+
+_TABLES = {"fwd": FWD_TILES, "bwd_dkdv": DKDV_TILES, "bwd_dq": DQ_TILES}
+_KERNEL_NAMES = {"fwd": "fc_sm80_fwd", "bwd_dkdv": "fc_sm80_bwd_dkdv", "bwd_dq": "fc_sm80_bwd_dq"}
+_STORAGE = {"fp16": "fc_half", "bf16": "fc_bf16"}
 
 
 def source(spec) -> str:
-    raise NotImplementedError("the sm80 kernel family is not available yet")
+    return "sm80/fwd.cuh" if spec.kernel == "fwd" else "sm80/bwd.cuh"
 
 
 def name_expression(spec) -> str:
-    raise NotImplementedError("the sm80 kernel family is not available yet")
+    return (f"{_KERNEL_NAMES[spec.kernel]}<{_STORAGE[spec.dtype]}, {spec.head_dim}, "
+            f"{spec.head_dim_v}, {spec.block_m}, {spec.block_n}, {spec.nwarps}, {spec.stages}, "
+            f"{'true' if spec.causal else 'false'}>")
 
 
 def smem_bytes(spec) -> int:
-    raise NotImplementedError("the sm80 kernel family is not available yet")
+    """Dynamic shared memory (bytes); the formulas of the kernel headers."""
+    hd, hdv, bm, bn, st = spec.head_dim, spec.head_dim_v, spec.block_m, spec.block_n, spec.stages
+    if spec.kernel == "fwd":
+        return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
+    if spec.kernel == "bwd_dkdv":
+        return (2 * (bn * (hd + PAD) + bn * (hdv + PAD))
+                + st * (2 * bm * (hd + PAD) + 2 * bm * (hdv + PAD) + 8 * bm))
+    if spec.kernel == "bwd_dq":
+        return 2 * (bm * (hd + PAD) + bm * (hdv + PAD) + st * bn * (hd + hdv + 2 * PAD))
+    raise ValueError(spec.kernel)
+
+
+def _spec(kernel, dtype, hd, hdv, tile, causal) -> KernelSpec:
+    bm, bn, nw, st = tile
+    return KernelSpec("sm80", kernel, dtype, hd, hdv, nwarps=nw, block_m=bm, block_n=bn,
+                      stages=st, causal=bool(causal))
+
+
+def _pick(kernel, dtype, head_dim, head_dim_v, causal, smem_limit):
+    hd, hdv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
+    cands = _TABLES[kernel].get(max(hd, hdv))
+    if not cands:
+        return None
+    for tile in cands:
+        spec = _spec(kernel, dtype, hd, hdv, tile, causal)
+        if smem_bytes(spec) <= smem_limit:
+            return spec
+    return None
+
+
+_SMEM_OPTIN: dict = {}
+
+
+def _smem_limit(device_id: int) -> int:
+    if device_id not in _SMEM_OPTIN:
+        import cupy
+
+        _SMEM_OPTIN[device_id] = int(
+            cupy.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"])
+    return _SMEM_OPTIN[device_id]
+
+
+def fwd_spec(prob):
+    spec = _pick("fwd", prob.dtype_name, prob.head_dim, prob.head_dim_v, prob.causal,
+                 _smem_limit(prob.device_id))
+    if spec is None:  # no tile fits this GPU's shared memory
+        from ._config import generic_spec
+        return generic_spec("fwd", prob.dtype_name, prob.head_dim, prob.head_dim_v)
+    return spec
+
+
+def bwd_spec(prob, kernel, grad_dtype=""):
+    """The tensor-core kernels store gradients in the input dtype only; a
+    gradient that needs an accumulator-dtype buffer (an input broadcast over an
+    axis the kernel does not sum), the HD = 256 bucket, and the delta
+    preprocess run on the generic family."""
+    from ._config import generic_spec
+
+    if kernel == "bwd_preprocess":
+        return generic_spec(kernel, prob.dtype_name)
+    spec = None if grad_dtype else _pick(kernel, prob.dtype_name, prob.head_dim,
+                                         prob.head_dim_v, prob.causal,
+                                         _smem_limit(prob.device_id))
+    if spec is None:
+        return generic_spec(kernel, prob.dtype_name, prob.head_dim, prob.head_dim_v, grad_dtype)
+    return spec
+
+
+def runs_on(spec, arch: str) -> bool:
+    """Whether ``spec`` is ever launched on ``arch`` (its tile fits there)."""
+    limit = SMEM_LIMIT_SM90 if arch.startswith("sm_9") else SMEM_LIMIT_SM80
+    return smem_bytes(spec) <= limit
+
+
+def shipped_specs():
+    out = []
+    for dtype in ("fp16", "bf16"):
+        for kernel, table in _TABLES.items():
+            for b, tiles in table.items():
+                for tile in tiles:
+                    for causal in (False, True):
+                        out.append(_spec(kernel, dtype, b, b, tile, causal))
+    return out

@@ -415,13 +415,15 @@ def _run_backward(prob, dout, q, k, v, out, lse, dq, dk, dv, deterministic):
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+    if n <= cap:
+        return n
+    return max(d for d in range(1, cap + 1) if n % d == 0)
 
 
 def _run_dkdv(prob, st, q, k, v, dout, lse, delta, dk, dv):
     bs = prob.bshape
     g_axes, n_group, g_strides = _group_axes(bs, k, v, st)
-    in_kernel = _largest_divisor_at_most(n_group, _config.GROUP_MAX)
+    in_kernel = _largest_divisor_at_most(n_group, _config.group_max(prob.family))
     n_chunks = n_group // in_kernel
     rest = [i for i in range(len(bs)) if i not in g_axes]
 
