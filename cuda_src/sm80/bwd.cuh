@@ -349,10 +349,291 @@ __device__ __forceinline__ void bwd_dkdv_body(
                                         sV, n_rows, head_dim_v);
 }
 
+
+// ---------------------------------------------------------------------------
+// dK/dV with a 2-D warp split (SPLIT2D = true; NWARPS = 8, HD, HDV multiples of 64).
+//
+// The 1-D split above gives each warp 16 keys: every Q / dO fragment it reads
+// from shared memory feeds one m16 tile, so the loop is shared-memory bound
+// (1.6 mma per ldmatrix at HD 128).  Here every product gets its own warp tiling
+// and P, dS make one trip through shared memory (as T, as flash-attn 2 does):
+//   S = Q K^T, dP = dO V^T   (BLOCK_M, BLOCK_N): 2 x (NWARPS/2) warps, 32 x 32 or so each
+//   dV += P^T dO, dK += dS^T Q  (BLOCK_N, HD):   (NWARPS/2) x 2 warps, 32 keys x HD/2
+//   dQ += dS K (atomic only)  (BLOCK_M, HD):     QWM x QWD warps, 32 rows each
+// Each warp tile is >= 32 x 32, so each fragment read feeds >= 2 mma.
+// ---------------------------------------------------------------------------
+template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool ATOMIC_DQ>
+struct Dkdv2dCfg {
+  static constexpr int NTHREADS = NWARPS * 32;
+  static constexpr int LDK = HD + PAD, LDV = HDV + PAD, LDQ = HD + PAD, LDO = HDV + PAD;
+  static constexpr int LDP = BLOCK_N + PAD;  // P and dS pitch
+  // S / dP tiling
+  static constexpr int SWM = 2, SWN = NWARPS / 2;
+  static constexpr int S_MT = BLOCK_M / SWM / 16, S_N = BLOCK_N / SWN;
+  // dK / dV tiling
+  static constexpr int KWN = NWARPS / 2, KWD = 2;
+  static constexpr int K_MT = BLOCK_N / KWN / 16, KD = HD / KWD, KDV = HDV / KWD;
+  // dQ tiling
+  static constexpr int QWM = BLOCK_M / 32 < NWARPS ? BLOCK_M / 32 : NWARPS;
+  static constexpr int QWD = NWARPS / QWM;
+  static constexpr int Q_MT = BLOCK_M / QWM / 16, QD = HD / QWD;
+  // (BLOCK_N, LDK) K | (BLOCK_N, LDV) V | STAGES x [(BLOCK_M, LDQ) Q | (BLOCK_M, LDO) dO]
+  // | STAGES x (BLOCK_M) lse | STAGES x (BLOCK_M) delta | (BLOCK_M, LDP) P | (BLOCK_M, LDP) dS
+  static constexpr int K_OFF = 0;  // bytes
+  static constexpr int V_OFF = K_OFF + 2 * BLOCK_N * LDK;
+  static constexpr int QDO_OFF = V_OFF + 2 * BLOCK_N * LDV;
+  static constexpr int QDO_STAGE = 2 * BLOCK_M * (LDQ + LDO);
+  static constexpr int LSE_OFF = QDO_OFF + STAGES * QDO_STAGE;
+  static constexpr int DELTA_OFF = LSE_OFF + 4 * STAGES * BLOCK_M;
+  static constexpr int P_OFF = DELTA_OFF + 4 * STAGES * BLOCK_M;
+  static constexpr int DS_OFF = P_OFF + 2 * BLOCK_M * LDP;
+  static constexpr int SMEM_BYTES = DS_OFF + 2 * BLOCK_M * LDP;
+  static_assert(NWARPS == 8, "2-D split: 8 warps");
+  static_assert(S_MT >= 1 && S_N % 16 == 0 && K_MT >= 1 && BLOCK_N % (KWN * 16) == 0,
+                "S / dK tiling");
+  static_assert(KD % 16 == 0 && KDV % 16 == 0 && QD % 16 == 0 && Q_MT >= 1 &&
+                    QWM * QWD == NWARPS && BLOCK_M % (QWM * 16) == 0,
+                "dK / dQ tiling");
+  static_assert(STAGES >= 2, "at least double-buffered");
+};
+
+// acc += A B over K, A fragments from afrag(mt, kk, a), B fragment pairs (two n8
+// tiles, ldmatrix.x4 order) from bfrag(n2, kk, b).
+// KUNROLL < K/16 bounds how many fragments the compiler keeps in flight (registers).
+template <typename T, int MT, int N, int K, int KUNROLL = K / 16, typename AF, typename BF>
+__device__ __forceinline__ void gemm_ab(float (&acc)[MT][N / 8][4], AF afrag, BF bfrag) {
+#pragma unroll KUNROLL
+  for (int kk = 0; kk < K / 16; ++kk) {
+    u32 a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) afrag(mt, kk, a[mt]);
+#pragma unroll
+    for (int n2 = 0; n2 < N / 16; ++n2) {
+      u32 b[4];
+      bfrag(n2, kk, b);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        Mma<T>::mma(acc[mt][2 * n2], a[mt], b[0], b[1]);
+        Mma<T>::mma(acc[mt][2 * n2 + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
+          bool CAUSAL, bool ATOMIC_DQ>
+__device__ __forceinline__ void bwd_dkdv_body_2d(
+    FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
+    FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
+    FC_TENSOR_ARG(const float, delta), FC_TENSOR_ARG(T, dk), FC_TENSOR_ARG(T, dv), int nb0,
+    int nb1, int nb2, int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
+    fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
+    float softmax_scale, float scale_log2, FC_TENSOR_ARG(float, dqa), fc_index_t dqa_sg) {
+  using C = Dkdv2dCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ>;
+  constexpr int NTHREADS = C::NTHREADS;
+  constexpr int LDK = C::LDK, LDV = C::LDV, LDQ = C::LDQ, LDO = C::LDO, LDP = C::LDP;
+  constexpr int S_MT = C::S_MT, S_N = C::S_N, K_MT = C::K_MT, KD = C::KD, KDV = C::KDV;
+
+  extern __shared__ __align__(16) unsigned char fc_sm80_smem[];
+  T *sK = reinterpret_cast<T *>(fc_sm80_smem + C::K_OFF);   // (BLOCK_N, LDK)
+  T *sV = reinterpret_cast<T *>(fc_sm80_smem + C::V_OFF);   // (BLOCK_N, LDV)
+  T *sP = reinterpret_cast<T *>(fc_sm80_smem + C::P_OFF);   // (BLOCK_M, LDP) P, as T
+  T *sdS = reinterpret_cast<T *>(fc_sm80_smem + C::DS_OFF); // (BLOCK_M, LDP) dS, as T
+  const u32 smem0 = smem_u32(fc_sm80_smem);
+
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const T, q);
+  FC_VIEW(const T, k);
+  FC_VIEW(const T, v);
+  FC_VIEW(const T, dout);
+  FC_VIEW(const float, lse);
+  FC_VIEW(const float, delta);
+  FC_VIEW(T, dk);
+  FC_VIEW(T, dv);
+  FC_VIEW(float, dqa);
+
+  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
+  const int diag = mask.diag();
+  const int n_start = blockIdx.x * BLOCK_N;
+  const int n_rows = fc_min(BLOCK_N, seqlen_k - n_start);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, c4 = lane & 3;
+  // this warp's tiles
+  const int s_m0 = (warp / C::SWN) * (S_MT * 16), s_n0 = (warp % C::SWN) * S_N;
+  const int k_n0 = (warp % C::KWN) * (K_MT * 16), k_d = warp / C::KWN;
+  const int q_m0 = (warp % C::QWM) * (C::Q_MT * 16), q_d0 = (warp / C::QWM) * C::QD;
+
+  const int m_first = mask.query_begin(n_start) / BLOCK_M;
+  const int n_mt = fc_max(0, fc_ceil_div(seqlen_q, BLOCK_M) - m_first);
+  const int n_steps = n_group * n_mt;
+
+  const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
+  const T *do_b = dout_v.batch(bi.b0, bi.b1, bi.b2);
+  const float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
+  const float *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
+
+  auto load_step = [&](int t, int stage) {
+    const int grp = t / n_mt;
+    const int m0 = (m_first + t % n_mt) * BLOCK_M, mv = seqlen_q - m0;
+    T *sQ = reinterpret_cast<T *>(fc_sm80_smem + C::QDO_OFF + stage * C::QDO_STAGE);
+    load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + grp * q_sg + m0 * q_sr, q_sr, mv, head_dim);
+    load_tile<T, BLOCK_M, HDV, NTHREADS>(sQ + BLOCK_M * LDQ, do_b + grp * dout_sg + m0 * dout_sr,
+                                         dout_sr, mv, head_dim_v);
+    for (int r = tid; r < 2 * BLOCK_M; r += NTHREADS) {
+      const bool is_lse = r < BLOCK_M;
+      const int rr = is_lse ? r : r - BLOCK_M;
+      const float *src = is_lse ? lse_b + grp * lse_sg + (fc_index_t)(m0 + rr) * lse_sr
+                                : delta_b + grp * delta_sg + (fc_index_t)(m0 + rr) * delta_sr;
+      const u32 dst =
+          smem0 + (is_lse ? C::LSE_OFF : C::DELTA_OFF) + 4 * (stage * BLOCK_M + rr);
+      const bool ok = rr < mv;
+      cp_async_4(dst, ok ? src : lse_b, ok ? 4 : 0);  // rows past Sq: lse = delta = 0
+    }
+  };
+
+  // K and V stay resident for the whole loop.
+  load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr,
+                                      n_rows, head_dim);
+  load_tile<T, BLOCK_N, HDV, NTHREADS>(sV, v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr,
+                                       n_rows, head_dim_v);
+  cp_async_commit();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_steps) load_step(s, s);
+    cp_async_commit();
+  }
+
+  // Per-lane ldmatrix bases.
+  const u32 sK_u = smem_u32(sK), sV_u = smem_u32(sV);
+  const u32 kS_b = sK_u + 2 * (s_n0 * LDK + lane_bn<LDK>(lane));  // K as B of S (n = keys)
+  const u32 vS_b = sV_u + 2 * (s_n0 * LDV + lane_bn<LDV>(lane));  // V as B of dP
+  const u32 pT_a = smem_u32(sP) + 2 * (lane_at<LDP>(lane) + k_n0);   // P^T as A of dV
+  const u32 dsT_a = smem_u32(sdS) + 2 * (lane_at<LDP>(lane) + k_n0); // dS^T as A of dK
+  const u32 ds_a = smem_u32(sdS) + 2 * (q_m0 * LDP + lane_a<LDP>(lane));  // dS as A of dQ
+  const u32 kQ_b = sK_u + 2 * (lane_bk<LDK>(lane) + q_d0);           // K as B of dQ
+
+  float acc_dk[K_MT][KD / 8][4];    // (32, HD/2) of dK, unscaled
+  float acc_dv[K_MT][KDV / 8][4];   // (32, HDV/2) of dV
+  zero(acc_dk);
+  zero(acc_dv);
+
+#pragma unroll 1
+  for (int t = 0; t < n_steps; ++t) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage t landed; P / dS of step t-1 fully consumed
+    if (t + STAGES - 1 < n_steps) load_step(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+    cp_async_commit();
+
+    const int stage = t % STAGES;
+    const int grp = t / n_mt;
+    const int m0 = (m_first + t % n_mt) * BLOCK_M;
+    const u32 sQ_u = smem0 + C::QDO_OFF + stage * C::QDO_STAGE;
+    const u32 sdO_u = sQ_u + 2 * BLOCK_M * LDQ;
+    const float *sLse =
+        reinterpret_cast<const float *>(fc_sm80_smem + C::LSE_OFF) + stage * BLOCK_M;
+    const float *sDelta =
+        reinterpret_cast<const float *>(fc_sm80_smem + C::DELTA_OFF) + stage * BLOCK_M;
+
+    {
+      // S = Q K^T, dP = dO V^T: this warp's (S_MT*16, S_N) block
+      const u32 qS_a = sQ_u + 2 * (s_m0 * LDQ + lane_a<LDQ>(lane));
+      const u32 doS_a = sdO_u + 2 * (s_m0 * LDO + lane_a<LDO>(lane));
+      float s[S_MT][S_N / 8][4], dp[S_MT][S_N / 8][4];
+      zero(s);
+      gemm_ab<T, S_MT, S_N, HD>(
+          s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + 2 * (mt * 16 * LDQ + kk * 16)); },
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, kS_b + 2 * (n2 * 16 * LDK + kk * 16)); });
+      zero(dp);
+      gemm_ab<T, S_MT, S_N, HDV>(
+          dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + 2 * (mt * 16 * LDO + kk * 16)); },
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
+
+      // P = exp2(S * scale_log2 - lse2) (one FMA), dS = P o (dP - delta).  Masked only
+      // where the tile crosses the key end or the causal diagonal.  Query rows past
+      // Sq are zero-filled (Q = dO = 0, lse = delta = 0): P = 1 there but dO = 0 and
+      // dS = 0, so they add nothing.
+      const bool need_mask =
+          n_start + BLOCK_N > seqlen_k || (CAUSAL && n_start + BLOCK_N - 1 > m0 + diag);
+#pragma unroll
+      for (int mt = 0; mt < S_MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = s_m0 + mt * 16 + g + 8 * h;
+          const float lse2 = lse_to_log2(sLse[r]), dl = sDelta[r];
+          const int i = m0 + r;
+          const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
+#pragma unroll
+          for (int nt = 0; nt < S_N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float p = ex2(fmaf(s[mt][nt][2 * h + e], scale_log2, -lse2));
+              if (need_mask && n_start + s_n0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
+              s[mt][nt][2 * h + e] = p;
+              dp[mt][nt][2 * h + e] = p * (dp[mt][nt][2 * h + e] - dl);
+            }
+        }
+      frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
+      frag_to_smem<T, S_MT, S_N / 8, LDP>(sdS + s_n0, s_m0, dp, 1.f, lane);
+    }
+    __syncthreads();  // P, dS complete
+
+    // dV += P^T dO,  dK += dS^T Q   (k = queries)
+    {
+      const u32 dO_b = sdO_u + 2 * (lane_bk<LDO>(lane) + k_d * KDV);
+      gemm_ab<T, K_MT, KDV, BLOCK_M>(
+          acc_dv, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, pT_a + 2 * (kk * 16 * LDP + mt * 16)); },
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, dO_b + 2 * (kk * 16 * LDO + n2 * 16)); });
+      const u32 q_b2 = sQ_u + 2 * (lane_bk<LDQ>(lane) + k_d * KD);
+      gemm_ab<T, K_MT, KD, BLOCK_M>(
+          acc_dk, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, dsT_a + 2 * (kk * 16 * LDP + mt * 16)); },
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, q_b2 + 2 * (kk * 16 * LDQ + n2 * 16)); });
+    }
+
+    if constexpr (ATOMIC_DQ) {
+      // dQ (BLOCK_M, HD) += dS K (k = keys), added into the fp32 workspace
+      constexpr int Q_MT = C::Q_MT, QD = C::QD;
+      float acc_dq[Q_MT][QD / 8][4];
+      zero(acc_dq);
+      gemm_ab<T, Q_MT, QD, BLOCK_N, 2>(
+          acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, ds_a + 2 * (mt * 16 * LDP + kk * 16)); },
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16)); });
+      float *dqa_b = dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg;
+#pragma unroll
+      for (int mt = 0; mt < Q_MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = m0 + q_m0 + mt * 16 + g + 8 * h;
+          if (row < seqlen_q) {
+            float *dst = dqa_b + row * dqa_sr;
+#pragma unroll
+            for (int nt = 0; nt < QD / 8; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int col = q_d0 + nt * 8 + 2 * c4 + e;
+                if (col < head_dim) red_add(dst + col, acc_dq[mt][nt][2 * h + e]);
+              }
+          }
+        }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: stage dK (scaled) and dV through the K / V tiles, then store.
+  __syncthreads();
+  frag_to_smem<T, K_MT, KD / 8, LDK>(sK + k_d * KD, k_n0, acc_dk, softmax_scale, lane);
+  frag_to_smem<T, K_MT, KDV / 8, LDV>(sV + k_d * KDV, k_n0, acc_dv, 1.f, lane);
+  __syncthreads();
+  store_tile<T, BLOCK_N, HD, NTHREADS>(dk_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dk_sr, dk_sr,
+                                       sK, n_rows, head_dim);
+  store_tile<T, BLOCK_N, HDV, NTHREADS>(dv_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dv_sr, dv_sr,
+                                        sV, n_rows, head_dim_v);
+}
+
 }  // namespace sm80
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL>
+          bool CAUSAL, bool SPLIT2D = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
                  FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
@@ -361,16 +642,25 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
                  fc_index_t lse_sg, fc_index_t delta_sg, int seqlen_q, int seqlen_k,
                  int head_dim, int head_dim_v, float softmax_scale, float scale_log2,
                  int causal) {
+  if constexpr (SPLIT2D) {
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false>(
+      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
+      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
+      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
+      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
+      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, nullptr, 0, 0, 0, 0, 0);
+  } else {
   sm80::bwd_dkdv_body<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
       dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
       seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, nullptr, 0, 0, 0, 0, 0);
+  }
 }
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL>
+          bool CAUSAL, bool SPLIT2D = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   FC_TENSOR_ARG(const T, v), FC_TENSOR_ARG(const T, dout),
@@ -380,6 +670,15 @@ fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim,
                   int head_dim_v, float softmax_scale, float scale_log2, int causal,
                   FC_TENSOR_ARG(float, dq_accum), fc_index_t dq_accum_sg) {
+  if constexpr (SPLIT2D) {
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true>(
+      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
+      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
+      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
+      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
+      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, dq_accum, dq_accum_sb0,
+      dq_accum_sb1, dq_accum_sb2, dq_accum_sr, dq_accum_sg);
+  } else {
   sm80::bwd_dkdv_body<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
@@ -387,6 +686,7 @@ fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
       dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
       seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, dq_accum, dq_accum_sb0,
       dq_accum_sb1, dq_accum_sb2, dq_accum_sr, dq_accum_sg);
+  }
 }
 
 // ---------------------------------------------------------------------------

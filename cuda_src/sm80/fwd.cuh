@@ -149,7 +149,7 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
     zero(s);
     gemm_nt<T, MT, BLOCK_N, HD, LDK>(s, q_frag, sK_u, lane);
 
-    // Scale to log2 units; mask only tiles that cross the sequence end or the diagonal.
+    // Mask only tiles that cross the sequence end or the diagonal (raw scores -> -inf).
     const bool need_mask =
         n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m_start + diag);
     if (need_mask) {
@@ -164,29 +164,38 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int j = n0 + nt * 8 + 2 * c4 + e;
-              s[mt][nt][2 * h + e] =
-                  j < lim ? s[mt][nt][2 * h + e] * scale_log2 : fc_neg_inf<float>::value();
+              if (j >= lim) s[mt][nt][2 * h + e] = fc_neg_inf<float>::value();
             }
         }
-    } else {
+    }
+
+    // Online softmax, in registers.  A row is spread over the 4 lanes of a quad.
+    // The max is taken over the raw scores and scaled once (scale_log2 > 0: the
+    // launcher's default 1/sqrt(d)); each probability is then one FMA + ex2:
+    // p = ex2(s * scale_log2 - m).  scale_log2 <= 0 (a user scale) scales first.
+    const bool fold = scale_log2 > 0.f;
+    if (!fold) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < NS; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
+          for (int e = 0; e < 4; ++e)
+            s[mt][nt][e] = s[mt][nt][e] == fc_neg_inf<float>::value()
+                               ? s[mt][nt][e]
+                               : s[mt][nt][e] * scale_log2;
     }
-
-    // Online softmax, in registers.  A row is spread over the 4 lanes of a quad.
+    const float mul = fold ? scale_log2 : 1.f;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float mx = sm[mt][h].m_i;
+        float mx = fc_neg_inf<float>::value();
 #pragma unroll
         for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
         mx = fmaxf(mx, shfl_xor(mx, 1));
         mx = fmaxf(mx, shfl_xor(mx, 2));
+        mx = fmaxf(sm[mt][h].m_i, mx * mul);  // -inf * mul = -inf (mul > 0)
         const float alpha = sm[mt][h].rescale(mx);
         // All keys so far masked: subtract 0, not -inf (no -inf - -inf = NaN).
         const float sub = OnlineSoftmax<float>::safe_max(mx);
@@ -195,7 +204,7 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
         for (int nt = 0; nt < NS; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p = ex2(s[mt][nt][2 * h + e] - sub);
+            const float p = ex2(fmaf(s[mt][nt][2 * h + e], mul, -sub));
             s[mt][nt][2 * h + e] = p;
             lsum += p;
           }

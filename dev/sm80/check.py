@@ -39,7 +39,7 @@ def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     filt = args[0] if args else ""
     allspecs = specs.variant_specs() if "--variants" in sys.argv else specs.all_specs()
-    jobs = [(s, a) for s in allspecs if filt in s.name for a in ("sm_80", "sm_90a")]
+    jobs = [(s, a) for s in allspecs if filt in s.name for a in s.archs]
     bad = 0
     with ThreadPoolExecutor(16) as ex:
         res = list(ex.map(lambda j: compile_one(j[0].name, j[1]), jobs))

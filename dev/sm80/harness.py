@@ -55,14 +55,9 @@ OVERRIDE = {}  # (kind, hd) -> tiles (bm, bn, nw, st): time a variant
 
 def spec(kind, t, hd, causal):
     if (kind, hd) in OVERRIDE:
-        bm, bn, nw, st = OVERRIDE[(kind, hd)]
-        for s in specs.variant_specs(TNAME[t]):
-            if s.kind == kind and s.name.startswith(
-                    f"{specs._KN[kind]}<{TNAME[t]}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}>"):
-                return s
+        return specs.make_spec(kind, TNAME[t], hd, OVERRIDE[(kind, hd)], causal)
     for s in specs.all_specs((TNAME[t],)):
-        if s.kind == kind and f"<{TNAME[t]}, {hd}, {hd}," in s.name and (
-                s.name.endswith("true>") == causal):
+        if s.kind == kind and f"<{TNAME[t]}, {hd}, {hd}," in s.name and s.causal == causal:
             return s
     raise KeyError((kind, t, hd, causal))
 

@@ -22,27 +22,36 @@ FWD_TILES = {
     256: (64, 32, 4, 2),
 }
 FWD_TILES_SM80 = {128: (128, 64, 8, 2)}  # A100/A10: smem <= 163 KB
-# dK/dV (deterministic): (BLOCK_M [queries per step], BLOCK_N [keys per CTA], NWARPS, STAGES)
-#   64:  64x128x8w 201/197 (S=16k, full det bwd), 64x64x4w 191/191, 3 stages no gain
-#   128: 32x64x4w (2 CTAs/SM) 202/198 and 187 vs 174 causal at 4k; BLOCK_M 64 spills
+# dK/dV (deterministic): (BLOCK_M [queries per step], BLOCK_N [keys per CTA], NWARPS, STAGES
+# [, "2d" = SPLIT2D: S/dP 2 x 4 warps, P and dS through smem, dK/dV 4 x 2 warps])
+#   64:  64x128x8w (1-D) 189/184 at S=16k (full det bwd); 2-D 178/174 (64x128), 193/180 (128x128)
+#   128: 2-D 64x128x8w 204/202 vs 1-D 32x64x4w 185/190 (S=16k), 203/182 vs 180/170 (4k);
+#        175 KB smem: H100 only; A100 keeps 32x64x4w (BWD_TILES_SM80)
 BWD_TILES = {
     32: (64, 128, 8, 2),
     64: (64, 128, 8, 2),
-    128: (32, 64, 4, 2),
+    128: (64, 128, 8, 2, "2d"),
 }
-# dK/dV + atomic dQ: 8 warps clearly better (4-warp CTAs: 130-138 TFLOP/s, the atomics
-# of a 64-key tile are twice as many per flop); 128: BLOCK_M 64 spills
+BWD_TILES_SM80 = {128: (32, 64, 4, 2)}  # A100/A10: smem <= 163 KB
+# dK/dV + atomic dQ (flash-attn 2's default path):
+#   64:  2-D 128x128x8w 197/188 vs 1-D 64x128x8w 186/183 (S=16k), 189/167 vs 182/164 (4k)
+#   128: 2-D 64x128x8w 213/203 vs 1-D 32x128x8w 188/182 (16k), 206/188 vs 181/163 (4k)
+#   both 2-D tiles need 175-178 KB of smem (H100 only) and spill on sm_80 (ptxas, 20-170 B):
+#   the sm_80 path keeps the 1-D tiles (BWDQ_TILES_SM80)
 BWDQ_TILES = {
     32: (64, 128, 8, 2),
-    64: (64, 128, 8, 2),
-    128: (32, 128, 8, 2),
+    64: (128, 128, 8, 2, "2d"),
+    128: (64, 128, 8, 2, "2d"),
 }
+BWDQ_TILES_SM80 = {64: (64, 128, 8, 2), 128: (32, 128, 8, 2)}
 # deterministic dQ kernel: 64: 64x128x4w 197-204; 128: 64x64x4w 180-203 (3 stages slower)
 DQ_TILES = {
     32: (64, 64, 4, 2),
     64: (64, 128, 4, 2),
     128: (64, 64, 4, 2),
 }
+# Specializations shipped for sm_90 only (more than A100's 163 KB of smem): checked on sm_90a.
+H100_ONLY = {("dkdv", 128), ("dkdvq", 64), ("dkdvq", 128)}
 
 
 def fwd_smem(hd, hdv, bm, bn, nw, st):
@@ -57,6 +66,14 @@ def dkdv_smem(hd, hdv, bm, bn, nw, st, atomic):
     return s
 
 
+def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic):
+    """SPLIT2D = true: K, V | STAGES x (Q, dO, lse, delta) | P, dS (as T), both kernels."""
+    s = 2 * bn * (hd + hdv + 2 * PAD)
+    s += st * (2 * bm * (hd + hdv + 2 * PAD) + 8 * bm)
+    s += 4 * bm * (bn + PAD)
+    return s
+
+
 def dq_smem(hd, hdv, bm, bn, nw, st):
     return 2 * (bm * (hd + PAD) + bm * (hdv + PAD) + st * bn * (hd + hdv + 2 * PAD))
 
@@ -68,6 +85,8 @@ class Spec:
     smem: int
     nthreads: int
     tiles: tuple
+    causal: bool = False
+    archs: tuple = ("sm_80", "sm_90a")
 
 
 def b(x):
@@ -77,54 +96,62 @@ def b(x):
 def all_specs(dtypes=DTYPES):
     out = []
     for t in dtypes:
-        for hd, (bm, bn, nw, st) in list(FWD_TILES.items()) + list(FWD_TILES_SM80.items()):
+        for hd, tiles in list(FWD_TILES.items()) + list(FWD_TILES_SM80.items()):
             for causal in (False, True):
-                out.append(Spec("fwd", f"fc_sm80_fwd<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}>",
-                                fwd_smem(hd, hd, bm, bn, nw, st), nw * 32, (bm, bn)))
-        for atomic in (False, True):
-            for hd, (bm, bn, nw, st) in (BWDQ_TILES if atomic else BWD_TILES).items():
-              for causal in (False, True):
-                    kname = "fc_sm80_bwd_dkdvq" if atomic else "fc_sm80_bwd_dkdv"
-                    out.append(Spec("dkdvq" if atomic else "dkdv",
-                                    f"{kname}<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}>",
-                                    dkdv_smem(hd, hd, bm, bn, nw, st, atomic), nw * 32, (bm, bn)))
-        for hd, (bm, bn, nw, st) in DQ_TILES.items():
+                out.append(make_spec("fwd", t, hd, tiles, causal))
+        for kind, table, table80 in (("dkdv", BWD_TILES, BWD_TILES_SM80),
+                                     ("dkdvq", BWDQ_TILES, BWDQ_TILES_SM80)):
+            for hd, tiles in table.items():
+                for causal in (False, True):
+                    sp = make_spec(kind, t, hd, tiles, causal)
+                    if (kind, hd) in H100_ONLY:
+                        sp.archs = ("sm_90a",)
+                    out.append(sp)
+            for hd, tiles in table80.items():
+                for causal in (False, True):
+                    out.append(make_spec(kind, t, hd, tiles, causal))
+        for hd, tiles in DQ_TILES.items():
             for causal in (False, True):
-                out.append(Spec("dq", f"fc_sm80_bwd_dq<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}>",
-                                dq_smem(hd, hd, bm, bn, nw, st), nw * 32, (bm, bn)))
+                out.append(make_spec("dq", t, hd, tiles, causal))
         out.append(Spec("convert", f"fc_sm80_bwd_dq_convert<{t}, 4>", 0, 128, (4, 0)))
     return out
 
 
 # Tile variants timed by harness.py --variants (bf16): kind -> hd -> [tiles]
 VARIANTS = {
-    "fwd": {64: [(128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 3),
-                 (128, 64, 8, 2)],
-            128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
-                  (64, 32, 4, 2)]},
-    "dkdv": {64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3), (32, 128, 8, 2)],
-             128: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 3), (16, 128, 8, 2)]},
-    "dkdvq": {64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3), (32, 128, 8, 2)],
-              128: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 3), (16, 128, 8, 2)]},
-    "dq": {64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2)],
-           128: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2)]},
+    "fwd": {64: [(128, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2)],
+            128: [(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)]},
+    "dkdv": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
+             128: [(32, 64, 4, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
+    "dkdvq": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
+              128: [(32, 128, 8, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
 }
 _KN = {"fwd": "fc_sm80_fwd", "dkdv": "fc_sm80_bwd_dkdv", "dkdvq": "fc_sm80_bwd_dkdvq",
        "dq": "fc_sm80_bwd_dq"}
+
+
+def make_spec(kind, t, hd, tiles, causal):
+    """tiles = (BLOCK_M, BLOCK_N, NWARPS, STAGES[, "2d"]): "2d" appends SPLIT2D = true (dK/dV)."""
+    bm, bn, nw, st = tiles[:4]
+    split = len(tiles) > 4
+    if kind == "fwd":
+        sm = fwd_smem(hd, hd, bm, bn, nw, st)
+    elif kind == "dq":
+        sm = dq_smem(hd, hd, bm, bn, nw, st)
+    elif split:
+        sm = dkdv2d_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq")
+    else:
+        sm = dkdv_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq")
+    extra = ", true" if split else ""
+    return Spec(kind, f"{_KN[kind]}<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}{extra}>",
+                sm, nw * 32, (bm, bn), causal)
 
 
 def variant_specs(t="fc_bf16"):
     out = []
     for kind, per in VARIANTS.items():
         for hd, lst in per.items():
-            for (bm, bn, nw, st) in lst:
+            for tiles in lst:
                 for causal in (False, True):
-                    if kind == "fwd":
-                        sm = fwd_smem(hd, hd, bm, bn, nw, st)
-                    elif kind == "dq":
-                        sm = dq_smem(hd, hd, bm, bn, nw, st)
-                    else:
-                        sm = dkdv_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq")
-                    out.append(Spec(kind, f"{_KN[kind]}<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}>",
-                                    sm, nw * 32, (bm, bn)))
+                    out.append(make_spec(kind, t, hd, tiles, causal))
     return out
