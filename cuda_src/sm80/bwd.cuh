@@ -24,6 +24,10 @@
 //         = 2 * BLOCK_N * (HD + HDV + 16)                                 K, V
 //         + STAGES * (2 * BLOCK_M * (HD + HDV + 16) + 8 * BLOCK_M)       Q, dO, lse, delta
 //         + (dkdvq only) 2 * BLOCK_N * (BLOCK_M + 8)                      dS^T
+//   SPLIT2D = true (appended template parameter, default false; 8 warps, HD % 64 == 0):
+//   smem  = Dkdv2dCfg::SMEM_BYTES, both kernels:
+//         = 2 * BLOCK_N * (HD + HDV + 16) + STAGES * (2 * BLOCK_M * (HD + HDV + 16) + 8 * BLOCK_M)
+//         + 4 * BLOCK_M * (BLOCK_N + 8)                                    P, dS
 //   dq_accum: float32, zero-initialized by the host, indexed like q (its own batch
 //   strides, row stride and group stride dq_accum_sg); holds dS K without the
 //   softmax scale.  Then fc_sm80_bwd_dq_convert writes dq.
