@@ -95,10 +95,16 @@ fc_generic_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
     Acc p[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      Acc s2 = mask.allowed(row0 + r, j) ? s[r] * scale_log2 : fc_neg_inf<Acc>::value();
+      const bool ok = mask.allowed(row0 + r, j);
+      const Acc s2 = ok ? s[r] * scale_log2 : fc_neg_inf<Acc>::value();
       const Acc m_new = fmax(sm[r].m_i, warp_max(s2));
       const Acc alpha = sm[r].rescale(m_new);
-      p[r] = fc_exp2(s2 - OnlineSoftmax<Acc>::safe_max(m_new));
+      // One FMA forms s * scale * log2(e) - m, rounded once at the size of the
+      // result (small for the P that matter) rather than at the size of s2:
+      // for large scores the rounding of s2 itself would give every P a
+      // different relative error, and O carries it (the backward's delta = dO . O
+      // then amplifies it).  m only stabilizes, so any rounding of it is fine.
+      p[r] = ok ? fc_exp2(fma(s[r], scale_log2, -OnlineSoftmax<Acc>::safe_max(m_new))) : Acc(0);
       sm[r].l_i += p[r];
 #pragma unroll
       for (int c = 0; c < CPL; ++c) acc_o[r][c] *= alpha;
