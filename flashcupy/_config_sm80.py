@@ -27,11 +27,16 @@ FWD_TILES = {
           (64, 64, 4, 2)],   # 87 KB: sm_86/89
     256: [(64, 32, 4, 2)],   # the largest tile within 163 KB and 255 registers
 }
-# dK/dV: BLOCK_M = queries per step, BLOCK_N = keys per CTA
+# dK/dV: BLOCK_M = queries per step, BLOCK_N = keys per CTA.  "2d": the 2-D warp
+# split (SPLIT2D = true; 8 warps, HD and HDV multiples of 64): S and dP on 2x4
+# warps, dV and dK on 4x2, P and dS through shared memory, so every fragment read
+# feeds two mma instead of one (dev/sm80/NOTES.md, h100_run1_variants.log).
 DKDV_TILES = {
     32: [(64, 128, 8, 2)],
-    64: [(64, 128, 8, 2)],   # 201/197 (whole backward, S=16k); 64x64x4w 191/191; 3 stages: no gain
-    128: [(32, 64, 4, 2)],   # 202/198, 2 CTAs/SM; BLOCK_M 64 spills
+    64: [(64, 128, 8, 2)],   # 201/197 (whole backward, S=16k); 64x64x4w 191/191; 3 stages: no
+                             # gain; the 2-D split was slower at 64
+    128: [(64, 128, 8, 2, "2d"),  # 204/202 vs 185/190 for 1-D; 175 KB: H100 only
+          (32, 64, 4, 2)],   # 1-D: 2 CTAs/SM; BLOCK_M 64 spills; A100
 }
 DQ_TILES = {
     32: [(64, 64, 4, 2)],
@@ -51,9 +56,10 @@ def source(spec) -> str:
 
 
 def name_expression(spec) -> str:
+    split2d = ", true" if "2d" in spec.extra else ""
     return (f"{_KERNEL_NAMES[spec.kernel]}<{_STORAGE[spec.dtype]}, {spec.head_dim}, "
             f"{spec.head_dim_v}, {spec.block_m}, {spec.block_n}, {spec.nwarps}, {spec.stages}, "
-            f"{'true' if spec.causal else 'false'}>")
+            f"{'true' if spec.causal else 'false'}{split2d}>")
 
 
 def smem_bytes(spec) -> int:
@@ -61,6 +67,10 @@ def smem_bytes(spec) -> int:
     hd, hdv, bm, bn, st = spec.head_dim, spec.head_dim_v, spec.block_m, spec.block_n, spec.stages
     if spec.kernel == "fwd":
         return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
+    if spec.kernel == "bwd_dkdv" and "2d" in spec.extra:
+        # K, V | STAGES x (Q, dO, lse, delta) | P, dS
+        return (2 * bn * (hd + hdv + 2 * PAD) + st * (2 * bm * (hd + hdv + 2 * PAD) + 8 * bm)
+                + 4 * bm * (bn + PAD))
     if spec.kernel == "bwd_dkdv":
         return (2 * (bn * (hd + PAD) + bn * (hdv + PAD))
                 + st * (2 * bm * (hd + PAD) + 2 * bm * (hdv + PAD) + 8 * bm))
@@ -70,9 +80,9 @@ def smem_bytes(spec) -> int:
 
 
 def _spec(kernel, dtype, hd, hdv, tile, causal) -> KernelSpec:
-    bm, bn, nw, st = tile
+    bm, bn, nw, st = tile[:4]
     return KernelSpec("sm80", kernel, dtype, hd, hdv, nwarps=nw, block_m=bm, block_n=bn,
-                      stages=st, causal=bool(causal))
+                      stages=st, causal=bool(causal), extra=tuple(tile[4:]))
 
 
 def _pick(kernel, dtype, head_dim, head_dim_v, causal, smem_limit):
@@ -81,6 +91,8 @@ def _pick(kernel, dtype, head_dim, head_dim_v, causal, smem_limit):
     if not cands:
         return None
     for tile in cands:
+        if "2d" in tile and (hd % 64 or hdv % 64):
+            continue  # the 2-D split tiles head dims in 64-column warp slices
         spec = _spec(kernel, dtype, hd, hdv, tile, causal)
         if smem_bytes(spec) <= smem_limit:
             return spec
