@@ -49,9 +49,15 @@ def test_every_specialization_compiles_without_spills():
     assert rows, f"no table rows found in:\n{out[-3000:]}"
     bad = [r for r in rows if r[2].lower() != "ok"]
     assert not bad, f"kernels not ok: {bad}"
-    # every kernel is checked for both architectures
+    # every kernel is checked for both architectures, except tiles whose shared
+    # memory only an H100 has (they are never launched on sm_80: the table's next
+    # candidate is)
     kernels = {arch: sorted(k for k, a, _ in rows if a == arch) for arch in ARCHS}
-    assert kernels["sm_80"] == kernels["sm_90a"], "the two architectures list different kernels"
+    assert set(kernels["sm_80"]) <= set(kernels["sm_90a"])
+    from flashcupy import kernels as kc
+    by_key = {s.key: s for s in kc.shipped_specs()}
+    for k in set(kernels["sm_90a"]) - set(kernels["sm_80"]):
+        assert by_key[k].smem_bytes > 163 * 1024, f"{k} was not checked for sm_80"
     # the generic forward, the one kernel every dtype can fall back to, is among them
     assert any(k.startswith("generic.fwd.") for k in kernels["sm_80"])
 
