@@ -8,6 +8,9 @@ summary=()
 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -n 8 -m "not bigmem" -p no:cacheprovider tests \
     -k "not kernel_check" > "$OUT/pytest.log" 2>&1
 summary+=("pytest (gpu, -n 8): $(tail -1 "$OUT/pytest.log")")
+timeout 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_torch.py \
+    -k "opcheck or gradcheck or compile or graph or side_stream or zero_copy" > "$OUT/torch_tools.log" 2>&1
+summary+=("pytest test_torch (opcheck/gradcheck/compile/graph/streams/zero-copy): $(tail -1 "$OUT/torch_tools.log")")
 if [ "${BIGMEM:-1}" = 1 ]; then
   timeout 240 python3 -m pytest -q -m bigmem -p no:cacheprovider tests > "$OUT/bigmem.log" 2>&1
   summary+=("pytest -m bigmem: $(tail -1 "$OUT/bigmem.log")")
