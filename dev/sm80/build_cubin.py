@@ -30,7 +30,10 @@ def build(i_name, arch="sm_90a"):
 
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
-    names = sorted({s.name for s in specs.all_specs() + specs.variant_specs()}) + EXTRA
+    var = [s for t in specs.DTYPES for s in specs.variant_specs(t, kinds=("fwd",))]
+    if "--bwd-variants" in sys.argv:
+        var += specs.variant_specs()
+    names = sorted({s.name for s in specs.all_specs() + var}) + EXTRA
     with ThreadPoolExecutor(16) as ex:
         res = dict(ex.map(build, enumerate(names)))
     json.dump(res, open(os.path.join(OUT, "names.json"), "w"), indent=1)

@@ -240,7 +240,9 @@ TOL_F = {"bf16": 2e-2, "fp16": 4e-3}
 TOL_B = {"bf16": 5e-2, "fp16": 1e-2}
 
 
-def correctness(quick=False):
+def correctness(quick=False, fwd_only=False, only_bucket=None, quiet=False):
+    """The sweep.  fwd_only: no backward; only_bucket: only head dims of that bucket;
+    quiet: print only failing rows."""
     global T
     fails = 0
     rng = cp.random.default_rng(0)
@@ -248,7 +250,10 @@ def correctness(quick=False):
     lens = [(1, 1), (17, 257), (255, 1000), (1000, 255), (257, 17), (128, 128)]
     if quick:
         Ds, lens = Ds[:3] + Ds[4:6], lens[1:4]
-    print(f"{'dt':4s} {'D':>7s} {'causal':6s} {'Sq':>5s} {'Sk':>5s} {'G':>2s} | o      lse    | "
+    if only_bucket is not None:
+        Ds = [d for d in Ds if bucket(max(d)) == only_bucket]
+    if not quiet:
+        print(f"{'dt':4s} {'D':>7s} {'causal':6s} {'Sq':>5s} {'Sk':>5s} {'G':>2s} | o      lse    | "
           "det: dq     dk     dv    | atomic: dq   dk     dv")
     for t in ("bf16", "fp16"):
         T = t
@@ -278,7 +283,7 @@ def correctness(quick=False):
                         else_ = float(cp.abs(cp.where(fin, lse - rlse, 0)).max()) if lse_ok else float("nan")
                         ok = eo <= TOL_F[t] and else_ <= 1e-2
                         line = f"{t:4s} {D:3d}/{Dv:3d} {str(causal):6s} {Sq:5d} {Sk:5d} {G:2d} | {eo:.1e} {else_:.1e} |"
-                        if max(D, Dv) <= 128:
+                        if max(D, Dv) <= 128 and not fwd_only:
                             # backward from the reference-consistent O (kernel's O in T)
                             for mode in ("det", "atomic"):
                                 dq, dk, dv, _ = bwd(q, k, v, o, lse, do, t, causal, scale, mode, B, Hk, G)
@@ -288,14 +293,16 @@ def correctness(quick=False):
                         if not ok:
                             fails += 1
                             line += "  FAIL"
-                        print(line)
+                        if not quiet or not ok:
+                            print(line)
     cp.cuda.Device().synchronize()
-    print("correctness failures:", fails)
+    if not quiet:
+        print("correctness failures:", fails)
     return fails
 
 
 # ----------------------------------------------------------------------------
-def bench():
+def bench(fwd_only=False):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
@@ -335,14 +342,15 @@ def bench():
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     t_sf = timeit(lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal))
                     out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-                    t_sb = timeit(lambda: torch.autograd.grad(out, (tq, tk, tv), tdo, retain_graph=True))
+                    t_sb = float("nan") if fwd_only else timeit(
+                        lambda: torch.autograd.grad(out, (tq, tk, tv), tdo, retain_graph=True))
                 torch.cuda.synchronize()
                 t_f = timeit(lambda: fwd(q, k, v, "bf16", causal, scale, B, H))
                 o, lse = fwd(q, k, v, "bf16", causal, scale, B, H)
-                res = []
-                for mode in ("det", "atomic"):
+                res = [float("nan")] * 2
+                for mode in (() if fwd_only else ("det", "atomic")):
                     *_, run = bwd(q, k, v, o, lse, do, "bf16", causal, scale, mode, B, H)
-                    res.append(timeit(run))
+                    res[("det", "atomic").index(mode)] = timeit(run)
                 print(f"{D:4d} {S:6d} {str(causal):6s} | {flops / t_f / 1e12:8.1f} {flops / t_sf / 1e12:5.1f} | "
                       f"{2.5 * flops / res[0] / 1e12:7.1f} {2.5 * flops / res[1] / 1e12:7.1f} "
                       f"{2.5 * flops / t_sb / 1e12:6.1f}", flush=True)
@@ -425,7 +433,69 @@ def variants():
             cp.get_default_memory_pool().free_all_blocks()
 
 
+def fwd_variants():
+    """Every fwd tile in specs.VARIANTS: the fwd-only correctness sweep (both dtypes,
+    every head dim of its bucket), then TFLOP/s (bf16, B*S = 16k, H*D = 2048) beside
+    SDPA's FLASH_ATTENTION backend in this process."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    global T, POISON
+    fails = 0
+    for hd, lst in specs.VARIANTS["fwd"].items():
+        for tiles in lst:
+            OVERRIDE.clear()
+            OVERRIDE[("fwd", hd)] = tiles
+            f = correctness(fwd_only=True, only_bucket=hd, quiet=True)
+            print(f"  fwd sweep hd={hd:3d} {tiles}: failures {f}", flush=True)
+            fails += f
+    OVERRIDE.clear()
+    T = "bf16"
+    POISON = False
+
+    def timeit(fn, n=10):
+        for _ in range(3):
+            fn()
+        a, b_ = cp.cuda.Event(), cp.cuda.Event()
+        ts = []
+        for _ in range(n):
+            a.record()
+            fn()
+            b_.record()
+            b_.synchronize()
+            ts.append(cp.cuda.get_elapsed_time(a, b_))
+        return float(np.median(ts)) * 1e-3
+
+    print("GPU:", cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "| torch", torch.__version__,
+          "| fwd TFLOP/s bf16, CUDA events, median of 10 after 3 warm-up")
+    for D, lst in specs.VARIANTS["fwd"].items():
+        H = 2048 // D
+        for S in (1024, 4096, 16384):
+            B = 16384 // S
+            tq, tk, tv = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            q, k, v = (cp.from_dlpack(x.view(torch.int16)).view(cp.uint16) for x in (tq, tk, tv))
+            for causal in (False, True):
+                flops = 4 * B * H * S * S * D / (2 if causal else 1)
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    t_sf = timeit(lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal))
+                row = []
+                for tiles in lst:
+                    OVERRIDE.clear()
+                    OVERRIDE[("fwd", D)] = tiles
+                    row.append(flops / timeit(lambda: fwd(q, k, v, "bf16", causal, D ** -0.5, B, H)) / 1e12)
+                OVERRIDE.clear()
+                print(f"  D={D:3d} S={S:5d} causal={str(causal):5s} sdpa:{flops / t_sf / 1e12:.0f}  " +
+                      "  ".join(f"{t}:{r:.0f}" for t, r in zip(lst, row)), flush=True)
+            del tq, tk, tv, q, k, v
+            cp.get_default_memory_pool().free_all_blocks()
+            torch.cuda.empty_cache()
+    return fails
+
+
 if __name__ == "__main__":
+    if "--fwd-variants" in sys.argv and "--no-check" in sys.argv:
+        fwd_variants()
+        sys.exit(0)
     if "--variants" in sys.argv:
         variants()
         sys.exit(0)
@@ -434,5 +504,8 @@ if __name__ == "__main__":
         correctness("--quick" in sys.argv)
         print(f"[{time.time() - t0:.0f}s]")
     if "--no-bench" not in sys.argv:
-        bench()
+        bench("--fwd-only" in sys.argv)
+        print(f"[{time.time() - t0:.0f}s]")
+    if "--fwd-variants" in sys.argv:
+        fwd_variants()
         print(f"[{time.time() - t0:.0f}s]")

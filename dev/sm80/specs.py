@@ -16,9 +16,9 @@ PAD = 8
 #        128x64x8w 239/275, 198/268 (104 KB) is the sm_80/sm_86 choice (FWD_TILES_SM80)
 #   32:  like 64 (MT=2), not timed;  256: 64x32x4w, the largest that fits 163 KB and 255 regs
 FWD_TILES = {
-    32: (128, 64, 4, 2),
+    32: (128, 128, 4, 2, "qs"),
     64: (128, 64, 4, 2),
-    128: (128, 128, 8, 2),
+    128: (128, 64, 4, 2),
     256: (64, 32, 4, 2),
 }
 FWD_TILES_SM80 = {128: (128, 64, 8, 2)}  # A100/A10: smem <= 163 KB
@@ -119,19 +119,23 @@ def all_specs(dtypes=DTYPES):
 
 # Tile variants timed by harness.py --variants (bf16): kind -> hd -> [tiles]
 VARIANTS = {
-    "fwd": {64: [(128, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2)],
-            128: [(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)]},
+    "fwd": {32: [(128, 128, 4, 2, "qs"), (128, 64, 4, 2), (128, 128, 4, 2)],
+            64: [(128, 64, 4, 2), (128, 128, 4, 2, "qs"), (128, 64, 4, 2, "qs")],
+            128: [(128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2)],
+            256: [(64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)]},
     "dkdv": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
              128: [(32, 64, 4, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
     "dkdvq": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
               128: [(32, 128, 8, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
 }
+# (kind, hd, tiles) that spill on sm_80 or sm_90a but are H100-only anyway: none today
 _KN = {"fwd": "fc_sm80_fwd", "dkdv": "fc_sm80_bwd_dkdv", "dkdvq": "fc_sm80_bwd_dkdvq",
        "dq": "fc_sm80_bwd_dq"}
 
 
 def make_spec(kind, t, hd, tiles, causal):
-    """tiles = (BLOCK_M, BLOCK_N, NWARPS, STAGES[, "2d"]): "2d" appends SPLIT2D = true (dK/dV)."""
+    """tiles = (BLOCK_M, BLOCK_N, NWARPS, STAGES[, flag]): "2d" appends SPLIT2D = true (dK/dV),
+    "qs" appends Q_IN_REGS = false (fwd)."""
     bm, bn, nw, st = tiles[:4]
     split = len(tiles) > 4
     if kind == "fwd":
@@ -142,14 +146,19 @@ def make_spec(kind, t, hd, tiles, causal):
         sm = dkdv2d_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq")
     else:
         sm = dkdv_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq")
-    extra = ", true" if split else ""
+    if kind == "fwd":  # fwd 5th element "qs": Q_IN_REGS = false (Q re-read from smem)
+        extra = ", false" if split and tiles[4] == "qs" else ""
+    else:
+        extra = ", true" if split else ""
     return Spec(kind, f"{_KN[kind]}<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}{extra}>",
                 sm, nw * 32, (bm, bn), causal)
 
 
-def variant_specs(t="fc_bf16"):
+def variant_specs(t="fc_bf16", kinds=None):
     out = []
     for kind, per in VARIANTS.items():
+        if kinds is not None and kind not in kinds:
+            continue
         for hd, lst in per.items():
             for tiles in lst:
                 for causal in (False, True):
