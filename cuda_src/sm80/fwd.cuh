@@ -41,14 +41,9 @@ struct FwdCfg {
   // Q fragments in registers (MT * HD / 4 registers) when asked for and they fit;
   // otherwise every S = Q K^T re-reads them from shared memory with ldmatrix.
   static constexpr bool Q_IN_REGS = Q_REGS && MT * HD <= 128;
-  // Q from smem: k16 steps of S = Q K^T per unrolled body (the k loop is rolled
-  // beyond that), which bounds the fragments ptxas keeps in flight.  The 32-row
-  // warp tiles hold 128-192 accumulator registers and sit at the 255 cap, where
-  // ptxas' choices depend on code shape: KU, MIN_CTAS and the mask form below are
-  // the ones that compile with no spill for the shipped tiles (dev/sm80/NOTES.md).
+  // Q from smem: k16 steps of S = Q K^T per unrolled body; beyond that the k loop
+  // stays rolled, which bounds the fragments ptxas keeps in flight at the 255 cap.
   static constexpr int KU = HD / 16 < 4 ? HD / 16 : 4;
-  // 4-warp CTAs are meant to run two per SM (2 x 128 threads x 255 registers fit).
-  static constexpr int MIN_CTAS = NWARPS == 4 ? 2 : 1;
   // (BLOCK_M, LDQ) Q; reused as the (BLOCK_M, LDO) O staging tile in the epilogue
   static constexpr int Q_ELEMS = BLOCK_M * (LDQ > LDO ? LDQ : LDO);
   // per stage: (BLOCK_N, LDK) K then (BLOCK_N, LDV) V
@@ -59,19 +54,14 @@ struct FwdCfg {
   static_assert(STAGES >= 2, "at least double-buffered");
 };
 
-template <bool B>
-struct BoolTag {
-  static constexpr bool value = B;
-};
-
 }  // namespace sm80
 
 // Q_IN_REGS (appended, default true): keep Q's fragments in registers when they fit
 // (MT * HD <= 128); false re-reads them from shared memory at every K tile, as
-// flash-attn does, which frees MT * HD / 4 registers for the 32-row-per-warp tiles.
+// flash-attn does, which frees MT * HD / 4 registers (e.g. HD 32, 128 x 128, 4 warps).
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
           bool CAUSAL, bool Q_IN_REGS = true>
-__global__ void __launch_bounds__(NWARPS * 32, (sm80::FwdCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES>::MIN_CTAS))
+__global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
             FC_TENSOR_ARG(T, o), FC_TENSOR_ARG(float, lse), int nb0, int nb1, int nb2,
             int seqlen_q, int seqlen_k, int head_dim, int head_dim_v, float softmax_scale,
@@ -150,10 +140,8 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
   for (int mt = 0; mt < MT; ++mt) sm[mt][0].init(), sm[mt][1].init();
 
   const int diag = mask.diag();
-  // One K/V tile.  FOLD (scale_log2 > 0, the launcher's default 1/sqrt(d)): the max
-  // is taken over the raw scores and scaled once, each probability is one FMA + ex2,
-  // p = ex2(s * scale_log2 - m); otherwise (a user scale <= 0) scores are scaled first.
-  auto step = [&](int n, const bool FOLD) {
+#pragma unroll 1
+  for (int n = 0; n < n_tiles; ++n) {
     cp_async_wait<STAGES - 2>();  // tile n has landed
     __syncthreads();              // ... for every thread, and tile n-1's buffer is free
     if (n + STAGES - 1 < n_tiles) load_kv(n + STAGES - 1, (n + STAGES - 1) % STAGES);
@@ -180,15 +168,6 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int i = m_start + wrow + mt * 16 + g + 8 * h;
-      if constexpr (CAUSAL) {
-          // keys j < lim are allowed; lim relative to this thread's first column
-          const int lim = (CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k) - n0 - 2 * c4;
-#pragma unroll
-          for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-              if (nt * 8 + e >= lim) s[mt][nt][2 * h + e] = fc_neg_inf<float>::value();
-      } else {
           const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
 #pragma unroll
           for (int nt = 0; nt < NS; ++nt)
@@ -197,12 +176,15 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
               const int j = n0 + nt * 8 + 2 * c4 + e;
               if (j >= lim) s[mt][nt][2 * h + e] = fc_neg_inf<float>::value();
             }
-      }
         }
     }
 
     // Online softmax, in registers.  A row is spread over the 4 lanes of a quad.
-    if (!FOLD) {
+    // The max is taken over the raw scores and scaled once (scale_log2 > 0: the
+    // launcher's default 1/sqrt(d)); each probability is then one FMA + ex2:
+    // p = ex2(s * scale_log2 - m).  scale_log2 <= 0 (a user scale) scales first.
+    const bool fold = scale_log2 > 0.f;
+    if (!fold) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -213,7 +195,7 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
                                ? s[mt][nt][e]
                                : s[mt][nt][e] * scale_log2;
     }
-    const float mul = FOLD ? scale_log2 : 1.f;
+    const float mul = fold ? scale_log2 : 1.f;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -243,9 +225,7 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
 
     // O += P V
     gemm_pn<T, MT, HDV, BLOCK_N, LDV>(acc_o, s, sV_u, lane);
-  };
-#pragma unroll 1
-  for (int n = 0; n < n_tiles; ++n) step(n, scale_log2 > 0.f);
+  }
   cp_async_wait<0>();
 
   // Epilogue: normalize by l, stage O through shared memory, write O and LSE.

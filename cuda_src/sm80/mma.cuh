@@ -344,67 +344,6 @@ __device__ __forceinline__ void gemm_pn(float (&acc)[MT][N / 8][4], const float 
   }
 }
 
-// acc += P B with P already as A fragments (MT m16 tiles x K/16 k16 steps, packed
-// T pairs: see pack_a), B stored (K, N) row-major in smem at sB (pitch LDB) [V-like].
-template <typename T, int MT, int N, int K, int LDB>
-__device__ __forceinline__ void gemm_an(float (&acc)[MT][N / 8][4], const u32 (&a)[MT][K / 16][4],
-                                        u32 sB, int lane) {
-  const u32 b_lane = sB + 2 * lane_bk<LDB>(lane);
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-#pragma unroll
-    for (int n2 = 0; n2 < N / 16; ++n2) {
-      u32 b[4];
-      ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDB + n2 * 16));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        Mma<T>::mma(acc[mt][2 * n2], a[mt][kk], b[0], b[1]);
-        Mma<T>::mma(acc[mt][2 * n2 + 1], a[mt][kk], b[2], b[3]);
-      }
-    }
-  }
-}
-
-// Per-thread state for streaming (ROWS, COLS) tiles of one row-major global view
-// into padded shared tiles (pitch COLS + PAD) with 16-byte cp.async.  Thread t copies
-// chunk t % CPR of rows t / CPR + it * RPI.  Everything per thread is computed once,
-// so a tile costs ITERS cp.async and one 64-bit add per row step (load_tile redoes
-// the index arithmetic per tile, and ptxas keeps its hoisted addresses live across
-// the whole key loop).  Only for views that pass vec16_ok (the caller checks once).
-template <typename T, int ROWS, int COLS, int NTHREADS>
-struct TileStream {
-  static constexpr int CPR = COLS / 8;          // 16-byte chunks per row
-  static constexpr int RPI = NTHREADS / CPR;    // rows per iteration
-  static constexpr int ITERS = ROWS / RPI;
-  static constexpr bool OK = NTHREADS % CPR == 0 && RPI >= 1 && ROWS % RPI == 0;
-  const T *g;       // this thread's chunk in row 0 of the view
-  fc_index_t step;  // RPI rows, elements
-  u32 s_off;        // byte offset of this thread's first chunk in a shared tile
-  int r0;           // this thread's first row
-  bool col_ok;      // its chunk lies inside cols_valid
-
-  __device__ __forceinline__ void init(const T *base, fc_index_t row_stride, int cols_valid,
-                                       int tid) {
-    r0 = tid / CPR;
-    const int c = tid % CPR;
-    g = base + r0 * row_stride + c * 8;
-    step = RPI * row_stride;
-    s_off = 2 * (r0 * (COLS + PAD) + c * 8);
-    col_ok = c * 8 < cols_valid;
-  }
-  // The tile whose row 0 is element offset `goff` of the view; rows >= rows_valid
-  // and columns >= cols_valid become 0.  Issues cp.async only (the caller commits).
-  __device__ __forceinline__ void load(u32 s_tile, fc_index_t goff, int rows_valid) const {
-    const T *p = g + goff;
-#pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const bool ok = col_ok && r0 + it * RPI < rows_valid;
-      cp_async_16(s_tile + s_off + 2 * it * RPI * (COLS + PAD), ok ? p : g, ok ? 16 : 0);
-      p += step;
-    }
-  }
-};
-
 // acc += A B^T with both operands in smem: A (MT*16, K) at sA_lane (this lane's
 // lane_a address), B (N, K) at sB (pitch LDB).  KU k16 steps per unrolled body: with
 // KU < K/16 the k loop stays rolled, which bounds how many fragments ptxas keeps in
@@ -431,33 +370,6 @@ __device__ __forceinline__ void gemm_nt_ss(float (&acc)[MT][N / 8][4], u32 sA_la
           Mma<T>::mma(acc[mt][2 * n2], a[mt], b[0], b[1]);
           Mma<T>::mma(acc[mt][2 * n2 + 1], a[mt], b[2], b[3]);
         }
-      }
-    }
-  }
-}
-
-// acc += P B as gemm_pn, but with the n loop outside the k loop: all of P is packed
-// to T first (MT * K / 4 registers instead of MT * K / 2 fp32), then each pair of
-// output n8 tiles is finished before the next starts.
-template <typename T, int MT, int N, int K, int LDB>
-__device__ __forceinline__ void gemm_pn_nk(float (&acc)[MT][N / 8][4],
-                                           const float (&p)[MT][K / 8][4], u32 sB, int lane) {
-  u32 a[MT][K / 16][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) pack_a<T>(a[mt][kk], p[mt][2 * kk], p[mt][2 * kk + 1]);
-  const u32 b_lane = sB + 2 * lane_bk<LDB>(lane);
-#pragma unroll
-  for (int n2 = 0; n2 < N / 16; ++n2) {
-#pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-      u32 b[4];
-      ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDB + n2 * 16));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        Mma<T>::mma(acc[mt][2 * n2], a[mt][kk], b[0], b[1]);
-        Mma<T>::mma(acc[mt][2 * n2 + 1], a[mt][kk], b[2], b[3]);
       }
     }
   }

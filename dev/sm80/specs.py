@@ -8,20 +8,26 @@ from dataclasses import dataclass
 DTYPES = ("fc_half", "fc_bf16")
 PAD = 8
 
-# head-dim bucket -> (BLOCK_M, BLOCK_N, NWARPS, STAGES), forward.  Measured on H100
-# (bf16, B*S=16k, H*D=2048; dev/sm80/harness.py --variants), TFLOP/s at S=4k/16k:
-#   64:  128x64, 4 warps x 32 rows (MT=2: each K/V fragment feeds two m16 tiles, half the
-#        ldmatrix traffic per mma) 253/282 non-causal, 201/269 causal; 128x128x8w 221/251, 127/247
-#   128: 128x128, 8 warps: 251/285, 212/288 (174 KB smem: H100 only, > A100's 163 KB);
-#        128x64x8w 239/275, 198/268 (104 KB) is the sm_80/sm_86 choice (FWD_TILES_SM80)
-#   32:  like 64 (MT=2), not timed;  256: 64x32x4w, the largest that fits 163 KB and 255 regs
+# head-dim bucket -> (BLOCK_M, BLOCK_N, NWARPS, STAGES[, "qs" = Q_IN_REGS false]), forward.
+# Measured on H100 (bf16, B*S=16k, H*D=2048; harness.py --fwd-variants, h100_run2_fwd.log),
+# TFLOP/s at S = 1k / 4k / 16k, non-causal:
+#   32:  128x128x4w "qs" (MT=2, Q re-read from smem: 240-246 regs, no spill) 168/213/229 vs
+#        128x64x4w 159/194/206 (+5-11 %); 128x128x4w with Q in registers is faster still
+#        (185/221/238) but spills 128 B on sm_80 (non-causal)
+#   64:  128x64x4w (MT=2, Q in registers); 128x128x4w "qs" 233/241/298 is no better overall
+#   128: 128x128x8w (MT=1) 228/282/305 vs the flash-attn tile 128x64x4w (MT=2, Q from smem,
+#        255 regs, no spill) 231/274/295, causal 167/226/306 vs 165/213/269: 8 warps stay;
+#        174 KB smem: H100 only; 128x64x8w (104 KB) is the sm_80/sm_86 choice (FWD_TILES_SM80)
+#   256: 128x64x8w (MT=1, Q from smem, k loop rolled by 4) 212/241/289, causal 130/221/291 vs
+#        64x32x4w 186/205/234, 131/194/228 (+13-28 % at S >= 4k); 198 KB smem: H100 only,
+#        64x32x4w (99 KB) stays the sm_80 choice
 FWD_TILES = {
     32: (128, 128, 4, 2, "qs"),
     64: (128, 64, 4, 2),
-    128: (128, 64, 4, 2),
-    256: (64, 32, 4, 2),
+    128: (128, 128, 8, 2),
+    256: (128, 64, 8, 2),
 }
-FWD_TILES_SM80 = {128: (128, 64, 8, 2)}  # A100/A10: smem <= 163 KB
+FWD_TILES_SM80 = {128: (128, 64, 8, 2), 256: (64, 32, 4, 2)}  # A100/A10: smem <= 163 KB
 # dK/dV (deterministic): (BLOCK_M [queries per step], BLOCK_N [keys per CTA], NWARPS, STAGES
 # [, "2d" = SPLIT2D: S/dP 2 x 4 warps, P and dS through smem, dK/dV 4 x 2 warps])
 #   64:  64x128x8w (1-D) 189/184 at S=16k (full det bwd); 2-D 178/174 (64x128), 193/180 (128x128)
@@ -119,16 +125,15 @@ def all_specs(dtypes=DTYPES):
 
 # Tile variants timed by harness.py --variants (bf16): kind -> hd -> [tiles]
 VARIANTS = {
-    "fwd": {32: [(128, 128, 4, 2, "qs"), (128, 64, 4, 2), (128, 128, 4, 2)],
-            64: [(128, 64, 4, 2), (128, 128, 4, 2, "qs"), (128, 64, 4, 2, "qs")],
-            128: [(128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2)],
-            256: [(64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)]},
+    "fwd": {32: [(128, 128, 4, 2, "qs"), (128, 64, 4, 2)],
+            64: [(128, 64, 4, 2), (128, 128, 4, 2, "qs")],
+            128: [(128, 128, 8, 2), (128, 64, 4, 2)],
+            256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]},
     "dkdv": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
              128: [(32, 64, 4, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
     "dkdvq": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
               128: [(32, 128, 8, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
 }
-# (kind, hd, tiles) that spill on sm_80 or sm_90a but are H100-only anyway: none today
 _KN = {"fwd": "fc_sm80_fwd", "dkdv": "fc_sm80_bwd_dkdv", "dkdvq": "fc_sm80_bwd_dkdvq",
        "dq": "fc_sm80_bwd_dq"}
 
