@@ -2,7 +2,7 @@
 //
 // Kernel (signature identical to fc_generic_fwd's):
 //   template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-//             bool CAUSAL>
+//             bool CAUSAL, bool Q_IN_REGS = true>
 //   fc_sm80_fwd(q, k, v, o, lse tensors, nb0, nb1, nb2, seqlen_q, seqlen_k, head_dim,
 //               head_dim_v, float softmax_scale, float scale_log2, int causal)
 //   T        fc_half | fc_bf16;  lse is float32, natural-log units
@@ -10,6 +10,8 @@
 //            head_dim_v <= HDV at run time, any value >= 1
 //   CAUSAL   compile-time mask; the runtime `causal` argument is ignored (the
 //            launcher must pick the matching specialization)
+//   Q_IN_REGS  true: Q fragments in registers when they fit (MT * HD <= 128);
+//            false: re-read from shared memory every K tile (frees MT * HD / 4 registers)
 //   grid   = (ceil(Sq / BLOCK_M), batch spread over y*z as in BatchIndex)
 //            blockIdx.x is reversed: the heaviest causal tiles start first
 //   block  = NWARPS * 32
