@@ -17,15 +17,19 @@ from ._config import KernelSpec, SMEM_LIMIT_SM80, SMEM_LIMIT_SM90, head_dim_buck
 AVAILABLE = True
 PAD = 8  # smem row padding in elements (16 bytes): conflict-free ldmatrix / cp.async
 
-# (BLOCK_M, BLOCK_N, NWARPS, STAGES)
+# (BLOCK_M, BLOCK_N, NWARPS, STAGES[, flags]).  "qs": Q is re-read from shared
+# memory at every K tile (Q_IN_REGS = false) instead of held in registers.
+# Cells are bf16 TFLOP/s at S = 1k / 4k / 16k (dev/sm80/h100_run2_fwd.log).
 FWD_TILES = {
-    32: [(128, 64, 4, 2)],   # as 64 (4 warps x 32 rows), not timed separately
+    32: [(128, 128, 4, 2, "qs")],  # 186/219/230, 7-16 % over 128x64x4w (Q in registers)
     64: [(128, 64, 4, 2)],   # 4 warps x 32 rows: each K/V fragment feeds two m16 tiles;
-                             # 253/282 non-causal vs 221/251 for 128x128x8w
-    128: [(128, 128, 8, 2),  # 251/285, causal 212/288; 174 KB: H100 only
-          (128, 64, 8, 2),   # 239/275; 104 KB: A100
+                             # 189/272/295; 128x128x8w 221/251 at 4k/16k; 128x128x4w "qs" spills
+    128: [(128, 128, 8, 2),  # 202/279/304; 174 KB: H100 only.  128x64x4w "qs" (flash-attn's
+                             # tile) measured no faster: 235/284/289 vs 229/295/293
+          (128, 64, 8, 2),   # 104 KB: A100
           (64, 64, 4, 2)],   # 87 KB: sm_86/89
-    256: [(64, 32, 4, 2)],   # the largest tile within 163 KB and 255 registers
+    256: [(128, 64, 8, 2),   # 226/271/291, 8-21 % over 64x32x4w; 198 KB: H100 only
+          (64, 32, 4, 2)],   # the largest tile within 163 KB and 255 registers: A100
 }
 # dK/dV: BLOCK_M = queries per step, BLOCK_N = keys per CTA.  "2d": the 2-D warp
 # split (SPLIT2D = true; 8 warps, HD and HDV multiples of 64): S and dP on 2x4
@@ -56,10 +60,12 @@ def source(spec) -> str:
 
 
 def name_expression(spec) -> str:
-    split2d = ", true" if "2d" in spec.extra else ""
+    # Trailing template flags (defaults in the kernels): SPLIT2D for dK/dV,
+    # Q_IN_REGS for the forward.
+    flag = ", true" if "2d" in spec.extra else ", false" if "qs" in spec.extra else ""
     return (f"{_KERNEL_NAMES[spec.kernel]}<{_STORAGE[spec.dtype]}, {spec.head_dim}, "
             f"{spec.head_dim_v}, {spec.block_m}, {spec.block_n}, {spec.nwarps}, {spec.stages}, "
-            f"{'true' if spec.causal else 'false'}{split2d}>")
+            f"{'true' if spec.causal else 'false'}{flag}>")
 
 
 def smem_bytes(spec) -> int:
