@@ -202,6 +202,11 @@ def kernel_family(name: str):
         _FORCED.reset(token)
 
 
+def current_family() -> str:
+    """The family forced by the innermost ``kernel_family`` block, or "auto"."""
+    return _FORCED.get()
+
+
 def family_supports(family: str, dtype: str, cc: int) -> bool:
     if family == "generic":
         return True

@@ -22,12 +22,6 @@ def _grid(n_tiles: int, nbatch: int):
     return (n_tiles, gy, gz)
 
 
-def _tensor(arr, chunk_entry, row_stride) -> tuple:
-    off, s0, s1, s2 = chunk_entry
-    ptr = arr.data.ptr + off * arr.itemsize
-    return (np.uint64(ptr), np.int64(s0), np.int64(s1), np.int64(s2), np.int64(row_stride))
-
-
 def _row_stride(arr) -> int:
     return arr.strides[-2] // arr.itemsize if arr.ndim >= 2 else 0
 
@@ -36,32 +30,57 @@ def _vec_stride(arr) -> int:
     return arr.strides[-1] // arr.itemsize
 
 
+class Launch:
+    """One kernel launch with every argument fixed except the tensor pointers,
+    which are filled from a {name: array} environment at each call.  Built once
+    per problem signature (see api._Plan), so a repeated call only packs
+    pointers and launches."""
+
+    __slots__ = ("kern", "grid", "block", "smem", "args", "slots")
+
+    def __init__(self, kern, grid, block, smem, args, slots):
+        self.kern, self.grid, self.block, self.smem = kern, grid, block, smem
+        self.args, self.slots = args, slots
+
+    def run(self, env):
+        args = self.args.copy()
+        for i, name, byte_off in self.slots:
+            args[i] = np.uint64(env[name].data.ptr + byte_off)
+        self.kern(self.grid, self.block, tuple(args), shared_mem=self.smem)
+
+
 def launch(spec, device_id, cc, layout, operands, n_rows, middle=(), scalars=()):
-    """Launches ``spec`` over every batch chunk of ``layout``.
+    """The launches of ``spec`` over every batch chunk of ``layout``.
 
     operands: [(name, array, row_stride)] in kernel-argument order; the names
-    index ``layout.strides``.  ``n_rows`` is the length of the tiled sequence
-    axis (queries, or keys for dK/dV).  ``middle`` are the arguments between the
-    batch sizes and the scalars (the dK/dV group loop).
+    index ``layout.strides`` and the environment the launches run with.
+    ``n_rows`` is the length of the tiled sequence axis (queries, or keys for
+    dK/dV).  ``middle`` are the arguments between the batch sizes and the
+    scalars (the dK/dV group loop).
     """
     kern = _compile.get_kernel(spec, device_id, cc)
     n_tiles = -(-n_rows // spec.tile_rows)
     block = (spec.threads, 1, 1)
+    smem = spec.smem_bytes
+    out = []
     for nb0, nb1, nb2, entries in layout.chunks():
-        args = []
+        args, slots = [], []
         for name, arr, rs in operands:
-            args.extend(_tensor(arr, entries[name], rs))
+            off, s0, s1, s2 = entries[name]
+            slots.append((len(args), name, off * arr.itemsize))
+            args.extend((None, np.int64(s0), np.int64(s1), np.int64(s2), np.int64(rs)))
         args.extend((np.int32(nb0), np.int32(nb1), np.int32(nb2)))
         args.extend(middle)
         args.extend(scalars)
-        kern(_grid(n_tiles, nb0 * nb1 * nb2), block, tuple(args), shared_mem=spec.smem_bytes)
+        out.append(Launch(kern, _grid(n_tiles, nb0 * nb1 * nb2), block, smem, args, slots))
+    return out
 
 
 def fwd(spec, device_id, cc, layout, q, k, v, out, lse, p):
     """p: a problem description (seqlen_q, seqlen_k, head_dim, head_dim_v,
     scale, causal, acc_dtype)."""
     acc = p.acc_dtype.type
-    launch(spec, device_id, cc, layout,
+    return launch(spec, device_id, cc, layout,
            [("q", q, _row_stride(q)), ("k", k, _row_stride(k)), ("v", v, _row_stride(v)),
             ("o", out, _row_stride(out)), ("lse", lse, _vec_stride(lse))],
            n_rows=p.seqlen_q,
@@ -71,7 +90,7 @@ def fwd(spec, device_id, cc, layout, q, k, v, out, lse, p):
 
 
 def bwd_preprocess(spec, device_id, cc, layout, out, dout, delta, p):
-    launch(spec, device_id, cc, layout,
+    return launch(spec, device_id, cc, layout,
            [("o", out, _row_stride(out)), ("dout", dout, _row_stride(dout)),
             ("delta", delta, _vec_stride(delta))],
            n_rows=p.seqlen_q,
@@ -86,7 +105,7 @@ def _bwd_scalars(p):
 
 
 def bwd_dq(spec, device_id, cc, layout, q, k, v, dout, lse, delta, dq, p):
-    launch(spec, device_id, cc, layout,
+    return launch(spec, device_id, cc, layout,
            [("q", q, _row_stride(q)), ("k", k, _row_stride(k)), ("v", v, _row_stride(v)),
             ("dout", dout, _row_stride(dout)), ("lse", lse, _vec_stride(lse)),
             ("delta", delta, _vec_stride(delta)), ("dq", dq, _row_stride(dq))],
@@ -97,7 +116,7 @@ def bwd_dkdv(spec, device_id, cc, layout, q, k, v, dout, lse, delta, dk, dv, gro
     """group: (n_group, {q, dout, lse, delta: element stride}) -- the broadcast
     axis of k and v that the kernel sums over in registers."""
     n_group, gs = group
-    launch(spec, device_id, cc, layout,
+    return launch(spec, device_id, cc, layout,
            [("q", q, _row_stride(q)), ("k", k, _row_stride(k)), ("v", v, _row_stride(v)),
             ("dout", dout, _row_stride(dout)), ("lse", lse, _vec_stride(lse)),
             ("delta", delta, _vec_stride(delta)), ("dk", dk, _row_stride(dk)),

@@ -226,11 +226,78 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     return (out, lse) if return_lse else out
 
 
+# ---------------------------------------------------------------------------
+# Plans: everything derived from a call's signature (validation, batch layout,
+# kernel choice, argument packing) is built once and replayed; a repeated call
+# only checks types, looks the plan up, allocates outputs and packs pointers.
+# ---------------------------------------------------------------------------
+class _Plan:
+    """Steps over a {name: array} environment: ("alloc", name, shape, dtype),
+    ("alias", name, other), ("launch", Launch), ("finish", grad, buffer, axes)."""
+
+    __slots__ = ("prob", "steps")
+
+    def __init__(self, prob):
+        self.prob, self.steps = prob, []
+
+    def alloc(self, env, name, shape, dtype):
+        self.steps.append(("alloc", name, tuple(shape), dtype))
+        env[name] = cupy.empty(shape, dtype)
+        return env[name]
+
+    def alias(self, env, name, other):
+        self.steps.append(("alias", name, other))
+        env[name] = env[other]
+        return env[name]
+
+    def launches(self, ls):
+        self.steps.extend(("launch", x) for x in ls)
+
+    def finish(self, grad, buf, axes):
+        self.steps.append(("finish", grad, buf, axes))
+
+    def run(self, env):
+        for st in self.steps:
+            kind = st[0]
+            if kind == "launch":
+                st[1].run(env)
+            elif kind == "alloc":
+                if st[1] not in env:  # the first run reuses what building allocated
+                    env[st[1]] = cupy.empty(st[2], st[3])
+            elif kind == "alias":
+                env[st[1]] = env[st[2]]
+            else:
+                _finish_grad(env[st[1]], env[st[2]], st[3])
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 4096  # signatures remembered; a full cache is simply cleared
+
+
+def _signature(kind, arrays, causal, scale):
+    """The plan key: everything validation and planning depend on."""
+    sig = [kind, causal, scale, _config.current_family()]
+    for x in arrays:
+        sig.extend((x.shape, x.strides, x.dtype, x.data.device_id))
+    return tuple(sig)
+
+
+def _remember(key, plan):
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
 def _forward(q, k, v, *, causal, scale, out=None, lse=None):
     """``attention`` with optional preallocated, C-contiguous ``out``/``lse``."""
     fn = "flashcupy.attention"
-    prob = _prepare(fn, q, k, v, causal, scale)
-    out_shape, lse_shape = broadcast_shapes(q.shape, k.shape, v.shape)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_array(fn, name, x)
+    key = _signature("fwd", (q, k, v), causal, scale)
+    plan = _PLANS.get(key)
+    prob = plan.prob if plan is not None else _prepare(fn, q, k, v, causal, scale)
+    out_shape = prob.bshape + (prob.seqlen_q, prob.head_dim_v)
+    lse_shape = prob.bshape + (prob.seqlen_q,)
     if out is not None:
         _check_output(fn, "out", out, out_shape, prob.dtype, prob.device_id)
     if lse is not None:
@@ -240,13 +307,23 @@ def _forward(q, k, v, *, causal, scale, out=None, lse=None):
             out = cupy.empty(out_shape, prob.dtype)
         if lse is None:
             lse = cupy.empty(lse_shape, prob.acc_dtype)
+        env = {"q": q, "k": k, "v": v, "o": out, "lse": lse}
+        if plan is not None:
+            plan.run(env)
+            return out, lse
         if prob.empty:
             # Sk = 0: every row sees no key, so out = 0 and lse = -inf.
             out.fill(0)
             lse.fill(-np.inf)
             return out, lse
-        q, k, v = (_last_axis_contiguous(x) for x in (q, k, v))
-        _run_forward(prob, q, k, v, out, lse)
+        qc, kc, vc = (_last_axis_contiguous(x) for x in (q, k, v))
+        cacheable = qc is q and kc is k and vc is v  # a copy is made per call: no plan
+        env.update(q=qc, k=kc, v=vc)
+        plan = _Plan(prob)
+        _plan_forward(plan, env)
+        plan.run(env)
+        if cacheable:
+            _remember(key, plan)
     return out, lse
 
 
@@ -265,12 +342,14 @@ def _fwd_spec(prob):
     return _config_sm80.fwd_spec(prob)
 
 
-def _run_forward(prob, q, k, v, out, lse):
-    bs = prob.bshape
+def _plan_forward(plan, env):
+    prob, bs = plan.prob, plan.prob.bshape
+    q, k, v, out, lse = (env[n] for n in ("q", "k", "v", "o", "lse"))
     layout = _batch.Layout.build(bs, range(len(bs)), {
         "q": _strides(q, bs), "k": _strides(k, bs), "v": _strides(v, bs),
         "o": _strides(out, bs), "lse": _vec_strides(lse, bs)})
-    _launch.fwd(_fwd_spec(prob), prob.device_id, prob.cc, layout, q, k, v, out, lse, prob)
+    plan.launches(_launch.fwd(_fwd_spec(prob), prob.device_id, prob.cc, layout, q, k, v, out,
+                              lse, prob))
 
 
 # ---------------------------------------------------------------------------
@@ -305,29 +384,51 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, det
 def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False,
               dq=None, dk=None, dv=None):
     fn = "flashcupy.attention_backward"
-    prob = _prepare(fn, q, k, v, causal, scale)
+    for name, x in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)):
+        _check_array(fn, name, x)
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"{fn}: deterministic must be a bool, got {deterministic!r}")
-    out_shape, lse_shape = broadcast_shapes(q.shape, k.shape, v.shape)
-    dev = prob.device_id
-    _check_given(fn, "dout", dout, out_shape, prob.dtype, dev)
-    _check_given(fn, "out", out, out_shape, prob.dtype, dev)
-    _check_given(fn, "lse", lse, lse_shape, prob.acc_dtype, dev)
+    # Every path is deterministic: each gradient element has one writer and
+    # every sum runs in a fixed order.  (cuda_src/sm80/bwd.cuh also has a dK/dV
+    # kernel that adds dQ with float32 atomics; it measured no faster on the
+    # H100, so it is not dispatched and ``deterministic`` costs nothing.)
+    key = _signature("bwd", (dout, q, k, v, out, lse), causal, scale)
+    plan = _PLANS.get(key)
+    if plan is None:
+        prob = _prepare(fn, q, k, v, causal, scale)
+        out_shape, lse_shape = broadcast_shapes(q.shape, k.shape, v.shape)
+        dev = prob.device_id
+        _check_given(fn, "dout", dout, out_shape, prob.dtype, dev)
+        _check_given(fn, "out", out, out_shape, prob.dtype, dev)
+        _check_given(fn, "lse", lse, lse_shape, prob.acc_dtype, dev)
+    else:
+        prob = plan.prob
     for name, x, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if x is not None:
-            _check_output(fn, name, x, ref.shape, prob.dtype, dev)
+            _check_output(fn, name, x, ref.shape, prob.dtype, prob.device_id)
 
-    with cupy.cuda.Device(dev):
+    with cupy.cuda.Device(prob.device_id):
         dq = cupy.empty(q.shape, prob.dtype) if dq is None else dq
         dk = cupy.empty(k.shape, prob.dtype) if dk is None else dk
         dv = cupy.empty(v.shape, prob.dtype) if dv is None else dv
+        env = {"dout": dout, "q": q, "k": k, "v": v, "o": out, "lse": lse,
+               "dq_out": dq, "dk_out": dk, "dv_out": dv}
+        if plan is not None:
+            plan.run(env)
+            return dq, dk, dv
         if prob.empty:
             # No (query, key) pair interacts: every gradient is 0.
             for g in (dq, dk, dv):
                 g.fill(0)
             return dq, dk, dv
-        q, k, v, out, dout = (_last_axis_contiguous(x) for x in (q, k, v, out, dout))
-        _run_backward(prob, dout, q, k, v, out, lse, dq, dk, dv, deterministic)
+        copies = {n: _last_axis_contiguous(env[n]) for n in ("q", "k", "v", "o", "dout")}
+        cacheable = all(copies[n] is env[n] for n in copies)
+        env.update(copies)
+        plan = _Plan(prob)
+        _plan_backward(plan, env)
+        plan.run(env)
+        if cacheable:
+            _remember(key, plan)
     return dq, dk, dv
 
 
@@ -365,58 +466,55 @@ def _bwd_spec(prob, kernel, grad_dtype=""):
     return _config_sm80.bwd_spec(prob, kernel, grad_dtype)
 
 
-def _grad_target(x, grad, bshape, prob):
-    """Where the dQ kernel writes the gradient of ``x``: ``grad`` itself, or,
+def _grad_target(plan, env, x, name, bshape):
+    """Makes ``env[name]`` the array the dQ kernel writes: the gradient itself, or,
     when ``x`` broadcasts over batch axes, a buffer of the broadcast shape in the
-    accumulator dtype that ``_finish_grad`` sums into ``grad``.
-    Returns (buffer, axes to sum)."""
+    accumulator dtype, to be summed into the gradient by a finish step.
+    Returns (target, axes to sum)."""
     reduce_axes = tuple(i for i, f in enumerate(_batch.is_broadcast(x.shape[:-2], bshape)) if f)
     if not reduce_axes:
-        return grad, ()
-    return cupy.empty(tuple(bshape) + tuple(x.shape[-2:]), prob.acc_dtype), reduce_axes
+        return plan.alias(env, name, name + "_out"), ()
+    buf = plan.alloc(env, name, tuple(bshape) + tuple(x.shape[-2:]), plan.prob.acc_dtype)
+    return buf, reduce_axes
 
 
 def _finish_grad(grad, buf, reduce_axes):
-    if buf is grad:
-        return
     s = buf.sum(axis=reduce_axes, keepdims=True) if reduce_axes else buf
     grad[...] = s.reshape(grad.shape).astype(grad.dtype)
 
 
-def _run_backward(prob, dout, q, k, v, out, lse, dq, dk, dv, deterministic):
-    # Every path below is deterministic: each gradient element has one writer
-    # and every sum runs in a fixed order.  (cuda_src/sm80/bwd.cuh also has a dK/dV
-    # kernel that adds dQ with float32 atomics; it measured no faster on the H100,
-    # see _config_sm80, so it is not dispatched and ``deterministic`` costs nothing.)
-    del deterministic
+def _plan_backward(plan, env):
+    prob = plan.prob
     bs = prob.bshape
     dev, cc = prob.device_id, prob.cc
     all_axes = range(len(bs))
     acc_name = "fp64" if prob.acc_dtype == np.float64 else "fp32"
+    q, k, v, out, dout, lse = (env[n] for n in ("q", "k", "v", "o", "dout", "lse"))
 
     # 1. delta = rowsum(dO * O), in the accumulator dtype
-    delta = cupy.empty(bs + (prob.seqlen_q,), prob.acc_dtype)
+    delta = plan.alloc(env, "delta", bs + (prob.seqlen_q,), prob.acc_dtype)
     layout = _batch.Layout.build(bs, all_axes, {
         "o": _strides(out, bs), "dout": _strides(dout, bs), "delta": _vec_strides(delta, bs)})
-    _launch.bwd_preprocess(_bwd_spec(prob, "bwd_preprocess"), dev, cc, layout, out, dout,
-                           delta, prob)
+    plan.launches(_launch.bwd_preprocess(_bwd_spec(prob, "bwd_preprocess"), dev, cc, layout,
+                                         out, dout, delta, prob))
 
     st = {"q": _strides(q, bs), "k": _strides(k, bs), "v": _strides(v, bs),
           "dout": _strides(dout, bs), "lse": _vec_strides(lse, bs),
           "delta": _vec_strides(delta, bs)}
 
     # 2. dQ: one writer per element; q broadcast over a batch axis needs a sum.
-    dq_buf, dq_red = _grad_target(q, dq, bs, prob)
+    dq_buf, dq_red = _grad_target(plan, env, q, "dq", bs)
     layout = _batch.Layout.build(bs, all_axes, dict(st, dq=_strides(dq_buf, bs)))
-    spec = _bwd_spec(prob, "bwd_dq", "" if dq_buf is dq else acc_name)
-    _launch.bwd_dq(spec, dev, cc, layout, q, k, v, dout, lse, delta, dq_buf, prob)
-    _finish_grad(dq, dq_buf, dq_red)
+    spec = _bwd_spec(prob, "bwd_dq", acc_name if dq_red else "")
+    plan.launches(_launch.bwd_dq(spec, dev, cc, layout, q, k, v, dout, lse, delta, dq_buf, prob))
+    if dq_red:
+        plan.finish("dq_out", "dq", dq_red)
 
-    # 3. dK, dV: the kernel sums up to GROUP_MAX of the heads that share a KV
-    #    head (GQA/MQA) in registers; larger groups are split over CTAs along an
-    #    extra "chunk" axis, and every other broadcast of k or v is summed
+    # 3. dK, dV: the kernel sums up to group_max(family) of the heads that share
+    #    a KV head (GQA/MQA) in registers; larger groups are split over CTAs along
+    #    an extra "chunk" axis, and every other broadcast of k or v is summed
     #    afterwards by a (pairwise, so accurate) CuPy reduction.
-    _run_dkdv(prob, st, q, k, v, dout, lse, delta, dk, dv)
+    _plan_dkdv(plan, env, st)
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -425,16 +523,18 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, cap + 1) if n % d == 0)
 
 
-def _run_dkdv(prob, st, q, k, v, dout, lse, delta, dk, dv):
+def _plan_dkdv(plan, env, st):
+    prob = plan.prob
     bs = prob.bshape
+    q, k, v, dout, lse, delta = (env[n] for n in ("q", "k", "v", "dout", "lse", "delta"))
     g_axes, n_group, g_strides = _group_axes(bs, k, v, st)
     in_kernel = _largest_divisor_at_most(n_group, _config.group_max(prob.family))
     n_chunks = n_group // in_kernel
     rest = [i for i in range(len(bs)) if i not in g_axes]
 
-    # Virtual batch axes of the launch: the non-group axes, then the chunk axis.
+    # Virtual batch axes of the launch: the non-group axes, then the chunk axis
+    # (k and v have no group stride: the chunk axis broadcasts them, stride 0).
     vshape = [bs[i] for i in rest] + ([n_chunks] if n_chunks > 1 else [])
-    # (k and v have no group stride: the chunk axis broadcasts them, stride 0)
     vst = {n: [st[n][i] for i in rest] + ([g_strides.get(n, 0) * in_kernel] if n_chunks > 1 else [])
            for n in st}
     kb = _batch.is_broadcast(k.shape[:-2], bs)
@@ -444,19 +544,21 @@ def _run_dkdv(prob, st, q, k, v, dout, lse, delta, dk, dv):
     v_red = tuple(a for a, f in enumerate([vb[i] for i in rest] + chunk) if f)
     if k_red or v_red:
         # Both gradients share the kernel's store type: buffers for both.
-        dk_buf = cupy.empty(tuple(vshape) + tuple(k.shape[-2:]), prob.acc_dtype)
-        dv_buf = cupy.empty(tuple(vshape) + tuple(v.shape[-2:]), prob.acc_dtype)
+        dk_buf = plan.alloc(env, "dk", tuple(vshape) + tuple(k.shape[-2:]), prob.acc_dtype)
+        dv_buf = plan.alloc(env, "dv", tuple(vshape) + tuple(v.shape[-2:]), prob.acc_dtype)
         vst["dk"] = [s_ // dk_buf.itemsize for s_ in dk_buf.strides[:-2]]
         vst["dv"] = [s_ // dv_buf.itemsize for s_ in dv_buf.strides[:-2]]
         acc_name = "fp64" if prob.acc_dtype == np.float64 else "fp32"
     else:
-        dk_buf, dv_buf = dk, dv
-        vst["dk"] = [_strides(dk, bs)[i] for i in rest]
-        vst["dv"] = [_strides(dv, bs)[i] for i in rest]
+        dk_buf = plan.alias(env, "dk", "dk_out")
+        dv_buf = plan.alias(env, "dv", "dv_out")
+        vst["dk"] = [_strides(dk_buf, bs)[i] for i in rest]
+        vst["dv"] = [_strides(dv_buf, bs)[i] for i in rest]
         acc_name = ""
     layout = _batch.Layout.build(vshape, range(len(vshape)), vst)
     spec = _bwd_spec(prob, "bwd_dkdv", acc_name)
-    _launch.bwd_dkdv(spec, prob.device_id, prob.cc, layout, q, k, v, dout, lse, delta, dk_buf,
-                     dv_buf, (in_kernel, g_strides), prob)
-    _finish_grad(dk, dk_buf, k_red)
-    _finish_grad(dv, dv_buf, v_red)
+    plan.launches(_launch.bwd_dkdv(spec, prob.device_id, prob.cc, layout, q, k, v, dout, lse,
+                                   delta, dk_buf, dv_buf, (in_kernel, g_strides), prob))
+    if k_red or v_red:
+        plan.finish("dk_out", "dk", k_red)
+        plan.finish("dv_out", "dv", v_red)
