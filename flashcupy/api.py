@@ -275,7 +275,11 @@ _MAX_PLANS = 4096  # signatures remembered; a full cache is simply cleared
 
 
 def _signature(kind, arrays, causal, scale):
-    """The plan key: everything validation and planning depend on."""
+    """The plan key: everything validation and planning depend on; None (no
+    plan) for arguments of unusual types, which the full validation then
+    judges (an unhashable ``scale=[0.5]`` must fail with a message naming it)."""
+    if type(causal) is not bool or not (scale is None or type(scale) in (float, int)):
+        return None
     sig = [kind, causal, scale, _config.current_family()]
     for x in arrays:
         sig.extend((x.shape, x.strides, x.dtype, x.data.device_id))
@@ -283,6 +287,8 @@ def _signature(kind, arrays, causal, scale):
 
 
 def _remember(key, plan):
+    if key is None:
+        return
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[key] = plan
@@ -294,7 +300,7 @@ def _forward(q, k, v, *, causal, scale, out=None, lse=None):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_array(fn, name, x)
     key = _signature("fwd", (q, k, v), causal, scale)
-    plan = _PLANS.get(key)
+    plan = _PLANS.get(key) if key is not None else None
     prob = plan.prob if plan is not None else _prepare(fn, q, k, v, causal, scale)
     out_shape = prob.bshape + (prob.seqlen_q, prob.head_dim_v)
     lse_shape = prob.bshape + (prob.seqlen_q,)
@@ -393,7 +399,7 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False,
     # kernel that adds dQ with float32 atomics; it measured no faster on the
     # H100, so it is not dispatched and ``deterministic`` costs nothing.)
     key = _signature("bwd", (dout, q, k, v, out, lse), causal, scale)
-    plan = _PLANS.get(key)
+    plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         prob = _prepare(fn, q, k, v, causal, scale)
         out_shape, lse_shape = broadcast_shapes(q.shape, k.shape, v.shape)
