@@ -8,7 +8,7 @@ preprocess (delta) is the generic family's bandwidth kernel.
 Each bucket lists tile candidates in order of preference; the first whose
 shared memory fits the device is used (H100: 227 KB, A100: 163 KB, sm_86/89:
 99 KB).  Figures are H100 bf16 TFLOP/s at S = 4k / 16k (batch*S = 16k,
-H*D = 2048) from dev/sm80/h100_variants.log.
+H*D = 2048) from benchmarks/dev/sm80/h100_variants.log.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ PAD = 8  # smem row padding in elements (16 bytes): conflict-free ldmatrix / cp.
 
 # (BLOCK_M, BLOCK_N, NWARPS, STAGES[, flags]).  "qs": Q is re-read from shared
 # memory at every K tile (Q_IN_REGS = false) instead of held in registers.
-# Cells are bf16 TFLOP/s at S = 1k / 4k / 16k (dev/sm80/h100_run2_fwd.log).
+# Cells are bf16 TFLOP/s at S = 1k / 4k / 16k (benchmarks/dev/sm80/h100_run2_fwd.log).
 FWD_TILES = {
     32: [(128, 128, 4, 2, "qs")],  # 186/219/230, 7-16 % over 128x64x4w (Q in registers)
     64: [(128, 64, 4, 2)],   # 4 warps x 32 rows: each K/V fragment feeds two m16 tiles;
@@ -34,7 +34,7 @@ FWD_TILES = {
 # dK/dV: BLOCK_M = queries per step, BLOCK_N = keys per CTA.  "2d": the 2-D warp
 # split (SPLIT2D = true; 8 warps, HD and HDV multiples of 64): S and dP on 2x4
 # warps, dV and dK on 4x2, P and dS through shared memory, so every fragment read
-# feeds two mma instead of one (dev/sm80/NOTES.md, h100_run1_variants.log).
+# feeds two mma instead of one (benchmarks/dev/sm80/NOTES.md, h100_run1_variants.log).
 DKDV_TILES = {
     32: [(64, 128, 8, 2)],
     64: [(64, 128, 8, 2)],   # 201/197 (whole backward, S=16k); 64x64x4w 191/191; 3 stages: no

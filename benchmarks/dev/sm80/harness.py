@@ -1,7 +1,7 @@
 """GPU correctness + timing of the sm80 family (standalone: CuPy, no flashcupy).
 
-PYTHONUNBUFFERED=1 python3 dev/sm80/harness.py [--quick] [--no-bench]
-Kernels come from dev/sm80/build (cubins made by build_cubin.py, no device-time
+PYTHONUNBUFFERED=1 python3 benchmarks/dev/sm80/harness.py [--quick] [--no-bench]
+Kernels come from benchmarks/dev/sm80/build (cubins made by build_cubin.py, no device-time
 NVRTC) or are compiled here when that folder is missing.
 """
 import json

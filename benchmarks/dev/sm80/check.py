@@ -1,7 +1,7 @@
 """GPU-free NVRTC compile check of every shipped sm80 specialization, sm_80 and sm_90a.
 
 Prints registers / spills / stack / static+dynamic smem per kernel.
-python dev/sm80/check.py [substring-filter]
+python benchmarks/dev/sm80/check.py [substring-filter]
 """
 import re
 import sys

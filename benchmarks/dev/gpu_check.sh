@@ -16,7 +16,7 @@ if [ "${BIGMEM:-1}" = 1 ]; then
   summary+=("pytest -m bigmem: $(tail -1 "$OUT/bigmem.log")")
 fi
 for tool in ${SANITIZERS:-memcheck racecheck initcheck synccheck}; do
-  timeout 240 compute-sanitizer --tool $tool python3 dev/sanitize_case.py ${FAMILIES:-generic sm80} \
+  timeout 240 compute-sanitizer --tool $tool python3 benchmarks/dev/sanitize_case.py ${FAMILIES:-generic sm80} \
       > "$OUT/sanitize_$tool.log" 2>&1
   summary+=("compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1) [$(grep -c finite "$OUT/sanitize_$tool.log") calls]")
 done

@@ -1,4 +1,4 @@
-"""Compiles every spec for sm_90a here (no GPU needed) into dev/sm80/build/, so the
+"""Compiles every spec for sm_90a here (no GPU needed) into benchmarks/dev/sm80/build/, so the
 GPU run spends no device time in NVRTC.  Writes one cubin per kernel and names.json
 {name_expression: [cubin file, lowered name]}."""
 import json

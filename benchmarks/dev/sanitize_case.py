@@ -1,7 +1,7 @@
 """One forward and one backward call per dtype at lengths that are no multiple
 of any tile, for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
-    compute-sanitizer --tool memcheck python dev/sanitize_case.py [family ...]
+    compute-sanitizer --tool memcheck python benchmarks/dev/sanitize_case.py [family ...]
 """
 import sys
 

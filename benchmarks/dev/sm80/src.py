@@ -2,7 +2,7 @@
 import os
 import re
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "cuda_src")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "cuda_src")
 _INC = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
