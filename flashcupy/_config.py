@@ -131,7 +131,9 @@ class KernelSpec:
 # Bucket = max(HD, HDV), which sets both the register file use (ROWS * HDV/32
 # accumulators per lane) and shared memory.  All generic kernels use 4 warps:
 # 128-thread CTAs let several CTAs share an SM, which hides the latency of the
-# plain (non-pipelined) tile loads.
+# plain (non-pipelined) tile loads.  The kernels declare __launch_bounds__(128, 1):
+# with a higher minimum of CTAs per SM ptxas capped registers at 80-168 and
+# spilled (kernel check), without it it spilled a few bytes at 96-128 registers.
 # ---------------------------------------------------------------------------
 GENERIC_ROWS = {
     # (acc, kernel): {bucket: rows}                       reason
