@@ -149,6 +149,23 @@ def attention_naive(q, k, v, causal: bool = False, scale=None):
     return out, lse
 
 
+def _backward_operands(dout, q, k, v, out, lse, scale):
+    """The backward references' common start: float64 operands broadcast to the
+    full batch shape, the inputs' original shapes (to sum gradients back onto),
+    the batch shape and the resolved scale."""
+    shapes = (np.shape(q), np.shape(k), np.shape(v))
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    batch = _check_shapes(q, k, v)
+    scale = _default_scale(scale, q.shape[-1])
+    q = np.broadcast_to(q, batch + q.shape[-2:])
+    k = np.broadcast_to(k, batch + k.shape[-2:])
+    v = np.broadcast_to(v, batch + v.shape[-2:])
+    dout = np.broadcast_to(_f64(dout), batch + (q.shape[-2], v.shape[-1]))
+    out = np.broadcast_to(_f64(out), dout.shape)
+    lse = np.broadcast_to(_f64(lse), dout.shape[:-1])
+    return shapes, batch, scale, (dout, q, k, v, out, lse)
+
+
 def attention_backward_naive(dout, q, k, v, out, lse, causal: bool = False, scale=None):
     """Exact gradients of ``attention_naive`` in float64.
 
@@ -160,16 +177,8 @@ def attention_backward_naive(dout, q, k, v, out, lse, causal: bool = False, scal
     dq, dk, dv : numpy.ndarray, float64
         Shaped like ``q``, ``k`` and ``v``: summed over broadcast batch axes.
     """
-    q_shape, k_shape, v_shape = np.shape(q), np.shape(k), np.shape(v)
-    q, k, v = _f64(q), _f64(k), _f64(v)
-    batch = _check_shapes(q, k, v)
-    scale = _default_scale(scale, q.shape[-1])
-    q = np.broadcast_to(q, batch + q.shape[-2:])
-    k = np.broadcast_to(k, batch + k.shape[-2:])
-    v = np.broadcast_to(v, batch + v.shape[-2:])
-    dout = np.broadcast_to(_f64(dout), batch + (q.shape[-2], v.shape[-1]))
-    out = np.broadcast_to(_f64(out), dout.shape)
-    lse = np.broadcast_to(_f64(lse), dout.shape[:-1])
+    (q_shape, k_shape, v_shape), batch, scale, (dout, q, k, v, out, lse) = _backward_operands(
+        dout, q, k, v, out, lse, scale)
 
     p = _probabilities(_scores(q, k, causal, scale), lse)   # (..., Sq, Sk)
     dv = np.matmul(np.swapaxes(p, -1, -2), dout)
@@ -363,16 +372,8 @@ def attention_backward_tiled(dout, q, k, v, out, lse, causal: bool = False, scal
 
     dQ and dK carry the softmax scale.  Nothing of size Sq x Sk is stored.
     """
-    q_shape, k_shape, v_shape = np.shape(q), np.shape(k), np.shape(v)
-    q, k, v = _f64(q), _f64(k), _f64(v)
-    batch = _check_shapes(q, k, v)
-    scale = _default_scale(scale, q.shape[-1])
-    q = np.broadcast_to(q, batch + q.shape[-2:])
-    k = np.broadcast_to(k, batch + k.shape[-2:])
-    v = np.broadcast_to(v, batch + v.shape[-2:])
-    dout = np.broadcast_to(_f64(dout), batch + (q.shape[-2], v.shape[-1]))
-    out = np.broadcast_to(_f64(out), dout.shape)
-    lse = np.broadcast_to(_f64(lse), dout.shape[:-1])
+    (q_shape, k_shape, v_shape), batch, scale, (dout, q, k, v, out, lse) = _backward_operands(
+        dout, q, k, v, out, lse, scale)
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
     for b in np.ndindex(*batch):
         dq[b], dk[b], dv[b] = _bwd_one(dout[b], q[b], k[b], v[b], out[b], lse[b], causal, scale,
