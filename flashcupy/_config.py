@@ -105,7 +105,9 @@ class KernelSpec:
         """Rows of the sequence axis one CTA owns (queries, or keys for dK/dV)."""
         if self.family == "generic":
             return self.nwarps if self.kernel == "bwd_preprocess" else self.nwarps * self.rows
-        return self.block_n if self.kernel == "bwd_dkdv" else self.block_m
+        if self.kernel == "bwd_dq_convert":
+            return self.nwarps  # one warp per query row
+        return self.block_n if self.kernel in ("bwd_dkdv", "bwd_dkdvq") else self.block_m
 
     @property
     def smem_bytes(self) -> int:

@@ -24,9 +24,10 @@ FWD_TILES = {
     32: [(128, 128, 4, 2, "qs")],  # 186/219/230, 7-16 % over 128x64x4w (Q in registers)
     64: [(128, 64, 4, 2)],   # 4 warps x 32 rows: each K/V fragment feeds two m16 tiles;
                              # 189/272/295; 128x128x8w 221/251 at 4k/16k; 128x128x4w "qs" spills
-    128: [(128, 128, 8, 2),  # 202/279/304; 174 KB: H100 only.  128x64x4w "qs" (flash-attn's
-                             # tile) measured no faster: 235/284/289 vs 229/295/293
-          (128, 64, 8, 2),   # 104 KB: A100
+    128: [(128, 64, 4, 2),   # 4 warps x 32 rows, Q re-read from smem (MT * HD > 128): 322/337
+                             # at 4k/16k vs 287/309 for 128x128x8w once the tile loads stopped
+                             # costing ~15 integer ops per cp.async (h100 run 3, NOTES.md s. 4);
+                             # 104 KB: H100 and A100
           (64, 64, 4, 2)],   # 87 KB: sm_86/89
     256: [(128, 64, 8, 2),   # 226/271/291, 8-21 % over 64x32x4w; 198 KB: H100 only
           (64, 32, 4, 2)],   # the largest tile within 163 KB and 255 registers: A100
@@ -42,6 +43,17 @@ DKDV_TILES = {
     128: [(64, 128, 8, 2, "2d"),  # 204/202 vs 185/190 for 1-D; 175 KB: H100 only
           (32, 64, 4, 2)],   # 1-D: 2 CTAs/SM; BLOCK_M 64 spills; A100
 }
+# dK/dV with dQ added by float32 atomics into a workspace (deterministic=False, the
+# default; flash-attn 2's design: 5 products per step instead of the 4 + 3 of the
+# dK/dV and dQ pair).  Cells: whole backward bf16 TFLOP/s at S = 4k / 16k
+# (benchmarks/dev/sm80/NOTES.md section 4).
+DKDVQ_TILES = {
+    32: [(64, 128, 8, 2)],
+    64: [(128, 128, 8, 2, "2d"),  # 238/251 vs the pair's 204/211; 182 KB: H100 only
+         (64, 128, 8, 2)],        # 1-D, 93 KB: A100 (the 2-D tiles spill on sm_80)
+    128: [(64, 128, 8, 2, "2d"),  # 274/286 vs the pair's 223/226; 175 KB: H100 only
+          (32, 128, 8, 2)],       # 1-D, 115 KB: A100
+}
 DQ_TILES = {
     32: [(64, 64, 4, 2)],
     64: [(64, 128, 4, 2)],   # 197-204
@@ -50,8 +62,12 @@ DQ_TILES = {
 # HD = 256 backward: a warp owning 16 keys would need 256 registers for its dK,
 # dV accumulators alone; it runs on the generic family.
 
-_TABLES = {"fwd": FWD_TILES, "bwd_dkdv": DKDV_TILES, "bwd_dq": DQ_TILES}
-_KERNEL_NAMES = {"fwd": "fc_sm80_fwd", "bwd_dkdv": "fc_sm80_bwd_dkdv", "bwd_dq": "fc_sm80_bwd_dq"}
+_TABLES = {"fwd": FWD_TILES, "bwd_dkdv": DKDV_TILES, "bwd_dq": DQ_TILES,
+           "bwd_dkdvq": DKDVQ_TILES}
+_KERNEL_NAMES = {"fwd": "fc_sm80_fwd", "bwd_dkdv": "fc_sm80_bwd_dkdv", "bwd_dq": "fc_sm80_bwd_dq",
+                 "bwd_dkdvq": "fc_sm80_bwd_dkdvq"}
+# dq = dq_accum * scale, cast: one warp per query row (a bandwidth kernel)
+CONVERT_WARPS = 4
 _STORAGE = {"fp16": "fc_half", "bf16": "fc_bf16"}
 
 
@@ -60,6 +76,8 @@ def source(spec) -> str:
 
 
 def name_expression(spec) -> str:
+    if spec.kernel == "bwd_dq_convert":
+        return f"fc_sm80_bwd_dq_convert<{_STORAGE[spec.dtype]}, {spec.nwarps}>"
     # Trailing template flags (defaults in the kernels): SPLIT2D for dK/dV,
     # Q_IN_REGS for the forward.
     flag = ", true" if "2d" in spec.extra else ", false" if "qs" in spec.extra else ""
@@ -71,15 +89,18 @@ def name_expression(spec) -> str:
 def smem_bytes(spec) -> int:
     """Dynamic shared memory (bytes); the formulas of the kernel headers."""
     hd, hdv, bm, bn, st = spec.head_dim, spec.head_dim_v, spec.block_m, spec.block_n, spec.stages
+    if spec.kernel == "bwd_dq_convert":
+        return 0
     if spec.kernel == "fwd":
         return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
-    if spec.kernel == "bwd_dkdv" and "2d" in spec.extra:
+    if spec.kernel in ("bwd_dkdv", "bwd_dkdvq") and "2d" in spec.extra:
         # K, V | STAGES x (Q, dO, lse, delta) | P, dS
         return (2 * bn * (hd + hdv + 2 * PAD) + st * (2 * bm * (hd + hdv + 2 * PAD) + 8 * bm)
                 + 4 * bm * (bn + PAD))
-    if spec.kernel == "bwd_dkdv":
+    if spec.kernel in ("bwd_dkdv", "bwd_dkdvq"):
         return (2 * (bn * (hd + PAD) + bn * (hdv + PAD))
-                + st * (2 * bm * (hd + PAD) + 2 * bm * (hdv + PAD) + 8 * bm))
+                + st * (2 * bm * (hd + PAD) + 2 * bm * (hdv + PAD) + 8 * bm)
+                + (2 * bn * (bm + PAD) if spec.kernel == "bwd_dkdvq" else 0))  # dS^T
     if spec.kernel == "bwd_dq":
         return 2 * (bm * (hd + PAD) + bm * (hdv + PAD) + st * bn * (hd + hdv + 2 * PAD))
     raise ValueError(spec.kernel)
@@ -135,10 +156,16 @@ def bwd_spec(prob, kernel, grad_dtype=""):
 
     if kernel == "bwd_preprocess":
         return generic_spec(kernel, prob.dtype_name)
+    if kernel == "bwd_dq_convert":
+        return KernelSpec("sm80", kernel, prob.dtype_name, nwarps=CONVERT_WARPS)
+    if kernel == "bwd_dkdvq" and grad_dtype:
+        return None  # the atomic path needs dK, dV in the input dtype: use the pair
     spec = None if grad_dtype else _pick(kernel, prob.dtype_name, prob.head_dim,
                                          prob.head_dim_v, prob.causal,
                                          _smem_limit(prob.device_id))
     if spec is None:
+        if kernel == "bwd_dkdvq":
+            return None  # no atomic tile for this bucket / GPU: the caller runs the pair
         return generic_spec(kernel, prob.dtype_name, prob.head_dim, prob.head_dim_v, grad_dtype)
     return spec
 
@@ -152,6 +179,7 @@ def runs_on(spec, arch: str) -> bool:
 def shipped_specs():
     out = []
     for dtype in ("fp16", "bf16"):
+        out.append(KernelSpec("sm80", "bwd_dq_convert", dtype, nwarps=CONVERT_WARPS))
         for kernel, table in _TABLES.items():
             for b, tiles in table.items():
                 for tile in tiles:

@@ -49,14 +49,16 @@ class Launch:
         self.kern(self.grid, self.block, tuple(args), shared_mem=self.smem)
 
 
-def launch(spec, device_id, cc, layout, operands, n_rows, middle=(), scalars=()):
+def launch(spec, device_id, cc, layout, operands, n_rows, middle=(), scalars=(), post=(),
+           post_scalars=()):
     """The launches of ``spec`` over every batch chunk of ``layout``.
 
     operands: [(name, array, row_stride)] in kernel-argument order; the names
     index ``layout.strides`` and the environment the launches run with.
     ``n_rows`` is the length of the tiled sequence axis (queries, or keys for
     dK/dV).  ``middle`` are the arguments between the batch sizes and the
-    scalars (the dK/dV group loop).
+    scalars (the dK/dV group loop); ``post`` operands and ``post_scalars``
+    follow the scalars (the atomic-dQ workspace of dK/dV).
     """
     kern = _compile.get_kernel(spec, device_id, cc)
     n_tiles = -(-n_rows // spec.tile_rows)
@@ -65,13 +67,18 @@ def launch(spec, device_id, cc, layout, operands, n_rows, middle=(), scalars=())
     out = []
     for nb0, nb1, nb2, entries in layout.chunks():
         args, slots = [], []
-        for name, arr, rs in operands:
-            off, s0, s1, s2 = entries[name]
-            slots.append((len(args), name, off * arr.itemsize))
-            args.extend((None, np.int64(s0), np.int64(s1), np.int64(s2), np.int64(rs)))
+
+        def tensors(ops):
+            for name, arr, rs in ops:
+                off, s0, s1, s2 = entries[name]
+                slots.append((len(args), name, off * arr.itemsize))
+                args.extend((None, np.int64(s0), np.int64(s1), np.int64(s2), np.int64(rs)))
+        tensors(operands)
         args.extend((np.int32(nb0), np.int32(nb1), np.int32(nb2)))
         args.extend(middle)
         args.extend(scalars)
+        tensors(post)
+        args.extend(post_scalars)
         out.append(Launch(kern, _grid(n_tiles, nb0 * nb1 * nb2), block, smem, args, slots))
     return out
 
@@ -112,10 +119,16 @@ def bwd_dq(spec, device_id, cc, layout, q, k, v, dout, lse, delta, dq, p):
            n_rows=p.seqlen_q, scalars=_bwd_scalars(p))
 
 
-def bwd_dkdv(spec, device_id, cc, layout, q, k, v, dout, lse, delta, dk, dv, group, p):
-    """group: (n_group, {q, dout, lse, delta: element stride}) -- the broadcast
-    axis of k and v that the kernel sums over in registers."""
+def bwd_dkdv(spec, device_id, cc, layout, q, k, v, dout, lse, delta, dk, dv, group, p,
+             dq_accum=None):
+    """group: (n_group, {q, dout, lse, delta[, dq_accum]: element stride}) -- the
+    broadcast axis of k and v that the kernel sums over in registers.
+    dq_accum: the float32 workspace of fc_sm80_bwd_dkdvq (atomic dQ), or None."""
     n_group, gs = group
+    post, post_scalars = (), ()
+    if dq_accum is not None:
+        post = [("dq_accum", dq_accum, _row_stride(dq_accum))]
+        post_scalars = (np.int64(gs["dq_accum"]),)
     return launch(spec, device_id, cc, layout,
            [("q", q, _row_stride(q)), ("k", k, _row_stride(k)), ("v", v, _row_stride(v)),
             ("dout", dout, _row_stride(dout)), ("lse", lse, _vec_stride(lse)),
@@ -124,4 +137,12 @@ def bwd_dkdv(spec, device_id, cc, layout, q, k, v, dout, lse, delta, dk, dv, gro
            n_rows=p.seqlen_k,
            middle=(np.int32(n_group), np.int64(gs["q"]), np.int64(gs["dout"]),
                    np.int64(gs["lse"]), np.int64(gs["delta"])),
-           scalars=_bwd_scalars(p))
+           scalars=_bwd_scalars(p), post=post, post_scalars=post_scalars)
+
+
+def bwd_dq_convert(spec, device_id, cc, layout, dq_accum, dq, p):
+    """dq = dq_accum * scale in dq's dtype (rows < Sq, columns < head_dim)."""
+    return launch(spec, device_id, cc, layout,
+           [("dq_accum", dq_accum, _row_stride(dq_accum)), ("dq", dq, _row_stride(dq))],
+           n_rows=p.seqlen_q,
+           scalars=(np.int32(p.seqlen_q), np.int32(p.head_dim), np.float32(p.scale)))

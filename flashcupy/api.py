@@ -233,7 +233,8 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
 # ---------------------------------------------------------------------------
 class _Plan:
     """Steps over a {name: array} environment: ("alloc", name, shape, dtype),
-    ("alias", name, other), ("launch", Launch), ("finish", grad, buffer, axes)."""
+    ("alias", name, other), ("zero", name), ("launch", Launch),
+    ("finish", grad, buffer, axes)."""
 
     __slots__ = ("prob", "steps")
 
@@ -256,6 +257,9 @@ class _Plan:
     def finish(self, grad, buf, axes):
         self.steps.append(("finish", grad, buf, axes))
 
+    def zero(self, name):
+        self.steps.append(("zero", name))
+
     def run(self, env):
         for st in self.steps:
             kind = st[0]
@@ -266,6 +270,8 @@ class _Plan:
                     env[st[1]] = cupy.empty(st[2], st[3])
             elif kind == "alias":
                 env[st[1]] = env[st[2]]
+            elif kind == "zero":
+                env[st[1]].fill(0)  # a memset
             else:
                 _finish_grad(env[st[1]], env[st[2]], st[3])
 
@@ -431,7 +437,7 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False,
         cacheable = all(copies[n] is env[n] for n in copies)
         env.update(copies)
         plan = _Plan(prob)
-        _plan_backward(plan, env)
+        _plan_backward(plan, env, deterministic)
         plan.run(env)
         if cacheable:
             _remember(key, plan)
@@ -489,7 +495,7 @@ def _finish_grad(grad, buf, reduce_axes):
     grad[...] = s.reshape(grad.shape).astype(grad.dtype)
 
 
-def _plan_backward(plan, env):
+def _plan_backward(plan, env, deterministic):
     prob = plan.prob
     bs = prob.bshape
     dev, cc = prob.device_id, prob.cc
@@ -508,8 +514,24 @@ def _plan_backward(plan, env):
           "dout": _strides(dout, bs), "lse": _vec_strides(lse, bs),
           "delta": _vec_strides(delta, bs)}
 
-    # 2. dQ: one writer per element; q broadcast over a batch axis needs a sum.
     dq_buf, dq_red = _grad_target(plan, env, q, "dq", bs)
+
+    # 2. Fast path (tensor-core family, deterministic=False): one dK/dV kernel
+    #    also adds dS K into a zeroed float32 workspace with atomics (5 products
+    #    per step instead of the 4 + 3 of the dK/dV and dQ pair), then a
+    #    bandwidth kernel scales and casts it into dQ.  Atomic adds land in run-
+    #    dependent order, so dQ's last bits may differ between runs.
+    if not deterministic and not dq_red and prob.family != "generic":
+        dq_spec = _bwd_spec(prob, "bwd_dkdvq")
+        if dq_spec is not None and _plan_dkdv(plan, env, st, dq_spec):
+            spec = _bwd_spec(prob, "bwd_dq_convert")
+            layout = _batch.Layout.build(bs, all_axes, {
+                "dq_accum": _strides(env["dq_accum"], bs), "dq": _strides(dq_buf, bs)})
+            plan.launches(_launch.bwd_dq_convert(spec, dev, cc, layout, env["dq_accum"],
+                                                 dq_buf, prob))
+            return
+
+    # 2'. dQ: one writer per element; q broadcast over a batch axis needs a sum.
     layout = _batch.Layout.build(bs, all_axes, dict(st, dq=_strides(dq_buf, bs)))
     spec = _bwd_spec(prob, "bwd_dq", acc_name if dq_red else "")
     plan.launches(_launch.bwd_dq(spec, dev, cc, layout, q, k, v, dout, lse, delta, dq_buf, prob))
@@ -529,7 +551,11 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, cap + 1) if n % d == 0)
 
 
-def _plan_dkdv(plan, env, st):
+def _plan_dkdv(plan, env, st, dq_spec=None):
+    """Plans dK, dV.  With ``dq_spec`` (the atomic-dQ kernel), plans that kernel
+    and its zeroed workspace env["dq_accum"] instead, and returns False without
+    planning anything when dK/dV would need float32 buffers (a broadcast the
+    kernel does not sum), which only the pair of kernels handles."""
     prob = plan.prob
     bs = prob.bshape
     q, k, v, dout, lse, delta = (env[n] for n in ("q", "k", "v", "dout", "lse", "delta"))
@@ -548,6 +574,19 @@ def _plan_dkdv(plan, env, st):
     chunk = [True] if n_chunks > 1 else []
     k_red = tuple(a for a, f in enumerate([kb[i] for i in rest] + chunk) if f)
     v_red = tuple(a for a, f in enumerate([vb[i] for i in rest] + chunk) if f)
+    if dq_spec is not None:
+        if k_red or v_red:
+            return False
+        # Workspace contract of fc_sm80_bwd_dkdvq (cuda_src/sm80/bwd.cuh): rows of
+        # the head-dim bucket's width, the query axis padded to whole BLOCK_M tiles.
+        sq_pad = -(-prob.seqlen_q // dq_spec.block_m) * dq_spec.block_m
+        dqa = plan.alloc(env, "dq_accum", bs + (sq_pad, dq_spec.head_dim), np.float32)
+        plan.zero("dq_accum")
+        dqa_st = _strides(dqa, bs)
+        # contiguous, so the group axes always merge into one strided axis
+        g_strides = dict(g_strides, dq_accum=dqa_st[g_axes[-1]] if g_axes else 0)
+        vst["dq_accum"] = ([dqa_st[i] for i in rest]
+                           + ([g_strides["dq_accum"] * in_kernel] if n_chunks > 1 else []))
     if k_red or v_red:
         # Both gradients share the kernel's store type: buffers for both.
         dk_buf = plan.alloc(env, "dk", tuple(vshape) + tuple(k.shape[-2:]), prob.acc_dtype)
@@ -562,9 +601,11 @@ def _plan_dkdv(plan, env, st):
         vst["dv"] = [_strides(dv_buf, bs)[i] for i in rest]
         acc_name = ""
     layout = _batch.Layout.build(vshape, range(len(vshape)), vst)
-    spec = _bwd_spec(prob, "bwd_dkdv", acc_name)
+    spec = dq_spec if dq_spec is not None else _bwd_spec(prob, "bwd_dkdv", acc_name)
     plan.launches(_launch.bwd_dkdv(spec, prob.device_id, prob.cc, layout, q, k, v, dout, lse,
-                                   delta, dk_buf, dv_buf, (in_kernel, g_strides), prob))
+                                   delta, dk_buf, dv_buf, (in_kernel, g_strides), prob,
+                                   dq_accum=env.get("dq_accum") if dq_spec is not None else None))
     if k_red or v_red:
         plan.finish("dk_out", "dk", k_red)
         plan.finish("dv_out", "dv", v_red)
+    return True

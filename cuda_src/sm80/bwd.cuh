@@ -28,9 +28,13 @@
 //   smem  = Dkdv2dCfg::SMEM_BYTES, both kernels:
 //         = 2 * BLOCK_N * (HD + HDV + 16) + STAGES * (2 * BLOCK_M * (HD + HDV + 16) + 8 * BLOCK_M)
 //         + 4 * BLOCK_M * (BLOCK_N + 8)                                    P, dS
-//   dq_accum: float32, zero-initialized by the host, indexed like q (its own batch
-//   strides, row stride and group stride dq_accum_sg); holds dS K without the
-//   softmax scale.  Then fc_sm80_bwd_dq_convert writes dq.
+//   dq_accum: float32 workspace, zero-initialized by the host; holds dS K without
+//   the softmax scale.  Layout contract: its rows have pitch HD (the bucket, not
+//   head_dim; dq_accum_sr is ignored) and the query axis holds Sq rounded up to a
+//   multiple of BLOCK_M, so every atomic add is in bounds without a test.  Rows
+//   past Sq and columns past head_dim receive exact zeros (their Q, dO and K are
+//   zero-filled in shared memory).  Batch strides and the group stride
+//   dq_accum_sg are free.  Then fc_sm80_bwd_dq_convert writes dq.
 //
 // fc_sm80_bwd_dq(q, k, v, dout, lse, delta, dq tensors, nb0, nb1, nb2, seqlen_q, seqlen_k,
 //                head_dim, head_dim_v, float softmax_scale, float scale_log2, int causal)
@@ -99,6 +103,19 @@ struct DqCfg {
   static_assert(STAGES >= 2, "at least double-buffered");
 };
 
+// Position (broadcast group, query tile) of a step of the dK/dV loop, advanced
+// by one per step: a running counter instead of t / n_mt and t % n_mt, whose
+// integer division cost ~25 instructions per step in the loop.
+struct StepIter {
+  int grp, mi;
+  __device__ __forceinline__ void next(int n_mt) {
+    if (++mi == n_mt) {
+      mi = 0;
+      ++grp;
+    }
+  }
+};
+
 // LSE (natural log) -> log2 units for exp2(s2 - lse2).  A row that saw no key
 // (lse = -inf) gets +inf, so exp2(s2 - lse2) = 0 without a test per element
 // (and never exp2(-inf + inf) = NaN).
@@ -150,15 +167,20 @@ __device__ __forceinline__ void bwd_dkdv_body(
   const int m_first = mask.query_begin(n_start) / BLOCK_M;
   const int n_mt = fc_max(0, fc_ceil_div(seqlen_q, BLOCK_M) - m_first);  // query tiles per group
   const int n_steps = n_group * n_mt;
+  // Atomic dQ: CTA x visits its query tiles starting at tile x mod n_mt (then
+  // wraps), so the CTAs in flight add into different dQ rows instead of all
+  // sweeping the same rows in lockstep (same-address reductions serialize in L2).
+  const int rot = ATOMIC_DQ && n_mt > 0 ? (int)(blockIdx.x % (unsigned)n_mt) : 0;
+  auto rotate = [&](int mi) { return mi + rot >= n_mt ? mi + rot - n_mt : mi + rot; };
 
   const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
   const T *do_b = dout_v.batch(bi.b0, bi.b1, bi.b2);
   const float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
   const float *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
 
-  auto load_step = [&](int t, int stage) {
-    const int grp = t / n_mt;
-    const int m0 = (m_first + t % n_mt) * BLOCK_M, mv = seqlen_q - m0;
+  auto load_step = [&](StepIter it, int stage) {
+    const int grp = it.grp;
+    const int m0 = (m_first + rotate(it.mi)) * BLOCK_M, mv = seqlen_q - m0;
     T *sQ = reinterpret_cast<T *>(fc_sm80_smem + C::QDO_OFF + stage * C::QDO_STAGE);
     load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + grp * q_sg + m0 * q_sr, q_sr, mv, head_dim);
     load_tile<T, BLOCK_M, HDV, NTHREADS>(sQ + BLOCK_M * LDQ, do_b + grp * dout_sg + m0 * dout_sr,
@@ -181,9 +203,11 @@ __device__ __forceinline__ void bwd_dkdv_body(
   load_tile<T, BLOCK_N, HDV, NTHREADS>(sV, v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr,
                                        n_rows, head_dim_v);
   cp_async_commit();
+  StepIter pf{0, 0}, cur{0, 0};  // the step being prefetched / computed
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_steps) load_step(s, s);
+    if (s < n_steps) load_step(pf, s);
+    pf.next(n_mt);
     cp_async_commit();
   }
 
@@ -228,12 +252,14 @@ __device__ __forceinline__ void bwd_dkdv_body(
   for (int t = 0; t < n_steps; ++t) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
-    if (t + STAGES - 1 < n_steps) load_step(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+    if (t + STAGES - 1 < n_steps) load_step(pf, (t + STAGES - 1) % STAGES);
+    pf.next(n_mt);
     cp_async_commit();
 
     const int stage = t % STAGES;
-    const int grp = t / n_mt;
-    const int m0 = (m_first + t % n_mt) * BLOCK_M;
+    const int grp = cur.grp;
+    const int m0 = (m_first + rotate(cur.mi)) * BLOCK_M;
+    cur.next(n_mt);
     const u32 sQ_u = smem0 + C::QDO_OFF + stage * C::QDO_STAGE;
     const u32 sdO_u = sQ_u + 2 * BLOCK_M * LDQ;
     const float *sLse =
@@ -321,23 +347,17 @@ __device__ __forceinline__ void bwd_dkdv_body(
           }
         }
       }
-      float *dqa_b = dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg;
+      // dq_accum layout contract (see the header): no row or column tests.
+      float *dst = dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
+                   (fc_index_t)(m0 + qrow0 + g) * HD + col0 + 2 * c4;
 #pragma unroll
       for (int mt = 0; mt < DQ_MT; ++mt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = m0 + qrow0 + mt * 16 + g + 8 * h;
-          if (row < seqlen_q) {
-            float *dst = dqa_b + row * dqa_sr;
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-            for (int nt = 0; nt < DQ_COLS / 8; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int col = col0 + nt * 8 + 2 * c4 + e;
-                if (col < head_dim) red_add(dst + col, acc_dq[mt][nt][2 * h + e]);
-              }
-          }
-        }
+          for (int nt = 0; nt < DQ_COLS / 8; ++nt)
+            red_add2(dst + (mt * 16 + 8 * h) * HD + nt * 8, acc_dq[mt][nt][2 * h],
+                     acc_dq[mt][nt][2 * h + 1]);
     }
   }
   cp_async_wait<0>();
@@ -471,15 +491,20 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   const int m_first = mask.query_begin(n_start) / BLOCK_M;
   const int n_mt = fc_max(0, fc_ceil_div(seqlen_q, BLOCK_M) - m_first);
   const int n_steps = n_group * n_mt;
+  // Atomic dQ: CTA x visits its query tiles starting at tile x mod n_mt (then
+  // wraps), so the CTAs in flight add into different dQ rows instead of all
+  // sweeping the same rows in lockstep (same-address reductions serialize in L2).
+  const int rot = ATOMIC_DQ && n_mt > 0 ? (int)(blockIdx.x % (unsigned)n_mt) : 0;
+  auto rotate = [&](int mi) { return mi + rot >= n_mt ? mi + rot - n_mt : mi + rot; };
 
   const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
   const T *do_b = dout_v.batch(bi.b0, bi.b1, bi.b2);
   const float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
   const float *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
 
-  auto load_step = [&](int t, int stage) {
-    const int grp = t / n_mt;
-    const int m0 = (m_first + t % n_mt) * BLOCK_M, mv = seqlen_q - m0;
+  auto load_step = [&](StepIter it, int stage) {
+    const int grp = it.grp;
+    const int m0 = (m_first + rotate(it.mi)) * BLOCK_M, mv = seqlen_q - m0;
     T *sQ = reinterpret_cast<T *>(fc_sm80_smem + C::QDO_OFF + stage * C::QDO_STAGE);
     load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + grp * q_sg + m0 * q_sr, q_sr, mv, head_dim);
     load_tile<T, BLOCK_M, HDV, NTHREADS>(sQ + BLOCK_M * LDQ, do_b + grp * dout_sg + m0 * dout_sr,
@@ -502,9 +527,11 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   load_tile<T, BLOCK_N, HDV, NTHREADS>(sV, v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr,
                                        n_rows, head_dim_v);
   cp_async_commit();
+  StepIter pf{0, 0}, cur{0, 0};  // the step being prefetched / computed
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_steps) load_step(s, s);
+    if (s < n_steps) load_step(pf, s);
+    pf.next(n_mt);
     cp_async_commit();
   }
 
@@ -526,12 +553,14 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   for (int t = 0; t < n_steps; ++t) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage t landed; P / dS of step t-1 fully consumed
-    if (t + STAGES - 1 < n_steps) load_step(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+    if (t + STAGES - 1 < n_steps) load_step(pf, (t + STAGES - 1) % STAGES);
+    pf.next(n_mt);
     cp_async_commit();
 
     const int stage = t % STAGES;
-    const int grp = t / n_mt;
-    const int m0 = (m_first + t % n_mt) * BLOCK_M;
+    const int grp = cur.grp;
+    const int m0 = (m_first + rotate(cur.mi)) * BLOCK_M;
+    cur.next(n_mt);
     const u32 sQ_u = smem0 + C::QDO_OFF + stage * C::QDO_STAGE;
     const u32 sdO_u = sQ_u + 2 * BLOCK_M * LDQ;
     const float *sLse =
@@ -582,6 +611,29 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
     }
     __syncthreads();  // P, dS complete
 
+    if constexpr (ATOMIC_DQ) {
+      // dQ (BLOCK_M, HD) += dS K (k = keys), added into the fp32 workspace.  Before
+      // dV / dK: the reductions then drain while the tensor cores run dV and dK,
+      // instead of piling up in front of the next step's barrier.
+      constexpr int Q_MT = C::Q_MT, QD = C::QD;
+      float acc_dq[Q_MT][QD / 8][4];
+      zero(acc_dq);
+      gemm_ab<T, Q_MT, QD, BLOCK_N>(
+          acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, ds_a + 2 * (mt * 16 * LDP + kk * 16)); },
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16)); });
+      // dq_accum layout contract (see the header): no row or column tests.
+      float *dst = dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
+                   (fc_index_t)(m0 + q_m0 + g) * HD + q_d0 + 2 * c4;
+#pragma unroll
+      for (int mt = 0; mt < Q_MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int nt = 0; nt < QD / 8; ++nt)
+            red_add2(dst + (mt * 16 + 8 * h) * HD + nt * 8, acc_dq[mt][nt][2 * h],
+                     acc_dq[mt][nt][2 * h + 1]);
+    }
+
     // dV += P^T dO,  dK += dS^T Q   (k = queries)
     {
       const u32 dO_b = sdO_u + 2 * (lane_bk<LDO>(lane) + k_d * KDV);
@@ -592,33 +644,6 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       gemm_ab<T, K_MT, KD, BLOCK_M>(
           acc_dk, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, dsT_a + 2 * (kk * 16 * LDP + mt * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, q_b2 + 2 * (kk * 16 * LDQ + n2 * 16)); });
-    }
-
-    if constexpr (ATOMIC_DQ) {
-      // dQ (BLOCK_M, HD) += dS K (k = keys), added into the fp32 workspace
-      constexpr int Q_MT = C::Q_MT, QD = C::QD;
-      float acc_dq[Q_MT][QD / 8][4];
-      zero(acc_dq);
-      gemm_ab<T, Q_MT, QD, BLOCK_N, 2>(
-          acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, ds_a + 2 * (mt * 16 * LDP + kk * 16)); },
-          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16)); });
-      float *dqa_b = dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg;
-#pragma unroll
-      for (int mt = 0; mt < Q_MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = m0 + q_m0 + mt * 16 + g + 8 * h;
-          if (row < seqlen_q) {
-            float *dst = dqa_b + row * dqa_sr;
-#pragma unroll
-            for (int nt = 0; nt < QD / 8; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int col = q_d0 + nt * 8 + 2 * c4 + e;
-                if (col < head_dim) red_add(dst + col, acc_dq[mt][nt][2 * h + e]);
-              }
-          }
-        }
     }
   }
   cp_async_wait<0>();

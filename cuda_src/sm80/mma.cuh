@@ -126,6 +126,16 @@ __device__ __forceinline__ float shfl_xor(float x, int m) {
 __device__ __forceinline__ void red_add(float *p, float v) {
   asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
 }
+// p[0] += a, p[1] += b (p 8-byte aligned): one vector reduction on sm_90+
+// (PTX "red with vector types"), two scalar ones before.
+__device__ __forceinline__ void red_add2(float *p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  red_add(p, a);
+  red_add(p + 1, b);
+#endif
+}
 
 // ---------------------------------------------------------------------------
 // cp.async
@@ -165,6 +175,13 @@ __device__ __forceinline__ bool vec16_ok(const T *g, fc_index_t row_stride, int 
 // so padded key rows never bring 0 * NaN from stale shared memory.  The async
 // path issues cp.async only (the caller commits); the element-wise path stores
 // synchronously (visible after the caller's __syncthreads).
+//
+// Async path: thread t owns the 16-byte column chunk t % CPR of rows
+// t / CPR + i * RSTEP, so its whole share is one 64-bit pointer and one shared
+// address advanced by constant steps.  (Recomputing row, chunk and a 64-bit
+// offset per chunk cost ~15 integer instructions per cp.async; in the dK/dV
+// loop that was a third of all instructions issued.)  A full tile (the common
+// case) skips the per-chunk predicates behind one uniform branch.
 template <typename T, int ROWS, int COLS, int NTHREADS>
 __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row_stride,
                                           int rows_valid, int cols_valid) {
@@ -172,16 +189,31 @@ __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row
   constexpr int LD = COLS + PAD;
   constexpr int TOTAL = ROWS * CPR;
   constexpr int ITERS = (TOTAL + NTHREADS - 1) / NTHREADS;
+  static_assert(NTHREADS % CPR == 0, "a thread keeps one column chunk");
+  constexpr int RSTEP = NTHREADS / CPR;  // rows between a thread's chunks
   const u32 s0 = smem_u32(smem);
   if (vec16_ok(gmem, row_stride, cols_valid)) {
+    const int r0 = threadIdx.x / CPR, c8 = (threadIdx.x % CPR) * 8;
+    const T *src = gmem + r0 * row_stride + c8;
+    const fc_index_t step = RSTEP * row_stride;
+    const u32 dst = s0 + 2 * (r0 * LD + c8);
+    if (rows_valid >= ROWS && cols_valid >= COLS) {
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int idx = threadIdx.x + it * NTHREADS;
-      if (TOTAL % NTHREADS == 0 || idx < TOTAL) {
-        const int r = idx / CPR, c = idx % CPR;
-        const bool ok = r < rows_valid && c * 8 < cols_valid;
-        const T *src = ok ? gmem + r * row_stride + c * 8 : gmem;
-        cp_async_16(s0 + 2 * (r * LD + c * 8), src, ok ? 16 : 0);
+      for (int it = 0; it < ITERS; ++it) {
+        if (TOTAL % NTHREADS == 0 || r0 + it * RSTEP < ROWS)
+          cp_async_16(dst + 2 * it * RSTEP * LD, src, 16);
+        src += step;
+      }
+    } else {
+      const bool col_ok = c8 < cols_valid;
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {
+        const int r = r0 + it * RSTEP;
+        if (TOTAL % NTHREADS == 0 || r < ROWS) {
+          const bool ok = col_ok && r < rows_valid;
+          cp_async_16(dst + 2 * it * RSTEP * LD, ok ? src : gmem, ok ? 16 : 0);
+        }
+        src += step;
       }
     }
   } else {

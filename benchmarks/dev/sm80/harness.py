@@ -155,7 +155,10 @@ def bwd(q, k, v, o, lse, do, t, causal, scale, mode, B, Hk, G=1):
         np.int32(B), np.int32(Hk), np.int32(1), np.int32(G), q_sg, do_sg, l_sg, dl_sg] + common_tail
     launches = []
     if mode == "atomic":
-        dqa = cp.zeros(q.shape, cp.float32)
+        # layout contract of fc_sm80_bwd_dkdvq: row pitch = the head-dim bucket,
+        # query axis padded to a multiple of BLOCK_M
+        bm = s.tiles[0]
+        dqa = cp.zeros(q.shape[:2] + (-(-Sq // bm) * bm, hd), cp.float32)
         dqa_a, dqa_sg = gview(dqa)
         args = args + dqa_a + [dqa_sg]
         launches.append((kernel(s.name, s.smem), (math.ceil(Sk / s.tiles[1]), B * Hk, 1),
@@ -442,6 +445,9 @@ def fwd_variants():
     import torch.nn.functional as F
     global T, POISON
     fails = 0
+    only = [int(x) for x in os.environ.get("FWD_VAR_D", "").split()]  # e.g. "128"
+    if only:
+        specs.VARIANTS["fwd"] = {d: t for d, t in specs.VARIANTS["fwd"].items() if d in only}
     for hd, lst in specs.VARIANTS["fwd"].items():
         for tiles in lst:
             OVERRIDE.clear()
