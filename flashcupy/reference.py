@@ -131,13 +131,7 @@ def attention_naive(q, k, v, causal: bool = False, scale=None):
         Natural-log row logsumexp of the scaled scores; ``-inf`` for a row that
         sees no key.  ``batch`` is the broadcast of the three batch shapes.
     """
-    q, k, v = _f64(q), _f64(k), _f64(v)
-    batch = _check_shapes(q, k, v)
-    scale = _default_scale(scale, q.shape[-1])
-    q = np.broadcast_to(q, batch + q.shape[-2:])
-    k = np.broadcast_to(k, batch + k.shape[-2:])
-    v = np.broadcast_to(v, batch + v.shape[-2:])
-
+    q, k, v, batch, scale = _operands(q, k, v, scale)
     s = _scores(q, k, causal, scale)
     m = np.max(s, axis=-1, initial=-np.inf)          # -inf for an empty row
     m_safe = np.where(np.isneginf(m), 0.0, m)        # avoid (-inf) - (-inf)
@@ -149,17 +143,22 @@ def attention_naive(q, k, v, causal: bool = False, scale=None):
     return out, lse
 
 
-def _backward_operands(dout, q, k, v, out, lse, scale):
-    """The backward references' common start: float64 operands broadcast to the
-    full batch shape, the inputs' original shapes (to sum gradients back onto),
-    the batch shape and the resolved scale."""
-    shapes = (np.shape(q), np.shape(k), np.shape(v))
+def _operands(q, k, v, scale):
+    """q, k, v in float64 broadcast to the full batch shape, that shape, and the
+    resolved scale."""
     q, k, v = _f64(q), _f64(k), _f64(v)
     batch = _check_shapes(q, k, v)
     scale = _default_scale(scale, q.shape[-1])
-    q = np.broadcast_to(q, batch + q.shape[-2:])
-    k = np.broadcast_to(k, batch + k.shape[-2:])
-    v = np.broadcast_to(v, batch + v.shape[-2:])
+    return (np.broadcast_to(q, batch + q.shape[-2:]), np.broadcast_to(k, batch + k.shape[-2:]),
+            np.broadcast_to(v, batch + v.shape[-2:]), batch, scale)
+
+
+def _backward_operands(dout, q, k, v, out, lse, scale):
+    """The backward references' common start: the operands of ``_operands`` and
+    dout, out, lse broadcast alike, plus the inputs' original shapes (to sum
+    gradients back onto)."""
+    shapes = (np.shape(q), np.shape(k), np.shape(v))
+    q, k, v, batch, scale = _operands(q, k, v, scale)
     dout = np.broadcast_to(_f64(dout), batch + (q.shape[-2], v.shape[-1]))
     out = np.broadcast_to(_f64(out), dout.shape)
     lse = np.broadcast_to(_f64(lse), dout.shape[:-1])

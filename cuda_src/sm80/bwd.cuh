@@ -124,6 +124,101 @@ __device__ __forceinline__ float lse_to_log2(float lse) {
                                            : lse * float(FC_LOG2E);
 }
 
+// What the two dK/dV bodies share, independent of their warp split (C is
+// DkdvCfg or Dkdv2dCfg: the same shared-memory fields): the order of the steps
+// (broadcast group g, query tile), the Q / dO / LSE / delta cp.async ring, and
+// the resident K / V tiles.
+template <typename T, class C, int HD, int HDV, int BLOCK_M, int BLOCK_N, int STAGES,
+          bool ATOMIC_DQ>
+struct DkdvRing {
+  static constexpr int NTHREADS = C::NTHREADS;
+  const T *q_b, *do_b;
+  const float *lse_b, *delta_b;
+  fc_index_t q_sr, do_sr, lse_sr, delta_sr, q_sg, do_sg, lse_sg, delta_sg;
+  int seqlen_q, head_dim, head_dim_v, m_first, n_mt, n_steps, rot;
+  StepIter pf, cur;  // the step being prefetched / computed
+
+  // m_first: the first query tile that sees a key of this CTA (causal).
+  __device__ __forceinline__ void init(int m_first_, int n_group) {
+    m_first = m_first_;
+    n_mt = fc_max(0, fc_ceil_div(seqlen_q, BLOCK_M) - m_first);  // query tiles per group
+    n_steps = n_group * n_mt;
+    // Atomic dQ: CTA x visits its query tiles starting at tile x mod n_mt (then
+    // wraps), so the CTAs in flight add into different dQ rows instead of all
+    // sweeping the same rows in lockstep (same-address reductions serialize in L2).
+    rot = ATOMIC_DQ && n_mt > 0 ? (int)(blockIdx.x % (unsigned)n_mt) : 0;
+    pf = StepIter{0, 0};
+    cur = StepIter{0, 0};
+  }
+  __device__ __forceinline__ int m0_of(StepIter it) const {
+    const int mi = it.mi + rot >= n_mt ? it.mi + rot - n_mt : it.mi + rot;
+    return (m_first + mi) * BLOCK_M;
+  }
+  __device__ __forceinline__ void load(StepIter it, int stage, unsigned char *smem) const {
+    const int grp = it.grp, m0 = m0_of(it), mv = seqlen_q - m0;
+    T *sQ = reinterpret_cast<T *>(smem + C::QDO_OFF + stage * C::QDO_STAGE);
+    load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + grp * q_sg + m0 * q_sr, q_sr, mv, head_dim);
+    load_tile<T, BLOCK_M, HDV, NTHREADS>(sQ + BLOCK_M * C::LDQ, do_b + grp * do_sg + m0 * do_sr,
+                                         do_sr, mv, head_dim_v);
+    const u32 smem0 = smem_u32(smem);
+    for (int r = threadIdx.x; r < 2 * BLOCK_M; r += NTHREADS) {
+      const bool is_lse = r < BLOCK_M;
+      const int rr = is_lse ? r : r - BLOCK_M;
+      const float *src = is_lse ? lse_b + grp * lse_sg + (fc_index_t)(m0 + rr) * lse_sr
+                                : delta_b + grp * delta_sg + (fc_index_t)(m0 + rr) * delta_sr;
+      const u32 dst =
+          smem0 + (is_lse ? C::LSE_OFF : C::DELTA_OFF) + 4 * (stage * BLOCK_M + rr);
+      const bool ok = rr < mv;
+      cp_async_4(dst, ok ? src : lse_b, ok ? 4 : 0);  // rows past Sq: lse = delta = 0
+    }
+  }
+  // K and V (they stay resident), then the first STAGES - 1 steps.
+  __device__ __forceinline__ void prologue(unsigned char *smem, const T *k_tile, fc_index_t k_sr,
+                                           const T *v_tile, fc_index_t v_sr, int n_rows) {
+    load_tile<T, BLOCK_N, HD, NTHREADS>(reinterpret_cast<T *>(smem + C::K_OFF), k_tile, k_sr,
+                                        n_rows, head_dim);
+    load_tile<T, BLOCK_N, HDV, NTHREADS>(reinterpret_cast<T *>(smem + C::V_OFF), v_tile, v_sr,
+                                         n_rows, head_dim_v);
+    cp_async_commit();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < n_steps) load(pf, s, smem);
+      pf.next(n_mt);
+      cp_async_commit();
+    }
+  }
+  struct Step {
+    int stage, grp, m0;
+  };
+  // Top of step t: its tiles have landed for every thread (and the buffers of
+  // step t - 1 are free); prefetches step t + STAGES - 1.
+  __device__ __forceinline__ Step begin(int t, unsigned char *smem) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    if (t + STAGES - 1 < n_steps) load(pf, (t + STAGES - 1) % STAGES, smem);
+    pf.next(n_mt);
+    cp_async_commit();
+    const Step st{t % STAGES, cur.grp, m0_of(cur)};
+    cur.next(n_mt);
+    return st;
+  }
+};
+
+// dq_accum += one warp's dQ tile (MT m16 tiles x COLS columns) at dst, this
+// lane's first element; the workspace contract (see the header) makes every
+// address valid, so there is no row or column test.
+template <int MT, int COLS, int PITCH>
+__device__ __forceinline__ void add_dq(float *dst, const float (&acc)[MT][COLS / 8][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int nt = 0; nt < COLS / 8; ++nt)
+        red_add2(dst + (mt * 16 + 8 * h) * PITCH + nt * 8, acc[mt][nt][2 * h],
+                 acc[mt][nt][2 * h + 1]);
+}
+
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
           bool CAUSAL, bool ATOMIC_DQ>
 __device__ __forceinline__ void bwd_dkdv_body(
@@ -163,53 +258,14 @@ __device__ __forceinline__ void bwd_dkdv_body(
   const int g = lane >> 2, c4 = lane & 3;
   const int wkey = warp * WN;  // first tile key of this warp
 
+  DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
+      q_v.batch(bi.b0, bi.b1, bi.b2), dout_v.batch(bi.b0, bi.b1, bi.b2),
+      lse_v.batch(bi.b0, bi.b1, bi.b2), delta_v.batch(bi.b0, bi.b1, bi.b2), q_sr, dout_sr,
+      lse_sr, delta_sr, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q, head_dim, head_dim_v};
   // Causal: query rows above query_begin see no key of this tile.
-  const int m_first = mask.query_begin(n_start) / BLOCK_M;
-  const int n_mt = fc_max(0, fc_ceil_div(seqlen_q, BLOCK_M) - m_first);  // query tiles per group
-  const int n_steps = n_group * n_mt;
-  // Atomic dQ: CTA x visits its query tiles starting at tile x mod n_mt (then
-  // wraps), so the CTAs in flight add into different dQ rows instead of all
-  // sweeping the same rows in lockstep (same-address reductions serialize in L2).
-  const int rot = ATOMIC_DQ && n_mt > 0 ? (int)(blockIdx.x % (unsigned)n_mt) : 0;
-  auto rotate = [&](int mi) { return mi + rot >= n_mt ? mi + rot - n_mt : mi + rot; };
-
-  const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
-  const T *do_b = dout_v.batch(bi.b0, bi.b1, bi.b2);
-  const float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
-  const float *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
-
-  auto load_step = [&](StepIter it, int stage) {
-    const int grp = it.grp;
-    const int m0 = (m_first + rotate(it.mi)) * BLOCK_M, mv = seqlen_q - m0;
-    T *sQ = reinterpret_cast<T *>(fc_sm80_smem + C::QDO_OFF + stage * C::QDO_STAGE);
-    load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + grp * q_sg + m0 * q_sr, q_sr, mv, head_dim);
-    load_tile<T, BLOCK_M, HDV, NTHREADS>(sQ + BLOCK_M * LDQ, do_b + grp * dout_sg + m0 * dout_sr,
-                                         dout_sr, mv, head_dim_v);
-    for (int r = tid; r < 2 * BLOCK_M; r += NTHREADS) {
-      const bool is_lse = r < BLOCK_M;
-      const int rr = is_lse ? r : r - BLOCK_M;
-      const float *src = is_lse ? lse_b + grp * lse_sg + (fc_index_t)(m0 + rr) * lse_sr
-                                : delta_b + grp * delta_sg + (fc_index_t)(m0 + rr) * delta_sr;
-      const u32 dst =
-          smem0 + (is_lse ? C::LSE_OFF : C::DELTA_OFF) + 4 * (stage * BLOCK_M + rr);
-      const bool ok = rr < mv;
-      cp_async_4(dst, ok ? src : lse_b, ok ? 4 : 0);  // rows past Sq: lse = delta = 0
-    }
-  };
-
-  // K and V stay resident for the whole loop.
-  load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr,
-                                      n_rows, head_dim);
-  load_tile<T, BLOCK_N, HDV, NTHREADS>(sV, v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr,
-                                       n_rows, head_dim_v);
-  cp_async_commit();
-  StepIter pf{0, 0}, cur{0, 0};  // the step being prefetched / computed
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_steps) load_step(pf, s);
-    pf.next(n_mt);
-    cp_async_commit();
-  }
+  ring.init(mask.query_begin(n_start) / BLOCK_M, n_group);
+  ring.prologue(fc_sm80_smem, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr,
+                v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr, n_rows);
 
   const u32 sK_a = smem_u32(sK) + 2 * (wkey * LDK + lane_a<LDK>(lane));
   const u32 sV_a = smem_u32(sV) + 2 * (wkey * LDV + lane_a<LDV>(lane));
@@ -249,17 +305,9 @@ __device__ __forceinline__ void bwd_dkdv_body(
   zero(acc_dv);
 
 #pragma unroll 1
-  for (int t = 0; t < n_steps; ++t) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    if (t + STAGES - 1 < n_steps) load_step(pf, (t + STAGES - 1) % STAGES);
-    pf.next(n_mt);
-    cp_async_commit();
-
-    const int stage = t % STAGES;
-    const int grp = cur.grp;
-    const int m0 = (m_first + rotate(cur.mi)) * BLOCK_M;
-    cur.next(n_mt);
+  for (int t = 0; t < ring.n_steps; ++t) {
+    const auto step = ring.begin(t, fc_sm80_smem);
+    const int stage = step.stage, grp = step.grp, m0 = step.m0;
     const u32 sQ_u = smem0 + C::QDO_OFF + stage * C::QDO_STAGE;
     const u32 sdO_u = sQ_u + 2 * BLOCK_M * LDQ;
     const float *sLse =
@@ -331,33 +379,12 @@ __device__ __forceinline__ void bwd_dkdv_body(
       zero(acc_dq);
       const u32 a_lane = smem_u32(sdS) + 2 * (lane_at<LDS>(lane) + qrow0);
       const u32 b_lane = smem_u32(sK) + 2 * (lane_bk<LDK>(lane) + col0);
-#pragma unroll 2
-      for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-        u32 a[DQ_MT][4];
-#pragma unroll
-        for (int mt = 0; mt < DQ_MT; ++mt) ldsm_x4_t(a[mt], a_lane + 2 * (kk * 16 * LDS + mt * 16));
-#pragma unroll
-        for (int n2 = 0; n2 < DQ_COLS / 16; ++n2) {
-          u32 b[4];
-          ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDK + n2 * 16));
-#pragma unroll
-          for (int mt = 0; mt < DQ_MT; ++mt) {
-            Mma<T>::mma(acc_dq[mt][2 * n2], a[mt], b[0], b[1]);
-            Mma<T>::mma(acc_dq[mt][2 * n2 + 1], a[mt], b[2], b[3]);
-          }
-        }
-      }
-      // dq_accum layout contract (see the header): no row or column tests.
-      float *dst = dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
-                   (fc_index_t)(m0 + qrow0 + g) * HD + col0 + 2 * c4;
-#pragma unroll
-      for (int mt = 0; mt < DQ_MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int nt = 0; nt < DQ_COLS / 8; ++nt)
-            red_add2(dst + (mt * 16 + 8 * h) * HD + nt * 8, acc_dq[mt][nt][2 * h],
-                     acc_dq[mt][nt][2 * h + 1]);
+      gemm_ab<T, DQ_MT, DQ_COLS, BLOCK_N, 2>(
+          acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, a_lane + 2 * (kk * 16 * LDS + mt * 16)); },
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDK + n2 * 16)); });
+      add_dq<DQ_MT, DQ_COLS, HD>(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
+                                     (fc_index_t)(m0 + qrow0 + g) * HD + col0 + 2 * c4,
+                                 acc_dq);
     }
   }
   cp_async_wait<0>();
@@ -421,29 +448,6 @@ struct Dkdv2dCfg {
   static_assert(STAGES >= 2, "at least double-buffered");
 };
 
-// acc += A B over K, A fragments from afrag(mt, kk, a), B fragment pairs (two n8
-// tiles, ldmatrix.x4 order) from bfrag(n2, kk, b).
-// KUNROLL < K/16 bounds how many fragments the compiler keeps in flight (registers).
-template <typename T, int MT, int N, int K, int KUNROLL = K / 16, typename AF, typename BF>
-__device__ __forceinline__ void gemm_ab(float (&acc)[MT][N / 8][4], AF afrag, BF bfrag) {
-#pragma unroll KUNROLL
-  for (int kk = 0; kk < K / 16; ++kk) {
-    u32 a[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) afrag(mt, kk, a[mt]);
-#pragma unroll
-    for (int n2 = 0; n2 < N / 16; ++n2) {
-      u32 b[4];
-      bfrag(n2, kk, b);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        Mma<T>::mma(acc[mt][2 * n2], a[mt], b[0], b[1]);
-        Mma<T>::mma(acc[mt][2 * n2 + 1], a[mt], b[2], b[3]);
-      }
-    }
-  }
-}
-
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
           bool CAUSAL, bool ATOMIC_DQ>
 __device__ __forceinline__ void bwd_dkdv_body_2d(
@@ -488,52 +492,14 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   const int k_n0 = (warp % C::KWN) * (K_MT * 16), k_d = warp / C::KWN;
   const int q_m0 = (warp % C::QWM) * (C::Q_MT * 16), q_d0 = (warp / C::QWM) * C::QD;
 
-  const int m_first = mask.query_begin(n_start) / BLOCK_M;
-  const int n_mt = fc_max(0, fc_ceil_div(seqlen_q, BLOCK_M) - m_first);
-  const int n_steps = n_group * n_mt;
-  // Atomic dQ: CTA x visits its query tiles starting at tile x mod n_mt (then
-  // wraps), so the CTAs in flight add into different dQ rows instead of all
-  // sweeping the same rows in lockstep (same-address reductions serialize in L2).
-  const int rot = ATOMIC_DQ && n_mt > 0 ? (int)(blockIdx.x % (unsigned)n_mt) : 0;
-  auto rotate = [&](int mi) { return mi + rot >= n_mt ? mi + rot - n_mt : mi + rot; };
-
-  const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
-  const T *do_b = dout_v.batch(bi.b0, bi.b1, bi.b2);
-  const float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
-  const float *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
-
-  auto load_step = [&](StepIter it, int stage) {
-    const int grp = it.grp;
-    const int m0 = (m_first + rotate(it.mi)) * BLOCK_M, mv = seqlen_q - m0;
-    T *sQ = reinterpret_cast<T *>(fc_sm80_smem + C::QDO_OFF + stage * C::QDO_STAGE);
-    load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + grp * q_sg + m0 * q_sr, q_sr, mv, head_dim);
-    load_tile<T, BLOCK_M, HDV, NTHREADS>(sQ + BLOCK_M * LDQ, do_b + grp * dout_sg + m0 * dout_sr,
-                                         dout_sr, mv, head_dim_v);
-    for (int r = tid; r < 2 * BLOCK_M; r += NTHREADS) {
-      const bool is_lse = r < BLOCK_M;
-      const int rr = is_lse ? r : r - BLOCK_M;
-      const float *src = is_lse ? lse_b + grp * lse_sg + (fc_index_t)(m0 + rr) * lse_sr
-                                : delta_b + grp * delta_sg + (fc_index_t)(m0 + rr) * delta_sr;
-      const u32 dst =
-          smem0 + (is_lse ? C::LSE_OFF : C::DELTA_OFF) + 4 * (stage * BLOCK_M + rr);
-      const bool ok = rr < mv;
-      cp_async_4(dst, ok ? src : lse_b, ok ? 4 : 0);  // rows past Sq: lse = delta = 0
-    }
-  };
-
-  // K and V stay resident for the whole loop.
-  load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr,
-                                      n_rows, head_dim);
-  load_tile<T, BLOCK_N, HDV, NTHREADS>(sV, v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr,
-                                       n_rows, head_dim_v);
-  cp_async_commit();
-  StepIter pf{0, 0}, cur{0, 0};  // the step being prefetched / computed
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_steps) load_step(pf, s);
-    pf.next(n_mt);
-    cp_async_commit();
-  }
+  DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
+      q_v.batch(bi.b0, bi.b1, bi.b2), dout_v.batch(bi.b0, bi.b1, bi.b2),
+      lse_v.batch(bi.b0, bi.b1, bi.b2), delta_v.batch(bi.b0, bi.b1, bi.b2), q_sr, dout_sr,
+      lse_sr, delta_sr, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q, head_dim, head_dim_v};
+  // Causal: query rows above query_begin see no key of this tile.
+  ring.init(mask.query_begin(n_start) / BLOCK_M, n_group);
+  ring.prologue(fc_sm80_smem, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr,
+                v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr, n_rows);
 
   // Per-lane ldmatrix bases.
   const u32 sK_u = smem_u32(sK), sV_u = smem_u32(sV);
@@ -550,17 +516,10 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   zero(acc_dv);
 
 #pragma unroll 1
-  for (int t = 0; t < n_steps; ++t) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // stage t landed; P / dS of step t-1 fully consumed
-    if (t + STAGES - 1 < n_steps) load_step(pf, (t + STAGES - 1) % STAGES);
-    pf.next(n_mt);
-    cp_async_commit();
-
-    const int stage = t % STAGES;
-    const int grp = cur.grp;
-    const int m0 = (m_first + rotate(cur.mi)) * BLOCK_M;
-    cur.next(n_mt);
+  for (int t = 0; t < ring.n_steps; ++t) {
+    // (its barrier also orders the reads of P / dS of step t - 1 before this step's writes)
+    const auto step = ring.begin(t, fc_sm80_smem);
+    const int stage = step.stage, grp = step.grp, m0 = step.m0;
     const u32 sQ_u = smem0 + C::QDO_OFF + stage * C::QDO_STAGE;
     const u32 sdO_u = sQ_u + 2 * BLOCK_M * LDQ;
     const float *sLse =
@@ -621,17 +580,9 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       gemm_ab<T, Q_MT, QD, BLOCK_N>(
           acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, ds_a + 2 * (mt * 16 * LDP + kk * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16)); });
-      // dq_accum layout contract (see the header): no row or column tests.
-      float *dst = dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
-                   (fc_index_t)(m0 + q_m0 + g) * HD + q_d0 + 2 * c4;
-#pragma unroll
-      for (int mt = 0; mt < Q_MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int nt = 0; nt < QD / 8; ++nt)
-            red_add2(dst + (mt * 16 + 8 * h) * HD + nt * 8, acc_dq[mt][nt][2 * h],
-                     acc_dq[mt][nt][2 * h + 1]);
+      add_dq<Q_MT, QD, HD>(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
+                               (fc_index_t)(m0 + q_m0 + g) * HD + q_d0 + 2 * c4,
+                           acc_dq);
     }
 
     // dV += P^T dO,  dK += dS^T Q   (k = queries)

@@ -328,63 +328,14 @@ __device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
 // Warp-level products.  acc is (MT*16, N) in C fragments.
 // ---------------------------------------------------------------------------
 
-// acc += A B^T, B stored (N, K) row-major in smem at sB (pitch LDB) [K^T-like].
-// A comes from `afrag(mt, kk, a)` (registers or ldmatrix), K/16 steps.
-template <typename T, int MT, int N, int K, int LDB, typename AFrag>
-__device__ __forceinline__ void gemm_nt(float (&acc)[MT][N / 8][4], AFrag afrag, u32 sB,
-                                        int lane) {
-  const u32 b_lane = sB + 2 * lane_bn<LDB>(lane);
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    u32 a[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) afrag(mt, kk, a[mt]);
-#pragma unroll
-    for (int n2 = 0; n2 < N / 16; ++n2) {
-      u32 b[4];
-      ldsm_x4(b, b_lane + 2 * (n2 * 16 * LDB + kk * 16));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        Mma<T>::mma(acc[mt][2 * n2], a[mt], b[0], b[1]);
-        Mma<T>::mma(acc[mt][2 * n2 + 1], a[mt], b[2], b[3]);
-      }
-    }
-  }
-}
-
-// acc += P B, P the fp32 C fragments (MT*16, K) of a previous product (rounded
-// to T here), B stored (K, N) row-major in smem at sB (pitch LDB) [V-like].
-template <typename T, int MT, int N, int K, int LDB>
-__device__ __forceinline__ void gemm_pn(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
-                                        u32 sB, int lane) {
-  const u32 b_lane = sB + 2 * lane_bk<LDB>(lane);
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    u32 a[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) pack_a<T>(a[mt], p[mt][2 * kk], p[mt][2 * kk + 1]);
-#pragma unroll
-    for (int n2 = 0; n2 < N / 16; ++n2) {
-      u32 b[4];
-      ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDB + n2 * 16));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        Mma<T>::mma(acc[mt][2 * n2], a[mt], b[0], b[1]);
-        Mma<T>::mma(acc[mt][2 * n2 + 1], a[mt], b[2], b[3]);
-      }
-    }
-  }
-}
-
-// acc += A B^T with both operands in smem: A (MT*16, K) at sA_lane (this lane's
-// lane_a address), B (N, K) at sB (pitch LDB).  KU k16 steps per unrolled body: with
-// KU < K/16 the k loop stays rolled, which bounds how many fragments ptxas keeps in
-// flight (the 32-row warp tiles have ~60 registers beside their accumulators).
-template <typename T, int MT, int N, int K, int LDA, int LDB, int KU>
-__device__ __forceinline__ void gemm_nt_ss(float (&acc)[MT][N / 8][4], u32 sA_lane, u32 sB,
-                                           int lane) {
+// The one product loop: acc += A B over K, the A fragment of m16 tile mt and
+// k16 step kk from afrag(mt, kk, a), the B fragments of n8 tiles 2*n2, 2*n2 + 1
+// (ldmatrix.x4 register order) from bfrag(n2, kk, b).  KU k16 steps per unrolled
+// body: with KU < K/16 the k loop stays rolled, which bounds how many fragments
+// ptxas keeps in flight (the 255-register tiles spill otherwise).
+template <typename T, int MT, int N, int K, int KU = K / 16, typename AF, typename BF>
+__device__ __forceinline__ void gemm_ab(float (&acc)[MT][N / 8][4], AF afrag, BF bfrag) {
   static_assert((K / 16) % KU == 0, "KU divides the k16 steps");
-  const u32 b_lane = sB + 2 * lane_bn<LDB>(lane);
 #pragma unroll 1
   for (int k0 = 0; k0 < K / 16; k0 += KU) {
 #pragma unroll
@@ -392,11 +343,11 @@ __device__ __forceinline__ void gemm_nt_ss(float (&acc)[MT][N / 8][4], u32 sA_la
       const int kk = k0 + ku;
       u32 a[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) ldsm_x4(a[mt], sA_lane + 2 * (mt * 16 * LDA + kk * 16));
+      for (int mt = 0; mt < MT; ++mt) afrag(mt, kk, a[mt]);
 #pragma unroll
       for (int n2 = 0; n2 < N / 16; ++n2) {
         u32 b[4];
-        ldsm_x4(b, b_lane + 2 * (n2 * 16 * LDB + kk * 16));
+        bfrag(n2, kk, b);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           Mma<T>::mma(acc[mt][2 * n2], a[mt], b[0], b[1]);
@@ -405,6 +356,39 @@ __device__ __forceinline__ void gemm_nt_ss(float (&acc)[MT][N / 8][4], u32 sA_la
       }
     }
   }
+}
+
+// acc += A B^T, B stored (N, K) row-major in smem at sB (pitch LDB) [K^T-like].
+// A comes from `afrag(mt, kk, a)` (registers or ldmatrix).
+template <typename T, int MT, int N, int K, int LDB, typename AFrag>
+__device__ __forceinline__ void gemm_nt(float (&acc)[MT][N / 8][4], AFrag afrag, u32 sB,
+                                        int lane) {
+  const u32 b_lane = sB + 2 * lane_bn<LDB>(lane);
+  gemm_ab<T, MT, N, K>(acc, afrag, [&](int n2, int kk, u32(&b)[4]) {
+    ldsm_x4(b, b_lane + 2 * (n2 * 16 * LDB + kk * 16));
+  });
+}
+
+// acc += P B, P the fp32 C fragments (MT*16, K) of a previous product (rounded
+// to T here), B stored (K, N) row-major in smem at sB (pitch LDB) [V-like].
+template <typename T, int MT, int N, int K, int LDB>
+__device__ __forceinline__ void gemm_pn(float (&acc)[MT][N / 8][4], const float (&p)[MT][K / 8][4],
+                                        u32 sB, int lane) {
+  const u32 b_lane = sB + 2 * lane_bk<LDB>(lane);
+  gemm_ab<T, MT, N, K>(
+      acc, [&](int mt, int kk, u32(&a)[4]) { pack_a<T>(a, p[mt][2 * kk], p[mt][2 * kk + 1]); },
+      [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDB + n2 * 16)); });
+}
+
+// acc += A B^T with both operands in smem: A (MT*16, K) at sA_lane (this lane's
+// lane_a address), B (N, K) at sB (pitch LDB), KU k16 steps per unrolled body.
+template <typename T, int MT, int N, int K, int LDA, int LDB, int KU>
+__device__ __forceinline__ void gemm_nt_ss(float (&acc)[MT][N / 8][4], u32 sA_lane, u32 sB,
+                                           int lane) {
+  const u32 b_lane = sB + 2 * lane_bn<LDB>(lane);
+  gemm_ab<T, MT, N, K, KU>(
+      acc, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, sA_lane + 2 * (mt * 16 * LDA + kk * 16)); },
+      [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, b_lane + 2 * (n2 * 16 * LDB + kk * 16)); });
 }
 
 }  // namespace sm80
