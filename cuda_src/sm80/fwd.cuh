@@ -46,6 +46,11 @@ struct FwdCfg {
   // Q from smem: k16 steps of S = Q K^T per unrolled body; beyond that the k loop
   // stays rolled, which bounds the fragments ptxas keeps in flight at the 255 cap.
   static constexpr int KU = HD / 16 < 4 ? HD / 16 : 4;
+  // Skip O's rescale when no row max of the warp moved (see the loop).  Only the
+  // 32-row warp tiles with HDV >= 128 do it: there the rescale is 128+ multiplies
+  // per lane per tile, and this code shape also keeps 128x64x4w at D=128 free of
+  // spills; for the 64-column tiles the extra branch measured slower (NOTES.md s. 6).
+  static constexpr bool RESCALE_VOTE = MT == 2 && HDV >= 128;
   // (BLOCK_M, LDQ) Q; reused as the (BLOCK_M, LDO) O staging tile in the epilogue
   static constexpr int Q_ELEMS = BLOCK_M * (LDQ > LDO ? LDQ : LDO);
   // per stage: (BLOCK_N, LDK) K then (BLOCK_N, LDV) V
@@ -198,6 +203,7 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
                                : s[mt][nt][e] * scale_log2;
     }
     const float mul = fold ? scale_log2 : 1.f;
+    float alpha[MT][2];  // O's rescale factor per row
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -208,7 +214,7 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
         mx = fmaxf(mx, shfl_xor(mx, 1));
         mx = fmaxf(mx, shfl_xor(mx, 2));
         mx = fmaxf(sm[mt][h].m_i, mx * mul);  // -inf * mul = -inf (mul > 0)
-        const float alpha = sm[mt][h].rescale(mx);
+        alpha[mt][h] = sm[mt][h].rescale(mx);
         // All keys so far masked: subtract 0, not -inf (no -inf - -inf = NaN).
         const float sub = OnlineSoftmax<float>::safe_max(mx);
         float lsum = 0.f;
@@ -221,9 +227,22 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
             lsum += p;
           }
         sm[mt][h].l_i += lsum;
-#pragma unroll
-        for (int nt = 0; nt < NO; ++nt) acc_o[mt][nt][2 * h] *= alpha, acc_o[mt][nt][2 * h + 1] *= alpha;
       }
+    // O *= alpha.  Once a row's running max settles (most tiles of a long row)
+    // alpha = exp2(0) = 1 exactly; when that holds for every row of the warp, a
+    // warp-uniform vote skips the MT * HDV / 2 multiplies per lane.  Scaling by
+    // 1 is exact, so skipping it changes no bit of the result.
+    bool rescale_o = !C::RESCALE_VOTE;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) rescale_o |= alpha[mt][0] != 1.f || alpha[mt][1] != 1.f;
+    if (!C::RESCALE_VOTE || __any_sync(0xffffffffu, rescale_o)) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NO; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_o[mt][nt][e] *= alpha[mt][e >> 1];
+    }
 
     // O += P V
     gemm_pn<T, MT, HDV, BLOCK_N, LDV>(acc_o, s, sV_u, lane);
