@@ -24,9 +24,10 @@ FWD_TILES = {
     32: [(128, 128, 4, 2, "qs")],  # 186/219/230, 7-16 % over 128x64x4w (Q in registers)
     64: [(128, 64, 4, 2)],   # 4 warps x 32 rows: each K/V fragment feeds two m16 tiles;
                              # 189/272/295; 128x128x8w 221/251 at 4k/16k; 128x128x4w "qs" spills
-    128: [(128, 64, 4, 2),   # flash-attn's tile, 4 warps x 32 rows, Q re-read from smem;
-                             # spill-free (255 regs) since the conditional O rescale
-                             # (NOTES.md s. 6); 104 KB: H100 and A100
+    128: [(128, 64, 4, 2),   # flash-attn's tile, 4 warps x 32 rows, Q re-read from smem:
+                             # 260/334/350 vs 128x128x8w 202/244/263 and 128x32x4w 231/296/315
+                             # (h100_s2_run10_fwdvar.log); spill-free (255 regs) since the
+                             # conditional O rescale (NOTES.md s. 6); 104 KB: H100 and A100
           (64, 64, 4, 2)],   # 87 KB: sm_86/89
     256: [(128, 64, 8, 2),   # 226/271/291, 8-21 % over 64x32x4w; 198 KB: H100 only
           (64, 32, 4, 2)],   # the largest tile within 163 KB and 255 registers: A100
