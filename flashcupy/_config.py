@@ -106,7 +106,9 @@ class KernelSpec:
         if self.family == "generic":
             return self.nwarps if self.kernel == "bwd_preprocess" else self.nwarps * self.rows
         if self.kernel == "bwd_dq_convert":
-            return self.nwarps  # one warp per query row
+            return 4 * self.nwarps  # cuda_src/sm80/bwd.cuh: 4 rows per warp
+        if self.kernel == "bwd_preprocess":  # HDV / 8 lanes (at least 4) per row
+            return self.nwarps * 32 // max(4, self.head_dim_v // 8)
         return self.block_n if self.kernel in ("bwd_dkdv", "bwd_dkdvq") else self.block_m
 
     @property

@@ -2,8 +2,8 @@
 
 Kernels: cuda_src/sm80/fwd.cuh (fc_sm80_fwd) and cuda_src/sm80/bwd.cuh
 (fc_sm80_bwd_dkdv, fc_sm80_bwd_dq), all templated on
-``<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL>``.  The backward
-preprocess (delta) is the generic family's bandwidth kernel.
+``<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL>``, and two bandwidth
+kernels of the backward (fc_sm80_bwd_preprocess, fc_sm80_bwd_dq_convert).
 
 Each bucket lists tile candidates in order of preference; the first whose
 shared memory fits the device is used (H100: 227 KB, A100: 163 KB, sm_86/89:
@@ -66,7 +66,10 @@ _TABLES = {"fwd": FWD_TILES, "bwd_dkdv": DKDV_TILES, "bwd_dq": DQ_TILES,
            "bwd_dkdvq": DKDVQ_TILES}
 _KERNEL_NAMES = {"fwd": "fc_sm80_fwd", "bwd_dkdv": "fc_sm80_bwd_dkdv", "bwd_dq": "fc_sm80_bwd_dq",
                  "bwd_dkdvq": "fc_sm80_bwd_dkdvq"}
-# dq = dq_accum * scale, cast: one warp per query row (a bandwidth kernel)
+# Bandwidth kernels of the backward: delta = rowsum(dO o O) with 16-byte loads
+# (HDV / 8 lanes per row), and dq = dq_accum * scale, cast (one thread per
+# 16-byte quad of the workspace, 4 rows per warp).
+PREPROCESS_WARPS = 4
 CONVERT_WARPS = 4
 _STORAGE = {"fp16": "fc_half", "bf16": "fc_bf16"}
 
@@ -78,6 +81,9 @@ def source(spec) -> str:
 def name_expression(spec) -> str:
     if spec.kernel == "bwd_dq_convert":
         return f"fc_sm80_bwd_dq_convert<{_STORAGE[spec.dtype]}, {spec.nwarps}>"
+    if spec.kernel == "bwd_preprocess":
+        return (f"fc_sm80_bwd_preprocess<{_STORAGE[spec.dtype]}, {spec.head_dim_v}, "
+                f"{spec.nwarps}>")
     # Trailing template flags (defaults in the kernels): SPLIT2D for dK/dV,
     # Q_IN_REGS for the forward.
     flag = ", true" if "2d" in spec.extra else ", false" if "qs" in spec.extra else ""
@@ -89,7 +95,7 @@ def name_expression(spec) -> str:
 def smem_bytes(spec) -> int:
     """Dynamic shared memory (bytes); the formulas of the kernel headers."""
     hd, hdv, bm, bn, st = spec.head_dim, spec.head_dim_v, spec.block_m, spec.block_n, spec.stages
-    if spec.kernel == "bwd_dq_convert":
+    if spec.kernel in ("bwd_dq_convert", "bwd_preprocess"):
         return 0
     if spec.kernel == "fwd":
         return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
@@ -150,12 +156,12 @@ def fwd_spec(prob):
 def bwd_spec(prob, kernel, grad_dtype=""):
     """The tensor-core kernels store gradients in the input dtype only; a
     gradient that needs an accumulator-dtype buffer (an input broadcast over an
-    axis the kernel does not sum), the HD = 256 bucket, and the delta
-    preprocess run on the generic family."""
+    axis the kernel does not sum) and the HD = 256 bucket run on the generic
+    family."""
     from ._config import generic_spec
 
     if kernel == "bwd_preprocess":
-        return generic_spec(kernel, prob.dtype_name)
+        return preprocess_spec(prob.dtype_name, head_dim_bucket(prob.head_dim_v))
     if kernel == "bwd_dq_convert":
         return KernelSpec("sm80", kernel, prob.dtype_name, nwarps=CONVERT_WARPS)
     if kernel == "bwd_dkdvq" and grad_dtype:
@@ -170,6 +176,11 @@ def bwd_spec(prob, kernel, grad_dtype=""):
     return spec
 
 
+def preprocess_spec(dtype, hdv_bucket):
+    return KernelSpec("sm80", "bwd_preprocess", dtype, hdv_bucket, hdv_bucket,
+                      nwarps=PREPROCESS_WARPS)
+
+
 def runs_on(spec, arch: str) -> bool:
     """Whether ``spec`` is ever launched on ``arch`` (its tile fits there)."""
     limit = SMEM_LIMIT_SM90 if arch.startswith("sm_9") else SMEM_LIMIT_SM80
@@ -180,6 +191,7 @@ def shipped_specs():
     out = []
     for dtype in ("fp16", "bf16"):
         out.append(KernelSpec("sm80", "bwd_dq_convert", dtype, nwarps=CONVERT_WARPS))
+        out.extend(preprocess_spec(dtype, b) for b in (32, 64, 128, 256))
         for kernel, table in _TABLES.items():
             for b, tiles in table.items():
                 for tile in tiles:

@@ -4,9 +4,12 @@ Arguments follow the ABI of cuda_src/params.cuh: each tensor is a pointer and
 four int64 element strides (three batch axes, then rows), followed by the
 batch sizes and the kernel's scalars.  Scalars are NumPy scalars of the exact
 C type (int32 for ``int``, float32/float64 for ``Acc``), pointers uint64.
-Everything launches on CuPy's current stream.
+Everything launches on the stream the caller passes (CuPy's current stream
+for the array API, PyTorch's for flashcupy.torch).
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -30,23 +33,69 @@ def _vec_stride(arr) -> int:
     return arr.strides[-1] // arr.itemsize
 
 
+def pack_args(args):
+    """Lays the kernel arguments out in one buffer as the CUDA driver reads a
+    kernel's parameters (``cuLaunchKernel``'s CU_LAUNCH_PARAM_BUFFER_POINTER):
+    in order, each at an offset aligned to its size.  ``None`` marks a pointer
+    filled in at launch time.  Returns (uint8 buffer, byte offsets of the
+    pointers, [(offset, size)] of every argument)."""
+    sizes = [8 if a is None else np.dtype(type(a)).itemsize for a in args]
+    offsets, off = [], 0
+    for n in sizes:
+        off = -(-off // n) * n
+        offsets.append(off)
+        off += n
+    buf = np.zeros(-(-off // 8) * 8, np.uint8)  # numpy aligns data to >= 16 bytes
+    ptrs = []
+    for a, o, n in zip(args, offsets, sizes):
+        if a is None:
+            ptrs.append(o)
+        else:
+            buf[o:o + n] = np.frombuffer(np.asarray(a).tobytes(), np.uint8)
+    return buf, ptrs, list(zip(offsets, sizes))
+
+
 class Launch:
     """One kernel launch with every argument fixed except the tensor pointers,
     which are filled from a {name: array} environment at each call.  Built once
-    per problem signature (see api._Plan), so a repeated call only packs
-    pointers and launches."""
+    per problem signature (see api._Plan), so a repeated call only writes a few
+    pointers into a prepacked argument buffer and calls ``cuLaunchKernel``:
+    handing CuPy ~35 NumPy scalars to convert one by one cost more host time
+    than the kernels of a small problem run."""
 
-    __slots__ = ("kern", "grid", "block", "smem", "args", "slots")
+    __slots__ = ("name", "kern", "fptr", "grid", "block", "smem", "slots", "param_layout",
+                 "_buf", "_u64", "_keep", "_extra", "_extra_ptr", "_launch", "_lock")
 
-    def __init__(self, kern, grid, block, smem, args, slots):
-        self.kern, self.grid, self.block, self.smem = kern, grid, block, smem
-        self.args, self.slots = args, slots
+    def __init__(self, kern, grid, block, smem, args, slots, name=""):
+        self.name, self.kern, self.grid, self.block, self.smem = name, kern, grid, block, smem
+        self.fptr = kern.ptr
+        buf, ptr_offsets, self.param_layout = pack_args(args)
+        by_index = dict(zip([i for i, a in enumerate(args) if a is None], ptr_offsets))
+        # (uint64 word of the pointer, environment name, byte offset into the array)
+        self.slots = [(by_index[i] // 8, name, byte_off) for i, name, byte_off in slots]
+        self._buf = buf
+        self._u64 = buf.view(np.uint64)
+        size = np.array([buf.nbytes], np.uint64)  # a size_t the driver reads
+        self._keep = size
+        # CU_LAUNCH_PARAM_BUFFER_POINTER (1), &buf, CU_LAUNCH_PARAM_BUFFER_SIZE (2),
+        # &size, CU_LAUNCH_PARAM_END (0)
+        self._extra = np.array([1, buf.ctypes.data, 2, size.ctypes.data, 0], np.uint64)
+        self._extra_ptr = self._extra.ctypes.data
+        from cupy_backends.cuda.api import driver  # raises CUDADriverError on failure
 
-    def run(self, env):
-        args = self.args.copy()
-        for i, name, byte_off in self.slots:
-            args[i] = np.uint64(env[name].data.ptr + byte_off)
-        self.kern(self.grid, self.block, tuple(args), shared_mem=self.smem)
+        self._launch = driver.launchKernel
+        # The buffer is shared by every call of this plan: one thread at a time
+        # fills and launches it (the driver copies the arguments at launch).
+        self._lock = threading.Lock()
+
+    def run(self, env, stream_ptr):
+        u64 = self._u64
+        g, b = self.grid, self.block
+        with self._lock:
+            for word, name, byte_off in self.slots:
+                u64[word] = env[name].data.ptr + byte_off
+            self._launch(self.fptr, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, stream_ptr, 0,
+                         self._extra_ptr)
 
 
 def launch(spec, device_id, cc, layout, operands, n_rows, middle=(), scalars=(), post=(),
@@ -79,7 +128,8 @@ def launch(spec, device_id, cc, layout, operands, n_rows, middle=(), scalars=(),
         args.extend(scalars)
         tensors(post)
         args.extend(post_scalars)
-        out.append(Launch(kern, _grid(n_tiles, nb0 * nb1 * nb2), block, smem, args, slots))
+        out.append(Launch(kern, _grid(n_tiles, nb0 * nb1 * nb2), block, smem, args, slots,
+                          name=spec.name_expression))
     return out
 
 

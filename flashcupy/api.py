@@ -260,20 +260,34 @@ class _Plan:
     def zero(self, name):
         self.steps.append(("zero", name))
 
-    def run(self, env):
+    @property
+    def pointers_only(self) -> bool:
+        """Whether the steps need nothing of the arrays but their pointers (no
+        CuPy reduction): what flashcupy.torch replays without CuPy views."""
+        return all(st[0] != "finish" for st in self.steps)
+
+    def run(self, env, stream_ptr=None, alloc=None):
+        """Replays the steps on CuPy's current stream, or on ``stream_ptr``;
+        ``alloc(shape, dtype)`` replaces ``cupy.empty`` for the workspaces."""
+        if stream_ptr is None:
+            stream_ptr = cupy.cuda.get_current_stream().ptr
         for st in self.steps:
             kind = st[0]
             if kind == "launch":
-                st[1].run(env)
+                st[1].run(env, stream_ptr)
             elif kind == "alloc":
                 if st[1] not in env:  # the first run reuses what building allocated
-                    env[st[1]] = cupy.empty(st[2], st[3])
+                    env[st[1]] = cupy.empty(st[2], st[3]) if alloc is None else alloc(*st[2:])
             elif kind == "alias":
                 env[st[1]] = env[st[2]]
             elif kind == "zero":
-                env[st[1]].fill(0)  # a memset
-            else:
+                x = env[st[1]]  # contiguous (allocated by the plan)
+                cupy.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, stream_ptr)
+            elif cupy.cuda.get_current_stream().ptr == stream_ptr:
                 _finish_grad(env[st[1]], env[st[2]], st[3])
+            else:
+                with cupy.cuda.ExternalStream(stream_ptr):
+                    _finish_grad(env[st[1]], env[st[2]], st[3])
 
 
 _PLANS: dict = {}
@@ -290,6 +304,13 @@ def _signature(kind, arrays, causal, scale):
     for x in arrays:
         sig.extend((x.shape, x.strides, x.dtype, x.data.device_id))
     return tuple(sig)
+
+
+def cached_plan(kind, arrays, causal, scale):
+    """The plan a call with these arguments replays, or None (for
+    flashcupy.torch, which keys plans on tensor metadata)."""
+    key = _signature(kind, arrays, causal, scale)
+    return _PLANS.get(key) if key is not None else None
 
 
 def _remember(key, plan):
@@ -400,11 +421,12 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False,
         _check_array(fn, name, x)
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"{fn}: deterministic must be a bool, got {deterministic!r}")
-    # Every path is deterministic: each gradient element has one writer and
-    # every sum runs in a fixed order.  (cuda_src/sm80/bwd.cuh also has a dK/dV
-    # kernel that adds dQ with float32 atomics; it measured no faster on the
-    # H100, so it is not dispatched and ``deterministic`` costs nothing.)
-    key = _signature("bwd", (dout, q, k, v, out, lse), causal, scale)
+    # deterministic=False lets the tensor-core family add dQ with float32
+    # atomics (run-dependent summation order); every other path has one writer
+    # per gradient element and sums in a fixed order.
+    # deterministic picks the kernels: it is part of the plan's key
+    key = _signature("bwd-det" if deterministic else "bwd", (dout, q, k, v, out, lse), causal,
+                     scale)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         prob = _prepare(fn, q, k, v, causal, scale)

@@ -38,9 +38,10 @@ from __future__ import annotations
 import contextlib
 
 import cupy
+import numpy as np
 import torch  # the real PyTorch (absolute import), not this module
 
-from flashcupy import api
+from flashcupy import _config, api
 
 __all__ = ["attention", "scaled_dot_product_attention"]
 
@@ -215,6 +216,75 @@ def _cupy_on_torch(device: torch.device):
 
 
 # ----------------------------------------------------------------------------
+# replaying plans on tensors (no CuPy views)
+# ----------------------------------------------------------------------------
+# The first call of a signature goes through CuPy views and flashcupy.api,
+# which validates, picks kernels and builds a plan (api._Plan).  That plan is
+# remembered here under the tensors' metadata, and later calls replay it on
+# raw pointers: no DLPack export, no CuPy stream, device or allocator context.
+# Those cost ~150 us per forward call at small sizes, far more than the kernels.
+
+class _Ptr:
+    """What a plan replay needs of a tensor: its address and size.  Holds the
+    tensor, so a workspace lives until the launches that use it are queued
+    (PyTorch's allocator then reuses the block only in stream order)."""
+
+    __slots__ = ("ptr", "nbytes", "ref")
+
+    def __init__(self, t: torch.Tensor):
+        self.ptr, self.nbytes, self.ref = t.data_ptr(), t.nbytes, t
+
+    @property
+    def data(self):  # the plan reads ``env[name].data.ptr``, as of a cupy.ndarray
+        return self
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 4096  # a full cache is simply cleared
+_WORKSPACE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+try:
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # device index -> cudaStream_t
+except AttributeError:  # pragma: no cover - older PyTorch
+    def _raw_stream(index):
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+def _plan_key(kind: str, tensors, causal: bool, scale):
+    """Everything the plan depends on, from tensor metadata; None if ``scale``
+    is of a type the API would judge (then there is no replay)."""
+    if not (scale is None or type(scale) is float):
+        return None
+    sig = [kind, causal, scale, _config.current_family()]
+    for t in tensors:
+        sig.extend((t.shape, t.stride(), t.dtype, t.get_device()))
+    return tuple(sig)
+
+
+def _remember(key, plan) -> None:
+    if key is None or plan is None or not plan.pointers_only:
+        return
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
+def _replay(key, device_index: int, env: dict) -> bool:
+    """Runs the remembered plan of ``key`` on the tensors of ``env`` on PyTorch's
+    current stream; False (nothing launched) when there is none to replay."""
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None or torch.cuda.current_device() != device_index:
+        return False
+    device = torch.device("cuda", device_index)
+
+    def alloc(shape, dtype):
+        return _Ptr(torch.empty(shape, dtype=_WORKSPACE_DTYPES[np.dtype(dtype).name], device=device))
+
+    plan.run({n: _Ptr(t) for n, t in env.items()}, _raw_stream(device_index), alloc)
+    return True
+
+
+# ----------------------------------------------------------------------------
 # custom operators
 # ----------------------------------------------------------------------------
 
@@ -227,9 +297,14 @@ def _attention_fwd(q, k, v, causal, scale):
     # outputs from PyTorch's caching allocator: the kernels write into them in place
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=q.device)
+    key = _plan_key("fwd", (q, k, v), causal, scale)
+    if _replay(key, q.get_device(), {"q": q, "k": k, "v": v, "o": out, "lse": lse}):
+        return out, lse
     with _cupy_on_torch(q.device):
-        api._forward(_as_cupy(q), _as_cupy(k), _as_cupy(v), causal=causal, scale=scale,
-                     out=_as_cupy(out), lse=_as_cupy(lse))
+        cq, ck, cv = _as_cupy(q), _as_cupy(k), _as_cupy(v)
+        api._forward(cq, ck, cv, causal=causal, scale=scale, out=_as_cupy(out),
+                     lse=_as_cupy(lse))
+        _remember(key, api.cached_plan("fwd", (cq, ck, cv), causal, scale))
     return out, lse
 
 
@@ -249,11 +324,18 @@ def _attention_bwd(dout, q, k, v, out, lse, causal, scale, deterministic):
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    kind = "bwd-det" if deterministic else "bwd"
+    inputs = (dout, q, k, v, out, lse)
+    key = _plan_key(kind, inputs, causal, scale)
+    env = {"dout": dout, "q": q, "k": k, "v": v, "o": out, "lse": lse,
+           "dq_out": dq, "dk_out": dk, "dv_out": dv}
+    if _replay(key, q.get_device(), env):
+        return dq, dk, dv
     with _cupy_on_torch(q.device):
-        api._backward(_as_cupy(dout), _as_cupy(q), _as_cupy(k), _as_cupy(v),
-                      _as_cupy(out), _as_cupy(lse), causal=causal, scale=scale,
-                      deterministic=deterministic,
+        cin = tuple(_as_cupy(t) for t in inputs)
+        api._backward(*cin, causal=causal, scale=scale, deterministic=deterministic,
                       dq=_as_cupy(dq), dk=_as_cupy(dk), dv=_as_cupy(dv))
+        _remember(key, api.cached_plan(kind, cin, causal, scale))
     return dq, dk, dv
 
 

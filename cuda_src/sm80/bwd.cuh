@@ -1,6 +1,6 @@
 // flashcupy sm80 family: attention backward on tensor cores (FlashAttention-2).
 //
-//   0. fc_generic_bwd_preprocess<T, float, NWARPS>   delta = rowsum(dO o O) (reused)
+//   0. fc_sm80_bwd_preprocess<T, HDV, NWARPS>   delta = rowsum(dO o O), vector loads
 //   1. fc_sm80_bwd_dkdv    one CTA per key tile: dK, dV in registers over every query
 //                          tile and broadcast group; signature of fc_generic_bwd_dkdv
 //      fc_sm80_bwd_dkdvq   the same, and dQ accumulated with fp32 red.global.add into
@@ -33,8 +33,10 @@
 //   head_dim; dq_accum_sr is ignored) and the query axis holds Sq rounded up to a
 //   multiple of BLOCK_M, so every atomic add is in bounds without a test.  Rows
 //   past Sq and columns past head_dim receive exact zeros (their Q, dO and K are
-//   zero-filled in shared memory).  Batch strides and the group stride
-//   dq_accum_sg are free.  Then fc_sm80_bwd_dq_convert writes dq.
+//   zero-filled in shared memory).  Within each 16-column group the columns are
+//   stored in the quad order of add_dq (16-byte vector reductions).  Batch
+//   strides (multiples of 4 floats) and the group stride dq_accum_sg are free.
+//   Then fc_sm80_bwd_dq_convert writes dq.
 //
 // fc_sm80_bwd_dq(q, k, v, dout, lse, delta, dq tensors, nb0, nb1, nb2, seqlen_q, seqlen_k,
 //                head_dim, head_dim_v, float softmax_scale, float scale_log2, int causal)
@@ -43,7 +45,8 @@
 //
 // fc_sm80_bwd_dq_convert<T, NWARPS>(dq_accum (const float), dq (T) tensors, nb0, nb1, nb2,
 //                                   seqlen_q, head_dim, float softmax_scale)
-//   grid = (ceil(Sq / NWARPS), batch over y*z); block = NWARPS * 32; no smem.  One warp per row.
+//   grid = (ceil(Sq / (4 * NWARPS)), batch over y*z); block = NWARPS * 32; no smem.
+//   One thread per 16-byte quad of the workspace (columns in add_dq's quad order).
 //
 // dK/dV work split: warp w owns keys [w*WN, (w+1)*WN) of the CTA's key tile (WN = 16
 // or 32) and computes the transposed products S^T = K Q^T and dP^T = V dO^T for
@@ -204,19 +207,29 @@ struct DkdvRing {
   }
 };
 
-// dq_accum += one warp's dQ tile (MT m16 tiles x COLS columns) at dst, this
-// lane's first element; the workspace contract (see the header) makes every
-// address valid, so there is no row or column test.
+// The dq_accum column order within each group of 16 columns (the "quad" order):
+// lane c (= lane % 4) of an mma C fragment holds columns 2c, 2c+1 of n8 tile 2j
+// and 2c, 2c+1 of tile 2j+1, i.e. 16j + {2c, 2c+1, 2c+8, 2c+9}; they are stored
+// side by side at 16j + 4c + {0, 1, 2, 3}, so one 16-byte red.global.add.v4
+// adds all four (half the reduction instructions of the natural order, whose
+// pairs are 8-byte runs).  fc_sm80_bwd_dq_convert undoes the permutation.
+//
+// dq_accum += one warp's dQ tile (MT m16 tiles x COLS columns, COLS a multiple
+// of 16) at dst = the workspace at (the warp's first row + g, its first column
+// + 4c); the workspace contract (see the header) makes every address valid and
+// 16-byte aligned, so there is no row or column test.
 template <int MT, int COLS, int PITCH>
 __device__ __forceinline__ void add_dq(float *dst, const float (&acc)[MT][COLS / 8][4]) {
+  static_assert(COLS % 16 == 0, "dQ warp tiles span whole 16-column groups");
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int nt = 0; nt < COLS / 8; ++nt)
-        red_add2(dst + (mt * 16 + 8 * h) * PITCH + nt * 8, acc[mt][nt][2 * h],
-                 acc[mt][nt][2 * h + 1]);
+      for (int j = 0; j < COLS / 16; ++j)
+        red_add4(dst + (mt * 16 + 8 * h) * PITCH + 16 * j, acc[mt][2 * j][2 * h],
+                 acc[mt][2 * j][2 * h + 1], acc[mt][2 * j + 1][2 * h],
+                 acc[mt][2 * j + 1][2 * h + 1]);
 }
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
@@ -383,7 +396,7 @@ __device__ __forceinline__ void bwd_dkdv_body(
           acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, a_lane + 2 * (kk * 16 * LDS + mt * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDK + n2 * 16)); });
       add_dq<DQ_MT, DQ_COLS, HD>(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
-                                     (fc_index_t)(m0 + qrow0 + g) * HD + col0 + 2 * c4,
+                                     (fc_index_t)(m0 + qrow0 + g) * HD + col0 + 4 * c4,
                                  acc_dq);
     }
   }
@@ -581,7 +594,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
           acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, ds_a + 2 * (mt * 16 * LDP + kk * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16)); });
       add_dq<Q_MT, QD, HD>(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
-                               (fc_index_t)(m0 + q_m0 + g) * HD + q_d0 + 2 * c4,
+                               (fc_index_t)(m0 + q_m0 + g) * HD + q_d0 + 4 * c4,
                            acc_dq);
     }
 
@@ -829,18 +842,75 @@ fc_sm80_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
                                        sQ, m_rows, head_dim);
 }
 
-// dq = dq_accum * softmax_scale, cast to T.  One warp per query row.
+// delta = rowsum(dO o O) (float32), a bandwidth kernel: L = HDV / 8 lanes share a
+// row and each reads 16 bytes (8 elements) of O and of dO, so a warp covers 32 / L
+// rows with vector loads (the generic family's one-warp-per-row kernel issues
+// 2-byte loads and keeps too few bytes in flight to reach full bandwidth).
+// Rows or lanes whose 16 bytes are not 16-byte aligned (odd strides, views)
+// read element by element.
+template <typename T, int HDV, int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32)
+fc_sm80_bwd_preprocess(FC_TENSOR_ARG(const T, o), FC_TENSOR_ARG(const T, dout),
+                       FC_TENSOR_ARG(float, delta), int nb0, int nb1, int nb2, int seqlen_q,
+                       int head_dim_v) {
+  constexpr int L = HDV / 8 < 4 ? 4 : HDV / 8, RPW = 32 / L;  // lanes per row, rows per warp
+  constexpr int ROWS = NWARPS * RPW;                           // per CTA (tile_rows)
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const T, o);
+  FC_VIEW(const T, dout);
+  FC_VIEW(float, delta);
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * ROWS + (threadIdx.x / 32) * RPW + lane / L;
+  const int c = 8 * (lane % L);
+  float s = 0.f;
+  if (row < seqlen_q && c < head_dim_v) {
+    const T *po = o_v.batch(bi.b0, bi.b1, bi.b2) + row * o_sr + c;
+    const T *pd = dout_v.batch(bi.b0, bi.b1, bi.b2) + row * dout_sr + c;
+    if (c + 8 <= head_dim_v &&
+        ((reinterpret_cast<unsigned long long>(po) | reinterpret_cast<unsigned long long>(pd)) &
+         15) == 0) {
+      const uint4 a = *reinterpret_cast<const uint4 *>(po);
+      const uint4 b = *reinterpret_cast<const uint4 *>(pd);
+      const T *ea = reinterpret_cast<const T *>(&a), *eb = reinterpret_cast<const T *>(&b);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s = fmaf(to_acc<float>(ea[e]), to_acc<float>(eb[e]), s);
+    } else {
+      for (int e = 0; e < 8 && c + e < head_dim_v; ++e)
+        s = fmaf(to_acc<float>(po[e]), to_acc<float>(pd[e]), s);
+    }
+  }
+#pragma unroll
+  for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if (lane % L == 0 && row < seqlen_q) delta_v.batch(bi.b0, bi.b1, bi.b2)[row * delta_sr] = s;
+}
+
+// dq = dq_accum * softmax_scale, cast to T, columns back in natural order (see
+// add_dq).  A bandwidth kernel: each thread converts one 16-byte quad of the
+// workspace, 4 * NWARPS rows per CTA; the workspace rows have a pitch of whole
+// 16-column groups (dq_accum_sr = the head-dim bucket).
 template <typename T, int NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32)
 fc_sm80_bwd_dq_convert(FC_TENSOR_ARG(const float, dq_accum), FC_TENSOR_ARG(T, dq), int nb0,
                        int nb1, int nb2, int seqlen_q, int head_dim, float softmax_scale) {
+  constexpr int NTHREADS = NWARPS * 32, ROWS = 4 * NWARPS;  // rows per CTA (tile_rows)
   BatchIndex bi;
   if (!bi.init(nb0, nb1, nb2)) return;
   FC_VIEW(const float, dq_accum);
   FC_VIEW(T, dq);
-  const int row = blockIdx.x * NWARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= seqlen_q) return;
-  const float *src = dq_accum_v.batch(bi.b0, bi.b1, bi.b2) + row * dq_accum_sr;
-  T *dst = dq_v.batch(bi.b0, bi.b1, bi.b2) + row * dq_sr;
-  for (int c = lane; c < head_dim; c += 32) dst[c] = from_acc<T>(src[c] * softmax_scale);
+  const int quads = (int)(dq_accum_sr >> 2);  // per row
+  const int row0 = blockIdx.x * ROWS;
+  const float *src = dq_accum_v.batch(bi.b0, bi.b1, bi.b2);
+  T *dst = dq_v.batch(bi.b0, bi.b1, bi.b2);
+  for (int i = threadIdx.x; i < ROWS * quads; i += NTHREADS) {
+    const int r = i / quads, qd = i - r * quads, row = row0 + r;
+    const int c = 16 * (qd >> 2) + 2 * (qd & 3);  // logical columns c, c+1, c+8, c+9
+    if (row >= seqlen_q || c >= head_dim) continue;
+    const float4 a = *reinterpret_cast<const float4 *>(src + row * dq_accum_sr + 4 * qd);
+    T *d = dst + row * dq_sr;
+    d[c] = from_acc<T>(a.x * softmax_scale);
+    if (c + 1 < head_dim) d[c + 1] = from_acc<T>(a.y * softmax_scale);
+    if (c + 8 < head_dim) d[c + 8] = from_acc<T>(a.z * softmax_scale);
+    if (c + 9 < head_dim) d[c + 9] = from_acc<T>(a.w * softmax_scale);
+  }
 }

@@ -137,6 +137,20 @@ __device__ __forceinline__ void red_add2(float *p, float a, float b) {
 #endif
 }
 
+// p[0..3] += a, b, c, d (p 16-byte aligned): one vector reduction on sm_90+.
+__device__ __forceinline__ void red_add4(float *p, float a, float b, float c, float d) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c),
+               "f"(d)
+               : "memory");
+#else
+  red_add(p, a);
+  red_add(p + 1, b);
+  red_add(p + 2, c);
+  red_add(p + 3, d);
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // cp.async
 // ---------------------------------------------------------------------------
