@@ -68,7 +68,7 @@ class Launch:
 
     def __init__(self, kern, grid, block, smem, args, slots, name=""):
         self.name, self.kern, self.grid, self.block, self.smem = name, kern, grid, block, smem
-        self.fptr = kern.ptr
+        self.fptr = kern.kernel.ptr  # the CUfunction of the current device's module
         buf, ptr_offsets, self.param_layout = pack_args(args)
         by_index = dict(zip([i for i, a in enumerate(args) if a is None], ptr_offsets))
         # (uint64 word of the pointer, environment name, byte offset into the array)
