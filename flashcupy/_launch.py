@@ -45,7 +45,10 @@ def pack_args(args):
         off = -(-off // n) * n
         offsets.append(off)
         off += n
-    buf = np.zeros(-(-off // 8) * 8, np.uint8)  # numpy aligns data to >= 16 bytes
+    # The driver wants the exact size (an 8-byte-rounded 252-byte buffer is
+    # refused as CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES); pointers are written
+    # through a uint64 view of the padded allocation.
+    buf = np.zeros(-(-off // 8) * 8, np.uint8)[:off]
     ptrs = []
     for a, o, n in zip(args, offsets, sizes):
         if a is None:
@@ -74,8 +77,8 @@ class Launch:
         # (uint64 word of the pointer, environment name, byte offset into the array)
         self.slots = [(by_index[i] // 8, name, byte_off) for i, name, byte_off in slots]
         self._buf = buf
-        self._u64 = buf.view(np.uint64)
-        size = np.array([buf.nbytes], np.uint64)  # a size_t the driver reads
+        self._u64 = buf.base.view(np.uint64)  # the 8-byte-padded allocation
+        size = np.array([buf.nbytes], np.uint64)  # a size_t the driver reads: exact
         self._keep = size
         # CU_LAUNCH_PARAM_BUFFER_POINTER (1), &buf, CU_LAUNCH_PARAM_BUFFER_SIZE (2),
         # &size, CU_LAUNCH_PARAM_END (0)
