@@ -131,8 +131,9 @@ VARIANTS = {
             256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]},
     "dkdv": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
              128: [(32, 64, 4, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
-    "dkdvq": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
-              128: [(32, 128, 8, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
+    # session 3: 6th element "oN" = ORDER N of the 2-D body (1: P stored before the dP mma)
+    "dkdvq": {64: [(128, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d", "o1"), (128, 128, 8, 3, "2d")],
+              128: [(64, 128, 8, 2, "2d"), (64, 128, 8, 2, "2d", "o1"), (64, 128, 8, 3, "2d")]},
 }
 _KN = {"fwd": "fc_sm80_fwd", "dkdv": "fc_sm80_bwd_dkdv", "dkdvq": "fc_sm80_bwd_dkdvq",
        "dq": "fc_sm80_bwd_dq"}
@@ -155,6 +156,8 @@ def make_spec(kind, t, hd, tiles, causal):
         extra = ", false" if split and tiles[4] == "qs" else ""
     else:
         extra = ", true" if split else ""
+        if len(tiles) > 5:
+            extra += f", {tiles[5][1:]}"
     return Spec(kind, f"{_KN[kind]}<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}{extra}>",
                 sm, nw * 32, (bm, bn), causal)
 
