@@ -22,13 +22,18 @@ How a call reaches the kernels
 2. ``torch.ops.flashcupy.attention_fwd`` / ``attention_bwd``: custom operators
    (``torch.library.custom_op``) with fake (meta) implementations, so autograd,
    ``torch.compile(fullgraph=True)`` and ``opcheck`` treat them like any ATen op.
-3. Inside an operator: outputs are ``torch.empty`` (PyTorch's caching
-   allocator), every tensor is wrapped with ``cupy.from_dlpack`` (zero-copy,
-   strides kept, stride-0 broadcast views included), and ``flashcupy.api``
-   launches the kernels on PyTorch's *current stream* of the tensors' device.
-   Workspaces the core allocates through CuPy come from PyTorch's allocator
-   too (see ``_cupy_on_torch``), which keeps the call safe to capture in a
-   CUDA graph.
+   Eager calls (not under ``torch.compile``) run the same implementation and
+   autograd rule through a plain ``torch.autograd.Function``, whose dispatch
+   costs a fraction of a custom operator's.
+3. Inside: outputs are ``torch.empty`` (PyTorch's caching allocator).  The
+   first call of a signature wraps every tensor with ``cupy.from_dlpack``
+   (zero-copy, strides kept, stride-0 broadcast views included) and
+   ``flashcupy.api`` launches the kernels on PyTorch's *current stream* of the
+   tensors' device; workspaces the core allocates through CuPy come from
+   PyTorch's allocator too (see ``_cupy_on_torch``), which keeps the call safe
+   to capture in a CUDA graph.  Later calls with the same metadata replay the
+   plan that call built on raw pointers (``_replay``), workspaces again from
+   PyTorch's allocator.
 
 The LSE output is not differentiable: ``attention(..., return_lse=True)``
 returns it with ``requires_grad=False``.
@@ -288,10 +293,7 @@ def _replay(key, device_index: int, env: dict) -> bool:
 # custom operators
 # ----------------------------------------------------------------------------
 
-@torch.library.custom_op(
-    "flashcupy::attention_fwd", mutates_args=(), device_types="cuda",
-    schema="(Tensor q, Tensor k, Tensor v, bool causal, float? scale) -> (Tensor, Tensor)")
-def _attention_fwd(q, k, v, causal, scale):
+def _fwd_impl(q, k, v, causal, scale):
     # shapes validated (ValueError) before anything is allocated
     out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
     # outputs from PyTorch's caching allocator: the kernels write into them in place
@@ -308,6 +310,13 @@ def _attention_fwd(q, k, v, causal, scale):
     return out, lse
 
 
+@torch.library.custom_op(
+    "flashcupy::attention_fwd", mutates_args=(), device_types="cuda",
+    schema="(Tensor q, Tensor k, Tensor v, bool causal, float? scale) -> (Tensor, Tensor)")
+def _attention_fwd(q, k, v, causal, scale):
+    return _fwd_impl(q, k, v, causal, scale)
+
+
 @_attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, causal, scale):
     out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
@@ -315,11 +324,7 @@ def _attention_fwd_fake(q, k, v, causal, scale):
             q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype)))
 
 
-@torch.library.custom_op(
-    "flashcupy::attention_bwd", mutates_args=(), device_types="cuda",
-    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
-           "float? scale, bool deterministic) -> (Tensor, Tensor, Tensor)")
-def _attention_bwd(dout, q, k, v, out, lse, causal, scale, deterministic):
+def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic):
     # gradients have their inputs' shapes (summed over broadcast axes), C-contiguous
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -337,6 +342,14 @@ def _attention_bwd(dout, q, k, v, out, lse, causal, scale, deterministic):
                       dq=_as_cupy(dq), dk=_as_cupy(dk), dv=_as_cupy(dv))
         _remember(key, api.cached_plan(kind, cin, causal, scale))
     return dq, dk, dv
+
+
+@torch.library.custom_op(
+    "flashcupy::attention_bwd", mutates_args=(), device_types="cuda",
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+           "float? scale, bool deterministic) -> (Tensor, Tensor, Tensor)")
+def _attention_bwd(dout, q, k, v, out, lse, causal, scale, deterministic):
+    return _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic)
 
 
 @_attention_bwd.register_fake
@@ -369,6 +382,41 @@ def _backward(ctx, dout, dlse):
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The eager path: the same implementation and autograd rule as the custom
+    operators, through a plain autograd.Function.  A custom operator's
+    dispatch (schema checks, the aliasing check on every output) cost more
+    host time than the kernels of a small call; under ``torch.compile`` the
+    operators are used (``_attention``), so tracing sees an opaque op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        out, lse = _fwd_impl(q, k, v, causal, scale)
+        _setup_context(ctx, (q, k, v, causal, scale), (out, lse))
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
+                               torch.are_deterministic_algorithms_enabled())
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+                None, None)
+
+
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
+def _attention(q, k, v, causal: bool, scale):
+    if _is_compiling():
+        return torch.ops.flashcupy.attention_fwd(q, k, v, causal, scale)
+    return _EagerAttention.apply(q, k, v, causal, scale)
 
 
 # ----------------------------------------------------------------------------
@@ -413,7 +461,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     q, k, v = _autocast(q, k, v)
     _check_dtypes("attention", q=q, k=k, v=v)
     scale = _check_scale("attention", scale)
-    out, lse = torch.ops.flashcupy.attention_fwd(q, k, v, bool(causal), scale)
+    out, lse = _attention(q, k, v, bool(causal), scale)
     return (out, lse) if return_lse else out
 
 
@@ -475,7 +523,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             k = key.unsqueeze(-3)
             v = value.unsqueeze(-3)
             grouped = True
-    out, _ = torch.ops.flashcupy.attention_fwd(q, k, v, bool(is_causal), scale)
+    out, _ = _attention(q, k, v, bool(is_causal), scale)
     if grouped:
         out = out.flatten(-4, -3)  # (..., Hkv, G, L, Ev) -> (..., Hq, L, Ev): a view
     return out

@@ -462,7 +462,7 @@ struct Dkdv2dCfg {
 };
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool ATOMIC_DQ, int ORDER>
+          bool CAUSAL, bool ATOMIC_DQ>
 __device__ __forceinline__ void bwd_dkdv_body_2d(
     FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
     FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
@@ -555,43 +555,32 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       // dS = 0, so they add nothing.
       const bool need_mask =
           n_start + BLOCK_N > seqlen_k || (CAUSAL && n_start + BLOCK_N - 1 > m0 + diag);
-      auto softmax = [&]() {
+      // P goes to shared memory before the dP product (flash-attn 2's order), so
+      // its stores drain under the dP mma: +1-3 % over computing dP first
+      // (benchmarks/dev/sm80/NOTES.md, section 7).
 #pragma unroll
-        for (int mt = 0; mt < S_MT; ++mt)
+      for (int mt = 0; mt < S_MT; ++mt)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = s_m0 + mt * 16 + g + 8 * h;
-            const float lse2 = lse_to_log2(sLse[r]);
-            const int i = m0 + r;
-            const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
+        for (int h = 0; h < 2; ++h) {
+          const int r = s_m0 + mt * 16 + g + 8 * h;
+          const float lse2 = lse_to_log2(sLse[r]);
+          const int i = m0 + r;
+          const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
 #pragma unroll
-            for (int nt = 0; nt < S_N / 8; ++nt)
+          for (int nt = 0; nt < S_N / 8; ++nt)
 #pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                float p = ex2(fmaf(s[mt][nt][2 * h + e], scale_log2, -lse2));
-                if (need_mask && n_start + s_n0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
-                s[mt][nt][2 * h + e] = p;
-              }
-          }
-      };
+            for (int e = 0; e < 2; ++e) {
+              float p = ex2(fmaf(s[mt][nt][2 * h + e], scale_log2, -lse2));
+              if (need_mask && n_start + s_n0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
+              s[mt][nt][2 * h + e] = p;
+            }
+        }
+      frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
       float dp[S_MT][S_N / 8][4];
-      auto gemm_dp = [&]() {
-        zero(dp);
-        gemm_ab<T, S_MT, S_N, HDV>(
-            dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + 2 * (mt * 16 * LDO + kk * 16)); },
-            [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
-      };
-      // ORDER 1 (flash-attn 2's order): P goes to shared memory before the dP
-      // product, so its stores drain under the dP mma.
-      if constexpr (ORDER == 1) {
-        softmax();
-        frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
-        gemm_dp();
-      } else {
-        gemm_dp();
-        softmax();
-        frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
-      }
+      zero(dp);
+      gemm_ab<T, S_MT, S_N, HDV>(
+          dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + 2 * (mt * 16 * LDO + kk * 16)); },
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
       // dS = P o (dP - delta)
 #pragma unroll
       for (int mt = 0; mt < S_MT; ++mt)
@@ -651,7 +640,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 }  // namespace sm80
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool SPLIT2D = false, int ORDER = 0>
+          bool CAUSAL, bool SPLIT2D = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
                  FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
@@ -661,7 +650,7 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
                  int head_dim, int head_dim_v, float softmax_scale, float scale_log2,
                  int causal) {
   if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, ORDER>(
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
@@ -678,7 +667,7 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
 }
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool SPLIT2D = false, int ORDER = 0>
+          bool CAUSAL, bool SPLIT2D = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   FC_TENSOR_ARG(const T, v), FC_TENSOR_ARG(const T, dout),
@@ -689,7 +678,7 @@ fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   int head_dim_v, float softmax_scale, float scale_log2, int causal,
                   FC_TENSOR_ARG(float, dq_accum), fc_index_t dq_accum_sg) {
   if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true, ORDER>(
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
