@@ -100,8 +100,8 @@ def smem_bytes(spec) -> int:
     if spec.kernel == "fwd":
         return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq") and "2d" in spec.extra:
-        # K, V | STAGES x (Q, dO, lse, delta) | P, dS
-        return (2 * bn * (hd + hdv + 2 * PAD) + st * (2 * bm * (hd + hdv + 2 * PAD) + 8 * bm)
+        # K, V | STAGES x (Q, dO [swizzled, no pad], lse, delta) | P, dS
+        return (2 * bn * (hd + hdv + 2 * PAD) + st * (2 * bm * (hd + hdv) + 8 * bm)
                 + 4 * bm * (bn + PAD))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq"):
         return (2 * (bn * (hd + PAD) + bn * (hdv + PAD))

@@ -26,8 +26,9 @@
 //         + (dkdvq only) 2 * BLOCK_N * (BLOCK_M + 8)                      dS^T
 //   SPLIT2D = true (appended template parameter, default false; 8 warps, HD % 64 == 0):
 //   smem  = Dkdv2dCfg::SMEM_BYTES, both kernels:
-//         = 2 * BLOCK_N * (HD + HDV + 16) + STAGES * (2 * BLOCK_M * (HD + HDV + 16) + 8 * BLOCK_M)
+//         = 2 * BLOCK_N * (HD + HDV + 16) + STAGES * (2 * BLOCK_M * (HD + HDV) + 8 * BLOCK_M)
 //         + 4 * BLOCK_M * (BLOCK_N + 8)                                    P, dS
+//   (the streamed Q and dO tiles are swizzled, swz_chunk in mma.cuh: no pad)
 //   dq_accum: float32 workspace, zero-initialized by the host; holds dS K without
 //   the softmax scale.  Layout contract: its rows have pitch HD (the bucket, not
 //   head_dim; dq_accum_sr is ignored) and the query axis holds Sq rounded up to a
@@ -67,6 +68,7 @@ struct DkdvCfg {
   static constexpr int NT = WN / 16;           // m16 tiles (of keys) per warp
   static constexpr int LDK = HD + PAD, LDV = HDV + PAD, LDQ = HD + PAD, LDO = HDV + PAD;
   static constexpr int LDS = BLOCK_M + PAD;    // dS^T pitch
+  static constexpr bool SWZ_QDO = false;       // Q / dO tiles padded (DkdvRing)
   static constexpr bool K_IN_REGS = NT * (HD + HDV) <= 64;
   // (BLOCK_N, LDK) K | (BLOCK_N, LDV) V | STAGES x [(BLOCK_M, LDQ) Q | (BLOCK_M, LDO) dO]
   // | STAGES x (BLOCK_M) lse | STAGES x (BLOCK_M) delta | (BLOCK_N, LDS) dS^T
@@ -160,9 +162,10 @@ struct DkdvRing {
   __device__ __forceinline__ void load(StepIter it, int stage, unsigned char *smem) const {
     const int grp = it.grp, m0 = m0_of(it), mv = seqlen_q - m0;
     T *sQ = reinterpret_cast<T *>(smem + C::QDO_OFF + stage * C::QDO_STAGE);
-    load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + grp * q_sg + m0 * q_sr, q_sr, mv, head_dim);
-    load_tile<T, BLOCK_M, HDV, NTHREADS>(sQ + BLOCK_M * C::LDQ, do_b + grp * do_sg + m0 * do_sr,
-                                         do_sr, mv, head_dim_v);
+    load_tile<T, BLOCK_M, HD, NTHREADS, C::SWZ_QDO>(sQ, q_b + grp * q_sg + m0 * q_sr, q_sr, mv,
+                                                    head_dim);
+    load_tile<T, BLOCK_M, HDV, NTHREADS, C::SWZ_QDO>(
+        sQ + BLOCK_M * C::LDQ, do_b + grp * do_sg + m0 * do_sr, do_sr, mv, head_dim_v);
     const u32 smem0 = smem_u32(smem);
     for (int r = threadIdx.x; r < 2 * BLOCK_M; r += NTHREADS) {
       const bool is_lse = r < BLOCK_M;
@@ -429,7 +432,9 @@ __device__ __forceinline__ void bwd_dkdv_body(
 template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool ATOMIC_DQ>
 struct Dkdv2dCfg {
   static constexpr int NTHREADS = NWARPS * 32;
-  static constexpr int LDK = HD + PAD, LDV = HDV + PAD, LDQ = HD + PAD, LDO = HDV + PAD;
+  // K, V: padded (loaded once); the streamed Q, dO: swizzled (swz_chunk), pitch HD / HDV
+  static constexpr int LDK = HD + PAD, LDV = HDV + PAD, LDQ = HD, LDO = HDV;
+  static constexpr bool SWZ_QDO = true;
   static constexpr int LDP = BLOCK_N + PAD;  // P and dS pitch
   // S / dP tiling
   static constexpr int SWM = 2, SWN = NWARPS / 2;
@@ -504,6 +509,10 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   const int s_m0 = (warp / C::SWN) * (S_MT * 16), s_n0 = (warp % C::SWN) * S_N;
   const int k_n0 = (warp % C::KWN) * (K_MT * 16), k_d = warp / C::KWN;
   const int q_m0 = (warp % C::QWM) * (C::Q_MT * 16), q_d0 = (warp / C::QWM) * C::QD;
+  // Swizzled Q / dO reads: every ldmatrix row this lane addresses is = lane (mod 8)
+  // (tiles start at multiples of 16 rows), so chunk c is at c ^ y_a with the
+  // (lane / 16) half-chunk folded in: (2 kk + lane / 16) ^ (lane & 7) = (2 kk) ^ y_a.
+  const int y_a = (lane >> 4) ^ (lane & 7);
 
   DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
       q_v.batch(bi.b0, bi.b1, bi.b2), dout_v.batch(bi.b0, bi.b1, bi.b2),
@@ -542,12 +551,13 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 
     {
       // S = Q K^T, dP = dO V^T: this warp's (S_MT*16, S_N) block
-      const u32 qS_a = sQ_u + 2 * (s_m0 * LDQ + lane_a<LDQ>(lane));
-      const u32 doS_a = sdO_u + 2 * (s_m0 * LDO + lane_a<LDO>(lane));
+      // (swizzled Q, dO: this lane's row, chunk 2 kk + lane / 16 -> (2 kk) ^ y_a)
+      const u32 qS_a = sQ_u + 2 * (s_m0 + (lane & 15)) * LDQ;
+      const u32 doS_a = sdO_u + 2 * (s_m0 + (lane & 15)) * LDO;
       float s[S_MT][S_N / 8][4];
       zero(s);
       gemm_ab<T, S_MT, S_N, HD>(
-          s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + 2 * (mt * 16 * LDQ + kk * 16)); },
+          s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + 2 * mt * 16 * LDQ + 16 * ((2 * kk) ^ y_a)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, kS_b + 2 * (n2 * 16 * LDK + kk * 16)); });
       // P = exp2(S * scale_log2 - lse2) (one FMA).  Masked only where the tile
       // crosses the key end or the causal diagonal.  Query rows past Sq are
@@ -579,7 +589,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       float dp[S_MT][S_N / 8][4];
       zero(dp);
       gemm_ab<T, S_MT, S_N, HDV>(
-          dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + 2 * (mt * 16 * LDO + kk * 16)); },
+          dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + 2 * mt * 16 * LDO + 16 * ((2 * kk) ^ y_a)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
       // dS = P o (dP - delta)
 #pragma unroll
@@ -614,14 +624,19 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 
     // dV += P^T dO,  dK += dS^T Q   (k = queries)
     {
-      const u32 dO_b = sdO_u + 2 * (lane_bk<LDO>(lane) + k_d * KDV);
+      // (swizzled dO, Q: this lane's row (lane_bk), chunk k_d * KDV / 8 + 2 n2 + lane / 16
+      // -> (2 n2) ^ y, y = (k_d * KDV / 8) ^ y_a: the column base is a multiple of the
+      // chunk span 2 n2 + lane / 16 < KDV / 8, so its bits never mix with it)
+      const int bk_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+      const u32 dO_b = sdO_u + 2 * bk_row * LDO;
+      const int y_o = (k_d * KDV / 8) ^ y_a, y_q = (k_d * KD / 8) ^ y_a;
       gemm_ab<T, K_MT, KDV, BLOCK_M>(
           acc_dv, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, pT_a + 2 * (kk * 16 * LDP + mt * 16)); },
-          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, dO_b + 2 * (kk * 16 * LDO + n2 * 16)); });
-      const u32 q_b2 = sQ_u + 2 * (lane_bk<LDQ>(lane) + k_d * KD);
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, dO_b + 2 * kk * 16 * LDO + 16 * ((2 * n2) ^ y_o)); });
+      const u32 q_b2 = sQ_u + 2 * bk_row * LDQ;
       gemm_ab<T, K_MT, KD, BLOCK_M>(
           acc_dk, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, dsT_a + 2 * (kk * 16 * LDP + mt * 16)); },
-          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, q_b2 + 2 * (kk * 16 * LDQ + n2 * 16)); });
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, q_b2 + 2 * kk * 16 * LDQ + 16 * ((2 * n2) ^ y_q)); });
     }
   }
   cp_async_wait<0>();

@@ -174,6 +174,15 @@ __device__ __forceinline__ void st_shared_b32(u32 addr, u32 v) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
 
+// The swizzled tile layout (streamed tiles of the dK/dV loop): row-major with
+// pitch COLS (no pad, so every row starts on a 128-byte line) and 16-byte chunk
+// c of row r stored at chunk c ^ (r & 7).  Each group of 8 chunks of a row
+// stays in its own 128-byte line, so a cp.async fill of 8 consecutive chunks
+// writes one line (the padded layout straddles two for 7 rows in 8: 2.6x the
+// ideal shared-memory wavefronts of LDGSTS, NOTES.md section 7), and the 8 rows
+// an ldmatrix reads put one logical chunk in 8 different bank groups.
+__device__ __forceinline__ int swz_chunk(int c, int r) { return c ^ (r & 7); }
+
 // True when 16-byte vector accesses are legal for every row of the tile: the
 // tile start and the row pitch are 16-byte multiples and head_dim fills whole
 // 16-byte chunks.  Otherwise the element-wise path runs (e.g. head_dim 59).
@@ -196,21 +205,24 @@ __device__ __forceinline__ bool vec16_ok(const T *g, fc_index_t row_stride, int 
 // offset per chunk cost ~15 integer instructions per cp.async; in the dK/dV
 // loop that was a third of all instructions issued.)  A full tile (the common
 // case) skips the per-chunk predicates behind one uniform branch.
-template <typename T, int ROWS, int COLS, int NTHREADS>
+//
+// SWZ = true: the swizzled layout instead (see swz_chunk): pitch COLS, no pad.
+template <typename T, int ROWS, int COLS, int NTHREADS, bool SWZ = false>
 __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row_stride,
                                           int rows_valid, int cols_valid) {
   constexpr int CPR = COLS / 8;  // 16-byte chunks per row
-  constexpr int LD = COLS + PAD;
+  constexpr int LD = SWZ ? COLS : COLS + PAD;
   constexpr int TOTAL = ROWS * CPR;
   constexpr int ITERS = (TOTAL + NTHREADS - 1) / NTHREADS;
   static_assert(NTHREADS % CPR == 0, "a thread keeps one column chunk");
   constexpr int RSTEP = NTHREADS / CPR;  // rows between a thread's chunks
+  static_assert(!SWZ || (RSTEP % 8 == 0 && CPR % 8 == 0), "swizzle: a thread keeps row & 7");
   const u32 s0 = smem_u32(smem);
   if (vec16_ok(gmem, row_stride, cols_valid)) {
     const int r0 = threadIdx.x / CPR, c8 = (threadIdx.x % CPR) * 8;
     const T *src = gmem + r0 * row_stride + c8;
     const fc_index_t step = RSTEP * row_stride;
-    const u32 dst = s0 + 2 * (r0 * LD + c8);
+    const u32 dst = s0 + 2 * (r0 * LD + (SWZ ? 8 * swz_chunk(c8 / 8, r0) : c8));
     if (rows_valid >= ROWS && cols_valid >= COLS) {
 #pragma unroll
       for (int it = 0; it < ITERS; ++it) {
@@ -245,7 +257,8 @@ __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row
             if (col < cols_valid) w[e / 2] |= (u32)g16[r * row_stride + col] << (16 * (e & 1));
           }
         }
-        asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(s0 + 2 * (r * LD + c * 8)),
+        asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};"
+                     ::"r"(s0 + 2 * (r * LD + 8 * (SWZ ? swz_chunk(c, r) : c))),
                      "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
                      : "memory");
       }

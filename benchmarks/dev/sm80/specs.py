@@ -75,7 +75,7 @@ def dkdv_smem(hd, hdv, bm, bn, nw, st, atomic):
 def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic):
     """SPLIT2D = true: K, V | STAGES x (Q, dO, lse, delta) | P, dS (as T), both kernels."""
     s = 2 * bn * (hd + hdv + 2 * PAD)
-    s += st * (2 * bm * (hd + hdv + 2 * PAD) + 8 * bm)
+    s += st * (2 * bm * (hd + hdv) + 8 * bm)  # Q, dO swizzled: no pad
     s += 4 * bm * (bn + PAD)
     return s
 
