@@ -59,6 +59,10 @@
 #include "../softmax.cuh"
 #include "mma.cuh"
 
+#ifndef FC_SM80_SWZ_QDO
+#define FC_SM80_SWZ_QDO 1
+#endif
+
 namespace sm80 {
 
 template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool ATOMIC_DQ>
@@ -433,8 +437,10 @@ template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, boo
 struct Dkdv2dCfg {
   static constexpr int NTHREADS = NWARPS * 32;
   // K, V: padded (loaded once); the streamed Q, dO: swizzled (swz_chunk), pitch HD / HDV
-  static constexpr int LDK = HD + PAD, LDV = HDV + PAD, LDQ = HD, LDO = HDV;
-  static constexpr bool SWZ_QDO = true;
+  // (FC_SM80_SWZ_QDO = 0 selects the padded layout for them too: the A/B of NOTES.md s. 7)
+  static constexpr bool SWZ_QDO = FC_SM80_SWZ_QDO;
+  static constexpr int LDK = HD + PAD, LDV = HDV + PAD;
+  static constexpr int LDQ = SWZ_QDO ? HD : HD + PAD, LDO = SWZ_QDO ? HDV : HDV + PAD;
   static constexpr int LDP = BLOCK_N + PAD;  // P and dS pitch
   // S / dP tiling
   static constexpr int SWM = 2, SWN = NWARPS / 2;
@@ -512,7 +518,8 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   // Swizzled Q / dO reads: every ldmatrix row this lane addresses is = lane (mod 8)
   // (tiles start at multiples of 16 rows), so chunk c is at c ^ y_a with the
   // (lane / 16) half-chunk folded in: (2 kk + lane / 16) ^ (lane & 7) = (2 kk) ^ y_a.
-  const int y_a = (lane >> 4) ^ (lane & 7);
+  // (Padded layout: y_a = lane / 16, and (2 kk) ^ y_a = 2 kk + lane / 16, the plain chunk.)
+  const int y_a = (lane >> 4) ^ (C::SWZ_QDO ? lane & 7 : 0);
 
   DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
       q_v.batch(bi.b0, bi.b1, bi.b2), dout_v.batch(bi.b0, bi.b1, bi.b2),

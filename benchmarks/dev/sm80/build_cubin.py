@@ -13,7 +13,8 @@ sys.path.insert(0, HERE)
 import src  # noqa: E402
 import specs  # noqa: E402
 
-OUT = os.path.join(HERE, "build")
+OUT = os.environ.get("HARNESS_BUILD", os.path.join(HERE, "build"))
+DEFINES = [f"-D{d}" for d in os.environ.get("HARNESS_DEFINES", "").split()]
 EXTRA = ["fc_generic_bwd_preprocess<fc_bf16, float, 4>", "fc_generic_bwd_preprocess<fc_half, float, 4>"]
 
 
@@ -21,7 +22,7 @@ def build(i_name, arch="sm_90a"):
     i, name = i_name
     p = nvrtc.createProgram(src.source(), "k.cu", [], [])
     nvrtc.addNameExpression(p, name)
-    nvrtc.compileProgram(p, [f"-arch={arch}", "-std=c++17"])
+    nvrtc.compileProgram(p, [f"-arch={arch}", "-std=c++17"] + DEFINES)
     fn = f"k{i}.cubin"
     with open(os.path.join(OUT, fn), "wb") as f:
         f.write(nvrtc.getCUBIN(p))

@@ -18,7 +18,7 @@ sys.path.insert(0, HERE)
 import specs  # noqa: E402
 from specs import b  # noqa: E402
 
-BUILD = os.path.join(HERE, "build")
+BUILD = os.environ.get("HARNESS_BUILD", os.path.join(HERE, "build"))
 _mods, _fns = {}, {}
 _names = json.load(open(os.path.join(BUILD, "names.json"))) if os.path.exists(
     os.path.join(BUILD, "names.json")) else None

@@ -3,6 +3,7 @@
 Each entry mirrors what flashcupy/_config_sm80.py should hold.  smem formulas
 are the ones in the kernel headers.
 """
+import os
 from dataclasses import dataclass
 
 DTYPES = ("fc_half", "fc_bf16")
@@ -75,7 +76,8 @@ def dkdv_smem(hd, hdv, bm, bn, nw, st, atomic):
 def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic):
     """SPLIT2D = true: K, V | STAGES x (Q, dO, lse, delta) | P, dS (as T), both kernels."""
     s = 2 * bn * (hd + hdv + 2 * PAD)
-    s += st * (2 * bm * (hd + hdv) + 8 * bm)  # Q, dO swizzled: no pad
+    qpad = 0 if os.environ.get("FC_SM80_SWZ_QDO", "1") == "1" else 2 * PAD
+    s += st * (2 * bm * (hd + hdv + qpad) + 8 * bm)  # Q, dO swizzled: no pad
     s += 4 * bm * (bn + PAD)
     return s
 
