@@ -49,9 +49,11 @@ DKDV_TILES = {
 # (benchmarks/dev/sm80/NOTES.md section 4).
 DKDVQ_TILES = {
     32: [(64, 128, 8, 2)],
-    64: [(128, 128, 8, 2, "2d"),  # 238/251 vs the pair's 204/211; 182 KB: H100 only
+    64: [(128, 128, 8, 2, "2d"),  # 247/270 (harness, session 3); 3 stages 248/266: no gain;
+                                  # 170 KB: H100 only
          (64, 128, 8, 2)],        # 1-D, 93 KB: A100 (the 2-D tiles spill on sm_80)
-    128: [(64, 128, 8, 2, "2d"),  # 274/286 vs the pair's 223/226; 175 KB: H100 only
+    128: [(64, 128, 8, 3, "2d"),  # 298/311 vs 2 stages 290/303 (harness, session 3, swizzled
+                                  # Q/dO); 200 KB: H100 only
           (32, 128, 8, 2)],       # 1-D, 115 KB: A100
 }
 DQ_TILES = {
