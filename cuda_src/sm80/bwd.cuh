@@ -473,7 +473,7 @@ struct Dkdv2dCfg {
 };
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool ATOMIC_DQ, int VARIANT>
+          bool CAUSAL, bool ATOMIC_DQ>
 __device__ __forceinline__ void bwd_dkdv_body_2d(
     FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
     FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
@@ -485,7 +485,6 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   constexpr int NTHREADS = C::NTHREADS;
   constexpr int LDK = C::LDK, LDV = C::LDV, LDQ = C::LDQ, LDO = C::LDO, LDP = C::LDP;
   constexpr int S_MT = C::S_MT, S_N = C::S_N, K_MT = C::K_MT, KD = C::KD, KDV = C::KDV;
-  constexpr int NPASS = (VARIANT & 2) && S_MT % 2 == 0 ? 2 : 1, SM = S_MT / NPASS;
 
   extern __shared__ __align__(16) unsigned char fc_sm80_smem[];
   T *sK = reinterpret_cast<T *>(fc_sm80_smem + C::K_OFF);   // (BLOCK_N, LDK)
@@ -557,17 +556,14 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
     const float *sDelta =
         reinterpret_cast<const float *>(fc_sm80_smem + C::DELTA_OFF) + stage * BLOCK_M;
 
-    // S = Q K^T, dP = dO V^T: this warp's (S_MT*16, S_N) block, in NPASS passes of SM m16
-    // tiles (VARIANT bit 1: two passes, half the live S / dP registers)
-#pragma unroll 1
-    for (int pass = 0; pass < NPASS; ++pass) {
-      const int pm0 = s_m0 + pass * SM * 16;  // first row of this pass
+    {
+      // S = Q K^T, dP = dO V^T: this warp's (S_MT*16, S_N) block
       // (swizzled Q, dO: this lane's row, chunk 2 kk + lane / 16 -> (2 kk) ^ y_a)
-      const u32 qS_a = sQ_u + 2 * (pm0 + (lane & 15)) * LDQ;
-      const u32 doS_a = sdO_u + 2 * (pm0 + (lane & 15)) * LDO;
-      float s[SM][S_N / 8][4];
+      const u32 qS_a = sQ_u + 2 * (s_m0 + (lane & 15)) * LDQ;
+      const u32 doS_a = sdO_u + 2 * (s_m0 + (lane & 15)) * LDO;
+      float s[S_MT][S_N / 8][4];
       zero(s);
-      gemm_ab<T, SM, S_N, HD>(
+      gemm_ab<T, S_MT, S_N, HD>(
           s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + 2 * mt * 16 * LDQ + 16 * ((2 * kk) ^ y_a)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, kS_b + 2 * (n2 * 16 * LDK + kk * 16)); });
       // P = exp2(S * scale_log2 - lse2) (one FMA).  Masked only where the tile
@@ -580,10 +576,10 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       // its stores drain under the dP mma: +1-3 % over computing dP first
       // (benchmarks/dev/sm80/NOTES.md, section 7).
 #pragma unroll
-      for (int mt = 0; mt < SM; ++mt)
+      for (int mt = 0; mt < S_MT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int r = pm0 + mt * 16 + g + 8 * h;
+          const int r = s_m0 + mt * 16 + g + 8 * h;
           const float lse2 = lse_to_log2(sLse[r]);
           const int i = m0 + r;
           const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
@@ -596,29 +592,29 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
               s[mt][nt][2 * h + e] = p;
             }
         }
-      frag_to_smem<T, SM, S_N / 8, LDP>(sP + s_n0, pm0, s, 1.f, lane);
-      float dp[SM][S_N / 8][4];
+      frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
+      float dp[S_MT][S_N / 8][4];
       zero(dp);
-      gemm_ab<T, SM, S_N, HDV>(
+      gemm_ab<T, S_MT, S_N, HDV>(
           dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + 2 * mt * 16 * LDO + 16 * ((2 * kk) ^ y_a)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
       // dS = P o (dP - delta)
 #pragma unroll
-      for (int mt = 0; mt < SM; ++mt)
+      for (int mt = 0; mt < S_MT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float dl = sDelta[pm0 + mt * 16 + g + 8 * h];
+          const float dl = sDelta[s_m0 + mt * 16 + g + 8 * h];
 #pragma unroll
           for (int nt = 0; nt < S_N / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 2; ++e)
               dp[mt][nt][2 * h + e] = s[mt][nt][2 * h + e] * (dp[mt][nt][2 * h + e] - dl);
         }
-      frag_to_smem<T, SM, S_N / 8, LDP>(sdS + s_n0, pm0, dp, 1.f, lane);
+      frag_to_smem<T, S_MT, S_N / 8, LDP>(sdS + s_n0, s_m0, dp, 1.f, lane);
     }
     __syncthreads();  // P, dS complete
 
-    auto add_dq_step = [&]() {
+    if constexpr (ATOMIC_DQ) {
       // dQ (BLOCK_M, HD) += dS K (k = keys), added into the fp32 workspace.  Before
       // dV / dK: the reductions then drain while the tensor cores run dV and dK,
       // instead of piling up in front of the next step's barrier.
@@ -631,8 +627,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       add_dq<Q_MT, QD, HD>(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
                                (fc_index_t)(m0 + q_m0 + g) * HD + q_d0 + 4 * c4,
                            acc_dq);
-    };
-    if constexpr (ATOMIC_DQ && !(VARIANT & 1)) add_dq_step();
+    }
 
     // dV += P^T dO,  dK += dS^T Q   (k = queries)
     {
@@ -650,8 +645,6 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
           acc_dk, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, dsT_a + 2 * (kk * 16 * LDP + mt * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, q_b2 + 2 * kk * 16 * LDQ + 16 * ((2 * n2) ^ y_q)); });
     }
-    // VARIANT bit 0: dQ last, its reductions draining across the next step's barrier
-    if constexpr (ATOMIC_DQ && (VARIANT & 1)) add_dq_step();
   }
   cp_async_wait<0>();
 
@@ -669,7 +662,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 }  // namespace sm80
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool SPLIT2D = false, int VARIANT = 0>
+          bool CAUSAL, bool SPLIT2D = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
                  FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
@@ -679,7 +672,7 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
                  int head_dim, int head_dim_v, float softmax_scale, float scale_log2,
                  int causal) {
   if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, VARIANT>(
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
@@ -696,7 +689,7 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
 }
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool SPLIT2D = false, int VARIANT = 0>
+          bool CAUSAL, bool SPLIT2D = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   FC_TENSOR_ARG(const T, v), FC_TENSOR_ARG(const T, dout),
@@ -707,7 +700,7 @@ fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   int head_dim_v, float softmax_scale, float scale_log2, int causal,
                   FC_TENSOR_ARG(float, dq_accum), fc_index_t dq_accum_sg) {
   if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true, VARIANT>(
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
