@@ -69,6 +69,11 @@ def main():
                       f"  {T.tflops(flops, total):>9.1f} TF")
                 print(f"{d:>4} {s:>6} {causal:>2}  {'attention_backward':<44} {ms * 1e3:>9.1f}"
                       f"  {T.tflops(flops, ms):>9.1f} TF")
+                ms_det = T.do_bench(lambda: fc.attention_backward(
+                    do, q, k, v, out, lse, causal=bool(causal), deterministic=True), rep_ms=100).ms
+                print(f"{d:>4} {s:>6} {causal:>2}  {'attention_backward deterministic=True':<44} "
+                      f"{ms_det * 1e3:>9.1f}  {T.tflops(flops, ms_det):>9.1f} TF "
+                      f"(cost {100 * (ms_det / ms - 1):.0f} %)")
                 tq, tk, tv = (torch.from_dlpack(x).detach().requires_grad_() for x in (q, k, v))
                 tdo = torch.from_dlpack(do)
                 with T.torch_on_cupy_stream(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
