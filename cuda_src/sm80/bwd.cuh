@@ -62,18 +62,8 @@
 #ifndef FC_SM80_SWZ_QDO
 #define FC_SM80_SWZ_QDO 1
 #endif
-// k16 steps per unrolled body of the 2-D loop's products (0: fully unrolled).  A
-// smaller body bounds how many fragment loads ptxas hoists ahead of the mma (the
-// dev A/B of NOTES.md section 7).
-#ifndef FC_SM80_BWD_KU
-#define FC_SM80_BWD_KU 0
-#endif
 
 namespace sm80 {
-
-__host__ __device__ constexpr int bwd_ku(int k) {
-  return FC_SM80_BWD_KU > 0 && FC_SM80_BWD_KU < k / 16 ? FC_SM80_BWD_KU : k / 16;
-}
 
 template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool ATOMIC_DQ>
 struct DkdvCfg {
@@ -573,7 +563,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       const u32 doS_a = sdO_u + 2 * (s_m0 + (lane & 15)) * LDO;
       float s[S_MT][S_N / 8][4];
       zero(s);
-      gemm_ab<T, S_MT, S_N, HD, bwd_ku(HD)>(
+      gemm_ab<T, S_MT, S_N, HD>(
           s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + 2 * mt * 16 * LDQ + 16 * ((2 * kk) ^ y_a)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, kS_b + 2 * (n2 * 16 * LDK + kk * 16)); });
       // P = exp2(S * scale_log2 - lse2) (one FMA).  Masked only where the tile
@@ -605,7 +595,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
       float dp[S_MT][S_N / 8][4];
       zero(dp);
-      gemm_ab<T, S_MT, S_N, HDV, bwd_ku(HDV)>(
+      gemm_ab<T, S_MT, S_N, HDV>(
           dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + 2 * mt * 16 * LDO + 16 * ((2 * kk) ^ y_a)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
       // dS = P o (dP - delta)
@@ -631,7 +621,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       constexpr int Q_MT = C::Q_MT, QD = C::QD;
       float acc_dq[Q_MT][QD / 8][4];
       zero(acc_dq);
-      gemm_ab<T, Q_MT, QD, BLOCK_N, bwd_ku(BLOCK_N)>(
+      gemm_ab<T, Q_MT, QD, BLOCK_N>(
           acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, ds_a + 2 * (mt * 16 * LDP + kk * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16)); });
       add_dq<Q_MT, QD, HD>(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
@@ -647,11 +637,11 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       const int bk_row = (lane & 7) + ((lane >> 3) & 1) * 8;
       const u32 dO_b = sdO_u + 2 * bk_row * LDO;
       const int y_o = (k_d * KDV / 8) ^ y_a, y_q = (k_d * KD / 8) ^ y_a;
-      gemm_ab<T, K_MT, KDV, BLOCK_M, bwd_ku(BLOCK_M)>(
+      gemm_ab<T, K_MT, KDV, BLOCK_M>(
           acc_dv, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, pT_a + 2 * (kk * 16 * LDP + mt * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, dO_b + 2 * kk * 16 * LDO + 16 * ((2 * n2) ^ y_o)); });
       const u32 q_b2 = sQ_u + 2 * bk_row * LDQ;
-      gemm_ab<T, K_MT, KD, BLOCK_M, bwd_ku(BLOCK_M)>(
+      gemm_ab<T, K_MT, KD, BLOCK_M>(
           acc_dk, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, dsT_a + 2 * (kk * 16 * LDP + mt * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, q_b2 + 2 * kk * 16 * LDQ + 16 * ((2 * n2) ^ y_q)); });
     }
