@@ -130,14 +130,23 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_SHAPES: dict = {}  # concrete (q, k, v) shapes -> (out_shape, lse_shape)
+
+
 def _output_shapes(q_shape, k_shape, v_shape):
     """(out_shape, lse_shape).  Concrete shapes go through ``api.broadcast_shapes``
     (one source of truth, and its error messages); symbolic shapes (torch.compile
     with dynamic=True, opcheck's dynamic test) take the SymInt-safe route."""
     q_shape, k_shape, v_shape = tuple(q_shape), tuple(k_shape), tuple(v_shape)
     if all(type(d) is int for d in (*q_shape, *k_shape, *v_shape)):
-        out_shape, lse_shape = api.broadcast_shapes(q_shape, k_shape, v_shape)
-        return tuple(out_shape), tuple(lse_shape)
+        key = (q_shape, k_shape, v_shape)
+        hit = _SHAPES.get(key)  # numpy's broadcast_shapes costs ~5 us a call
+        if hit is None:
+            out_shape, lse_shape = api.broadcast_shapes(q_shape, k_shape, v_shape)
+            if len(_SHAPES) >= 4096:
+                _SHAPES.clear()
+            hit = _SHAPES[key] = (tuple(out_shape), tuple(lse_shape))
+        return hit
     batch = tuple(torch.broadcast_shapes(q_shape[:-2], k_shape[:-2], v_shape[:-2]))
     return (*batch, q_shape[-2], v_shape[-1]), (*batch, q_shape[-2])
 
@@ -246,7 +255,9 @@ class _Ptr:
 
 _PLANS: dict = {}
 _MAX_PLANS = 4096  # a full cache is simply cleared
-_WORKSPACE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# the plan's workspace dtypes (numpy types or dtypes) -> torch dtypes
+_WORKSPACE_DTYPES = {np.float32: torch.float32, np.dtype(np.float32): torch.float32,
+                     np.float64: torch.float64, np.dtype(np.float64): torch.float64}
 
 try:
     _raw_stream = torch._C._cuda_getCurrentRawStream  # device index -> cudaStream_t
@@ -283,7 +294,7 @@ def _replay(key, device_index: int, env: dict) -> bool:
     device = torch.device("cuda", device_index)
 
     def alloc(shape, dtype):
-        return _Ptr(torch.empty(shape, dtype=_WORKSPACE_DTYPES[np.dtype(dtype).name], device=device))
+        return _Ptr(torch.empty(shape, dtype=_WORKSPACE_DTYPES[dtype], device=device))
 
     plan.run({n: _Ptr(t) for n, t in env.items()}, _raw_stream(device_index), alloc)
     return True
