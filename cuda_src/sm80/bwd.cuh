@@ -62,10 +62,6 @@
 #ifndef FC_SM80_SWZ_QDO
 #define FC_SM80_SWZ_QDO 1
 #endif
-// Warps along the query rows of the S / dP products when BLOCK_M = 128 (dev A/B).
-#ifndef FC_SM80_SWM128
-#define FC_SM80_SWM128 2
-#endif
 
 namespace sm80 {
 
@@ -447,7 +443,7 @@ struct Dkdv2dCfg {
   static constexpr int LDQ = SWZ_QDO ? HD : HD + PAD, LDO = SWZ_QDO ? HDV : HDV + PAD;
   static constexpr int LDP = BLOCK_N + PAD;  // P and dS pitch
   // S / dP tiling
-  static constexpr int SWM = BLOCK_M >= 128 ? FC_SM80_SWM128 : 2, SWN = NWARPS / SWM;
+  static constexpr int SWM = 2, SWN = NWARPS / 2;
   static constexpr int S_MT = BLOCK_M / SWM / 16, S_N = BLOCK_N / SWN;
   // dK / dV tiling
   static constexpr int KWN = NWARPS / 2, KWD = 2;
