@@ -40,7 +40,7 @@ DKDV_TILES = {
     32: [(64, 128, 8, 2)],
     64: [(64, 128, 8, 2)],   # 201/197 (whole backward, S=16k); 64x64x4w 191/191; 3 stages: no
                              # gain; the 2-D split was slower at 64
-    128: [(64, 128, 8, 2, "2d"),  # 204/202 vs 185/190 for 1-D; 175 KB: H100 only
+    128: [(64, 128, 8, 2, "2d"),  # 204/202 vs 185/190 for 1-D; 171 KB (swizzled Q/dO): H100 only
           (32, 64, 4, 2)],   # 1-D: 2 CTAs/SM; BLOCK_M 64 spills; A100
 }
 # dK/dV with dQ added by float32 atomics into a workspace (deterministic=False, the
@@ -50,10 +50,10 @@ DKDV_TILES = {
 DKDVQ_TILES = {
     32: [(64, 128, 8, 2)],
     64: [(128, 128, 8, 2, "2d"),  # 247/270 (harness, session 3); 3 stages 248/266: no gain;
-                                  # 170 KB: H100 only
+                                  # 174 KB: H100 only
          (64, 128, 8, 2)],        # 1-D, 93 KB: A100 (the 2-D tiles spill on sm_80)
     128: [(64, 128, 8, 3, "2d"),  # 298/311 vs 2 stages 290/303 (harness, session 3, swizzled
-                                  # Q/dO); 200 KB: H100 only
+                                  # Q/dO); 204 KB: H100 only
           (32, 128, 8, 2)],       # 1-D, 115 KB: A100
 }
 DQ_TILES = {
