@@ -62,6 +62,12 @@
 #ifndef FC_SM80_SWZ_QDO
 #define FC_SM80_SWZ_QDO 1
 #endif
+// The atomic-dQ 2-D kernel adds each step's dQ tile with one bulk (TMA-engine)
+// reduction from a shared staging tile instead of red.global.add from registers
+// (sm_90 only; dev A/B switch, NOTES.md section 7).
+#ifndef FC_SM80_BULK_DQ
+#define FC_SM80_BULK_DQ 0
+#endif
 
 namespace sm80 {
 
@@ -462,7 +468,10 @@ struct Dkdv2dCfg {
   static constexpr int DELTA_OFF = LSE_OFF + 4 * STAGES * BLOCK_M;
   static constexpr int P_OFF = DELTA_OFF + 4 * STAGES * BLOCK_M;
   static constexpr int DS_OFF = P_OFF + 2 * BLOCK_M * LDP;
-  static constexpr int SMEM_BYTES = DS_OFF + 2 * BLOCK_M * LDP;
+  static constexpr bool BULK_DQ = ATOMIC_DQ && FC_SM80_BULK_DQ;
+  static constexpr int DQS_OFF = DS_OFF + 2 * BLOCK_M * LDP;  // (BLOCK_M, HD) float32 staging
+  static constexpr int SMEM_BYTES = DQS_OFF + (BULK_DQ ? 4 * BLOCK_M * HD : 0);
+  static_assert(DQS_OFF % 16 == 0, "bulk copies need 16-byte alignment");
   static_assert(NWARPS == 8, "2-D split: 8 warps");
   static_assert(S_MT >= 1 && S_N % 16 == 0 && K_MT >= 1 && BLOCK_N % (KWN * 16) == 0,
                 "S / dK tiling");
@@ -612,6 +621,11 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
         }
       frag_to_smem<T, S_MT, S_N / 8, LDP>(sdS + s_n0, s_m0, dp, 1.f, lane);
     }
+    // (the bulk dQ reduction of step t - 1 has read its staging tile before anyone
+    // writes it again, after this barrier)
+    if constexpr (C::BULK_DQ) {
+      if (tid == 0) bulk_wait_all<true>();
+    }
     __syncthreads();  // P, dS complete
 
     if constexpr (ATOMIC_DQ) {
@@ -624,9 +638,32 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       gemm_ab<T, Q_MT, QD, BLOCK_N>(
           acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, ds_a + 2 * (mt * 16 * LDP + kk * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16)); });
-      add_dq<Q_MT, QD, HD>(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
-                               (fc_index_t)(m0 + q_m0 + g) * HD + q_d0 + 4 * c4,
-                           acc_dq);
+      if constexpr (C::BULK_DQ) {
+        // the tile in the workspace's own layout (quad order, pitch HD): its BLOCK_M
+        // rows are one contiguous run of the workspace
+        const u32 sdq = smem0 + C::DQS_OFF;
+#pragma unroll
+        for (int mt = 0; mt < Q_MT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < QD / 16; ++j) {
+              const u32 a = sdq + 4 * ((q_m0 + mt * 16 + g + 8 * h) * HD + q_d0 + 16 * j + 4 * c4);
+              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(a),
+                           "f"(acc_dq[mt][2 * j][2 * h]), "f"(acc_dq[mt][2 * j][2 * h + 1]),
+                           "f"(acc_dq[mt][2 * j + 1][2 * h]), "f"(acc_dq[mt][2 * j + 1][2 * h + 1])
+                           : "memory");
+            }
+        fence_proxy_async();
+        __syncthreads();
+        if (tid == 0)
+          bulk_reduce_add_f32(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg + (fc_index_t)m0 * HD,
+                              sdq, 4 * BLOCK_M * HD);
+      } else {
+        add_dq<Q_MT, QD, HD>(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
+                                 (fc_index_t)(m0 + q_m0 + g) * HD + q_d0 + 4 * c4,
+                             acc_dq);
+      }
     }
 
     // dV += P^T dO,  dK += dS^T Q   (k = queries)
@@ -647,6 +684,9 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
     }
   }
   cp_async_wait<0>();
+  if constexpr (C::BULK_DQ) {
+    if (tid == 0) bulk_wait_all<false>();  // the last dQ reduction is complete
+  }
 
   // Epilogue: stage dK (scaled) and dV through the K / V tiles, then store.
   __syncthreads();

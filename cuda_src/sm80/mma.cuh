@@ -151,6 +151,35 @@ __device__ __forceinline__ void red_add4(float *p, float a, float b, float c, fl
 #endif
 }
 
+// Bulk (TMA-engine) reduction of `bytes` contiguous bytes of float32 from shared
+// to global memory, sm_90+: global[i] += shared[i], asynchronous, no registers.
+// The shared data must be made visible to the async proxy first
+// (fence_proxy_async by every writing thread, then a barrier).
+__device__ __forceinline__ void fence_proxy_async() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_reduce_add_f32(float *gdst, u32 ssrc, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+      "cp.async.bulk.commit_group;" ::"l"(gdst), "r"(ssrc), "r"(bytes)
+      : "memory");
+#endif
+}
+// Until every committed bulk operation has read its shared source (READ) or completed.
+template <bool READ>
+__device__ __forceinline__ void bulk_wait_all() {
+#if __CUDA_ARCH__ >= 900
+  if constexpr (READ) {
+    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+  } else {
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  }
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // cp.async
 // ---------------------------------------------------------------------------

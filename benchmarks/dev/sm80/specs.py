@@ -79,6 +79,8 @@ def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic):
     qpad = 0 if os.environ.get("FC_SM80_SWZ_QDO", "1") == "1" else 2 * PAD
     s += st * (2 * bm * (hd + hdv + qpad) + 8 * bm)  # Q, dO swizzled: no pad
     s += 4 * bm * (bn + PAD)
+    if atomic and os.environ.get("FC_SM80_BULK_DQ", "0") == "1":
+        s += 4 * bm * hd  # float32 dQ staging tile
     return s
 
 
@@ -135,7 +137,7 @@ VARIANTS = {
              128: [(32, 64, 4, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
     # session 3 (NOTES.md s. 7): the swizzled 2-D body, 2 vs 3 stages
     "dkdvq": {64: [(128, 128, 8, 2, "2d"), (128, 128, 8, 3, "2d")],
-              128: [(64, 128, 8, 3, "2d"), (64, 128, 8, 2, "2d")]},
+              128: [(64, 128, 8, 2, "2d"), (64, 128, 8, 3, "2d")]},
 }
 _KN = {"fwd": "fc_sm80_fwd", "dkdv": "fc_sm80_bwd_dkdv", "dkdvq": "fc_sm80_bwd_dkdvq",
        "dq": "fc_sm80_bwd_dq"}
