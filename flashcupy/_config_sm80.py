@@ -52,8 +52,9 @@ DKDVQ_TILES = {
     64: [(128, 128, 8, 2, "2d"),  # 247/270 (harness, session 3); 3 stages 248/266: no gain;
                                   # 174 KB: H100 only
          (64, 128, 8, 2)],        # 1-D, 93 KB: A100 (the 2-D tiles spill on sm_80)
-    128: [(64, 128, 8, 3, "2d"),  # 298/311 vs 2 stages 290/303 (harness, session 3, swizzled
-                                  # Q/dO); 204 KB: H100 only
+    128: [(64, 128, 8, 2, "2d", "bulk"),  # dQ by bulk reduction (sm_90): 299/315, causal
+                                          # 266/311 vs 297/306, 261/308 for 3 stages with
+                                          # red.global.add (harness, session 3); 204 KB
           (32, 128, 8, 2)],       # 1-D, 115 KB: A100
 }
 DQ_TILES = {
@@ -89,6 +90,8 @@ def name_expression(spec) -> str:
     # Trailing template flags (defaults in the kernels): SPLIT2D for dK/dV,
     # Q_IN_REGS for the forward.
     flag = ", true" if "2d" in spec.extra else ", false" if "qs" in spec.extra else ""
+    if "bulk" in spec.extra:  # BULK_DQ after SPLIT2D (fc_sm80_bwd_dkdvq)
+        flag += ", true"
     return (f"{_KERNEL_NAMES[spec.kernel]}<{_STORAGE[spec.dtype]}, {spec.head_dim}, "
             f"{spec.head_dim_v}, {spec.block_m}, {spec.block_n}, {spec.nwarps}, {spec.stages}, "
             f"{'true' if spec.causal else 'false'}{flag}>")
@@ -102,9 +105,9 @@ def smem_bytes(spec) -> int:
     if spec.kernel == "fwd":
         return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq") and "2d" in spec.extra:
-        # K, V | STAGES x (Q, dO [swizzled, no pad], lse, delta) | P, dS
+        # K, V | STAGES x (Q, dO [swizzled, no pad], lse, delta) | P, dS [| dQ staging]
         return (2 * bn * (hd + hdv + 2 * PAD) + st * (2 * bm * (hd + hdv) + 8 * bm)
-                + 4 * bm * (bn + PAD))
+                + 4 * bm * (bn + PAD) + (4 * bm * hd if "bulk" in spec.extra else 0))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq"):
         return (2 * (bn * (hd + PAD) + bn * (hdv + PAD))
                 + st * (2 * bm * (hd + PAD) + 2 * bm * (hdv + PAD) + 8 * bm)
@@ -120,7 +123,7 @@ def _spec(kernel, dtype, hd, hdv, tile, causal) -> KernelSpec:
                       stages=st, causal=bool(causal), extra=tuple(tile[4:]))
 
 
-def _pick(kernel, dtype, head_dim, head_dim_v, causal, smem_limit):
+def _pick(kernel, dtype, head_dim, head_dim_v, causal, smem_limit, cc=80):
     hd, hdv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
     cands = _TABLES[kernel].get(max(hd, hdv))
     if not cands:
@@ -128,6 +131,8 @@ def _pick(kernel, dtype, head_dim, head_dim_v, causal, smem_limit):
     for tile in cands:
         if "2d" in tile and (hd % 64 or hdv % 64):
             continue  # the 2-D split tiles head dims in 64-column warp slices
+        if "bulk" in tile and cc < 90:
+            continue  # cp.reduce.async.bulk is sm_90+
         spec = _spec(kernel, dtype, hd, hdv, tile, causal)
         if smem_bytes(spec) <= smem_limit:
             return spec
@@ -170,7 +175,7 @@ def bwd_spec(prob, kernel, grad_dtype=""):
         return None  # the atomic path needs dK, dV in the input dtype: use the pair
     spec = None if grad_dtype else _pick(kernel, prob.dtype_name, prob.head_dim,
                                          prob.head_dim_v, prob.causal,
-                                         _smem_limit(prob.device_id))
+                                         _smem_limit(prob.device_id), prob.cc)
     if spec is None:
         if kernel == "bwd_dkdvq":
             return None  # no atomic tile for this bucket / GPU: the caller runs the pair
@@ -186,6 +191,8 @@ def preprocess_spec(dtype, hdv_bucket):
 def runs_on(spec, arch: str) -> bool:
     """Whether ``spec`` is ever launched on ``arch`` (its tile fits there)."""
     limit = SMEM_LIMIT_SM90 if arch.startswith("sm_9") else SMEM_LIMIT_SM80
+    if "bulk" in spec.extra and not arch.startswith("sm_9"):
+        return False
     return smem_bytes(spec) <= limit
 
 

@@ -29,6 +29,7 @@
 //         = 2 * BLOCK_N * (HD + HDV + 16) + STAGES * (2 * BLOCK_M * (HD + HDV) + 8 * BLOCK_M)
 //         + 4 * BLOCK_M * (BLOCK_N + 8)                                    P, dS
 //   (the streamed Q and dO tiles are swizzled, swz_chunk in mma.cuh: no pad)
+//         + (BULK_DQ, appended after SPLIT2D) 4 * BLOCK_M * HD          dQ staging
 //   dq_accum: float32 workspace, zero-initialized by the host; holds dS K without
 //   the softmax scale.  Layout contract: its rows have pitch HD (the bucket, not
 //   head_dim; dq_accum_sr is ignored) and the query axis holds Sq rounded up to a
@@ -61,12 +62,6 @@
 
 #ifndef FC_SM80_SWZ_QDO
 #define FC_SM80_SWZ_QDO 1
-#endif
-// The atomic-dQ 2-D kernel adds each step's dQ tile with one bulk (TMA-engine)
-// reduction from a shared staging tile instead of red.global.add from registers
-// (sm_90 only; dev A/B switch, NOTES.md section 7).
-#ifndef FC_SM80_BULK_DQ
-#define FC_SM80_BULK_DQ 0
 #endif
 
 namespace sm80 {
@@ -439,7 +434,8 @@ __device__ __forceinline__ void bwd_dkdv_body(
 //   dQ += dS K (atomic only)  (BLOCK_M, HD):     QWM x QWD warps, 32 rows each
 // Each warp tile is >= 32 x 32, so each fragment read feeds >= 2 mma.
 // ---------------------------------------------------------------------------
-template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool ATOMIC_DQ>
+template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool ATOMIC_DQ,
+          bool BULK>
 struct Dkdv2dCfg {
   static constexpr int NTHREADS = NWARPS * 32;
   // K, V: padded (loaded once); the streamed Q, dO: swizzled (swz_chunk), pitch HD / HDV
@@ -468,7 +464,11 @@ struct Dkdv2dCfg {
   static constexpr int DELTA_OFF = LSE_OFF + 4 * STAGES * BLOCK_M;
   static constexpr int P_OFF = DELTA_OFF + 4 * STAGES * BLOCK_M;
   static constexpr int DS_OFF = P_OFF + 2 * BLOCK_M * LDP;
-  static constexpr bool BULK_DQ = ATOMIC_DQ && FC_SM80_BULK_DQ;
+  // BULK: the atomic kernel adds each step's dQ tile with one bulk (TMA-engine)
+  // reduction from a float32 staging tile instead of red.global.add from
+  // registers (sm_90+): no reduction instructions in the SM, no registers held
+  // by in-flight reductions (NOTES.md section 7).
+  static constexpr bool BULK_DQ = ATOMIC_DQ && BULK;
   static constexpr int DQS_OFF = DS_OFF + 2 * BLOCK_M * LDP;  // (BLOCK_M, HD) float32 staging
   static constexpr int SMEM_BYTES = DQS_OFF + (BULK_DQ ? 4 * BLOCK_M * HD : 0);
   static_assert(DQS_OFF % 16 == 0, "bulk copies need 16-byte alignment");
@@ -482,7 +482,7 @@ struct Dkdv2dCfg {
 };
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool ATOMIC_DQ>
+          bool CAUSAL, bool ATOMIC_DQ, bool BULK>
 __device__ __forceinline__ void bwd_dkdv_body_2d(
     FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
     FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
@@ -490,7 +490,10 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
     int nb1, int nb2, int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
     fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
     float softmax_scale, float scale_log2, FC_TENSOR_ARG(float, dqa), fc_index_t dqa_sg) {
-  using C = Dkdv2dCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ>;
+  using C = Dkdv2dCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ, BULK>;
+#if __CUDA_ARCH__ < 900
+  if constexpr (C::BULK_DQ) __trap();  // bulk reductions need sm_90 (the host never asks)
+#endif
   constexpr int NTHREADS = C::NTHREADS;
   constexpr int LDK = C::LDK, LDV = C::LDV, LDQ = C::LDQ, LDO = C::LDO, LDP = C::LDP;
   constexpr int S_MT = C::S_MT, S_N = C::S_N, K_MT = C::K_MT, KD = C::KD, KDV = C::KDV;
@@ -712,7 +715,7 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
                  int head_dim, int head_dim_v, float softmax_scale, float scale_log2,
                  int causal) {
   if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false>(
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, false>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
@@ -729,7 +732,7 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
 }
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool SPLIT2D = false>
+          bool CAUSAL, bool SPLIT2D = false, bool BULK_DQ = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   FC_TENSOR_ARG(const T, v), FC_TENSOR_ARG(const T, dout),
@@ -740,7 +743,7 @@ fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   int head_dim_v, float softmax_scale, float scale_log2, int causal,
                   FC_TENSOR_ARG(float, dq_accum), fc_index_t dq_accum_sg) {
   if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true>(
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true, BULK_DQ>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,

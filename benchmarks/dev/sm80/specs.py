@@ -48,7 +48,7 @@ BWD_TILES_SM80 = {128: (32, 64, 4, 2)}  # A100/A10: smem <= 163 KB
 BWDQ_TILES = {
     32: (64, 128, 8, 2),
     64: (128, 128, 8, 2, "2d"),
-    128: (64, 128, 8, 3, "2d"),
+    128: (64, 128, 8, 2, "2d", "bulk"),
 }
 BWDQ_TILES_SM80 = {64: (64, 128, 8, 2), 128: (32, 128, 8, 2)}
 # deterministic dQ kernel: 64: 64x128x4w 197-204; 128: 64x64x4w 180-203 (3 stages slower)
@@ -73,13 +73,13 @@ def dkdv_smem(hd, hdv, bm, bn, nw, st, atomic):
     return s
 
 
-def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic):
+def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic, bulk=False):
     """SPLIT2D = true: K, V | STAGES x (Q, dO, lse, delta) | P, dS (as T), both kernels."""
     s = 2 * bn * (hd + hdv + 2 * PAD)
     qpad = 0 if os.environ.get("FC_SM80_SWZ_QDO", "1") == "1" else 2 * PAD
     s += st * (2 * bm * (hd + hdv + qpad) + 8 * bm)  # Q, dO swizzled: no pad
     s += 4 * bm * (bn + PAD)
-    if atomic and os.environ.get("FC_SM80_BULK_DQ", "0") == "1":
+    if atomic and bulk:
         s += 4 * bm * hd  # float32 dQ staging tile
     return s
 
@@ -137,7 +137,7 @@ VARIANTS = {
              128: [(32, 64, 4, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
     # session 3 (NOTES.md s. 7): the swizzled 2-D body, 2 vs 3 stages
     "dkdvq": {64: [(128, 128, 8, 2, "2d"), (128, 128, 8, 3, "2d")],
-              128: [(64, 128, 8, 2, "2d"), (64, 128, 8, 3, "2d")]},
+              128: [(64, 128, 8, 2, "2d", "bulk"), (64, 128, 8, 3, "2d")]},
 }
 _KN = {"fwd": "fc_sm80_fwd", "dkdv": "fc_sm80_bwd_dkdv", "dkdvq": "fc_sm80_bwd_dkdvq",
        "dq": "fc_sm80_bwd_dq"}
@@ -153,15 +153,15 @@ def make_spec(kind, t, hd, tiles, causal):
     elif kind == "dq":
         sm = dq_smem(hd, hd, bm, bn, nw, st)
     elif split:
-        sm = dkdv2d_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq")
+        sm = dkdv2d_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq", "bulk" in tiles)
     else:
         sm = dkdv_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq")
     if kind == "fwd":  # fwd 5th element "qs": Q_IN_REGS = false (Q re-read from smem)
         extra = ", false" if split and tiles[4] == "qs" else ""
     else:
         extra = ", true" if split else ""
-        if len(tiles) > 5:
-            extra += f", {tiles[5][1:]}"
+        if "bulk" in tiles:  # BULK_DQ = true (fc_sm80_bwd_dkdvq)
+            extra += ", true"
     return Spec(kind, f"{_KN[kind]}<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}{extra}>",
                 sm, nw * 32, (bm, bn), causal)
 
