@@ -67,17 +67,17 @@ class Launch:
     than the kernels of a small problem run."""
 
     __slots__ = ("name", "kern", "fptr", "grid", "block", "smem", "slots", "param_layout",
-                 "_buf", "_u64", "_keep", "_extra", "_extra_ptr", "_launch", "_lock")
+                 "_u64", "_keep", "_extra", "_extra_ptr", "_launch", "_lock")
 
     def __init__(self, kern, grid, block, smem, args, slots, name=""):
+        # kern (the cupy.RawKernel) stays referenced: its module owns the CUfunction
         self.name, self.kern, self.grid, self.block, self.smem = name, kern, grid, block, smem
         self.fptr = kern.kernel.ptr  # the CUfunction of the current device's module
         buf, ptr_offsets, self.param_layout = pack_args(args)
         by_index = dict(zip([i for i, a in enumerate(args) if a is None], ptr_offsets))
         # (uint64 word of the pointer, environment name, byte offset into the array)
         self.slots = [(by_index[i] // 8, name, byte_off) for i, name, byte_off in slots]
-        self._buf = buf
-        self._u64 = buf.base.view(np.uint64)  # the 8-byte-padded allocation
+        self._u64 = buf.base.view(np.uint64)  # the 8-byte-padded allocation (keeps buf alive)
         size = np.array([buf.nbytes], np.uint64)  # a size_t the driver reads: exact
         self._keep = size
         # CU_LAUNCH_PARAM_BUFFER_POINTER (1), &buf, CU_LAUNCH_PARAM_BUFFER_SIZE (2),

@@ -60,9 +60,6 @@
 #include "../softmax.cuh"
 #include "mma.cuh"
 
-#ifndef FC_SM80_SWZ_QDO
-#define FC_SM80_SWZ_QDO 1
-#endif
 
 namespace sm80 {
 
@@ -290,35 +287,12 @@ __device__ __forceinline__ void bwd_dkdv_body(
 
   const u32 sK_a = smem_u32(sK) + 2 * (wkey * LDK + lane_a<LDK>(lane));
   const u32 sV_a = smem_u32(sV) + 2 * (wkey * LDV + lane_a<LDV>(lane));
-  u32 kf[C::K_IN_REGS ? NT : 1][C::K_IN_REGS ? HD / 16 : 1][4];
-  u32 vf[C::K_IN_REGS ? NT : 1][C::K_IN_REGS ? HDV / 16 : 1][4];
+  AFrags<C::K_IN_REGS, NT, HD / 16, LDK> k_frag;
+  AFrags<C::K_IN_REGS, NT, HDV / 16, LDV> v_frag;
   cp_async_wait<STAGES - 1>();
   __syncthreads();
-  if constexpr (C::K_IN_REGS) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) ldsm_x4(kf[nt][kk], sK_a + 2 * (nt * 16 * LDK + kk * 16));
-#pragma unroll
-      for (int kk = 0; kk < HDV / 16; ++kk) ldsm_x4(vf[nt][kk], sV_a + 2 * (nt * 16 * LDV + kk * 16));
-    }
-  }
-  auto k_frag = [&](int nt, int kk, u32(&a)[4]) {
-    if constexpr (C::K_IN_REGS) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) a[e] = kf[nt][kk][e];
-    } else {
-      ldsm_x4(a, sK_a + 2 * (nt * 16 * LDK + kk * 16));
-    }
-  };
-  auto v_frag = [&](int nt, int kk, u32(&a)[4]) {
-    if constexpr (C::K_IN_REGS) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) a[e] = vf[nt][kk][e];
-    } else {
-      ldsm_x4(a, sV_a + 2 * (nt * 16 * LDV + kk * 16));
-    }
-  };
+  k_frag.load(sK_a);
+  v_frag.load(sV_a);
 
   float acc_dk[NT][HD / 8][4];   // (WN, HD) this warp's dK rows, unscaled
   float acc_dv[NT][HDV / 8][4];  // (WN, HDV) this warp's dV rows
@@ -439,10 +413,8 @@ template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, boo
 struct Dkdv2dCfg {
   static constexpr int NTHREADS = NWARPS * 32;
   // K, V: padded (loaded once); the streamed Q, dO: swizzled (swz_chunk), pitch HD / HDV
-  // (FC_SM80_SWZ_QDO = 0 selects the padded layout for them too: the A/B of NOTES.md s. 7)
-  static constexpr bool SWZ_QDO = FC_SM80_SWZ_QDO;
-  static constexpr int LDK = HD + PAD, LDV = HDV + PAD;
-  static constexpr int LDQ = SWZ_QDO ? HD : HD + PAD, LDO = SWZ_QDO ? HDV : HDV + PAD;
+  static constexpr bool SWZ_QDO = true;
+  static constexpr int LDK = HD + PAD, LDV = HDV + PAD, LDQ = HD, LDO = HDV;
   static constexpr int LDP = BLOCK_N + PAD;  // P and dS pitch
   // S / dP tiling
   static constexpr int SWM = 2, SWN = NWARPS / 2;
@@ -530,8 +502,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   // Swizzled Q / dO reads: every ldmatrix row this lane addresses is = lane (mod 8)
   // (tiles start at multiples of 16 rows), so chunk c is at c ^ y_a with the
   // (lane / 16) half-chunk folded in: (2 kk + lane / 16) ^ (lane & 7) = (2 kk) ^ y_a.
-  // (Padded layout: y_a = lane / 16, and (2 kk) ^ y_a = 2 kk + lane / 16, the plain chunk.)
-  const int y_a = (lane >> 4) ^ (C::SWZ_QDO ? lane & 7 : 0);
+  const int y_a = (lane >> 4) ^ (lane & 7);
 
   DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
       q_v.batch(bi.b0, bi.b1, bi.b2), dout_v.batch(bi.b0, bi.b1, bi.b2),
@@ -841,35 +812,12 @@ fc_sm80_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
 
   const u32 sQ_a = smem_u32(sQ) + 2 * (wrow * LDQ + lane_a<LDQ>(lane));
   const u32 sdO_a = smem_u32(sdO) + 2 * (wrow * LDO + lane_a<LDO>(lane));
-  u32 qf[C::Q_IN_REGS ? MT : 1][C::Q_IN_REGS ? HD / 16 : 1][4];
-  u32 of[C::Q_IN_REGS ? MT : 1][C::Q_IN_REGS ? HDV / 16 : 1][4];
+  AFrags<C::Q_IN_REGS, MT, HD / 16, LDQ> q_frag;
+  AFrags<C::Q_IN_REGS, MT, HDV / 16, LDO> do_frag;
   cp_async_wait<STAGES - 1>();
   __syncthreads();
-  if constexpr (C::Q_IN_REGS) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) ldsm_x4(qf[mt][kk], sQ_a + 2 * (mt * 16 * LDQ + kk * 16));
-#pragma unroll
-      for (int kk = 0; kk < HDV / 16; ++kk) ldsm_x4(of[mt][kk], sdO_a + 2 * (mt * 16 * LDO + kk * 16));
-    }
-  }
-  auto q_frag = [&](int mt, int kk, u32(&a)[4]) {
-    if constexpr (C::Q_IN_REGS) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) a[e] = qf[mt][kk][e];
-    } else {
-      ldsm_x4(a, sQ_a + 2 * (mt * 16 * LDQ + kk * 16));
-    }
-  };
-  auto do_frag = [&](int mt, int kk, u32(&a)[4]) {
-    if constexpr (C::Q_IN_REGS) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) a[e] = of[mt][kk][e];
-    } else {
-      ldsm_x4(a, sdO_a + 2 * (mt * 16 * LDO + kk * 16));
-    }
-  };
+  q_frag.load(sQ_a);
+  do_frag.load(sdO_a);
 
   float acc_dq[MT][HD / 8][4];  // (WM, HD) unscaled dQ rows of this warp
   zero(acc_dq);

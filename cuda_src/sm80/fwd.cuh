@@ -122,23 +122,10 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
   }
 
   const u32 sQ_u = smem_u32(sQ) + 2 * (wrow * LDQ + lane_a<LDQ>(lane));
-  u32 qf[C::Q_IN_REGS ? MT : 1][C::Q_IN_REGS ? HD / 16 : 1][4];
+  AFrags<C::Q_IN_REGS, MT, HD / 16, LDQ> q_frag;
   cp_async_wait<STAGES - 1>();
   __syncthreads();
-  if constexpr (C::Q_IN_REGS) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) ldsm_x4(qf[mt][kk], sQ_u + 2 * (mt * 16 * LDQ + kk * 16));
-  }
-  auto q_frag = [&](int mt, int kk, u32(&a)[4]) {
-    if constexpr (C::Q_IN_REGS) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) a[e] = qf[mt][kk][e];
-    } else {
-      ldsm_x4(a, sQ_u + 2 * (mt * 16 * LDQ + kk * 16));
-    }
-  };
+  q_frag.load(sQ_u);
 
   OnlineSoftmax<float> sm[MT][2];  // rows g and g+8 of each m16 tile; l_i per-thread partial
   float acc_o[MT][NO][4];          // (WM, HDV) output rows of this warp, fp32

@@ -384,13 +384,43 @@ __device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
 // Warp-level products.  acc is (MT*16, N) in C fragments.
 // ---------------------------------------------------------------------------
 
+// The A fragments of a warp's rows of a padded shared tile: MT m16 tiles x KS
+// k16 steps, from this lane's ldmatrix address (lane_a layout, pitch LD).  With
+// IN_REGS they are loaded once (load, after the tile has landed) and kept in
+// registers; otherwise every use re-reads them with ldmatrix.  Callable as the
+// `afrag` of gemm_ab: frags(mt, kk, a).
+template <bool IN_REGS, int MT, int KS, int LD>
+struct AFrags {
+  u32 lane_addr;
+  u32 r[IN_REGS ? MT : 1][IN_REGS ? KS : 1][4];
+
+  __device__ __forceinline__ void load(u32 addr) {
+    lane_addr = addr;
+    if constexpr (IN_REGS) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) ldsm_x4(r[mt][kk], addr + 2 * (mt * 16 * LD + kk * 16));
+    }
+  }
+  __device__ __forceinline__ void operator()(int mt, int kk, u32 (&a)[4]) const {
+    if constexpr (IN_REGS) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = r[mt][kk][e];
+    } else {
+      ldsm_x4(a, lane_addr + 2 * (mt * 16 * LD + kk * 16));
+    }
+  }
+};
+
 // The one product loop: acc += A B over K, the A fragment of m16 tile mt and
 // k16 step kk from afrag(mt, kk, a), the B fragments of n8 tiles 2*n2, 2*n2 + 1
 // (ldmatrix.x4 register order) from bfrag(n2, kk, b).  KU k16 steps per unrolled
 // body: with KU < K/16 the k loop stays rolled, which bounds how many fragments
 // ptxas keeps in flight (the 255-register tiles spill otherwise).
 template <typename T, int MT, int N, int K, int KU = K / 16, typename AF, typename BF>
-__device__ __forceinline__ void gemm_ab(float (&acc)[MT][N / 8][4], AF afrag, BF bfrag) {
+__device__ __forceinline__ void gemm_ab(float (&acc)[MT][N / 8][4], const AF &afrag,
+                                        const BF &bfrag) {
   static_assert((K / 16) % KU == 0, "KU divides the k16 steps");
 #pragma unroll 1
   for (int k0 = 0; k0 < K / 16; k0 += KU) {
@@ -417,7 +447,7 @@ __device__ __forceinline__ void gemm_ab(float (&acc)[MT][N / 8][4], AF afrag, BF
 // acc += A B^T, B stored (N, K) row-major in smem at sB (pitch LDB) [K^T-like].
 // A comes from `afrag(mt, kk, a)` (registers or ldmatrix).
 template <typename T, int MT, int N, int K, int LDB, typename AFrag>
-__device__ __forceinline__ void gemm_nt(float (&acc)[MT][N / 8][4], AFrag afrag, u32 sB,
+__device__ __forceinline__ void gemm_nt(float (&acc)[MT][N / 8][4], const AFrag &afrag, u32 sB,
                                         int lane) {
   const u32 b_lane = sB + 2 * lane_bn<LDB>(lane);
   gemm_ab<T, MT, N, K>(acc, afrag, [&](int n2, int kk, u32(&b)[4]) {

@@ -304,6 +304,21 @@ def correctness(quick=False, fwd_only=False, only_bucket=None, quiet=False):
     return fails
 
 
+def timeit(fn, n=10):
+    """Median seconds of fn() over n calls (CUDA events), after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    a, b_ = cp.cuda.Event(), cp.cuda.Event()
+    ts = []
+    for _ in range(n):
+        a.record()
+        fn()
+        b_.record()
+        b_.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(a, b_))
+    return float(np.median(ts)) * 1e-3
+
+
 # ----------------------------------------------------------------------------
 def bench(fwd_only=False):
     import torch
@@ -314,19 +329,6 @@ def bench(fwd_only=False):
     POISON = False
     print("GPU:", cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "| torch", torch.__version__,
           "| cupy", cp.__version__, "| CUDA events, median of 10 after 3 warm-up")
-
-    def timeit(fn, n=10):
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(n):
-            a, b = cp.cuda.Event(), cp.cuda.Event()
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(cp.cuda.get_elapsed_time(a, b))
-        return float(np.median(ts)) * 1e-3
 
     print(f"{'D':>4s} {'S':>6s} {'causal':6s} | fwd ours  sdpa | bwd det  atomic  sdpa   (TFLOP/s)")
     for D in (64, 128):
@@ -402,19 +404,6 @@ def variants():
     OVERRIDE.clear()
     POISON = False
 
-    def timeit(fn, n=10):
-        for _ in range(3):
-            fn()
-        a, b_ = cp.cuda.Event(), cp.cuda.Event()
-        ts = []
-        for _ in range(n):
-            a.record()
-            fn()
-            b_.record()
-            b_.synchronize()
-            ts.append(cp.cuda.get_elapsed_time(a, b_))
-        return float(np.median(ts)) * 1e-3
-
     print("variant timing (bf16, TFLOP/s; bwd = full det path [dkdv/dq] or atomic path [dkdvq])")
     for hd in (64, 128):
         H = 2048 // hd
@@ -472,19 +461,6 @@ def fwd_variants():
     OVERRIDE.clear()
     T = "bf16"
     POISON = False
-
-    def timeit(fn, n=10):
-        for _ in range(3):
-            fn()
-        a, b_ = cp.cuda.Event(), cp.cuda.Event()
-        ts = []
-        for _ in range(n):
-            a.record()
-            fn()
-            b_.record()
-            b_.synchronize()
-            ts.append(cp.cuda.get_elapsed_time(a, b_))
-        return float(np.median(ts)) * 1e-3
 
     print("GPU:", cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "| torch", torch.__version__,
           "| fwd TFLOP/s bf16, CUDA events, median of 10 after 3 warm-up")

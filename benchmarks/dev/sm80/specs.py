@@ -3,7 +3,6 @@
 Each entry mirrors what flashcupy/_config_sm80.py should hold.  smem formulas
 are the ones in the kernel headers.
 """
-import os
 from dataclasses import dataclass
 
 DTYPES = ("fc_half", "fc_bf16")
@@ -76,8 +75,7 @@ def dkdv_smem(hd, hdv, bm, bn, nw, st, atomic):
 def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic, bulk=False):
     """SPLIT2D = true: K, V | STAGES x (Q, dO, lse, delta) | P, dS (as T), both kernels."""
     s = 2 * bn * (hd + hdv + 2 * PAD)
-    qpad = 0 if os.environ.get("FC_SM80_SWZ_QDO", "1") == "1" else 2 * PAD
-    s += st * (2 * bm * (hd + hdv + qpad) + 8 * bm)  # Q, dO swizzled: no pad
+    s += st * (2 * bm * (hd + hdv) + 8 * bm)  # Q, dO swizzled: no pad
     s += 4 * bm * (bn + PAD)
     if atomic and bulk:
         s += 4 * bm * hd  # float32 dQ staging tile
