@@ -49,8 +49,11 @@ DKDV_TILES = {
 # (benchmarks/dev/sm80/NOTES.md section 4).
 DKDVQ_TILES = {
     32: [(64, 128, 8, 2)],
-    64: [(128, 128, 8, 2, "2d"),  # 247/270 (harness, session 3); 3 stages 248/266: no gain;
-                                  # 174 KB: H100 only
+    64: [(128, 128, 8, 2, "2d", "wg"),  # S, dP by wgmma (sm_90a): 281/305, causal 255/294
+                                        # vs 245/267, 222/258 with mma.sync (harness, one
+                                        # process, h100_s4_run1_variants.log); 166 KB
+         (128, 128, 8, 2, "2d"),  # 247/270 (harness, session 3); 3 stages 248/266: no gain;
+                                  # 174 KB: sm_90+ without wgmma (sm_100)
          (64, 128, 8, 2)],        # 1-D, 93 KB: A100 (the 2-D tiles spill on sm_80)
     128: [(64, 128, 8, 2, "2d", "bulk"),  # dQ by bulk reduction (sm_90): 299/315, causal
                                           # 266/311 vs 297/306, 261/308 for 3 stages with
@@ -90,7 +93,9 @@ def name_expression(spec) -> str:
     # Trailing template flags (defaults in the kernels): SPLIT2D for dK/dV,
     # Q_IN_REGS for the forward.
     flag = ", true" if "2d" in spec.extra else ", false" if "qs" in spec.extra else ""
-    if "bulk" in spec.extra:  # BULK_DQ after SPLIT2D (fc_sm80_bwd_dkdvq)
+    if "bulk" in spec.extra or "wg" in spec.extra:  # BULK_DQ after SPLIT2D (dkdvq)
+        flag += ", true" if "bulk" in spec.extra else ", false"
+    if "wg" in spec.extra:  # WG_SDP after BULK_DQ: S, dP by wgmma (sm_90a)
         flag += ", true"
     return (f"{_KERNEL_NAMES[spec.kernel]}<{_STORAGE[spec.dtype]}, {spec.head_dim}, "
             f"{spec.head_dim_v}, {spec.block_m}, {spec.block_n}, {spec.nwarps}, {spec.stages}, "
@@ -105,8 +110,9 @@ def smem_bytes(spec) -> int:
     if spec.kernel == "fwd":
         return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq") and "2d" in spec.extra:
-        # K, V | STAGES x (Q, dO [swizzled, no pad], lse, delta) | P, dS [| dQ staging]
-        return (2 * bn * (hd + hdv + 2 * PAD) + st * (2 * bm * (hd + hdv) + 8 * bm)
+        # K, V [no pad when "wg"] | STAGES x (Q, dO [swizzled, no pad], lse, delta)
+        # | P, dS [| dQ staging]
+        return (2 * bn * (hd + hdv + (0 if "wg" in spec.extra else 2 * PAD)) + st * (2 * bm * (hd + hdv) + 8 * bm)
                 + 4 * bm * (bn + PAD) + (4 * bm * hd if "bulk" in spec.extra else 0))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq"):
         return (2 * (bn * (hd + PAD) + bn * (hdv + PAD))
@@ -133,6 +139,8 @@ def _pick(kernel, dtype, head_dim, head_dim_v, causal, smem_limit, cc=80):
             continue  # the 2-D split tiles head dims in 64-column warp slices
         if "bulk" in tile and cc < 90:
             continue  # cp.reduce.async.bulk is sm_90+
+        if "wg" in tile and cc != 90:
+            continue  # wgmma is sm_90a only
         spec = _spec(kernel, dtype, hd, hdv, tile, causal)
         if smem_bytes(spec) <= smem_limit:
             return spec
@@ -192,6 +200,8 @@ def runs_on(spec, arch: str) -> bool:
     """Whether ``spec`` is ever launched on ``arch`` (its tile fits there)."""
     limit = SMEM_LIMIT_SM90 if arch.startswith("sm_9") else SMEM_LIMIT_SM80
     if "bulk" in spec.extra and not arch.startswith("sm_9"):
+        return False
+    if "wg" in spec.extra and arch != "sm_90a":
         return False
     return smem_bytes(spec) <= limit
 

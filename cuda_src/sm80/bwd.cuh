@@ -59,6 +59,7 @@
 #include "../mask.cuh"
 #include "../softmax.cuh"
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 
 namespace sm80 {
@@ -71,6 +72,8 @@ struct DkdvCfg {
   static constexpr int LDK = HD + PAD, LDV = HDV + PAD, LDQ = HD + PAD, LDO = HDV + PAD;
   static constexpr int LDS = BLOCK_M + PAD;    // dS^T pitch
   static constexpr bool SWZ_QDO = false;       // Q / dO tiles padded (DkdvRing)
+  static constexpr bool SWZ_KV = false;        // K / V tiles padded
+  static constexpr bool WG_SDP = false;        // S, dP by mma.sync
   static constexpr bool K_IN_REGS = NT * (HD + HDV) <= 64;
   // (BLOCK_N, LDK) K | (BLOCK_N, LDV) V | STAGES x [(BLOCK_M, LDQ) Q | (BLOCK_M, LDO) dO]
   // | STAGES x (BLOCK_M) lse | STAGES x (BLOCK_M) delta | (BLOCK_N, LDS) dS^T
@@ -183,10 +186,10 @@ struct DkdvRing {
   // K and V (they stay resident), then the first STAGES - 1 steps.
   __device__ __forceinline__ void prologue(unsigned char *smem, const T *k_tile, fc_index_t k_sr,
                                            const T *v_tile, fc_index_t v_sr, int n_rows) {
-    load_tile<T, BLOCK_N, HD, NTHREADS>(reinterpret_cast<T *>(smem + C::K_OFF), k_tile, k_sr,
-                                        n_rows, head_dim);
-    load_tile<T, BLOCK_N, HDV, NTHREADS>(reinterpret_cast<T *>(smem + C::V_OFF), v_tile, v_sr,
-                                         n_rows, head_dim_v);
+    load_tile<T, BLOCK_N, HD, NTHREADS, C::SWZ_KV>(reinterpret_cast<T *>(smem + C::K_OFF), k_tile,
+                                                  k_sr, n_rows, head_dim);
+    load_tile<T, BLOCK_N, HDV, NTHREADS, C::SWZ_KV>(reinterpret_cast<T *>(smem + C::V_OFF), v_tile,
+                                                   v_sr, n_rows, head_dim_v);
     cp_async_commit();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -202,6 +205,9 @@ struct DkdvRing {
   // step t - 1 are free); prefetches step t + STAGES - 1.
   __device__ __forceinline__ Step begin(int t, unsigned char *smem) {
     cp_async_wait<STAGES - 2>();
+    // wgmma reads shared memory through the async proxy: the cp.async (generic
+    // proxy) writes this thread waited for are made visible to it first.
+    if constexpr (C::WG_SDP) fence_proxy_async();
     __syncthreads();
     if (t + STAGES - 1 < n_steps) load(pf, (t + STAGES - 1) % STAGES, smem);
     pf.next(n_mt);
@@ -409,15 +415,19 @@ __device__ __forceinline__ void bwd_dkdv_body(
 // Each warp tile is >= 32 x 32, so each fragment read feeds >= 2 mma.
 // ---------------------------------------------------------------------------
 template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool ATOMIC_DQ,
-          bool BULK>
+          bool BULK, bool WG>
 struct Dkdv2dCfg {
   static constexpr int NTHREADS = NWARPS * 32;
-  // K, V: padded (loaded once); the streamed Q, dO: swizzled (swz_chunk), pitch HD / HDV
-  static constexpr bool SWZ_QDO = true;
-  static constexpr int LDK = HD + PAD, LDV = HDV + PAD, LDQ = HD, LDO = HDV;
+  // WG (sm_90a): S and dP by wgmma (wgmma.cuh), each warpgroup 64 query rows x all
+  // BLOCK_N keys, with K and V swizzled too (wgmma's K-major 128-byte layout).
+  static constexpr bool WG_SDP = WG;
+  // K, V: padded (loaded once) unless WG; the streamed Q, dO: swizzled (swz_chunk),
+  // pitch HD / HDV
+  static constexpr bool SWZ_QDO = true, SWZ_KV = WG;
+  static constexpr int LDK = WG ? HD : HD + PAD, LDV = WG ? HDV : HDV + PAD, LDQ = HD, LDO = HDV;
   static constexpr int LDP = BLOCK_N + PAD;  // P and dS pitch
-  // S / dP tiling
-  static constexpr int SWM = 2, SWN = NWARPS / 2;
+  // S / dP tiling (WG: warp w holds rows 16 w .. 16 w + 15 of its warpgroup's product)
+  static constexpr int SWM = WG ? NWARPS : 2, SWN = WG ? 1 : NWARPS / 2;
   static constexpr int S_MT = BLOCK_M / SWM / 16, S_N = BLOCK_N / SWN;
   // dK / dV tiling
   static constexpr int KWN = NWARPS / 2, KWD = 2;
@@ -451,10 +461,18 @@ struct Dkdv2dCfg {
                     QWM * QWD == NWARPS && BLOCK_M % (QWM * 16) == 0,
                 "dK / dQ tiling");
   static_assert(STAGES >= 2, "at least double-buffered");
+  static_assert(!WG || (HD == 64 && HDV == 64 && BLOCK_N == 128 && BLOCK_M == 16 * NWARPS &&
+                        V_OFF % 1024 == 0 && QDO_OFF % 1024 == 0 && QDO_STAGE % 1024 == 0 &&
+                        (2 * BLOCK_M * LDQ) % 1024 == 0),
+                "wgmma S / dP: one swizzle atom along HD, m64n128 per warpgroup, tiles on "
+                "1024-byte boundaries");
+  static_assert(!SWZ_KV || (2 * BLOCK_M * LDP >= 2 * BLOCK_N * (HD + PAD) &&
+                            2 * BLOCK_M * LDP >= 2 * BLOCK_N * (HDV + PAD)),
+                "the dK / dV epilogue can stage through P / dS");
 };
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool ATOMIC_DQ, bool BULK>
+          bool CAUSAL, bool ATOMIC_DQ, bool BULK, bool WG = false>
 __device__ __forceinline__ void bwd_dkdv_body_2d(
     FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
     FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
@@ -462,7 +480,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
     int nb1, int nb2, int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
     fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
     float softmax_scale, float scale_log2, FC_TENSOR_ARG(float, dqa), fc_index_t dqa_sg) {
-  using C = Dkdv2dCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ, BULK>;
+  using C = Dkdv2dCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ, BULK, WG>;
 #if __CUDA_ARCH__ < 900
   if constexpr (C::BULK_DQ) __trap();  // bulk reductions need sm_90 (the host never asks)
 #endif
@@ -470,7 +488,13 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   constexpr int LDK = C::LDK, LDV = C::LDV, LDQ = C::LDQ, LDO = C::LDO, LDP = C::LDP;
   constexpr int S_MT = C::S_MT, S_N = C::S_N, K_MT = C::K_MT, KD = C::KD, KDV = C::KDV;
 
-  extern __shared__ __align__(16) unsigned char fc_sm80_smem[];
+  extern __shared__ __align__(1024) unsigned char fc_sm80_smem_2d[];
+  unsigned char *fc_sm80_smem = fc_sm80_smem_2d;
+  if constexpr (WG) {
+    // wgmma finds the swizzle from address bits: the dynamic shared window must
+    // start on a 1024-byte boundary (it does on sm_90; checked, not assumed)
+    if (smem_u32(fc_sm80_smem) & 1023) __trap();
+  }
   T *sK = reinterpret_cast<T *>(fc_sm80_smem + C::K_OFF);   // (BLOCK_N, LDK)
   T *sV = reinterpret_cast<T *>(fc_sm80_smem + C::V_OFF);   // (BLOCK_N, LDV)
   T *sP = reinterpret_cast<T *>(fc_sm80_smem + C::P_OFF);   // (BLOCK_M, LDP) P, as T
@@ -520,7 +544,11 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   const u32 pT_a = smem_u32(sP) + 2 * (lane_at<LDP>(lane) + k_n0);   // P^T as A of dV
   const u32 dsT_a = smem_u32(sdS) + 2 * (lane_at<LDP>(lane) + k_n0); // dS^T as A of dK
   const u32 ds_a = smem_u32(sdS) + 2 * (q_m0 * LDP + lane_a<LDP>(lane));  // dS as A of dQ
-  const u32 kQ_b = sK_u + 2 * (lane_bk<LDK>(lane) + q_d0);           // K as B of dQ
+  // K as B of dQ (swizzled K: this lane's row (lane_bk), and the chunk base q_d0 / 8
+  // folded into the XOR as for dO / Q below)
+  const u32 kQ_b = C::SWZ_KV ? sK_u + 2 * ((lane & 7) + ((lane >> 3) & 1) * 8) * LDK
+                             : sK_u + 2 * (lane_bk<LDK>(lane) + q_d0);
+  const int y_kq = (q_d0 / 8) ^ y_a;
 
   float acc_dk[K_MT][KD / 8][4];    // (32, HD/2) of dK, unscaled
   float acc_dv[K_MT][KDV / 8][4];   // (32, HDV/2) of dV
@@ -545,10 +573,23 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       const u32 qS_a = sQ_u + 2 * (s_m0 + (lane & 15)) * LDQ;
       const u32 doS_a = sdO_u + 2 * (s_m0 + (lane & 15)) * LDO;
       float s[S_MT][S_N / 8][4];
-      zero(s);
-      gemm_ab<T, S_MT, S_N, HD>(
-          s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + 2 * mt * 16 * LDQ + 16 * ((2 * kk) ^ y_a)); },
-          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, kS_b + 2 * (n2 * 16 * LDK + kk * 16)); });
+      float dp[S_MT][S_N / 8][4];
+      if constexpr (WG) {
+        // Both products issued at once on the tensor cores (this warpgroup's 64
+        // query rows x all keys); the exponentials of P below run on the MUFU
+        // unit while dP is still in flight.
+        const u32 wg_rows = 2 * (warp / 4) * 64;  // bytes / pitch: 64 rows per warpgroup
+        wg_fence();
+        wg_gemm_nt_n128<T, HD>(s[0], sQ_u + wg_rows * LDQ, sK_u);
+        wg_gemm_nt_n128<T, HDV>(dp[0], sdO_u + wg_rows * LDO, sV_u);
+        wg_wait<1>();
+        wg_fence_regs(s[0]);
+      } else {
+        zero(s);
+        gemm_ab<T, S_MT, S_N, HD>(
+            s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + 2 * mt * 16 * LDQ + 16 * ((2 * kk) ^ y_a)); },
+            [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, kS_b + 2 * (n2 * 16 * LDK + kk * 16)); });
+      }
       // P = exp2(S * scale_log2 - lse2) (one FMA).  Masked only where the tile
       // crosses the key end or the causal diagonal.  Query rows past Sq are
       // zero-filled (Q = dO = 0, lse = delta = 0): P = 1 there but dO = 0 and
@@ -576,11 +617,15 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
             }
         }
       frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
-      float dp[S_MT][S_N / 8][4];
-      zero(dp);
-      gemm_ab<T, S_MT, S_N, HDV>(
-          dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + 2 * mt * 16 * LDO + 16 * ((2 * kk) ^ y_a)); },
-          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
+      if constexpr (WG) {
+        wg_wait<0>();
+        wg_fence_regs(dp[0]);
+      } else {
+        zero(dp);
+        gemm_ab<T, S_MT, S_N, HDV>(
+            dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + 2 * mt * 16 * LDO + 16 * ((2 * kk) ^ y_a)); },
+            [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
+      }
       // dS = P o (dP - delta)
 #pragma unroll
       for (int mt = 0; mt < S_MT; ++mt)
@@ -611,7 +656,12 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       zero(acc_dq);
       gemm_ab<T, Q_MT, QD, BLOCK_N>(
           acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, ds_a + 2 * (mt * 16 * LDP + kk * 16)); },
-          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16)); });
+          [&](int n2, int kk, u32(&b)[4]) {
+            if constexpr (C::SWZ_KV)  // row kk*16 + bk_row, chunk q_d0/8 + 2 n2 + lane/16
+              ldsm_x4_t(b, kQ_b + 2 * kk * 16 * LDK + 16 * ((2 * n2) ^ y_kq));
+            else
+              ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16));
+          });
       if constexpr (C::BULK_DQ) {
         // the tile in the workspace's own layout (quad order, pitch HD): its BLOCK_M
         // rows are one contiguous run of the workspace
@@ -664,13 +714,15 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 
   // Epilogue: stage dK (scaled) and dV through the K / V tiles, then store.
   __syncthreads();
-  frag_to_smem<T, K_MT, KD / 8, LDK>(sK + k_d * KD, k_n0, acc_dk, softmax_scale, lane);
-  frag_to_smem<T, K_MT, KDV / 8, LDV>(sV + k_d * KDV, k_n0, acc_dv, 1.f, lane);
+  // (padded staging tiles: K / V themselves, or P / dS where K / V are swizzled)
+  T *eK = C::SWZ_KV ? sP : sK, *eV = C::SWZ_KV ? sdS : sV;
+  frag_to_smem<T, K_MT, KD / 8, HD + PAD>(eK + k_d * KD, k_n0, acc_dk, softmax_scale, lane);
+  frag_to_smem<T, K_MT, KDV / 8, HDV + PAD>(eV + k_d * KDV, k_n0, acc_dv, 1.f, lane);
   __syncthreads();
   store_tile<T, BLOCK_N, HD, NTHREADS>(dk_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dk_sr, dk_sr,
-                                       sK, n_rows, head_dim);
+                                       eK, n_rows, head_dim);
   store_tile<T, BLOCK_N, HDV, NTHREADS>(dv_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dv_sr, dv_sr,
-                                        sV, n_rows, head_dim_v);
+                                        eV, n_rows, head_dim_v);
 }
 
 }  // namespace sm80
@@ -703,7 +755,7 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
 }
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool SPLIT2D = false, bool BULK_DQ = false>
+          bool CAUSAL, bool SPLIT2D = false, bool BULK_DQ = false, bool WG_SDP = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   FC_TENSOR_ARG(const T, v), FC_TENSOR_ARG(const T, dout),
@@ -714,7 +766,8 @@ fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   int head_dim_v, float softmax_scale, float scale_log2, int causal,
                   FC_TENSOR_ARG(float, dq_accum), fc_index_t dq_accum_sg) {
   if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true, BULK_DQ>(
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true, BULK_DQ,
+                           WG_SDP>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,

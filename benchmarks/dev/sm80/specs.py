@@ -72,9 +72,10 @@ def dkdv_smem(hd, hdv, bm, bn, nw, st, atomic):
     return s
 
 
-def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic, bulk=False):
-    """SPLIT2D = true: K, V | STAGES x (Q, dO, lse, delta) | P, dS (as T), both kernels."""
-    s = 2 * bn * (hd + hdv + 2 * PAD)
+def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic, bulk=False, wg=False):
+    """SPLIT2D = true: K, V | STAGES x (Q, dO, lse, delta) | P, dS (as T), both kernels.
+    wg: S, dP by wgmma, K and V swizzled (no pad)."""
+    s = 2 * bn * (hd + hdv + (0 if wg else 2 * PAD))
     s += st * (2 * bm * (hd + hdv) + 8 * bm)  # Q, dO swizzled: no pad
     s += 4 * bm * (bn + PAD)
     if atomic and bulk:
@@ -134,7 +135,7 @@ VARIANTS = {
     "dkdv": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
              128: [(32, 64, 4, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
     # session 3 (NOTES.md s. 7): the swizzled 2-D body, 2 vs 3 stages
-    "dkdvq": {64: [(128, 128, 8, 2, "2d"), (128, 128, 8, 3, "2d")],
+    "dkdvq": {64: [(128, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d", "wg")],
               128: [(64, 128, 8, 2, "2d", "bulk"), (64, 128, 8, 3, "2d")]},
 }
 _KN = {"fwd": "fc_sm80_fwd", "dkdv": "fc_sm80_bwd_dkdv", "dkdvq": "fc_sm80_bwd_dkdvq",
@@ -151,14 +152,17 @@ def make_spec(kind, t, hd, tiles, causal):
     elif kind == "dq":
         sm = dq_smem(hd, hd, bm, bn, nw, st)
     elif split:
-        sm = dkdv2d_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq", "bulk" in tiles)
+        sm = dkdv2d_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq", "bulk" in tiles,
+                         "wg" in tiles)
     else:
         sm = dkdv_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq")
     if kind == "fwd":  # fwd 5th element "qs": Q_IN_REGS = false (Q re-read from smem)
         extra = ", false" if split and tiles[4] == "qs" else ""
     else:
         extra = ", true" if split else ""
-        if "bulk" in tiles:  # BULK_DQ = true (fc_sm80_bwd_dkdvq)
+        if "bulk" in tiles or "wg" in tiles:  # BULK_DQ (fc_sm80_bwd_dkdvq)
+            extra += ", true" if "bulk" in tiles else ", false"
+        if "wg" in tiles:  # WG_SDP = true: S, dP by wgmma (sm_90a)
             extra += ", true"
     return Spec(kind, f"{_KN[kind]}<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}{extra}>",
                 sm, nw * 32, (bm, bn), causal)
