@@ -55,7 +55,10 @@ DKDVQ_TILES = {
          (128, 128, 8, 2, "2d"),  # 247/270 (harness, session 3); 3 stages 248/266: no gain;
                                   # 174 KB: sm_90+ without wgmma (sm_100)
          (64, 128, 8, 2)],        # 1-D, 93 KB: A100 (the 2-D tiles spill on sm_80)
-    128: [(64, 128, 8, 2, "2d", "bulk"),  # dQ by bulk reduction (sm_90): 299/315, causal
+    128: [(64, 128, 8, 2, "2d", "bulk", "wg"),  # S, dP by wgmma (sm_90a): 343/377, causal
+                                                # 312/368 vs 296/311, 252/306 (harness, one
+                                                # process, h100_s4_run2_variants.log); 196 KB
+          (64, 128, 8, 2, "2d", "bulk"),  # dQ by bulk reduction (sm_90): 299/315, causal
                                           # 266/311 vs 297/306, 261/308 for 3 stages with
                                           # red.global.add (harness, session 3); 204 KB
           (32, 128, 8, 2)],       # 1-D, 115 KB: A100

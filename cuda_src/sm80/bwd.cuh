@@ -418,16 +418,21 @@ template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, boo
           bool BULK, bool WG>
 struct Dkdv2dCfg {
   static constexpr int NTHREADS = NWARPS * 32;
-  // WG (sm_90a): S and dP by wgmma (wgmma.cuh), each warpgroup 64 query rows x all
-  // BLOCK_N keys, with K and V swizzled too (wgmma's K-major 128-byte layout).
+  // WG (sm_90a): S and dP by wgmma (wgmma.cuh), with K and V swizzled too (wgmma's
+  // K-major 128-byte layout).  The two warpgroups split the (BLOCK_M, BLOCK_N)
+  // product into WG_M x WG_N blocks of 64 query rows x WG_NK keys; warp w of a
+  // warpgroup holds rows 16 w .. 16 w + 15 of its block.
   static constexpr bool WG_SDP = WG;
-  // K, V: padded (loaded once) unless WG; the streamed Q, dO: swizzled (swz_chunk),
-  // pitch HD / HDV
+  static constexpr int WG_M = BLOCK_M / 64 > 0 ? BLOCK_M / 64 : 1, WG_N = NWARPS / 4 / WG_M;
+  static constexpr int WG_NK = BLOCK_N / WG_N;
+  // K, V: padded (loaded once) unless WG; the streamed Q, dO: swizzled (swz_off:
+  // 64-column panels of 128-byte rows)
   static constexpr bool SWZ_QDO = true, SWZ_KV = WG;
   static constexpr int LDK = WG ? HD : HD + PAD, LDV = WG ? HDV : HDV + PAD, LDQ = HD, LDO = HDV;
   static constexpr int LDP = BLOCK_N + PAD;  // P and dS pitch
-  // S / dP tiling (WG: warp w holds rows 16 w .. 16 w + 15 of its warpgroup's product)
-  static constexpr int SWM = WG ? NWARPS : 2, SWN = WG ? 1 : NWARPS / 2;
+  static constexpr int PANEL_Q = BLOCK_M * 128, PANEL_K = BLOCK_N * 128;  // bytes
+  // S / dP tiling
+  static constexpr int SWM = WG ? 4 * WG_M : 2, SWN = WG ? WG_N : NWARPS / 2;
   static constexpr int S_MT = BLOCK_M / SWM / 16, S_N = BLOCK_N / SWN;
   // dK / dV tiling
   static constexpr int KWN = NWARPS / 2, KWD = 2;
@@ -461,14 +466,20 @@ struct Dkdv2dCfg {
                     QWM * QWD == NWARPS && BLOCK_M % (QWM * 16) == 0,
                 "dK / dQ tiling");
   static_assert(STAGES >= 2, "at least double-buffered");
-  static_assert(!WG || (HD == 64 && HDV == 64 && BLOCK_N == 128 && BLOCK_M == 16 * NWARPS &&
-                        V_OFF % 1024 == 0 && QDO_OFF % 1024 == 0 && QDO_STAGE % 1024 == 0 &&
-                        (2 * BLOCK_M * LDQ) % 1024 == 0),
-                "wgmma S / dP: one swizzle atom along HD, m64n128 per warpgroup, tiles on "
-                "1024-byte boundaries");
-  static_assert(!SWZ_KV || (2 * BLOCK_M * LDP >= 2 * BLOCK_N * (HD + PAD) &&
-                            2 * BLOCK_M * LDP >= 2 * BLOCK_N * (HDV + PAD)),
-                "the dK / dV epilogue can stage through P / dS");
+  static_assert(!WG || (BLOCK_M % 64 == 0 || BLOCK_M == 64) && WG_M * WG_N * 4 == NWARPS &&
+                        (WG_NK == 64 || WG_NK == 128) && S_MT == 1 && S_N == WG_NK,
+                "wgmma S / dP: m64n64 or m64n128 blocks, one per warpgroup");
+  static_assert(!WG || (V_OFF % 1024 == 0 && QDO_OFF % 1024 == 0 && QDO_STAGE % 1024 == 0 &&
+                        (2 * BLOCK_M * LDQ) % 1024 == 0 && PANEL_Q % 1024 == 0),
+                "wgmma operands start on 1024-byte boundaries");
+  static_assert(HD % 64 == 0 && HDV % 64 == 0 && KD <= 64 && KDV <= 64 && QD <= 64,
+                "swizzled tiles: whole 64-column panels; a warp's slice within one");
+  // dK / dV epilogue staging (padded tiles) where K / V are swizzled: the Q / dO
+  // ring onwards, free after the loop
+  static constexpr int EK_OFF = SWZ_KV ? QDO_OFF : K_OFF;
+  static constexpr int EV_OFF = SWZ_KV ? QDO_OFF + 2 * BLOCK_N * (HD + PAD) : V_OFF;
+  static_assert(!SWZ_KV || EV_OFF + 2 * BLOCK_N * (HDV + PAD) <= DQS_OFF,
+                "the dK / dV epilogue fits before the dQ staging tile");
 };
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
@@ -485,7 +496,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   if constexpr (C::BULK_DQ) __trap();  // bulk reductions need sm_90 (the host never asks)
 #endif
   constexpr int NTHREADS = C::NTHREADS;
-  constexpr int LDK = C::LDK, LDV = C::LDV, LDQ = C::LDQ, LDO = C::LDO, LDP = C::LDP;
+  constexpr int LDK = C::LDK, LDV = C::LDV, LDQ = C::LDQ, LDP = C::LDP;
   constexpr int S_MT = C::S_MT, S_N = C::S_N, K_MT = C::K_MT, KD = C::KD, KDV = C::KDV;
 
   extern __shared__ __align__(1024) unsigned char fc_sm80_smem_2d[];
@@ -520,12 +531,16 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   // this warp's tiles
-  const int s_m0 = (warp / C::SWN) * (S_MT * 16), s_n0 = (warp % C::SWN) * S_N;
+  // (WG: warps along M first, so warpgroup wg holds block (wg % WG_M, wg / WG_M) and
+  // warp % 4 its rows)
+  const int s_m0 = C::WG_SDP ? (warp % C::SWM) * 16 : (warp / C::SWN) * (S_MT * 16);
+  const int s_n0 = C::WG_SDP ? (warp / C::SWM) * S_N : (warp % C::SWN) * S_N;
   const int k_n0 = (warp % C::KWN) * (K_MT * 16), k_d = warp / C::KWN;
   const int q_m0 = (warp % C::QWM) * (C::Q_MT * 16), q_d0 = (warp / C::QWM) * C::QD;
-  // Swizzled Q / dO reads: every ldmatrix row this lane addresses is = lane (mod 8)
-  // (tiles start at multiples of 16 rows), so chunk c is at c ^ y_a with the
-  // (lane / 16) half-chunk folded in: (2 kk + lane / 16) ^ (lane & 7) = (2 kk) ^ y_a.
+  // Swizzled Q / dO (and K) reads: every ldmatrix row this lane addresses is = lane
+  // (mod 8) (tiles start at multiples of 16 rows), so chunk c of a panel is at
+  // c ^ y_a with the (lane / 16) half-chunk folded in:
+  // (2 kk + lane / 16) ^ (lane & 7) = (2 kk) ^ y_a.
   const int y_a = (lane >> 4) ^ (lane & 7);
 
   DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
@@ -544,11 +559,15 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   const u32 pT_a = smem_u32(sP) + 2 * (lane_at<LDP>(lane) + k_n0);   // P^T as A of dV
   const u32 dsT_a = smem_u32(sdS) + 2 * (lane_at<LDP>(lane) + k_n0); // dS^T as A of dK
   const u32 ds_a = smem_u32(sdS) + 2 * (q_m0 * LDP + lane_a<LDP>(lane));  // dS as A of dQ
-  // K as B of dQ (swizzled K: this lane's row (lane_bk), and the chunk base q_d0 / 8
-  // folded into the XOR as for dO / Q below)
-  const u32 kQ_b = C::SWZ_KV ? sK_u + 2 * ((lane & 7) + ((lane >> 3) & 1) * 8) * LDK
+  // Swizzled reads of a warp's column slice [c0, c0 + cols) of a tile (cols <= 64,
+  // within one panel: the slices are 16-aligned multiples that divide 64): this
+  // lane's row r (= lane mod 8) at `base`, the slice's panel added, and its first
+  // chunk within the panel folded into y (its bits never mix with 2 n2 + lane / 16).
+  const int bk_row = (lane & 7) + ((lane >> 3) & 1) * 8;  // lane_bk's row
+  // K as B of dQ
+  const u32 kQ_b = C::SWZ_KV ? sK_u + (q_d0 / 64) * C::PANEL_K + bk_row * 128
                              : sK_u + 2 * (lane_bk<LDK>(lane) + q_d0);
-  const int y_kq = (q_d0 / 8) ^ y_a;
+  const int y_kq = (q_d0 / 8 % 8) ^ y_a;
 
   float acc_dk[K_MT][KD / 8][4];    // (32, HD/2) of dK, unscaled
   float acc_dv[K_MT][KDV / 8][4];   // (32, HDV/2) of dV
@@ -570,24 +589,26 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
     {
       // S = Q K^T, dP = dO V^T: this warp's (S_MT*16, S_N) block
       // (swizzled Q, dO: this lane's row, chunk 2 kk + lane / 16 -> (2 kk) ^ y_a)
-      const u32 qS_a = sQ_u + 2 * (s_m0 + (lane & 15)) * LDQ;
-      const u32 doS_a = sdO_u + 2 * (s_m0 + (lane & 15)) * LDO;
+      const u32 qS_a = sQ_u + (s_m0 + (lane & 15)) * 128;
+      const u32 doS_a = sdO_u + (s_m0 + (lane & 15)) * 128;
+      // k16 step kk: panel kk / 4, chunk (2 kk % 8) ^ y_a
+      auto swz_k = [&](int kk) { return (kk / 4) * C::PANEL_Q + 16 * ((2 * kk % 8) ^ y_a); };
       float s[S_MT][S_N / 8][4];
       float dp[S_MT][S_N / 8][4];
       if constexpr (WG) {
-        // Both products issued at once on the tensor cores (this warpgroup's 64
-        // query rows x all keys); the exponentials of P below run on the MUFU
-        // unit while dP is still in flight.
-        const u32 wg_rows = 2 * (warp / 4) * 64;  // bytes / pitch: 64 rows per warpgroup
+        // Both products issued at once on the tensor cores (this warpgroup's block
+        // of 64 query rows x S_N keys); the exponentials of P below run on the
+        // MUFU unit while dP is still in flight.
+        const u32 q_rows = (warp % C::SWM / 4) * 64 * 128, k_rows = s_n0 * 128;  // bytes
         wg_fence();
-        wg_gemm_nt_n128<T, HD>(s[0], sQ_u + wg_rows * LDQ, sK_u);
-        wg_gemm_nt_n128<T, HDV>(dp[0], sdO_u + wg_rows * LDO, sV_u);
+        wg_gemm_nt<T, S_N, HD, C::PANEL_Q, C::PANEL_K>(s[0], sQ_u + q_rows, sK_u + k_rows);
+        wg_gemm_nt<T, S_N, HDV, C::PANEL_Q, C::PANEL_K>(dp[0], sdO_u + q_rows, sV_u + k_rows);
         wg_wait<1>();
         wg_fence_regs(s[0]);
       } else {
         zero(s);
         gemm_ab<T, S_MT, S_N, HD>(
-            s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + 2 * mt * 16 * LDQ + 16 * ((2 * kk) ^ y_a)); },
+            s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + mt * 16 * 128 + swz_k(kk)); },
             [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, kS_b + 2 * (n2 * 16 * LDK + kk * 16)); });
       }
       // P = exp2(S * scale_log2 - lse2) (one FMA).  Masked only where the tile
@@ -623,7 +644,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       } else {
         zero(dp);
         gemm_ab<T, S_MT, S_N, HDV>(
-            dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + 2 * mt * 16 * LDO + 16 * ((2 * kk) ^ y_a)); },
+            dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + mt * 16 * 128 + swz_k(kk)); },
             [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
       }
       // dS = P o (dP - delta)
@@ -658,7 +679,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
           acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, ds_a + 2 * (mt * 16 * LDP + kk * 16)); },
           [&](int n2, int kk, u32(&b)[4]) {
             if constexpr (C::SWZ_KV)  // row kk*16 + bk_row, chunk q_d0/8 + 2 n2 + lane/16
-              ldsm_x4_t(b, kQ_b + 2 * kk * 16 * LDK + 16 * ((2 * n2) ^ y_kq));
+              ldsm_x4_t(b, kQ_b + kk * 16 * 128 + 16 * ((2 * n2) ^ y_kq));
             else
               ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16));
           });
@@ -692,19 +713,18 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 
     // dV += P^T dO,  dK += dS^T Q   (k = queries)
     {
-      // (swizzled dO, Q: this lane's row (lane_bk), chunk k_d * KDV / 8 + 2 n2 + lane / 16
-      // -> (2 n2) ^ y, y = (k_d * KDV / 8) ^ y_a: the column base is a multiple of the
-      // chunk span 2 n2 + lane / 16 < KDV / 8, so its bits never mix with it)
-      const int bk_row = (lane & 7) + ((lane >> 3) & 1) * 8;
-      const u32 dO_b = sdO_u + 2 * bk_row * LDO;
-      const int y_o = (k_d * KDV / 8) ^ y_a, y_q = (k_d * KD / 8) ^ y_a;
+      // (swizzled dO, Q: the warp's column slices [k_d KDV, + KDV), [k_d KD, + KD) read
+      // as described at kQ_b: chunk cb + 2 n2 + lane / 16 of row kk * 16 + bk_row)
+      const int cb_o = k_d * KDV / 8, cb_q = k_d * KD / 8;  // first chunk of the slice
+      const u32 dO_b = sdO_u + (cb_o / 8) * C::PANEL_Q + bk_row * 128;
+      const int y_o = (cb_o % 8) ^ y_a, y_q = (cb_q % 8) ^ y_a;
       gemm_ab<T, K_MT, KDV, BLOCK_M>(
           acc_dv, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, pT_a + 2 * (kk * 16 * LDP + mt * 16)); },
-          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, dO_b + 2 * kk * 16 * LDO + 16 * ((2 * n2) ^ y_o)); });
-      const u32 q_b2 = sQ_u + 2 * bk_row * LDQ;
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, dO_b + kk * 16 * 128 + 16 * ((2 * n2) ^ y_o)); });
+      const u32 q_b2 = sQ_u + (cb_q / 8) * C::PANEL_Q + bk_row * 128;
       gemm_ab<T, K_MT, KD, BLOCK_M>(
           acc_dk, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, dsT_a + 2 * (kk * 16 * LDP + mt * 16)); },
-          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, q_b2 + 2 * kk * 16 * LDQ + 16 * ((2 * n2) ^ y_q)); });
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, q_b2 + kk * 16 * 128 + 16 * ((2 * n2) ^ y_q)); });
     }
   }
   cp_async_wait<0>();
@@ -714,8 +734,9 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 
   // Epilogue: stage dK (scaled) and dV through the K / V tiles, then store.
   __syncthreads();
-  // (padded staging tiles: K / V themselves, or P / dS where K / V are swizzled)
-  T *eK = C::SWZ_KV ? sP : sK, *eV = C::SWZ_KV ? sdS : sV;
+  // (padded staging tiles: K / V themselves, or the ring where K / V are swizzled)
+  T *eK = reinterpret_cast<T *>(fc_sm80_smem + C::EK_OFF);
+  T *eV = reinterpret_cast<T *>(fc_sm80_smem + C::EV_OFF);
   frag_to_smem<T, K_MT, KD / 8, HD + PAD>(eK + k_d * KD, k_n0, acc_dk, softmax_scale, lane);
   frag_to_smem<T, K_MT, KDV / 8, HDV + PAD>(eV + k_d * KDV, k_n0, acc_dv, 1.f, lane);
   __syncthreads();

@@ -203,14 +203,21 @@ __device__ __forceinline__ void st_shared_b32(u32 addr, u32 v) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
 
-// The swizzled tile layout (streamed tiles of the dK/dV loop): row-major with
-// pitch COLS (no pad, so every row starts on a 128-byte line) and 16-byte chunk
-// c of row r stored at chunk c ^ (r & 7).  Each group of 8 chunks of a row
-// stays in its own 128-byte line, so a cp.async fill of 8 consecutive chunks
+// The swizzled tile layout (the 2-D dK/dV loop): the tile is cut into panels
+// of 64 columns (128 bytes per row, no pad), panel after panel; in each panel
+// 16-byte chunk c of row r is stored at chunk c ^ (r & 7).  A row's 8 chunks of
+// a panel stay in one 128-byte line, so a cp.async fill of 8 consecutive chunks
 // writes one line (the padded layout straddles two for 7 rows in 8: 2.6x the
 // ideal shared-memory wavefronts of LDGSTS, NOTES.md section 7), and the 8 rows
-// an ldmatrix reads put one logical chunk in 8 different bank groups.
+// an ldmatrix reads put one logical chunk in 8 different bank groups.  It is
+// also exactly wgmma's K-major 128-byte-swizzled layout (wgmma.cuh), one
+// panel per 64 columns of K.
 __device__ __forceinline__ int swz_chunk(int c, int r) { return c ^ (r & 7); }
+// Byte offset of 16-byte chunk c (of the whole row) of row r, tile of ROWS rows.
+template <int ROWS>
+__device__ __forceinline__ int swz_off(int r, int c) {
+  return (c >> 3) * (ROWS * 128) + r * 128 + 16 * swz_chunk(c & 7, r);
+}
 
 // True when 16-byte vector accesses are legal for every row of the tile: the
 // tile start and the row pitch are 16-byte multiples and head_dim fills whole
@@ -235,7 +242,7 @@ __device__ __forceinline__ bool vec16_ok(const T *g, fc_index_t row_stride, int 
 // loop that was a third of all instructions issued.)  A full tile (the common
 // case) skips the per-chunk predicates behind one uniform branch.
 //
-// SWZ = true: the swizzled layout instead (see swz_chunk): pitch COLS, no pad.
+// SWZ = true: the swizzled layout instead (see swz_off): 64-column panels, no pad.
 template <typename T, int ROWS, int COLS, int NTHREADS, bool SWZ = false>
 __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row_stride,
                                           int rows_valid, int cols_valid) {
@@ -251,12 +258,15 @@ __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row
     const int r0 = threadIdx.x / CPR, c8 = (threadIdx.x % CPR) * 8;
     const T *src = gmem + r0 * row_stride + c8;
     const fc_index_t step = RSTEP * row_stride;
-    const u32 dst = s0 + 2 * (r0 * LD + (SWZ ? 8 * swz_chunk(c8 / 8, r0) : c8));
+    // (swizzled: a thread's rows step by RSTEP, a multiple of 8, so row & 7 and the
+    // chunk's place stay fixed and its rows are RSTEP * 128 bytes apart)
+    const u32 dst = s0 + (SWZ ? swz_off<ROWS>(r0, c8 / 8) : 2 * (r0 * LD + c8));
+    constexpr int DST_STEP = SWZ ? RSTEP * 128 : 2 * RSTEP * LD;  // bytes
     if (rows_valid >= ROWS && cols_valid >= COLS) {
 #pragma unroll
       for (int it = 0; it < ITERS; ++it) {
         if (TOTAL % NTHREADS == 0 || r0 + it * RSTEP < ROWS)
-          cp_async_16(dst + 2 * it * RSTEP * LD, src, 16);
+          cp_async_16(dst + it * DST_STEP, src, 16);
         src += step;
       }
     } else {
@@ -266,7 +276,7 @@ __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row
         const int r = r0 + it * RSTEP;
         if (TOTAL % NTHREADS == 0 || r < ROWS) {
           const bool ok = col_ok && r < rows_valid;
-          cp_async_16(dst + 2 * it * RSTEP * LD, ok ? src : gmem, ok ? 16 : 0);
+          cp_async_16(dst + it * DST_STEP, ok ? src : gmem, ok ? 16 : 0);
         }
         src += step;
       }
@@ -287,7 +297,7 @@ __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row
           }
         }
         asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};"
-                     ::"r"(s0 + 2 * (r * LD + 8 * (SWZ ? swz_chunk(c, r) : c))),
+                     ::"r"(s0 + (SWZ ? swz_off<ROWS>(r, c) : 2 * (r * LD + 8 * c))),
                      "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
                      : "memory");
       }

@@ -11,12 +11,12 @@
 // is still on the tensor cores.
 //
 // Operand layout, both A (M x K) and B (N x K): "K-major" with the 128-byte
-// swizzle, i.e. rows of exactly 64 16-bit elements (128 bytes), 16-byte chunk c
-// of row r stored at chunk c ^ (r & 7) -- the swz_chunk layout of mma.cuh with
-// pitch 64 -- and the tile starting on a 1024-byte boundary (the swizzle is a
-// function of the address bits, PTX ISA "Shared Memory Matrix Layout").
-// Consecutive 8-row groups are 1024 bytes apart (the stride byte offset); the
-// k16 step kk starts 32 * kk bytes into the rows.
+// swizzle, i.e. panels of 64 columns with rows of 128 bytes, 16-byte chunk c of
+// row r stored at chunk c ^ (r & 7) -- the swz_off layout of mma.cuh -- and
+// every panel starting on a 1024-byte boundary (the swizzle is a function of
+// the address bits, PTX ISA "Shared Memory Matrix Layout").  Consecutive 8-row
+// groups are 1024 bytes apart (the stride byte offset); k16 step kk starts at
+// panel kk / 4, 32 * (kk % 4) bytes into the rows.
 //
 // Accumulator layout of m64nNk16 (f32): warp w of the group holds rows
 // 16 w .. 16 w + 15, and its registers d[j][0..3] for n8 tile j are exactly the
@@ -91,38 +91,66 @@ struct WgIsBf16<fc_bf16> {
   "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+  "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define FC_WG_D128 \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+  "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+  "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), \
   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
 
-// d (64 x 128 per warpgroup, this thread's share) = (accumulate ? d : 0) + A B^T
-// over one k16 step; A (64 x 16) and B (128 x 16) given by descriptors.
-template <typename T>
-__device__ __forceinline__ void wg_mma_n128(float (&d)[16][4], unsigned long long da,
-                                            unsigned long long db, bool accumulate) {
+// d (64 x N per warpgroup, this thread's share: N / 8 n8 tiles) =
+// (accumulate ? d : 0) + A B^T over one k16 step; A (64 x 16) and B (N x 16)
+// given by descriptors.  N = 64 or 128.
+template <typename T, int N>
+__device__ __forceinline__ void wg_mma(float (&d)[N / 8][4], unsigned long long da,
+                                       unsigned long long db, bool accumulate) {
+  static_assert(N == 64 || N == 128, "m64n64k16 or m64n128k16");
 #if FC_HAS_WGMMA
-  if constexpr (WgIsBf16<T>::value) {
+  if constexpr (N == 128 && WgIsBf16<T>::value) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
-  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "
-  "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
+        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
         "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : FC_WG_D64
+        : FC_WG_D128
         : "l"(da), "l"(db), "r"((int)accumulate));
-  } else {
+  }
+  if constexpr (N == 128 && !WgIsBf16<T>::value) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
-  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
-  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "
-  "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
+        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
         "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : FC_WG_D128
+        : "l"(da), "l"(db), "r"((int)accumulate));
+  }
+  if constexpr (N == 64 && WgIsBf16<T>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : FC_WG_D64
+        : "l"(da), "l"(db), "r"((int)accumulate));
+  }
+  if constexpr (N == 64 && !WgIsBf16<T>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
         : FC_WG_D64
         : "l"(da), "l"(db), "r"((int)accumulate));
   }
@@ -131,18 +159,21 @@ __device__ __forceinline__ void wg_mma_n128(float (&d)[16][4], unsigned long lon
 #endif
 }
 #undef FC_WG_D64
+#undef FC_WG_D128
 
-// d = A B^T over K (a multiple of 16, at most 64: one swizzle atom wide), A and
-// B K-major swizzled tiles at shared addresses sa, sb (1024-byte aligned).
-// Issued and committed as one group; the caller waits (wg_wait) and then
-// wg_fence_regs(d).
-template <typename T, int K>
-__device__ __forceinline__ void wg_gemm_nt_n128(float (&d)[16][4], u32 sa, u32 sb) {
-  static_assert(K % 16 == 0 && K <= 64, "one 128-byte swizzle atom along K");
+// d = A B^T over K (a multiple of 16), A (64 x K) and B (N x K) swizzled tiles at
+// shared addresses sa, sb (1024-byte aligned), stored as 64-column panels
+// PANEL_A / PANEL_B bytes apart (swz_off in mma.cuh): k16 step kk reads panel
+// kk / 4 at byte 32 * (kk % 4) of the rows.  Issued and committed as one group;
+// the caller waits (wg_wait) and then wg_fence_regs(d).
+template <typename T, int N, int K, int PANEL_A, int PANEL_B>
+__device__ __forceinline__ void wg_gemm_nt(float (&d)[N / 8][4], u32 sa, u32 sb) {
+  static_assert(K % 16 == 0, "k16 steps");
   const unsigned long long da = wg_desc_sw128(sa), db = wg_desc_sw128(sb);
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk)
-    wg_mma_n128<T>(d, wg_desc_add(da, 32 * kk), wg_desc_add(db, 32 * kk), kk > 0);
+    wg_mma<T, N>(d, wg_desc_add(da, (kk / 4) * PANEL_A + 32 * (kk % 4)),
+                 wg_desc_add(db, (kk / 4) * PANEL_B + 32 * (kk % 4)), kk > 0);
   wg_commit();
 }
 

@@ -136,7 +136,7 @@ VARIANTS = {
              128: [(32, 64, 4, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
     # session 3 (NOTES.md s. 7): the swizzled 2-D body, 2 vs 3 stages
     "dkdvq": {64: [(128, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d", "wg")],
-              128: [(64, 128, 8, 2, "2d", "bulk"), (64, 128, 8, 3, "2d")]},
+              128: [(64, 128, 8, 2, "2d", "bulk"), (64, 128, 8, 2, "2d", "bulk", "wg")]},
 }
 _KN = {"fwd": "fc_sm80_fwd", "dkdv": "fc_sm80_bwd_dkdv", "dkdvq": "fc_sm80_bwd_dkdvq",
        "dq": "fc_sm80_bwd_dq"}
