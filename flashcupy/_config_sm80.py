@@ -1,7 +1,9 @@
-"""Tensor-core family (mma.sync m16n8k16, sm_80+): the selection table.
+"""Tensor-core family (mma.sync m16n8k16, sm_80+; wgmma on sm_90a): the selection table.
 
-Kernels: cuda_src/sm80/fwd.cuh (fc_sm80_fwd) and cuda_src/sm80/bwd.cuh
-(fc_sm80_bwd_dkdv, fc_sm80_bwd_dq), all templated on
+Kernels: cuda_src/sm80/fwd.cuh (fc_sm80_fwd), cuda_src/sm80/fwd_wg.cuh
+(fc_sm80_fwd_wg: the forward with warpgroup MMA, H100, tiles flagged "wg") and
+cuda_src/sm80/bwd.cuh (fc_sm80_bwd_dkdv, fc_sm80_bwd_dq, fc_sm80_bwd_dkdvq; "wg"
+there: S and dP by wgmma, cuda_src/sm80/wgmma.cuh), all templated on
 ``<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL>``, and two bandwidth
 kernels of the backward (fc_sm80_bwd_preprocess, fc_sm80_bwd_dq_convert).
 
@@ -22,9 +24,17 @@ PAD = 8  # smem row padding in elements (16 bytes): conflict-free ldmatrix / cp.
 # Cells are bf16 TFLOP/s at S = 1k / 4k / 16k (benchmarks/dev/sm80/h100_run2_fwd.log).
 FWD_TILES = {
     32: [(128, 128, 4, 2, "qs")],  # 186/219/230, 7-16 % over 128x64x4w (Q in registers)
-    64: [(128, 64, 4, 2)],   # 4 warps x 32 rows: each K/V fragment feeds two m16 tiles;
+    64: [(64, 64, 4, 2, "wg"),  # wgmma (sm_90a, fwd_wg.cuh), one warpgroup, several CTAs
+                                # per SM: 305/359/371, causal 235/320/350 vs 128x64x8w wg
+                                # (2 CTAs/SM) 293/345/360, 128x128x8w wg (1 CTA/SM)
+                                # 251/307/325, mma.sync 128x64x4w 253/304/312 (harness,
+                                # h100_s4_run4/5_fwd_variants.log)
+         (128, 64, 4, 2)],   # 4 warps x 32 rows: each K/V fragment feeds two m16 tiles;
                              # 189/272/295; 128x128x8w 221/251 at 4k/16k; 128x128x4w "qs" spills
-    128: [(128, 64, 4, 2),   # flash-attn's tile, 4 warps x 32 rows, Q re-read from smem:
+    128: [(64, 64, 4, 2, "wg"),  # wgmma (sm_90a): 329/425/413, causal 253/353/444 vs
+                                 # 128x128x8w wg 321/399/433, 242/344/431 and mma.sync
+                                 # 128x64x4w 267/332/357 (h100_s4_run5_fwd_variants.log)
+          (128, 64, 4, 2),   # flash-attn's tile, 4 warps x 32 rows, Q re-read from smem:
                              # 260/334/350 vs 128x128x8w 202/244/263 and 128x32x4w 231/296/315
                              # (h100_s2_run10_fwdvar.log); spill-free (255 regs) since the
                              # conditional O rescale (NOTES.md s. 6); 104 KB: H100 and A100
@@ -84,7 +94,9 @@ _STORAGE = {"fp16": "fc_half", "bf16": "fc_bf16"}
 
 
 def source(spec) -> str:
-    return "sm80/fwd.cuh" if spec.kernel == "fwd" else "sm80/bwd.cuh"
+    if spec.kernel == "fwd":
+        return "sm80/fwd_wg.cuh" if "wg" in spec.extra else "sm80/fwd.cuh"
+    return "sm80/bwd.cuh"
 
 
 def name_expression(spec) -> str:
@@ -93,6 +105,10 @@ def name_expression(spec) -> str:
     if spec.kernel == "bwd_preprocess":
         return (f"fc_sm80_bwd_preprocess<{_STORAGE[spec.dtype]}, {spec.head_dim_v}, "
                 f"{spec.nwarps}>")
+    if spec.kernel == "fwd" and "wg" in spec.extra:  # fwd_wg.cuh: no trailing flags
+        return (f"fc_sm80_fwd_wg<{_STORAGE[spec.dtype]}, {spec.head_dim}, {spec.head_dim_v}, "
+                f"{spec.block_m}, {spec.block_n}, {spec.nwarps}, {spec.stages}, "
+                f"{'true' if spec.causal else 'false'}>")
     # Trailing template flags (defaults in the kernels): SPLIT2D for dK/dV,
     # Q_IN_REGS for the forward.
     flag = ", true" if "2d" in spec.extra else ", false" if "qs" in spec.extra else ""
@@ -110,6 +126,8 @@ def smem_bytes(spec) -> int:
     hd, hdv, bm, bn, st = spec.head_dim, spec.head_dim_v, spec.block_m, spec.block_n, spec.stages
     if spec.kernel in ("bwd_dq_convert", "bwd_preprocess"):
         return 0
+    if spec.kernel == "fwd" and "wg" in spec.extra:
+        return 2 * (bm * hd + 2 * bn * (hd + hdv))  # Q | K[2] | V[2], swizzled, no pad
     if spec.kernel == "fwd":
         return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq") and "2d" in spec.extra:
@@ -142,8 +160,8 @@ def _pick(kernel, dtype, head_dim, head_dim_v, causal, smem_limit, cc=80):
             continue  # the 2-D split tiles head dims in 64-column warp slices
         if "bulk" in tile and cc < 90:
             continue  # cp.reduce.async.bulk is sm_90+
-        if "wg" in tile and cc != 90:
-            continue  # wgmma is sm_90a only
+        if "wg" in tile and (cc != 90 or hd % 64 or hdv % 64):
+            continue  # wgmma is sm_90a only; its tiles are whole 64-column panels
         spec = _spec(kernel, dtype, hd, hdv, tile, causal)
         if smem_bytes(spec) <= smem_limit:
             return spec
@@ -164,7 +182,7 @@ def _smem_limit(device_id: int) -> int:
 
 def fwd_spec(prob):
     spec = _pick("fwd", prob.dtype_name, prob.head_dim, prob.head_dim_v, prob.causal,
-                 _smem_limit(prob.device_id))
+                 _smem_limit(prob.device_id), prob.cc)
     if spec is None:  # no tile fits this GPU's shared memory
         from ._config import generic_spec
         return generic_spec("fwd", prob.dtype_name, prob.head_dim, prob.head_dim_v)

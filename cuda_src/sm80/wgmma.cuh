@@ -69,13 +69,21 @@ __device__ __forceinline__ void wg_wait() {
 }
 // The accumulator registers are written by the asynchronous wgmma: this empty
 // asm "redefines" them after wg_wait, so the compiler cannot move a read of
-// them above the wait (nor a write below the issue).
+// them above the wait (nor a write below the issue).  wg_fence_regs on A
+// fragments read from registers keeps them live until the wait likewise.
 template <int NT>
 __device__ __forceinline__ void wg_fence_regs(float (&d)[NT][4]) {
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+template <int NT>
+__device__ __forceinline__ void wg_fence_regs(u32 (&a)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
 }
 
 template <typename T>
@@ -156,6 +164,76 @@ __device__ __forceinline__ void wg_mma(float (&d)[N / 8][4], unsigned long long 
   }
 #else
   __trap();  // wgmma needs sm_90a (the host never asks elsewhere)
+#endif
+}
+// Descriptor of an MN-major (B stored K rows x N columns, N contiguous),
+// 128-byte-swizzled tile: 64-column panels of 128-byte rows (swz_off), panels
+// `panel_bytes` apart (the leading byte offset: the next 64 columns of N),
+// 8-row groups 1024 bytes apart (the stride byte offset: the next 8 of K).
+// Used with imm-trans-b = 1 (CUTLASS's canonical GMMA MN-major layout,
+// ((8, n), (8, k)) : ((1, LBO), (8, SBO)) in 16-byte units).
+__device__ __forceinline__ unsigned long long wg_desc_sw128_mn(u32 saddr, u32 panel_bytes) {
+  unsigned long long d = (unsigned long long)((saddr & 0x3FFFF) >> 4);
+  d |= (unsigned long long)((panel_bytes >> 4) & 0x3FFF) << 16;
+  d |= (unsigned long long)(1024 >> 4) << 32;
+  d |= 1ull << 62;
+  return d;
+}
+
+// d (64 x N) += A B over one k16 step, A from registers (this thread's mma.sync
+// A fragment of its warp's 16 rows: pack_a), B MN-major by descriptor
+// (imm-trans-b = 1).  N = 64 or 128.
+template <typename T, int N>
+__device__ __forceinline__ void wg_mma_rs(float (&d)[N / 8][4], const u32 (&a)[4],
+                                          unsigned long long db, bool accumulate) {
+  static_assert(N == 64 || N == 128, "m64n64k16 or m64n128k16");
+#if FC_HAS_WGMMA
+  if constexpr (N == 128 && WgIsBf16<T>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
+        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : FC_WG_D128
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"((int)accumulate));
+  }
+  if constexpr (N == 128 && !WgIsBf16<T>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
+        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : FC_WG_D128
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"((int)accumulate));
+  }
+  if constexpr (N == 64 && WgIsBf16<T>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : FC_WG_D64
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"((int)accumulate));
+  }
+  if constexpr (N == 64 && !WgIsBf16<T>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : FC_WG_D64
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"((int)accumulate));
+  }
+#else
+  __trap();
 #endif
 }
 #undef FC_WG_D64

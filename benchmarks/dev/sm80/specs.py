@@ -129,8 +129,8 @@ def all_specs(dtypes=DTYPES):
 # Tile variants timed by harness.py --variants (bf16): kind -> hd -> [tiles]
 VARIANTS = {
     "fwd": {32: [(128, 128, 4, 2, "qs"), (128, 64, 4, 2)],
-            64: [(128, 64, 4, 2), (128, 128, 4, 2, "qs")],
-            128: [(128, 128, 8, 2), (128, 64, 4, 2), (128, 32, 4, 2), (128, 32, 4, 3)],
+            64: [(128, 64, 4, 2), (128, 64, 8, 2, "wg"), (64, 64, 4, 2, "wg")],
+            128: [(128, 64, 4, 2), (128, 128, 8, 2, "wg"), (64, 64, 4, 2, "wg")],
             256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]},
     "dkdv": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
              128: [(32, 64, 4, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
@@ -147,7 +147,9 @@ def make_spec(kind, t, hd, tiles, causal):
     "qs" appends Q_IN_REGS = false (fwd)."""
     bm, bn, nw, st = tiles[:4]
     split = len(tiles) > 4
-    if kind == "fwd":
+    if kind == "fwd" and "wg" in tiles:
+        sm = 2 * (bm * hd + 2 * bn * (hd + hd))
+    elif kind == "fwd":
         sm = fwd_smem(hd, hd, bm, bn, nw, st)
     elif kind == "dq":
         sm = dq_smem(hd, hd, bm, bn, nw, st)
@@ -164,7 +166,10 @@ def make_spec(kind, t, hd, tiles, causal):
             extra += ", true" if "bulk" in tiles else ", false"
         if "wg" in tiles:  # WG_SDP = true: S, dP by wgmma (sm_90a)
             extra += ", true"
-    return Spec(kind, f"{_KN[kind]}<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}{extra}>",
+    kn = "fc_sm80_fwd_wg" if kind == "fwd" and "wg" in tiles else _KN[kind]
+    if kind == "fwd" and "wg" in tiles:
+        extra = ""
+    return Spec(kind, f"{kn}<{t}, {hd}, {hd}, {bm}, {bn}, {nw}, {st}, {b(causal)}{extra}>",
                 sm, nw * 32, (bm, bn), causal)
 
 

@@ -21,7 +21,7 @@ def inline(path, seen=None):
 
 def source():
     seen = set()
-    parts = [inline(os.path.join(ROOT, "sm80", f), seen) for f in ("fwd.cuh", "bwd.cuh")
+    parts = [inline(os.path.join(ROOT, "sm80", f), seen) for f in ("fwd.cuh", "fwd_wg.cuh", "bwd.cuh")
              if os.path.exists(os.path.join(ROOT, "sm80", f))]
     parts.append(inline(os.path.join(ROOT, "generic", "bwd.cuh"), seen))  # preprocess kernel
     return "\n".join(parts)

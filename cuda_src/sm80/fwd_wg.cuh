@@ -1,0 +1,276 @@
+// flashcupy sm80 family, Hopper path: attention forward with warpgroup MMA
+// (wgmma, sm_90a only; FlashAttention-3, Shah et al. 2024, sections 3.1-3.2).
+//
+// Kernel (signature identical to fc_sm80_fwd's, so the launcher is shared):
+//   template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
+//             bool CAUSAL>
+//   fc_sm80_fwd_wg(q, k, v, o, lse tensors, nb0, nb1, nb2, seqlen_q, seqlen_k, head_dim,
+//                  head_dim_v, float softmax_scale, float scale_log2, int causal)
+//   HD, HDV  multiples of 64 (swizzled 64-column panels); HDV = 64 or 128 (one wgmma N)
+//   BLOCK_M = 64 * NWARPS / 4 (one warpgroup per 64 query rows); BLOCK_N = 64 or 128
+//   STAGES  = 2 (K and V double-buffered, see below)
+//   grid / block as fc_sm80_fwd (blockIdx.x reversed: heaviest causal tiles first)
+//   smem   = FwdWgCfg::SMEM_BYTES = 2 * (BLOCK_M * HD + 2 * BLOCK_N * (HD + HDV))
+//
+// Per warpgroup (64 query rows) and key tile n:
+//   S_n = Q K_n^T     wgmma, both operands in shared memory (K-major, swizzled)
+//   O  += P_{n-1} V_{n-1}  wgmma issued right after S_n, P from registers (the
+//                     C fragments of S packed to 16 bits are wgmma's register A
+//                     layout), V from shared memory read as an N-major B
+//   softmax of S_n    on the CUDA cores and MUFU while P_{n-1} V_{n-1} runs on
+//                     the tensor cores (FA3's intra-warpgroup overlap)
+//   O *= alpha_n      once the P V product is complete
+// So V lags K by one tile: a step loads K_{n+1} and V_n, and the ring holds
+// K_n, K_{n+1} and V_{n-1}, V_n: every buffer written at the top of step n was
+// last read by a product that step n - 1 waited for.  Loads are cp.async by
+// all threads (no TMA, no producer warp): each lands during one whole step.
+#pragma once
+#include "../mask.cuh"
+#include "../softmax.cuh"
+#include "mma.cuh"
+#include "wgmma.cuh"
+
+namespace sm80 {
+
+template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS>
+struct FwdWgCfg {
+  static constexpr int NTHREADS = NWARPS * 32;
+  static constexpr int Q_BYTES = 2 * BLOCK_M * HD, K_BYTES = 2 * BLOCK_N * HD,
+                       V_BYTES = 2 * BLOCK_N * HDV;
+  // Q | K[2] | V[2], every tile on a 1024-byte boundary (the swizzle's period)
+  static constexpr int K_OFF = Q_BYTES;
+  static constexpr int V_OFF = K_OFF + 2 * K_BYTES;
+  static constexpr int SMEM_BYTES = V_OFF + 2 * V_BYTES;
+  static constexpr int PANEL_Q = BLOCK_M * 128, PANEL_K = BLOCK_N * 128;  // 64 columns
+  static constexpr int LDO = HDV + PAD;  // O staging (padded) over the K/V ring
+  // Two CTAs per SM where shared memory and registers allow (8 warps only with
+  // small S and O tiles: <= 128 registers a thread): CTAs are not tied by
+  // __syncthreads, so one runs its softmax while the other's products run on
+  // the tensor cores (D = 64: +6-19 % over one 8-warp CTA, NOTES.md section 8).
+  static constexpr int MIN_BLOCKS =
+      2 * SMEM_BYTES <= 226 * 1024 && (NWARPS == 4 || BLOCK_N * HDV <= 64 * 64) ? 2 : 1;
+  static_assert(BLOCK_M == 16 * NWARPS && NWARPS % 4 == 0, "one warpgroup per 64 rows");
+  static_assert(BLOCK_N == 64 || BLOCK_N == 128, "wgmma N of S");
+  static_assert(HDV == 64 || HDV == 128, "wgmma N of O");
+  static_assert(HD % 64 == 0, "whole 64-column panels");
+  static_assert(Q_BYTES % 1024 == 0 && K_BYTES % 1024 == 0 && V_BYTES % 1024 == 0,
+                "tiles on 1024-byte boundaries");
+  static_assert(2 * BLOCK_M * LDO <= 2 * (K_BYTES + V_BYTES), "O staging fits the ring");
+};
+
+}  // namespace sm80
+
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
+          bool CAUSAL>
+__global__ void __launch_bounds__(NWARPS * 32,
+                                  (sm80::FwdWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS>::MIN_BLOCKS))
+fc_sm80_fwd_wg(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
+               FC_TENSOR_ARG(T, o), FC_TENSOR_ARG(float, lse), int nb0, int nb1, int nb2,
+               int seqlen_q, int seqlen_k, int head_dim, int head_dim_v, float softmax_scale,
+               float scale_log2, int causal) {
+  using namespace sm80;
+  using C = FwdWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS>;
+  static_assert(STAGES == 2, "K and V double-buffered (see the header)");
+  constexpr int NTHREADS = C::NTHREADS;
+  constexpr int NS = BLOCK_N / 8;  // n8 tiles of S
+  constexpr int NO = HDV / 8;      // n8 tiles of O
+  constexpr int KS = BLOCK_N / 16; // k16 steps of P V
+
+  extern __shared__ __align__(1024) unsigned char fc_sm80_smem_wg[];
+  // wgmma finds the swizzle from address bits: the window must start on 1024 bytes
+  if (smem_u32(fc_sm80_smem_wg) & 1023) __trap();
+  const u32 s0 = smem_u32(fc_sm80_smem_wg);
+
+  BatchIndex bi;
+  if (!bi.init(nb0, nb1, nb2)) return;
+  FC_VIEW(const T, q);
+  FC_VIEW(const T, k);
+  FC_VIEW(const T, v);
+  FC_VIEW(T, o);
+  FC_VIEW(float, lse);
+  const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
+  const T *k_b = k_v.batch(bi.b0, bi.b1, bi.b2);
+  const T *v_b = v_v.batch(bi.b0, bi.b1, bi.b2);
+
+  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
+  const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
+  const int m_rows = fc_min(BLOCK_M, seqlen_q - m_start);
+  const int n_end = mask.key_end(m_start, m_start + m_rows);  // causal: later tiles are empty
+  const int n_tiles = fc_ceil_div(n_end, BLOCK_N);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, c4 = lane & 3;
+  const int wrow = warp * 16;  // this warp's 16 rows (warpgroup warp / 4: rows 64 (warp / 4) ..)
+
+  auto tile = [&](int off) { return reinterpret_cast<T *>(fc_sm80_smem_wg + off); };
+  auto load_k = [&](int n) {
+    const int n0 = n * BLOCK_N;
+    load_tile<T, BLOCK_N, HD, NTHREADS, true>(tile(C::K_OFF + (n & 1) * C::K_BYTES),
+                                              k_b + n0 * k_sr, k_sr, seqlen_k - n0, head_dim);
+  };
+  auto load_v = [&](int n) {
+    const int n0 = n * BLOCK_N;
+    load_tile<T, BLOCK_N, HDV, NTHREADS, true>(tile(C::V_OFF + (n & 1) * C::V_BYTES),
+                                               v_b + n0 * v_sr, v_sr, seqlen_k - n0, head_dim_v);
+  };
+  // O += P V_n for this warpgroup: k16 step j reads keys 16 j .. 16 j + 15, i.e.
+  // 8-row groups 2 j, 2 j + 1 of V's panels (2048 bytes per step).
+  float acc_o[1][NO][4];  // (16, HDV) output rows of this warp, fp32
+  u32 p_frag[KS][4];      // P of the previous tile as wgmma A fragments
+  auto issue_pv = [&](int n) {
+    const u32 sv = s0 + C::V_OFF + (n & 1) * C::V_BYTES;
+#pragma unroll
+    for (int j = 0; j < KS; ++j)
+      wg_mma_rs<T, HDV>(acc_o[0], p_frag[j], wg_desc_sw128_mn(sv + 2048 * j, C::PANEL_K), true);
+    wg_commit();
+  };
+
+  load_tile<T, BLOCK_M, HD, NTHREADS, true>(tile(0), q_b + m_start * q_sr, q_sr, m_rows,
+                                            head_dim);
+  if (n_tiles > 0) load_k(0);
+  cp_async_commit();
+
+  OnlineSoftmax<float> sm[2];  // rows g and g+8; l_i per-thread partial
+  sm[0].init();
+  sm[1].init();
+  zero(acc_o);
+
+  const int diag = mask.diag();
+  const bool fold = scale_log2 > 0.f;
+  const float mul = fold ? scale_log2 : 1.f;
+  const u32 sQ_wg = s0 + (warp / 4) * 64 * 128;  // this warpgroup's 64 rows of each panel
+
+  // Top of step n: K_n and V_{n-1} have landed (this thread's copies), are made
+  // visible to wgmma (async proxy), and to every thread; then K_{n+1} and V_n
+  // go into the buffers of K_{n-1} and V_{n-2}, whose products are complete.
+  auto top = [&](int n) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    if (n + 1 < n_tiles) load_k(n + 1);
+    load_v(n);
+    cp_async_commit();
+  };
+  auto issue_s = [&](float (&s)[1][NS][4], int n) {
+    wg_fence();
+    wg_gemm_nt<T, BLOCK_N, HD, C::PANEL_Q, C::PANEL_K>(s[0], sQ_wg,
+                                                      s0 + C::K_OFF + (n & 1) * C::K_BYTES);
+  };
+  // Mask, then the online softmax as in fc_sm80_fwd (fwd.cuh): a row lives in
+  // the 4 lanes of a quad; p = ex2(s * scale_log2 - m) with the max over raw
+  // scores when the scale is positive, scores scaled first otherwise.  Leaves P
+  // in s and O's factor per row in alpha.
+  auto softmax = [&](float (&s)[1][NS][4], int n, float (&alpha)[2]) {
+    const int n0 = n * BLOCK_N;
+    const bool need_mask =
+        n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m_start + diag);
+    if (need_mask) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = m_start + wrow + g + 8 * h;
+        const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (n0 + nt * 8 + 2 * c4 + e >= lim) s[0][nt][2 * h + e] = fc_neg_inf<float>::value();
+      }
+    }
+    if (!fold) {
+#pragma unroll
+      for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[0][nt][e] = s[0][nt][e] == fc_neg_inf<float>::value() ? s[0][nt][e]
+                                                                   : s[0][nt][e] * scale_log2;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = fc_neg_inf<float>::value();
+#pragma unroll
+      for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[0][nt][2 * h], s[0][nt][2 * h + 1]));
+      mx = fmaxf(mx, shfl_xor(mx, 1));
+      mx = fmaxf(mx, shfl_xor(mx, 2));
+      mx = fmaxf(sm[h].m_i, mx * mul);  // -inf * mul = -inf (mul > 0)
+      alpha[h] = sm[h].rescale(mx);
+      const float sub = OnlineSoftmax<float>::safe_max(mx);  // no -inf - -inf
+      float lsum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = ex2(fmaf(s[0][nt][2 * h + e], mul, -sub));
+          s[0][nt][2 * h + e] = p;
+          lsum += p;
+        }
+      sm[h].l_i += lsum;
+    }
+  };
+  auto pack_p = [&](const float (&s)[1][NS][4]) {
+#pragma unroll
+    for (int j = 0; j < KS; ++j) pack_a<T>(p_frag[j], s[0][2 * j], s[0][2 * j + 1]);
+  };
+
+  // Step 0 alone (no P V in flight yet; O is still 0, no rescale), then steps
+  // 1.. with the same straight-line shape, so ptxas can keep the two products
+  // of a step in flight together (a branch around the P V issue made it
+  // serialize every wgmma).
+  if (n_tiles > 0) {
+    top(0);
+    float s[1][NS][4];
+    float alpha[2];
+    issue_s(s, 0);
+    wg_wait<0>();
+    wg_fence_regs(s[0]);
+    softmax(s, 0, alpha);
+    pack_p(s);
+  }
+#pragma unroll 1
+  for (int n = 1; n < n_tiles; ++n) {
+    top(n);
+    float s[1][NS][4];
+    float alpha[2];
+    issue_s(s, n);
+    issue_pv(n - 1);
+    wg_wait<1>();  // S_n done; P_{n-1} V_{n-1} may still run
+    wg_fence_regs(s[0]);
+    softmax(s, n, alpha);
+    wg_wait<0>();  // P_{n-1} V_{n-1} complete: O and the P registers are free
+    wg_fence_regs(acc_o[0]);
+    wg_fence_regs(p_frag);
+#pragma unroll
+    for (int nt = 0; nt < NO; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[0][nt][e] *= alpha[e >> 1];
+    pack_p(s);
+  }
+  if (n_tiles > 0) {  // the last tile's P V
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    wg_fence();
+    issue_pv(n_tiles - 1);
+    wg_wait<0>();
+    wg_fence_regs(acc_o[0]);
+  }
+
+  // Epilogue: normalize by l, stage O through shared memory (over the K/V ring),
+  // write O and LSE.
+  T *o_b = o_v.batch(bi.b0, bi.b1, bi.b2);
+  float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
+  float inv_l[1][2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = sm[h].l_i;
+    l += shfl_xor(l, 1);
+    l += shfl_xor(l, 2);
+    inv_l[0][h] = OnlineSoftmax<float>::inv_sum(l);  // 0 for a row that saw no key
+    const int row = m_start + wrow + g + 8 * h;
+    if (c4 == 0 && row < seqlen_q)
+      lse_b[row * lse_sr] = OnlineSoftmax<float>::lse_natural(sm[h].m_i, l);
+  }
+  __syncthreads();  // every warpgroup is done with the ring
+  T *sO = tile(C::K_OFF);
+  frag_to_smem_rows<T, 1, NO, C::LDO>(sO, wrow, acc_o, inv_l, lane);
+  __syncthreads();
+  store_tile<T, BLOCK_M, HDV, NTHREADS>(o_b + m_start * o_sr, o_sr, sO, m_rows, head_dim_v);
+}
