@@ -28,8 +28,10 @@
 //   smem  = Dkdv2dCfg::SMEM_BYTES, both kernels:
 //         = 2 * BLOCK_N * (HD + HDV + 16) + STAGES * (2 * BLOCK_M * (HD + HDV) + 8 * BLOCK_M)
 //         + 4 * BLOCK_M * (BLOCK_N + 8)                                    P, dS
-//   (the streamed Q and dO tiles are swizzled, swz_chunk in mma.cuh: no pad)
+//   (the streamed Q and dO tiles are swizzled, swz_off in mma.cuh: no pad)
 //         + (BULK_DQ, appended after SPLIT2D) 4 * BLOCK_M * HD          dQ staging
+//   WG_SDP (fc_sm80_bwd_dkdvq, appended after BULK_DQ; sm_90a): S and dP by wgmma
+//   (wgmma.cuh), K and V swizzled as well: their 2 * BLOCK_N * 16 pad bytes go.
 //   dq_accum: float32 workspace, zero-initialized by the host; holds dS K without
 //   the softmax scale.  Layout contract: its rows have pitch HD (the bucket, not
 //   head_dim; dq_accum_sr is ignored) and the query axis holds Sq rounded up to a
