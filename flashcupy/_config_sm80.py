@@ -49,8 +49,12 @@ FWD_TILES = {
 DKDV_TILES = {
     32: [(64, 128, 8, 2)],
     64: [(64, 128, 8, 2)],   # 201/197 (whole backward, S=16k); 64x64x4w 191/191; 3 stages: no
-                             # gain; the 2-D split was slower at 64
-    128: [(64, 128, 8, 2, "2d"),  # 204/202 vs 185/190 for 1-D; 171 KB (swizzled Q/dO): H100 only
+                             # gain; the 2-D split was slower at 64; 2-D 128x128 with wgmma
+                             # 221/211 vs 207/218 at 4k/16k (h100_s4_run9_dkdv_variants.log): mixed
+    128: [(64, 128, 8, 2, "2d", "wg"),  # S, dP by wgmma (sm_90a): 264/257, causal 239/262
+                                        # vs 227/223, 207/235 (whole det backward, harness,
+                                        # h100_s4_run9_dkdv_variants.log)
+          (64, 128, 8, 2, "2d"),  # 204/202 vs 185/190 for 1-D; 171 KB (swizzled Q/dO): H100 only
           (32, 64, 4, 2)],   # 1-D: 2 CTAs/SM; BLOCK_M 64 spills; A100
 }
 # dK/dV with dQ added by float32 atomics into a workspace (deterministic=False, the
@@ -112,9 +116,9 @@ def name_expression(spec) -> str:
     # Trailing template flags (defaults in the kernels): SPLIT2D for dK/dV,
     # Q_IN_REGS for the forward.
     flag = ", true" if "2d" in spec.extra else ", false" if "qs" in spec.extra else ""
-    if "bulk" in spec.extra or "wg" in spec.extra:  # BULK_DQ after SPLIT2D (dkdvq)
-        flag += ", true" if "bulk" in spec.extra else ", false"
-    if "wg" in spec.extra:  # WG_SDP after BULK_DQ: S, dP by wgmma (sm_90a)
+    if spec.kernel == "bwd_dkdvq" and ("bulk" in spec.extra or "wg" in spec.extra):
+        flag += ", true" if "bulk" in spec.extra else ", false"  # BULK_DQ after SPLIT2D
+    if "wg" in spec.extra:  # WG_SDP (after BULK_DQ in dkdvq): S, dP by wgmma (sm_90a)
         flag += ", true"
     return (f"{_KERNEL_NAMES[spec.kernel]}<{_STORAGE[spec.dtype]}, {spec.head_dim}, "
             f"{spec.head_dim_v}, {spec.block_m}, {spec.block_n}, {spec.nwarps}, {spec.stages}, "

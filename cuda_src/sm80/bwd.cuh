@@ -30,7 +30,8 @@
 //         + 4 * BLOCK_M * (BLOCK_N + 8)                                    P, dS
 //   (the streamed Q and dO tiles are swizzled, swz_off in mma.cuh: no pad)
 //         + (BULK_DQ, appended after SPLIT2D) 4 * BLOCK_M * HD          dQ staging
-//   WG_SDP (fc_sm80_bwd_dkdvq, appended after BULK_DQ; sm_90a): S and dP by wgmma
+//   WG_SDP (appended after SPLIT2D in fc_sm80_bwd_dkdv, after BULK_DQ in
+//   fc_sm80_bwd_dkdvq; sm_90a): S and dP by wgmma
 //   (wgmma.cuh), K and V swizzled as well: their 2 * BLOCK_N * 16 pad bytes go.
 //   dq_accum: float32 workspace, zero-initialized by the host; holds dS K without
 //   the softmax scale.  Layout contract: its rows have pitch HD (the bucket, not
@@ -751,7 +752,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 }  // namespace sm80
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool SPLIT2D = false>
+          bool CAUSAL, bool SPLIT2D = false, bool WG_SDP = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
                  FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
@@ -761,7 +762,8 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
                  int head_dim, int head_dim_v, float softmax_scale, float scale_log2,
                  int causal) {
   if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, false>(
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, false,
+                           WG_SDP>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,

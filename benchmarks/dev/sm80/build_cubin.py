@@ -33,7 +33,7 @@ if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     var = [s for t in specs.DTYPES for s in specs.variant_specs(t, kinds=("fwd",))]
     if "--bwd-variants" in sys.argv:
-        var += specs.variant_specs(kinds=("dkdvq",))
+        var += specs.variant_specs(kinds=("dkdvq", "dkdv"))
     names = sorted({s.name for s in specs.all_specs() + var}) + EXTRA
     with ThreadPoolExecutor(16) as ex:
         res = dict(ex.map(build, enumerate(names)))

@@ -37,7 +37,11 @@ def kernel(name, smem=0):
                 print("cubin load failed, compiling:", name, e)
         if f is None:
             import src
-            m = cp.RawModule(code=src.source(), options=("-std=c++17",), name_expressions=[name])
+            # (sm_90a on an H100, as the library does: wgmma kernels trap without it)
+            cc = cp.cuda.Device().compute_capability
+            arch = ("-arch=sm_90a",) if cc == "90" else ()
+            m = cp.RawModule(code=src.source(), options=("-std=c++17",) + arch,
+                             name_expressions=[name])
             f = m.get_function(name)
         _fns[name] = f
     f = _fns[name]

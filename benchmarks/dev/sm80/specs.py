@@ -132,8 +132,8 @@ VARIANTS = {
             64: [(128, 64, 4, 2), (128, 64, 8, 2, "wg"), (64, 64, 4, 2, "wg")],
             128: [(128, 64, 4, 2), (128, 128, 8, 2, "wg"), (64, 64, 4, 2, "wg")],
             256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]},
-    "dkdv": {64: [(64, 128, 8, 2), (64, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d")],
-             128: [(32, 64, 4, 2), (64, 128, 8, 2, "2d"), (32, 128, 8, 2, "2d")]},
+    "dkdv": {64: [(64, 128, 8, 2), (128, 128, 8, 2, "2d", "wg")],
+             128: [(64, 128, 8, 2, "2d"), (64, 128, 8, 2, "2d", "wg")]},
     # session 3 (NOTES.md s. 7): the swizzled 2-D body, 2 vs 3 stages
     "dkdvq": {64: [(128, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d", "wg")],
               128: [(64, 128, 8, 2, "2d", "bulk"), (64, 128, 8, 2, "2d", "bulk", "wg")]},
@@ -162,7 +162,7 @@ def make_spec(kind, t, hd, tiles, causal):
         extra = ", false" if split and tiles[4] == "qs" else ""
     else:
         extra = ", true" if split else ""
-        if "bulk" in tiles or "wg" in tiles:  # BULK_DQ (fc_sm80_bwd_dkdvq)
+        if kind == "dkdvq" and ("bulk" in tiles or "wg" in tiles):  # BULK_DQ (dkdvq)
             extra += ", true" if "bulk" in tiles else ", false"
         if "wg" in tiles:  # WG_SDP = true: S, dP by wgmma (sm_90a)
             extra += ", true"
