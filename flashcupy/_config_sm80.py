@@ -63,13 +63,21 @@ DKDV_TILES = {
 # (benchmarks/dev/sm80/NOTES.md section 4).
 DKDVQ_TILES = {
     32: [(64, 128, 8, 2)],
-    64: [(128, 128, 8, 2, "2d", "wg"),  # S, dP by wgmma (sm_90a): 281/305, causal 255/294
+    64: [(64, 128, 8, 2, "2d", "wg", "wga"),  # every product by wgmma (bwd_wg.cuh), sm_90a:
+                                              # 304/331, causal 271/309 vs 279/306, 255/296
+                                              # (h100_s4_run12_wga_variants.log); 128x128
+                                              # 322/338 but spills 32 B; 97 KB
+         (128, 128, 8, 2, "2d", "wg"),  # S, dP by wgmma (sm_90a): 281/305, causal 255/294
                                         # vs 245/267, 222/258 with mma.sync (harness, one
                                         # process, h100_s4_run1_variants.log); 166 KB
          (128, 128, 8, 2, "2d"),  # 247/270 (harness, session 3); 3 stages 248/266: no gain;
                                   # 174 KB: sm_90+ without wgmma (sm_100)
          (64, 128, 8, 2)],        # 1-D, 93 KB: A100 (the 2-D tiles spill on sm_80)
-    128: [(64, 128, 8, 2, "2d", "bulk", "wg"),  # S, dP by wgmma (sm_90a): 343/377, causal
+    128: [(64, 128, 8, 2, "2d", "wg", "wga"),  # every product by wgmma (sm_90a): 408/418,
+                                               # causal 331/406 vs 353/379, 306/364 (run 12);
+                                               # with the bulk dQ: 371/396, 325/399 (run 11,
+                                               # its staging barrier stalls the async products)
+          (64, 128, 8, 2, "2d", "bulk", "wg"),  # S, dP by wgmma (sm_90a): 343/377, causal
                                                 # 312/368 vs 296/311, 252/306 (harness, one
                                                 # process, h100_s4_run2_variants.log); 196 KB
           (64, 128, 8, 2, "2d", "bulk"),  # dQ by bulk reduction (sm_90): 299/315, causal
@@ -120,6 +128,8 @@ def name_expression(spec) -> str:
         flag += ", true" if "bulk" in spec.extra else ", false"  # BULK_DQ after SPLIT2D
     if "wg" in spec.extra:  # WG_SDP (after BULK_DQ in dkdvq): S, dP by wgmma (sm_90a)
         flag += ", true"
+    if "wga" in spec.extra:  # WG_ALL (dkdvq): every product by wgmma (bwd_wg.cuh)
+        flag += ", true"
     return (f"{_KERNEL_NAMES[spec.kernel]}<{_STORAGE[spec.dtype]}, {spec.head_dim}, "
             f"{spec.head_dim_v}, {spec.block_m}, {spec.block_n}, {spec.nwarps}, {spec.stages}, "
             f"{'true' if spec.causal else 'false'}{flag}>")
@@ -134,6 +144,12 @@ def smem_bytes(spec) -> int:
         return 2 * (bm * hd + 2 * bn * (hd + hdv))  # Q | K[2] | V[2], swizzled, no pad
     if spec.kernel == "fwd":
         return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
+    if spec.kernel == "bwd_dkdvq" and "wga" in spec.extra:
+        # bwd_wg.cuh: K, V | STAGES x (Q, dO, lse, delta), rounded up to 1 KB | P, dS
+        # [| dQ staging]; everything swizzled, no pad
+        ring = 2 * bn * (hd + hdv) + st * (2 * bm * (hd + hdv) + 8 * bm)
+        return (-(-ring // 1024) * 1024 + 4 * bm * bn
+                + (4 * bm * hd if "bulk" in spec.extra else 0))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq") and "2d" in spec.extra:
         # K, V [no pad when "wg"] | STAGES x (Q, dO [swizzled, no pad], lse, delta)
         # | P, dS [| dQ staging]

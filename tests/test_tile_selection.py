@@ -27,9 +27,11 @@ def test_h100_takes_wgmma_tiles(kernel, d, causal):
     name = cfg.name_expression(spec)
     if kernel == "fwd":
         assert name.startswith("fc_sm80_fwd_wg<") and cfg.source(spec) == "sm80/fwd_wg.cuh"
-    else:  # ..., SPLIT2D, BULK_DQ, WG_SDP
+    else:  # ..., CAUSAL, SPLIT2D, BULK_DQ, WG_SDP[, WG_ALL]
         assert name.startswith("fc_sm80_bwd_dkdvq<") and name.endswith(", true>")
-        assert name.count("true") + name.count("false") == 4
+        flags = name.count("true") + name.count("false")
+        assert flags == (5 if "wga" in spec.extra else 4), name
+        assert cfg.source(spec) == "sm80/bwd.cuh"
 
 
 def test_h100_deterministic_d128_takes_wgmma():

@@ -95,6 +95,9 @@ struct WgIsBf16<fc_bf16> {
   static constexpr bool value = true;
 };
 
+#define FC_WG_D32 \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+  "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
 #define FC_WG_D64 \
   "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
@@ -112,12 +115,31 @@ struct WgIsBf16<fc_bf16> {
 
 // d (64 x N per warpgroup, this thread's share: N / 8 n8 tiles) =
 // (accumulate ? d : 0) + A B^T over one k16 step; A (64 x 16) and B (N x 16)
-// given by descriptors.  N = 64 or 128.
-template <typename T, int N>
+// given by descriptors.  N = 32, 64 or 128.
+// TA / TB: imm-trans-a / -b: 0 = K-major, 1 = M- / N-major (wg_desc_sw128_mn).
+template <typename T, int N, int TA = 0, int TB = 0>
 __device__ __forceinline__ void wg_mma(float (&d)[N / 8][4], unsigned long long da,
                                        unsigned long long db, bool accumulate) {
-  static_assert(N == 64 || N == 128, "m64n64k16 or m64n128k16");
+  static_assert(N == 32 || N == 64 || N == 128, "m64n32k16, m64n64k16 or m64n128k16");
 #if FC_HAS_WGMMA
+  if constexpr (N == 32 && WgIsBf16<T>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15 "
+        "}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+        : FC_WG_D32
+        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
+  }
+  if constexpr (N == 32 && !WgIsBf16<T>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15 "
+        "}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+        : FC_WG_D32
+        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
+  }
   if constexpr (N == 128 && WgIsBf16<T>::value) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -126,9 +148,9 @@ __device__ __forceinline__ void wg_mma(float (&d)[N / 8][4], unsigned long long 
         "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
         "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
         "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
         : FC_WG_D128
-        : "l"(da), "l"(db), "r"((int)accumulate));
+        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
   }
   if constexpr (N == 128 && !WgIsBf16<T>::value) {
     asm volatile(
@@ -138,9 +160,9 @@ __device__ __forceinline__ void wg_mma(float (&d)[N / 8][4], unsigned long long 
         "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
         "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
         "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
         : FC_WG_D128
-        : "l"(da), "l"(db), "r"((int)accumulate));
+        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
   }
   if constexpr (N == 64 && WgIsBf16<T>::value) {
     asm volatile(
@@ -148,9 +170,9 @@ __device__ __forceinline__ void wg_mma(float (&d)[N / 8][4], unsigned long long 
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
         "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
         : FC_WG_D64
-        : "l"(da), "l"(db), "r"((int)accumulate));
+        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
   }
   if constexpr (N == 64 && !WgIsBf16<T>::value) {
     asm volatile(
@@ -158,9 +180,9 @@ __device__ __forceinline__ void wg_mma(float (&d)[N / 8][4], unsigned long long 
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
         "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
         : FC_WG_D64
-        : "l"(da), "l"(db), "r"((int)accumulate));
+        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
   }
 #else
   __trap();  // wgmma needs sm_90a (the host never asks elsewhere)
@@ -236,6 +258,7 @@ __device__ __forceinline__ void wg_mma_rs(float (&d)[N / 8][4], const u32 (&a)[4
   __trap();
 #endif
 }
+#undef FC_WG_D32
 #undef FC_WG_D64
 #undef FC_WG_D128
 

@@ -135,8 +135,9 @@ VARIANTS = {
     "dkdv": {64: [(64, 128, 8, 2), (128, 128, 8, 2, "2d", "wg")],
              128: [(64, 128, 8, 2, "2d"), (64, 128, 8, 2, "2d", "wg")]},
     # session 3 (NOTES.md s. 7): the swizzled 2-D body, 2 vs 3 stages
-    "dkdvq": {64: [(128, 128, 8, 2, "2d"), (128, 128, 8, 2, "2d", "wg")],
-              128: [(64, 128, 8, 2, "2d", "bulk"), (64, 128, 8, 2, "2d", "bulk", "wg")]},
+    "dkdvq": {64: [(128, 128, 8, 2, "2d", "wg"), (64, 128, 8, 2, "2d", "wg", "wga"),
+                   (128, 128, 8, 2, "2d", "wg", "wga")],
+              128: [(64, 128, 8, 2, "2d", "bulk", "wg"), (64, 128, 8, 2, "2d", "wg", "wga")]},
 }
 _KN = {"fwd": "fc_sm80_fwd", "dkdv": "fc_sm80_bwd_dkdv", "dkdvq": "fc_sm80_bwd_dkdvq",
        "dq": "fc_sm80_bwd_dq"}
@@ -153,6 +154,9 @@ def make_spec(kind, t, hd, tiles, causal):
         sm = fwd_smem(hd, hd, bm, bn, nw, st)
     elif kind == "dq":
         sm = dq_smem(hd, hd, bm, bn, nw, st)
+    elif "wga" in tiles:
+        ring = 2 * bn * 2 * hd + st * (2 * bm * 2 * hd + 8 * bm)
+        sm = -(-ring // 1024) * 1024 + 4 * bm * bn + (4 * bm * hd if "bulk" in tiles else 0)
     elif split:
         sm = dkdv2d_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq", "bulk" in tiles,
                          "wg" in tiles)
@@ -165,6 +169,8 @@ def make_spec(kind, t, hd, tiles, causal):
         if kind == "dkdvq" and ("bulk" in tiles or "wg" in tiles):  # BULK_DQ (dkdvq)
             extra += ", true" if "bulk" in tiles else ", false"
         if "wg" in tiles:  # WG_SDP = true: S, dP by wgmma (sm_90a)
+            extra += ", true"
+        if "wga" in tiles:  # WG_ALL = true: every product by wgmma (bwd_wg.cuh)
             extra += ", true"
     kn = "fc_sm80_fwd_wg" if kind == "fwd" and "wg" in tiles else _KN[kind]
     if kind == "fwd" and "wg" in tiles:
