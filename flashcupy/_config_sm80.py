@@ -48,10 +48,15 @@ FWD_TILES = {
 # feeds two mma instead of one (benchmarks/dev/sm80/NOTES.md, h100_run1_variants.log).
 DKDV_TILES = {
     32: [(64, 128, 8, 2)],
-    64: [(64, 128, 8, 2)],   # 201/197 (whole backward, S=16k); 64x64x4w 191/191; 3 stages: no
+    64: [(64, 128, 8, 2, "2d", "wg", "wga"),  # every product by wgmma (sm_90a): 238/234,
+                                              # causal 209/237 vs 207/218, 187/204 (whole
+                                              # det backward, h100_s4_run13_dkdv_wga_variants.log)
+         (64, 128, 8, 2)],   # 201/197 (whole backward, S=16k); 64x64x4w 191/191; 3 stages: no
                              # gain; the 2-D split was slower at 64; 2-D 128x128 with wgmma
                              # 221/211 vs 207/218 at 4k/16k (h100_s4_run9_dkdv_variants.log): mixed
-    128: [(64, 128, 8, 2, "2d", "wg"),  # S, dP by wgmma (sm_90a): 264/257, causal 239/262
+    128: [(64, 128, 8, 2, "2d", "wg", "wga"),  # every product by wgmma: 279/275, causal
+                                               # 259/284 vs 263/268, 230/262 (run 13)
+          (64, 128, 8, 2, "2d", "wg"),  # S, dP by wgmma (sm_90a): 264/257, causal 239/262
                                         # vs 227/223, 207/235 (whole det backward, harness,
                                         # h100_s4_run9_dkdv_variants.log)
           (64, 128, 8, 2, "2d"),  # 204/202 vs 185/190 for 1-D; 171 KB (swizzled Q/dO): H100 only
@@ -128,7 +133,7 @@ def name_expression(spec) -> str:
         flag += ", true" if "bulk" in spec.extra else ", false"  # BULK_DQ after SPLIT2D
     if "wg" in spec.extra:  # WG_SDP (after BULK_DQ in dkdvq): S, dP by wgmma (sm_90a)
         flag += ", true"
-    if "wga" in spec.extra:  # WG_ALL (dkdvq): every product by wgmma (bwd_wg.cuh)
+    if "wga" in spec.extra:  # WG_ALL: every product by wgmma (bwd_wg.cuh)
         flag += ", true"
     return (f"{_KERNEL_NAMES[spec.kernel]}<{_STORAGE[spec.dtype]}, {spec.head_dim}, "
             f"{spec.head_dim_v}, {spec.block_m}, {spec.block_n}, {spec.nwarps}, {spec.stages}, "
@@ -144,12 +149,12 @@ def smem_bytes(spec) -> int:
         return 2 * (bm * hd + 2 * bn * (hd + hdv))  # Q | K[2] | V[2], swizzled, no pad
     if spec.kernel == "fwd":
         return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
-    if spec.kernel == "bwd_dkdvq" and "wga" in spec.extra:
+    if spec.kernel in ("bwd_dkdv", "bwd_dkdvq") and "wga" in spec.extra:
         # bwd_wg.cuh: K, V | STAGES x (Q, dO, lse, delta), rounded up to 1 KB | P, dS
         # [| dQ staging]; everything swizzled, no pad
         ring = 2 * bn * (hd + hdv) + st * (2 * bm * (hd + hdv) + 8 * bm)
         return (-(-ring // 1024) * 1024 + 4 * bm * bn
-                + (4 * bm * hd if "bulk" in spec.extra else 0))
+                + (4 * bm * hd if "bulk" in spec.extra and spec.kernel == "bwd_dkdvq" else 0))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq") and "2d" in spec.extra:
         # K, V [no pad when "wg"] | STAGES x (Q, dO [swizzled, no pad], lse, delta)
         # | P, dS [| dQ staging]

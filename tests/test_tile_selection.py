@@ -34,11 +34,12 @@ def test_h100_takes_wgmma_tiles(kernel, d, causal):
         assert cfg.source(spec) == "sm80/bwd.cuh"
 
 
-def test_h100_deterministic_d128_takes_wgmma():
-    spec = cfg._pick("bwd_dkdv", "fp16", 128, 128, False, H100_SMEM, cc=90)
-    assert "wg" in spec.extra
-    # fc_sm80_bwd_dkdv<..., CAUSAL, SPLIT2D, WG_SDP>: no BULK_DQ flag
-    assert cfg.name_expression(spec).endswith("false, true, true>")
+@pytest.mark.parametrize("d", [64, 128])
+def test_h100_deterministic_takes_wgmma(d):
+    spec = cfg._pick("bwd_dkdv", "fp16", d, d, False, H100_SMEM, cc=90)
+    assert "wga" in spec.extra
+    # fc_sm80_bwd_dkdv<..., CAUSAL, SPLIT2D, WG_SDP, WG_ALL>: no BULK_DQ flag
+    assert cfg.name_expression(spec).endswith("false, true, true, true>")
 
 
 @pytest.mark.parametrize("cc", [80, 86, 89, 100])

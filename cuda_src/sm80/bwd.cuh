@@ -754,7 +754,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 #include "bwd_wg.cuh"
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool SPLIT2D = false, bool WG_SDP = false>
+          bool CAUSAL, bool SPLIT2D = false, bool WG_SDP = false, bool WG_ALL = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
                  FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
@@ -763,7 +763,14 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
                  fc_index_t lse_sg, fc_index_t delta_sg, int seqlen_q, int seqlen_k,
                  int head_dim, int head_dim_v, float softmax_scale, float scale_log2,
                  int causal) {
-  if constexpr (SPLIT2D) {
+  if constexpr (WG_ALL) {
+    sm80::bwd_dkdv_body_wg<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, false>(
+      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
+      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
+      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
+      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
+      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, nullptr, 0, 0, 0, 0, 0);
+  } else if constexpr (SPLIT2D) {
     sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, false,
                            WG_SDP>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
