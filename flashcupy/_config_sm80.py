@@ -68,10 +68,13 @@ DKDV_TILES = {
 # (benchmarks/dev/sm80/NOTES.md section 4).
 DKDVQ_TILES = {
     32: [(64, 128, 8, 2)],
-    64: [(64, 128, 8, 2, "2d", "wg", "wga"),  # every product by wgmma (bwd_wg.cuh), sm_90a:
-                                              # 304/331, causal 271/309 vs 279/306, 255/296
-                                              # (h100_s4_run12_wga_variants.log); 128x128
-                                              # 322/338 but spills 32 B; 97 KB
+    64: [(128, 128, 8, 2, "2d", "wg", "wga"),  # every product by wgmma (bwd_wg.cuh), sm_90a,
+                                               # S / dP in two 64-key passes (no spill):
+                                               # 320/338, causal 273/333 vs 307/328, 263/321
+                                               # for 64x128 (h100_s4_run16_wga_halves_variants
+                                               # .log); 162 KB
+         (64, 128, 8, 2, "2d", "wg", "wga"),  # 304/331, causal 271/309 vs 279/306, 255/296
+                                              # for S, dP only on wgmma (run 12); 97 KB
          (128, 128, 8, 2, "2d", "wg"),  # S, dP by wgmma (sm_90a): 281/305, causal 255/294
                                         # vs 245/267, 222/258 with mma.sync (harness, one
                                         # process, h100_s4_run1_variants.log); 166 KB

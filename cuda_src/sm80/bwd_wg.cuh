@@ -48,6 +48,8 @@ struct DkdvWgCfg {
   // S / dP: WG_M x WG_N blocks of 64 query rows x S_N keys, one per warpgroup
   static constexpr int WG_M = BLOCK_M / 64, WG_N = 2 / WG_M, S_N = BLOCK_N / WG_N;
   static constexpr int SWM = 4 * WG_M;  // warps along the query rows
+  // S / dP of a warpgroup in SUBS passes of SUB_N keys (register pressure, see the body)
+  static constexpr int SUBS = S_N == 128 && BLOCK_M == 128 ? 2 : 1, SUB_N = S_N / SUBS;
   // dQ: WQ_M x WQ_N blocks of 64 query rows x QN head-dim columns
   static constexpr int WQ_M = WG_M, WQ_N = WG_N, QN = HD / WQ_N;
   // dK / dV epilogue staging (padded) over the ring, free after the loop
@@ -153,12 +155,18 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(
     const float *sLse = reinterpret_cast<const float *>(smem + C::LSE_OFF) + stage * BLOCK_M;
     const float *sDelta = reinterpret_cast<const float *>(smem + C::DELTA_OFF) + stage * BLOCK_M;
 
-    {
-      float s[S_N / 8][4], dp[S_N / 8][4];
-      const u32 q_rows = (warp % C::SWM / 4) * 64 * 128, k_rows = s_n0 * 128;  // bytes
+    // S_N keys in SUBS passes of SUB_N: at D = 64 with 128 x 128 tiles, two passes
+    // of 64 keys keep S and dP at 64 accumulator registers instead of 128 (one pass
+    // spills at the 255-register cap)
+#pragma unroll
+    for (int sub = 0; sub < C::SUBS; ++sub) {
+      constexpr int SUB_N = C::SUB_N;
+      const int n0 = s_n0 + sub * SUB_N;  // first key (of the tile) of this pass
+      float s[SUB_N / 8][4], dp[SUB_N / 8][4];
+      const u32 q_rows = (warp % C::SWM / 4) * 64 * 128, k_rows = n0 * 128;  // bytes
       wg_fence();
-      wg_gemm_nt<T, S_N, HD, C::PANEL_Q, C::PANEL_K>(s, sQ_u + q_rows, sK_u + k_rows);
-      wg_gemm_nt<T, S_N, HDV, C::PANEL_Q, C::PANEL_K>(dp, sdO_u + q_rows, sV_u + k_rows);
+      wg_gemm_nt<T, SUB_N, HD, C::PANEL_Q, C::PANEL_K>(s, sQ_u + q_rows, sK_u + k_rows);
+      wg_gemm_nt<T, SUB_N, HDV, C::PANEL_Q, C::PANEL_K>(dp, sdO_u + q_rows, sV_u + k_rows);
       wg_wait<1>();
       wg_fence_regs(s);
       // P = exp2(S * scale_log2 - lse2), masked only where the tile crosses the key
@@ -173,26 +181,26 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(
         const int i = m0 + r;
         const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
 #pragma unroll
-        for (int nt = 0; nt < S_N / 8; ++nt)
+        for (int nt = 0; nt < SUB_N / 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float p = ex2(fmaf(s[nt][2 * h + e], scale_log2, -lse2));
-            if (need_mask && n_start + s_n0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
+            if (need_mask && n_start + n0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
             s[nt][2 * h + e] = p;
           }
       }
-      frag_to_swz<T, S_N / 8>(sP_u, C::PANEL_P, s_m0, s_n0, s, lane);
+      frag_to_swz<T, SUB_N / 8>(sP_u, C::PANEL_P, s_m0, n0, s, lane);
       wg_wait<0>();
       wg_fence_regs(dp);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float dl = sDelta[s_m0 + g + 8 * h];
 #pragma unroll
-        for (int nt = 0; nt < S_N / 8; ++nt)
+        for (int nt = 0; nt < SUB_N / 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) dp[nt][2 * h + e] = s[nt][2 * h + e] * (dp[nt][2 * h + e] - dl);
       }
-      frag_to_swz<T, S_N / 8>(sdS_u, C::PANEL_P, s_m0, s_n0, dp, lane);
+      frag_to_swz<T, SUB_N / 8>(sdS_u, C::PANEL_P, s_m0, n0, dp, lane);
     }
     fence_proxy_async();  // P, dS (generic stores) -> visible to wgmma
     if constexpr (C::BULK_DQ) {
