@@ -246,6 +246,79 @@ __device__ __forceinline__ void add_dq(float *dst, const float (&acc)[MT][COLS /
                  acc[mt][2 * j + 1][2 * h + 1]);
 }
 
+// The steps of the row-major S / dP blocks (query rows x keys) that the 2-D
+// body and the wgmma body (bwd_wg.cuh) share.  A warp holds MT m16 tiles x NT n8
+// tiles in C fragments, its first row at tile row row0, its first key at
+// sequence position key0.
+//
+// P = exp2(S * scale_log2 - lse2) in place (one FMA), 0 where `need_mask` and
+// the key is past the end or the causal diagonal.  Query rows past Sq are
+// zero-filled (Q = dO = 0, lse = delta = 0): P = 1 there but dO = 0 and dS = 0,
+// so they add nothing.
+template <bool CAUSAL, int MT, int NT>
+__device__ __forceinline__ void probs_from_scores(float (&s)[MT][NT][4], const float *sLse,
+                                                  int row0, int m0, int key0, bool need_mask,
+                                                  float scale_log2, int seqlen_k, int diag,
+                                                  int lane) {
+  const int g = lane >> 2, c4 = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row0 + mt * 16 + g + 8 * h;
+      const float lse2 = lse_to_log2(sLse[r]);
+      const int i = m0 + r;
+      const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float p = ex2(fmaf(s[mt][nt][2 * h + e], scale_log2, -lse2));
+          if (need_mask && key0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
+          s[mt][nt][2 * h + e] = p;
+        }
+    }
+}
+
+// dS = P o (dP - delta) in place in dp.
+template <int MT, int NT>
+__device__ __forceinline__ void ds_from_dp(float (&dp)[MT][NT][4], const float (&p)[MT][NT][4],
+                                           const float *sDelta, int row0, int lane) {
+  const int g = lane >> 2;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float dl = sDelta[row0 + mt * 16 + g + 8 * h];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          dp[mt][nt][2 * h + e] = p[mt][nt][2 * h + e] * (dp[mt][nt][2 * h + e] - dl);
+    }
+}
+
+// A warp's dQ tile (MT m16 tiles x COLS columns at tile row row0, column col0) into
+// the float32 staging tile at shared address sdq, in the workspace's own layout
+// (quad order, pitch HD), for one bulk reduction of the whole tile.
+template <int MT, int COLS, int HD>
+__device__ __forceinline__ void stage_dq(u32 sdq, int row0, int col0,
+                                         const float (&acc)[MT][COLS / 8][4], int lane) {
+  const int g = lane >> 2, c4 = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < COLS / 16; ++j) {
+        const u32 a = sdq + 4 * ((row0 + mt * 16 + g + 8 * h) * HD + col0 + 16 * j + 4 * c4);
+        asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(a),
+                     "f"(acc[mt][2 * j][2 * h]), "f"(acc[mt][2 * j][2 * h + 1]),
+                     "f"(acc[mt][2 * j + 1][2 * h]), "f"(acc[mt][2 * j + 1][2 * h + 1])
+                     : "memory");
+      }
+}
+
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
           bool CAUSAL, bool ATOMIC_DQ>
 __device__ __forceinline__ void bwd_dkdv_body(
@@ -614,32 +687,14 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
             s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + mt * 16 * 128 + swz_k(kk)); },
             [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, kS_b + 2 * (n2 * 16 * LDK + kk * 16)); });
       }
-      // P = exp2(S * scale_log2 - lse2) (one FMA).  Masked only where the tile
-      // crosses the key end or the causal diagonal.  Query rows past Sq are
-      // zero-filled (Q = dO = 0, lse = delta = 0): P = 1 there but dO = 0 and
-      // dS = 0, so they add nothing.
-      const bool need_mask =
-          n_start + BLOCK_N > seqlen_k || (CAUSAL && n_start + BLOCK_N - 1 > m0 + diag);
+      // P, masked only where the tile crosses the key end or the causal diagonal.
       // P goes to shared memory before the dP product (flash-attn 2's order), so
       // its stores drain under the dP mma: +1-3 % over computing dP first
       // (benchmarks/dev/sm80/NOTES.md, section 7).
-#pragma unroll
-      for (int mt = 0; mt < S_MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = s_m0 + mt * 16 + g + 8 * h;
-          const float lse2 = lse_to_log2(sLse[r]);
-          const int i = m0 + r;
-          const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
-#pragma unroll
-          for (int nt = 0; nt < S_N / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float p = ex2(fmaf(s[mt][nt][2 * h + e], scale_log2, -lse2));
-              if (need_mask && n_start + s_n0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
-              s[mt][nt][2 * h + e] = p;
-            }
-        }
+      const bool need_mask =
+          n_start + BLOCK_N > seqlen_k || (CAUSAL && n_start + BLOCK_N - 1 > m0 + diag);
+      probs_from_scores<CAUSAL>(s, sLse, s_m0, m0, n_start + s_n0, need_mask, scale_log2,
+                                seqlen_k, diag, lane);
       frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
       if constexpr (WG) {
         wg_wait<0>();
@@ -650,18 +705,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
             dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + mt * 16 * 128 + swz_k(kk)); },
             [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
       }
-      // dS = P o (dP - delta)
-#pragma unroll
-      for (int mt = 0; mt < S_MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float dl = sDelta[s_m0 + mt * 16 + g + 8 * h];
-#pragma unroll
-          for (int nt = 0; nt < S_N / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-              dp[mt][nt][2 * h + e] = s[mt][nt][2 * h + e] * (dp[mt][nt][2 * h + e] - dl);
-        }
+      ds_from_dp(dp, s, sDelta, s_m0, lane);  // dS = P o (dP - delta)
       frag_to_smem<T, S_MT, S_N / 8, LDP>(sdS + s_n0, s_m0, dp, 1.f, lane);
     }
     // (the bulk dQ reduction of step t - 1 has read its staging tile before anyone
@@ -690,18 +734,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
         // the tile in the workspace's own layout (quad order, pitch HD): its BLOCK_M
         // rows are one contiguous run of the workspace
         const u32 sdq = smem0 + C::DQS_OFF;
-#pragma unroll
-        for (int mt = 0; mt < Q_MT; ++mt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int j = 0; j < QD / 16; ++j) {
-              const u32 a = sdq + 4 * ((q_m0 + mt * 16 + g + 8 * h) * HD + q_d0 + 16 * j + 4 * c4);
-              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(a),
-                           "f"(acc_dq[mt][2 * j][2 * h]), "f"(acc_dq[mt][2 * j][2 * h + 1]),
-                           "f"(acc_dq[mt][2 * j + 1][2 * h]), "f"(acc_dq[mt][2 * j + 1][2 * h + 1])
-                           : "memory");
-            }
+        stage_dq<Q_MT, QD, HD>(sdq, q_m0, q_d0, acc_dq, lane);
         fence_proxy_async();
         __syncthreads();
         if (tid == 0)

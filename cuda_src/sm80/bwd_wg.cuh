@@ -162,45 +162,24 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(
     for (int sub = 0; sub < C::SUBS; ++sub) {
       constexpr int SUB_N = C::SUB_N;
       const int n0 = s_n0 + sub * SUB_N;  // first key (of the tile) of this pass
-      float s[SUB_N / 8][4], dp[SUB_N / 8][4];
+      float s[1][SUB_N / 8][4], dp[1][SUB_N / 8][4];
       const u32 q_rows = (warp % C::SWM / 4) * 64 * 128, k_rows = n0 * 128;  // bytes
       wg_fence();
-      wg_gemm_nt<T, SUB_N, HD, C::PANEL_Q, C::PANEL_K>(s, sQ_u + q_rows, sK_u + k_rows);
-      wg_gemm_nt<T, SUB_N, HDV, C::PANEL_Q, C::PANEL_K>(dp, sdO_u + q_rows, sV_u + k_rows);
+      wg_gemm_nt<T, SUB_N, HD, C::PANEL_Q, C::PANEL_K>(s[0], sQ_u + q_rows, sK_u + k_rows);
+      wg_gemm_nt<T, SUB_N, HDV, C::PANEL_Q, C::PANEL_K>(dp[0], sdO_u + q_rows, sV_u + k_rows);
       wg_wait<1>();
-      wg_fence_regs(s);
-      // P = exp2(S * scale_log2 - lse2), masked only where the tile crosses the key
-      // end or the causal diagonal (query rows past Sq: Q = dO = 0, lse = delta = 0,
-      // so P = 1 there but dS = 0 and dO = 0: they add nothing; as in bwd.cuh)
+      wg_fence_regs(s[0]);
+      // P (as in bwd.cuh, probs_from_scores), masked only where the tile crosses
+      // the key end or the causal diagonal; its stores drain while dP runs
       const bool need_mask =
           n_start + BLOCK_N > seqlen_k || (CAUSAL && n_start + BLOCK_N - 1 > m0 + diag);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = s_m0 + g + 8 * h;
-        const float lse2 = lse_to_log2(sLse[r]);
-        const int i = m0 + r;
-        const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
-#pragma unroll
-        for (int nt = 0; nt < SUB_N / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float p = ex2(fmaf(s[nt][2 * h + e], scale_log2, -lse2));
-            if (need_mask && n_start + n0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
-            s[nt][2 * h + e] = p;
-          }
-      }
-      frag_to_swz<T, SUB_N / 8>(sP_u, C::PANEL_P, s_m0, n0, s, lane);
+      probs_from_scores<CAUSAL>(s, sLse, s_m0, m0, n_start + n0, need_mask, scale_log2,
+                                seqlen_k, diag, lane);
+      frag_to_swz<T, SUB_N / 8>(sP_u, C::PANEL_P, s_m0, n0, s[0], lane);
       wg_wait<0>();
-      wg_fence_regs(dp);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float dl = sDelta[s_m0 + g + 8 * h];
-#pragma unroll
-        for (int nt = 0; nt < SUB_N / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) dp[nt][2 * h + e] = s[nt][2 * h + e] * (dp[nt][2 * h + e] - dl);
-      }
-      frag_to_swz<T, SUB_N / 8>(sdS_u, C::PANEL_P, s_m0, n0, dp, lane);
+      wg_fence_regs(dp[0]);
+      ds_from_dp(dp, s, sDelta, s_m0, lane);  // dS = P o (dP - delta)
+      frag_to_swz<T, SUB_N / 8>(sdS_u, C::PANEL_P, s_m0, n0, dp[0], lane);
     }
     fence_proxy_async();  // P, dS (generic stores) -> visible to wgmma
     if constexpr (C::BULK_DQ) {
@@ -243,16 +222,7 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(
         // the tile in the workspace's own layout (quad order, pitch HD), one bulk
         // reduction of its BLOCK_M contiguous rows (as in bwd.cuh)
         const u32 sdq = smem0 + C::DQS_OFF;
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int j = 0; j < QN / 16; ++j) {
-            const u32 a = sdq + 4 * ((q_m0 + g + 8 * h) * HD + q_d0 + 16 * j + 4 * c4);
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(a),
-                         "f"(acc_dq[0][2 * j][2 * h]), "f"(acc_dq[0][2 * j][2 * h + 1]),
-                         "f"(acc_dq[0][2 * j + 1][2 * h]), "f"(acc_dq[0][2 * j + 1][2 * h + 1])
-                         : "memory");
-          }
+        stage_dq<1, QN, HD>(sdq, q_m0, q_d0, acc_dq, lane);
         fence_proxy_async();
         __syncthreads();
         if (tid == 0) bulk_reduce_add_f32(dq_row + (fc_index_t)m0 * HD, sdq, 4 * BLOCK_M * HD);

@@ -95,14 +95,21 @@ struct WgIsBf16<fc_bf16> {
   static constexpr bool value = true;
 };
 
+// Operand lists of the accumulators (this thread's N / 2 floats) and their
+// asm placeholders, per wgmma N.
 #define FC_WG_D32 \
   "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+#define FC_WG_R32 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15 "
 #define FC_WG_D64 \
   "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define FC_WG_R64 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+  "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
 #define FC_WG_D128 \
   "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
@@ -112,6 +119,42 @@ struct WgIsBf16<fc_bf16> {
   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define FC_WG_R128 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+  "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, " \
+  "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
+  "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
+// One wgmma, A and B by descriptor (SS) or A from registers (RS), element type TY.
+#define FC_WG_SS32(TY)                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {" FC_WG_R32      \
+               "}, %16, %17, p, 1, 1, %19, %20;\n}\n"                            \
+               : FC_WG_D32                                                               \
+               : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB))
+#define FC_WG_SS64(TY)                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" FC_WG_R64      \
+               "}, %32, %33, p, 1, 1, %35, %36;\n}\n"                            \
+               : FC_WG_D64                                                               \
+               : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB))
+#define FC_WG_SS128(TY)                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" FC_WG_R128      \
+               "}, %64, %65, p, 1, 1, %67, %68;\n}\n"                            \
+               : FC_WG_D128                                                               \
+               : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB))
+#define FC_WG_RS64(TY)                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" FC_WG_R64      \
+               "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"              \
+               : FC_WG_D64                                                               \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"((int)accumulate))
+#define FC_WG_RS128(TY)                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" FC_WG_R128      \
+               "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"              \
+               : FC_WG_D128                                                               \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"((int)accumulate))
 
 // d (64 x N per warpgroup, this thread's share: N / 8 n8 tiles) =
 // (accumulate ? d : 0) + A B^T over one k16 step; A (64 x 16) and B (N x 16)
@@ -122,72 +165,19 @@ __device__ __forceinline__ void wg_mma(float (&d)[N / 8][4], unsigned long long 
                                        unsigned long long db, bool accumulate) {
   static_assert(N == 32 || N == 64 || N == 128, "m64n32k16, m64n64k16 or m64n128k16");
 #if FC_HAS_WGMMA
-  if constexpr (N == 32 && WgIsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15 "
-        "}, %16, %17, p, 1, 1, %19, %20;\n}\n"
-        : FC_WG_D32
-        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
-  }
-  if constexpr (N == 32 && !WgIsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15 "
-        "}, %16, %17, p, 1, 1, %19, %20;\n}\n"
-        : FC_WG_D32
-        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
-  }
-  if constexpr (N == 128 && WgIsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
-        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
-        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
-        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
-        "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
-        : FC_WG_D128
-        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
-  }
-  if constexpr (N == 128 && !WgIsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
-        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
-        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
-        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
-        "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
-        : FC_WG_D128
-        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
-  }
-  if constexpr (N == 64 && WgIsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
-        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
-        "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
-        : FC_WG_D64
-        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
-  }
-  if constexpr (N == 64 && !WgIsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
-        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
-        "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
-        : FC_WG_D64
-        : "l"(da), "l"(db), "r"((int)accumulate), "n"(TA), "n"(TB));
+  constexpr bool BF16 = WgIsBf16<T>::value;
+  if constexpr (N == 32) {
+    if constexpr (BF16) FC_WG_SS32("bf16"); else FC_WG_SS32("f16");
+  } else if constexpr (N == 64) {
+    if constexpr (BF16) FC_WG_SS64("bf16"); else FC_WG_SS64("f16");
+  } else {
+    if constexpr (BF16) FC_WG_SS128("bf16"); else FC_WG_SS128("f16");
   }
 #else
   __trap();  // wgmma needs sm_90a (the host never asks elsewhere)
 #endif
 }
+
 // Descriptor of an MN-major (B stored K rows x N columns, N contiguous),
 // 128-byte-swizzled tile: 64-column panels of 128-byte rows (swz_off), panels
 // `panel_bytes` apart (the leading byte offset: the next 64 columns of N),
@@ -210,57 +200,28 @@ __device__ __forceinline__ void wg_mma_rs(float (&d)[N / 8][4], const u32 (&a)[4
                                           unsigned long long db, bool accumulate) {
   static_assert(N == 64 || N == 128, "m64n64k16 or m64n128k16");
 #if FC_HAS_WGMMA
-  if constexpr (N == 128 && WgIsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
-        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
-        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
-        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : FC_WG_D128
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"((int)accumulate));
-  }
-  if constexpr (N == 128 && !WgIsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
-        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
-        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
-        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 "
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : FC_WG_D128
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"((int)accumulate));
-  }
-  if constexpr (N == 64 && WgIsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
-        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : FC_WG_D64
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"((int)accumulate));
-  }
-  if constexpr (N == 64 && !WgIsBf16<T>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
-        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 "
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : FC_WG_D64
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"((int)accumulate));
+  constexpr bool BF16 = WgIsBf16<T>::value;
+  if constexpr (N == 64) {
+    if constexpr (BF16) FC_WG_RS64("bf16"); else FC_WG_RS64("f16");
+  } else {
+    if constexpr (BF16) FC_WG_RS128("bf16"); else FC_WG_RS128("f16");
   }
 #else
   __trap();
 #endif
 }
+
 #undef FC_WG_D32
+#undef FC_WG_R32
+#undef FC_WG_SS32
 #undef FC_WG_D64
+#undef FC_WG_R64
+#undef FC_WG_SS64
 #undef FC_WG_D128
+#undef FC_WG_R128
+#undef FC_WG_SS128
+#undef FC_WG_RS64
+#undef FC_WG_RS128
 
 // d = A B^T over K (a multiple of 16), A (64 x K) and B (N x K) swizzled tiles at
 // shared addresses sa, sb (1024-byte aligned), stored as 64-column panels
