@@ -1,7 +1,8 @@
 """The sm80 specializations this family ships, with their launch geometry.
 
-Each entry mirrors what flashcupy/_config_sm80.py should hold.  smem formulas
-are the ones in the kernel headers.
+Each entry mirrors what flashcupy/_config_sm80.py held before session 4; the
+Hopper ("wg" / "wga") tiles the library now takes first on sm_90a are timed here
+as VARIANTS only.  smem formulas are the ones in the kernel headers.
 """
 from dataclasses import dataclass
 
