@@ -2,8 +2,9 @@
 
 Kernels: cuda_src/sm80/fwd.cuh (fc_sm80_fwd), cuda_src/sm80/fwd_wg.cuh
 (fc_sm80_fwd_wg: the forward with warpgroup MMA, H100, tiles flagged "wg") and
-cuda_src/sm80/bwd.cuh (fc_sm80_bwd_dkdv, fc_sm80_bwd_dq, fc_sm80_bwd_dkdvq; "wg"
-there: S and dP by wgmma, cuda_src/sm80/wgmma.cuh), all templated on
+cuda_src/sm80/bwd.cuh (fc_sm80_bwd_dkdv, fc_sm80_bwd_dq, fc_sm80_bwd_dkdvq; tiles
+flagged "wg", "wga" there: every product by wgmma, cuda_src/sm80/bwd_wg.cuh and
+wgmma.cuh), all templated on
 ``<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL>``, and two bandwidth
 kernels of the backward (fc_sm80_bwd_preprocess, fc_sm80_bwd_dq_convert).
 
@@ -56,9 +57,6 @@ DKDV_TILES = {
                              # 221/211 vs 207/218 at 4k/16k (h100_s4_run9_dkdv_variants.log): mixed
     128: [(64, 128, 8, 2, "2d", "wg", "wga"),  # every product by wgmma: 279/275, causal
                                                # 259/284 vs 263/268, 230/262 (run 13)
-          (64, 128, 8, 2, "2d", "wg"),  # S, dP by wgmma (sm_90a): 264/257, causal 239/262
-                                        # vs 227/223, 207/235 (whole det backward, harness,
-                                        # h100_s4_run9_dkdv_variants.log)
           (64, 128, 8, 2, "2d"),  # 204/202 vs 185/190 for 1-D; 171 KB (swizzled Q/dO): H100 only
           (32, 64, 4, 2)],   # 1-D: 2 CTAs/SM; BLOCK_M 64 spills; A100
 }
@@ -72,12 +70,9 @@ DKDVQ_TILES = {
                                                # S / dP in two 64-key passes (no spill):
                                                # 320/338, causal 273/333 vs 307/328, 263/321
                                                # for 64x128 (h100_s4_run16_wga_halves_variants
-                                               # .log); 162 KB
-         (64, 128, 8, 2, "2d", "wg", "wga"),  # 304/331, causal 271/309 vs 279/306, 255/296
-                                              # for S, dP only on wgmma (run 12); 97 KB
-         (128, 128, 8, 2, "2d", "wg"),  # S, dP by wgmma (sm_90a): 281/305, causal 255/294
-                                        # vs 245/267, 222/258 with mma.sync (harness, one
-                                        # process, h100_s4_run1_variants.log); 166 KB
+                                               # .log); 162 KB.  64x128 (run 12): 304/331,
+                                               # causal 271/309; S, dP alone on wgmma in the
+                                               # 2-D body: 279/306, 255/296 (NOTES.md s. 8)
          (128, 128, 8, 2, "2d"),  # 247/270 (harness, session 3); 3 stages 248/266: no gain;
                                   # 174 KB: sm_90+ without wgmma (sm_100)
          (64, 128, 8, 2)],        # 1-D, 93 KB: A100 (the 2-D tiles spill on sm_80)
@@ -85,9 +80,6 @@ DKDVQ_TILES = {
                                                # causal 331/406 vs 353/379, 306/364 (run 12);
                                                # with the bulk dQ: 371/396, 325/399 (run 11,
                                                # its staging barrier stalls the async products)
-          (64, 128, 8, 2, "2d", "bulk", "wg"),  # S, dP by wgmma (sm_90a): 343/377, causal
-                                                # 312/368 vs 296/311, 252/306 (harness, one
-                                                # process, h100_s4_run2_variants.log); 196 KB
           (64, 128, 8, 2, "2d", "bulk"),  # dQ by bulk reduction (sm_90): 299/315, causal
                                           # 266/311 vs 297/306, 261/308 for 3 stages with
                                           # red.global.add (harness, session 3); 204 KB
@@ -134,10 +126,8 @@ def name_expression(spec) -> str:
     flag = ", true" if "2d" in spec.extra else ", false" if "qs" in spec.extra else ""
     if spec.kernel == "bwd_dkdvq" and ("bulk" in spec.extra or "wg" in spec.extra):
         flag += ", true" if "bulk" in spec.extra else ", false"  # BULK_DQ after SPLIT2D
-    if "wg" in spec.extra:  # WG_SDP (after BULK_DQ in dkdvq): S, dP by wgmma (sm_90a)
-        flag += ", true"
-    if "wga" in spec.extra:  # WG_ALL: every product by wgmma (bwd_wg.cuh)
-        flag += ", true"
+    if "wg" in spec.extra:  # WG_SDP, WG_ALL (after BULK_DQ in dkdvq): bwd_wg.cuh (sm_90a)
+        flag += ", true, true"
     return (f"{_KERNEL_NAMES[spec.kernel]}<{_STORAGE[spec.dtype]}, {spec.head_dim}, "
             f"{spec.head_dim_v}, {spec.block_m}, {spec.block_n}, {spec.nwarps}, {spec.stages}, "
             f"{'true' if spec.causal else 'false'}{flag}>")
@@ -159,9 +149,8 @@ def smem_bytes(spec) -> int:
         return (-(-ring // 1024) * 1024 + 4 * bm * bn
                 + (4 * bm * hd if "bulk" in spec.extra and spec.kernel == "bwd_dkdvq" else 0))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq") and "2d" in spec.extra:
-        # K, V [no pad when "wg"] | STAGES x (Q, dO [swizzled, no pad], lse, delta)
-        # | P, dS [| dQ staging]
-        return (2 * bn * (hd + hdv + (0 if "wg" in spec.extra else 2 * PAD)) + st * (2 * bm * (hd + hdv) + 8 * bm)
+        # K, V | STAGES x (Q, dO [swizzled, no pad], lse, delta) | P, dS [| dQ staging]
+        return (2 * bn * (hd + hdv + 2 * PAD) + st * (2 * bm * (hd + hdv) + 8 * bm)
                 + 4 * bm * (bn + PAD) + (4 * bm * hd if "bulk" in spec.extra else 0))
     if spec.kernel in ("bwd_dkdv", "bwd_dkdvq"):
         return (2 * (bn * (hd + PAD) + bn * (hdv + PAD))

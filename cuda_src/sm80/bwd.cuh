@@ -30,9 +30,9 @@
 //         + 4 * BLOCK_M * (BLOCK_N + 8)                                    P, dS
 //   (the streamed Q and dO tiles are swizzled, swz_off in mma.cuh: no pad)
 //         + (BULK_DQ, appended after SPLIT2D) 4 * BLOCK_M * HD          dQ staging
-//   WG_SDP (appended after SPLIT2D in fc_sm80_bwd_dkdv, after BULK_DQ in
-//   fc_sm80_bwd_dkdvq; sm_90a): S and dP by wgmma
-//   (wgmma.cuh), K and V swizzled as well: their 2 * BLOCK_N * 16 pad bytes go.
+//   WG_SDP, WG_ALL (appended after SPLIT2D in fc_sm80_bwd_dkdv, after BULK_DQ in
+//   fc_sm80_bwd_dkdvq; sm_90a, both true or both false): every product by wgmma,
+//   the body and shared memory of bwd_wg.cuh.
 //   dq_accum: float32 workspace, zero-initialized by the host; holds dS K without
 //   the softmax scale.  Layout contract: its rows have pitch HD (the bucket, not
 //   head_dim; dq_accum_sr is ignored) and the query axis holds Sq rounded up to a
@@ -491,24 +491,17 @@ __device__ __forceinline__ void bwd_dkdv_body(
 // Each warp tile is >= 32 x 32, so each fragment read feeds >= 2 mma.
 // ---------------------------------------------------------------------------
 template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool ATOMIC_DQ,
-          bool BULK, bool WG>
+          bool BULK>
 struct Dkdv2dCfg {
   static constexpr int NTHREADS = NWARPS * 32;
-  // WG (sm_90a): S and dP by wgmma (wgmma.cuh), with K and V swizzled too (wgmma's
-  // K-major 128-byte layout).  The two warpgroups split the (BLOCK_M, BLOCK_N)
-  // product into WG_M x WG_N blocks of 64 query rows x WG_NK keys; warp w of a
-  // warpgroup holds rows 16 w .. 16 w + 15 of its block.
-  static constexpr bool WG_SDP = WG;
-  static constexpr int WG_M = BLOCK_M / 64 > 0 ? BLOCK_M / 64 : 1, WG_N = NWARPS / 4 / WG_M;
-  static constexpr int WG_NK = BLOCK_N / WG_N;
-  // K, V: padded (loaded once) unless WG; the streamed Q, dO: swizzled (swz_off:
-  // 64-column panels of 128-byte rows)
-  static constexpr bool SWZ_QDO = true, SWZ_KV = WG;
-  static constexpr int LDK = WG ? HD : HD + PAD, LDV = WG ? HDV : HDV + PAD, LDQ = HD, LDO = HDV;
+  // K, V: padded (loaded once); the streamed Q, dO: swizzled (swz_off: 64-column
+  // panels of 128-byte rows)
+  static constexpr bool SWZ_QDO = true, SWZ_KV = false, WG_SDP = false;  // (DkdvRing)
+  static constexpr int LDK = HD + PAD, LDV = HDV + PAD, LDQ = HD, LDO = HDV;
   static constexpr int LDP = BLOCK_N + PAD;  // P and dS pitch
-  static constexpr int PANEL_Q = BLOCK_M * 128, PANEL_K = BLOCK_N * 128;  // bytes
+  static constexpr int PANEL_Q = BLOCK_M * 128;  // bytes
   // S / dP tiling
-  static constexpr int SWM = WG ? 4 * WG_M : 2, SWN = WG ? WG_N : NWARPS / 2;
+  static constexpr int SWM = 2, SWN = NWARPS / 2;
   static constexpr int S_MT = BLOCK_M / SWM / 16, S_N = BLOCK_N / SWN;
   // dK / dV tiling
   static constexpr int KWN = NWARPS / 2, KWD = 2;
@@ -542,24 +535,12 @@ struct Dkdv2dCfg {
                     QWM * QWD == NWARPS && BLOCK_M % (QWM * 16) == 0,
                 "dK / dQ tiling");
   static_assert(STAGES >= 2, "at least double-buffered");
-  static_assert(!WG || (BLOCK_M % 64 == 0 || BLOCK_M == 64) && WG_M * WG_N * 4 == NWARPS &&
-                        (WG_NK == 64 || WG_NK == 128) && S_MT == 1 && S_N == WG_NK,
-                "wgmma S / dP: m64n64 or m64n128 blocks, one per warpgroup");
-  static_assert(!WG || (V_OFF % 1024 == 0 && QDO_OFF % 1024 == 0 && QDO_STAGE % 1024 == 0 &&
-                        (2 * BLOCK_M * LDQ) % 1024 == 0 && PANEL_Q % 1024 == 0),
-                "wgmma operands start on 1024-byte boundaries");
-  static_assert(HD % 64 == 0 && HDV % 64 == 0 && KD <= 64 && KDV <= 64 && QD <= 64,
+  static_assert(HD % 64 == 0 && HDV % 64 == 0 && KD <= 64 && KDV <= 64,
                 "swizzled tiles: whole 64-column panels; a warp's slice within one");
-  // dK / dV epilogue staging (padded tiles) where K / V are swizzled: the Q / dO
-  // ring onwards, free after the loop
-  static constexpr int EK_OFF = SWZ_KV ? QDO_OFF : K_OFF;
-  static constexpr int EV_OFF = SWZ_KV ? QDO_OFF + 2 * BLOCK_N * (HD + PAD) : V_OFF;
-  static_assert(!SWZ_KV || EV_OFF + 2 * BLOCK_N * (HDV + PAD) <= DQS_OFF,
-                "the dK / dV epilogue fits before the dQ staging tile");
 };
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool ATOMIC_DQ, bool BULK, bool WG = false>
+          bool CAUSAL, bool ATOMIC_DQ, bool BULK>
 __device__ __forceinline__ void bwd_dkdv_body_2d(
     FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
     FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
@@ -567,7 +548,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
     int nb1, int nb2, int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
     fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
     float softmax_scale, float scale_log2, FC_TENSOR_ARG(float, dqa), fc_index_t dqa_sg) {
-  using C = Dkdv2dCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ, BULK, WG>;
+  using C = Dkdv2dCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ, BULK>;
 #if __CUDA_ARCH__ < 900
   if constexpr (C::BULK_DQ) __trap();  // bulk reductions need sm_90 (the host never asks)
 #endif
@@ -575,13 +556,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   constexpr int LDK = C::LDK, LDV = C::LDV, LDQ = C::LDQ, LDP = C::LDP;
   constexpr int S_MT = C::S_MT, S_N = C::S_N, K_MT = C::K_MT, KD = C::KD, KDV = C::KDV;
 
-  extern __shared__ __align__(1024) unsigned char fc_sm80_smem_2d[];
-  unsigned char *fc_sm80_smem = fc_sm80_smem_2d;
-  if constexpr (WG) {
-    // wgmma finds the swizzle from address bits: the dynamic shared window must
-    // start on a 1024-byte boundary (it does on sm_90; checked, not assumed)
-    if (smem_u32(fc_sm80_smem) & 1023) __trap();
-  }
+  extern __shared__ __align__(16) unsigned char fc_sm80_smem[];
   T *sK = reinterpret_cast<T *>(fc_sm80_smem + C::K_OFF);   // (BLOCK_N, LDK)
   T *sV = reinterpret_cast<T *>(fc_sm80_smem + C::V_OFF);   // (BLOCK_N, LDV)
   T *sP = reinterpret_cast<T *>(fc_sm80_smem + C::P_OFF);   // (BLOCK_M, LDP) P, as T
@@ -607,10 +582,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   // this warp's tiles
-  // (WG: warps along M first, so warpgroup wg holds block (wg % WG_M, wg / WG_M) and
-  // warp % 4 its rows)
-  const int s_m0 = C::WG_SDP ? (warp % C::SWM) * 16 : (warp / C::SWN) * (S_MT * 16);
-  const int s_n0 = C::WG_SDP ? (warp / C::SWM) * S_N : (warp % C::SWN) * S_N;
+  const int s_m0 = (warp / C::SWN) * (S_MT * 16), s_n0 = (warp % C::SWN) * S_N;
   const int k_n0 = (warp % C::KWN) * (K_MT * 16), k_d = warp / C::KWN;
   const int q_m0 = (warp % C::QWM) * (C::Q_MT * 16), q_d0 = (warp / C::QWM) * C::QD;
   // Swizzled Q / dO (and K) reads: every ldmatrix row this lane addresses is = lane
@@ -635,15 +607,13 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   const u32 pT_a = smem_u32(sP) + 2 * (lane_at<LDP>(lane) + k_n0);   // P^T as A of dV
   const u32 dsT_a = smem_u32(sdS) + 2 * (lane_at<LDP>(lane) + k_n0); // dS^T as A of dK
   const u32 ds_a = smem_u32(sdS) + 2 * (q_m0 * LDP + lane_a<LDP>(lane));  // dS as A of dQ
-  // Swizzled reads of a warp's column slice [c0, c0 + cols) of a tile (cols <= 64,
-  // within one panel: the slices are 16-aligned multiples that divide 64): this
-  // lane's row r (= lane mod 8) at `base`, the slice's panel added, and its first
-  // chunk within the panel folded into y (its bits never mix with 2 n2 + lane / 16).
+  const u32 kQ_b = sK_u + 2 * (lane_bk<LDK>(lane) + q_d0);           // K as B of dQ
+  // Swizzled reads of a warp's column slice [c0, c0 + cols) of a Q / dO tile (cols
+  // <= 64, within one panel: the slices are 16-aligned multiples that divide 64):
+  // this lane's row r (= lane mod 8) at `base`, the slice's panel added, and its
+  // first chunk within the panel folded into y (its bits never mix with
+  // 2 n2 + lane / 16).
   const int bk_row = (lane & 7) + ((lane >> 3) & 1) * 8;  // lane_bk's row
-  // K as B of dQ
-  const u32 kQ_b = C::SWZ_KV ? sK_u + (q_d0 / 64) * C::PANEL_K + bk_row * 128
-                             : sK_u + 2 * (lane_bk<LDK>(lane) + q_d0);
-  const int y_kq = (q_d0 / 8 % 8) ^ y_a;
 
   float acc_dk[K_MT][KD / 8][4];    // (32, HD/2) of dK, unscaled
   float acc_dv[K_MT][KDV / 8][4];   // (32, HDV/2) of dV
@@ -670,23 +640,10 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       // k16 step kk: panel kk / 4, chunk (2 kk % 8) ^ y_a
       auto swz_k = [&](int kk) { return (kk / 4) * C::PANEL_Q + 16 * ((2 * kk % 8) ^ y_a); };
       float s[S_MT][S_N / 8][4];
-      float dp[S_MT][S_N / 8][4];
-      if constexpr (WG) {
-        // Both products issued at once on the tensor cores (this warpgroup's block
-        // of 64 query rows x S_N keys); the exponentials of P below run on the
-        // MUFU unit while dP is still in flight.
-        const u32 q_rows = (warp % C::SWM / 4) * 64 * 128, k_rows = s_n0 * 128;  // bytes
-        wg_fence();
-        wg_gemm_nt<T, S_N, HD, C::PANEL_Q, C::PANEL_K>(s[0], sQ_u + q_rows, sK_u + k_rows);
-        wg_gemm_nt<T, S_N, HDV, C::PANEL_Q, C::PANEL_K>(dp[0], sdO_u + q_rows, sV_u + k_rows);
-        wg_wait<1>();
-        wg_fence_regs(s[0]);
-      } else {
-        zero(s);
-        gemm_ab<T, S_MT, S_N, HD>(
-            s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + mt * 16 * 128 + swz_k(kk)); },
-            [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, kS_b + 2 * (n2 * 16 * LDK + kk * 16)); });
-      }
+      zero(s);
+      gemm_ab<T, S_MT, S_N, HD>(
+          s, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, qS_a + mt * 16 * 128 + swz_k(kk)); },
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, kS_b + 2 * (n2 * 16 * LDK + kk * 16)); });
       // P, masked only where the tile crosses the key end or the causal diagonal.
       // P goes to shared memory before the dP product (flash-attn 2's order), so
       // its stores drain under the dP mma: +1-3 % over computing dP first
@@ -696,15 +653,11 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       probs_from_scores<CAUSAL>(s, sLse, s_m0, m0, n_start + s_n0, need_mask, scale_log2,
                                 seqlen_k, diag, lane);
       frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
-      if constexpr (WG) {
-        wg_wait<0>();
-        wg_fence_regs(dp[0]);
-      } else {
-        zero(dp);
-        gemm_ab<T, S_MT, S_N, HDV>(
-            dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + mt * 16 * 128 + swz_k(kk)); },
-            [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
-      }
+      float dp[S_MT][S_N / 8][4];
+      zero(dp);
+      gemm_ab<T, S_MT, S_N, HDV>(
+          dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + mt * 16 * 128 + swz_k(kk)); },
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
       ds_from_dp(dp, s, sDelta, s_m0, lane);  // dS = P o (dP - delta)
       frag_to_smem<T, S_MT, S_N / 8, LDP>(sdS + s_n0, s_m0, dp, 1.f, lane);
     }
@@ -724,12 +677,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       zero(acc_dq);
       gemm_ab<T, Q_MT, QD, BLOCK_N>(
           acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, ds_a + 2 * (mt * 16 * LDP + kk * 16)); },
-          [&](int n2, int kk, u32(&b)[4]) {
-            if constexpr (C::SWZ_KV)  // row kk*16 + bk_row, chunk q_d0/8 + 2 n2 + lane/16
-              ldsm_x4_t(b, kQ_b + kk * 16 * 128 + 16 * ((2 * n2) ^ y_kq));
-            else
-              ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16));
-          });
+          [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, kQ_b + 2 * (kk * 16 * LDK + n2 * 16)); });
       if constexpr (C::BULK_DQ) {
         // the tile in the workspace's own layout (quad order, pitch HD): its BLOCK_M
         // rows are one contiguous run of the workspace
@@ -750,7 +698,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
     // dV += P^T dO,  dK += dS^T Q   (k = queries)
     {
       // (swizzled dO, Q: the warp's column slices [k_d KDV, + KDV), [k_d KD, + KD) read
-      // as described at kQ_b: chunk cb + 2 n2 + lane / 16 of row kk * 16 + bk_row)
+      // as described at bk_row: chunk cb + 2 n2 + lane / 16 of row kk * 16 + bk_row)
       const int cb_o = k_d * KDV / 8, cb_q = k_d * KD / 8;  // first chunk of the slice
       const u32 dO_b = sdO_u + (cb_o / 8) * C::PANEL_Q + bk_row * 128;
       const int y_o = (cb_o % 8) ^ y_a, y_q = (cb_q % 8) ^ y_a;
@@ -770,16 +718,13 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 
   // Epilogue: stage dK (scaled) and dV through the K / V tiles, then store.
   __syncthreads();
-  // (padded staging tiles: K / V themselves, or the ring where K / V are swizzled)
-  T *eK = reinterpret_cast<T *>(fc_sm80_smem + C::EK_OFF);
-  T *eV = reinterpret_cast<T *>(fc_sm80_smem + C::EV_OFF);
-  frag_to_smem<T, K_MT, KD / 8, HD + PAD>(eK + k_d * KD, k_n0, acc_dk, softmax_scale, lane);
-  frag_to_smem<T, K_MT, KDV / 8, HDV + PAD>(eV + k_d * KDV, k_n0, acc_dv, 1.f, lane);
+  frag_to_smem<T, K_MT, KD / 8, LDK>(sK + k_d * KD, k_n0, acc_dk, softmax_scale, lane);
+  frag_to_smem<T, K_MT, KDV / 8, LDV>(sV + k_d * KDV, k_n0, acc_dv, 1.f, lane);
   __syncthreads();
   store_tile<T, BLOCK_N, HD, NTHREADS>(dk_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dk_sr, dk_sr,
-                                       eK, n_rows, head_dim);
+                                       sK, n_rows, head_dim);
   store_tile<T, BLOCK_N, HDV, NTHREADS>(dv_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dv_sr, dv_sr,
-                                        eV, n_rows, head_dim_v);
+                                        sV, n_rows, head_dim_v);
 }
 
 }  // namespace sm80
@@ -796,6 +741,7 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
                  fc_index_t lse_sg, fc_index_t delta_sg, int seqlen_q, int seqlen_k,
                  int head_dim, int head_dim_v, float softmax_scale, float scale_log2,
                  int causal) {
+  static_assert(WG_SDP == WG_ALL, "the wgmma products come as one body (bwd_wg.cuh)");
   if constexpr (WG_ALL) {
     sm80::bwd_dkdv_body_wg<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, false>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
@@ -804,8 +750,7 @@ fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR
       dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
       seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, nullptr, 0, 0, 0, 0, 0);
   } else if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, false,
-                           WG_SDP>(
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, false>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
@@ -833,6 +778,7 @@ fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
                   fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim,
                   int head_dim_v, float softmax_scale, float scale_log2, int causal,
                   FC_TENSOR_ARG(float, dq_accum), fc_index_t dq_accum_sg) {
+  static_assert(WG_SDP == WG_ALL, "the wgmma products come as one body (bwd_wg.cuh)");
   if constexpr (WG_ALL) {
     sm80::bwd_dkdv_body_wg<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true, BULK_DQ>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
@@ -842,8 +788,7 @@ fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
       seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, dq_accum, dq_accum_sb0,
       dq_accum_sb1, dq_accum_sb2, dq_accum_sr, dq_accum_sg);
   } else if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true, BULK_DQ,
-                           WG_SDP>(
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true, BULK_DQ>(
       q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
       dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
       delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,

@@ -73,10 +73,9 @@ def dkdv_smem(hd, hdv, bm, bn, nw, st, atomic):
     return s
 
 
-def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic, bulk=False, wg=False):
-    """SPLIT2D = true: K, V | STAGES x (Q, dO, lse, delta) | P, dS (as T), both kernels.
-    wg: S, dP by wgmma, K and V swizzled (no pad)."""
-    s = 2 * bn * (hd + hdv + (0 if wg else 2 * PAD))
+def dkdv2d_smem(hd, hdv, bm, bn, nw, st, atomic, bulk=False):
+    """SPLIT2D = true: K, V | STAGES x (Q, dO, lse, delta) | P, dS (as T), both kernels."""
+    s = 2 * bn * (hd + hdv + 2 * PAD)
     s += st * (2 * bm * (hd + hdv) + 8 * bm)  # Q, dO swizzled: no pad
     s += 4 * bm * (bn + PAD)
     if atomic and bulk:
@@ -133,11 +132,12 @@ VARIANTS = {
             64: [(128, 64, 4, 2), (128, 64, 8, 2, "wg"), (64, 64, 4, 2, "wg")],
             128: [(128, 64, 4, 2), (128, 128, 8, 2, "wg"), (64, 64, 4, 2, "wg")],
             256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]},
-    "dkdv": {64: [(64, 128, 8, 2, "2d", "wg", "wga"), (128, 128, 8, 2, "2d", "wg", "wga")],
-             128: [(64, 128, 8, 2, "2d", "wg", "wga")]},
+    "dkdv": {64: [(64, 128, 8, 2, "2d", "wg", "wga"), (128, 128, 8, 2, "2d")],
+             128: [(64, 128, 8, 2, "2d", "wg", "wga"), (64, 128, 8, 2, "2d")]},
     # session 3 (NOTES.md s. 7): the swizzled 2-D body, 2 vs 3 stages
-    "dkdvq": {64: [(64, 128, 8, 2, "2d", "wg", "wga"), (128, 128, 8, 2, "2d", "wg", "wga")],
-              128: [(64, 128, 8, 2, "2d", "wg", "wga")]},
+    # the 2-D mma.sync tiles: the choice on sm_90+ GPUs without wgmma (sm_100)
+    "dkdvq": {64: [(128, 128, 8, 2, "2d", "wg", "wga"), (128, 128, 8, 2, "2d")],
+              128: [(64, 128, 8, 2, "2d", "wg", "wga"), (64, 128, 8, 2, "2d", "bulk")]},
 }
 _KN = {"fwd": "fc_sm80_fwd", "dkdv": "fc_sm80_bwd_dkdv", "dkdvq": "fc_sm80_bwd_dkdvq",
        "dq": "fc_sm80_bwd_dq"}
@@ -158,8 +158,7 @@ def make_spec(kind, t, hd, tiles, causal):
         ring = 2 * bn * 2 * hd + st * (2 * bm * 2 * hd + 8 * bm)
         sm = -(-ring // 1024) * 1024 + 4 * bm * bn + (4 * bm * hd if "bulk" in tiles else 0)
     elif split:
-        sm = dkdv2d_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq", "bulk" in tiles,
-                         "wg" in tiles)
+        sm = dkdv2d_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq", "bulk" in tiles)
     else:
         sm = dkdv_smem(hd, hd, bm, bn, nw, st, kind == "dkdvq")
     if kind == "fwd":  # fwd 5th element "qs": Q_IN_REGS = false (Q re-read from smem)
@@ -168,10 +167,8 @@ def make_spec(kind, t, hd, tiles, causal):
         extra = ", true" if split else ""
         if kind == "dkdvq" and ("bulk" in tiles or "wg" in tiles):  # BULK_DQ (dkdvq)
             extra += ", true" if "bulk" in tiles else ", false"
-        if "wg" in tiles:  # WG_SDP = true: S, dP by wgmma (sm_90a)
-            extra += ", true"
-        if "wga" in tiles:  # WG_ALL = true: every product by wgmma (bwd_wg.cuh)
-            extra += ", true"
+        if "wg" in tiles:  # WG_SDP = WG_ALL = true: every product by wgmma (bwd_wg.cuh)
+            extra += ", true, true"
     kn = "fc_sm80_fwd_wg" if kind == "fwd" and "wg" in tiles else _KN[kind]
     if kind == "fwd" and "wg" in tiles:
         extra = ""
