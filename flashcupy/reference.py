@@ -12,28 +12,72 @@ Two implementations, both on the CPU in float64 whatever the input dtype:
     kernels in ``cuda_src/`` do it: a query tile stays put while key/value
     tiles stream past, an online softmax keeps a running max ``m_i`` and a
     running sum ``l_i`` in log2 units, and nothing of size Sq x Sk is ever
-    stored.  It is slow (Python loops over tiles) and exists to document the
-    algorithm and to prove that the tiling itself is correct, independently of
-    any GPU.
+    stored.  The tile loops visit only the tiles a window (or causal) can see,
+    through the same four range functions as the kernels (``_Window.key_begin``
+    / ``key_end`` / ``query_begin`` / ``query_end``).  It is slow (Python loops
+    over tiles) and exists to document the algorithm and to prove that the
+    tiling itself is correct, independently of any GPU.
 
 Conventions shared by all four functions (and by ``flashcupy.attention``):
 
 * ``q`` has shape ``(..., Sq, D)``, ``k`` ``(..., Sk, D)``, ``v`` ``(..., Sk, Dv)``.
   Leading (batch) dims broadcast like ``numpy.matmul``: a key/value head axis
   of size 1 is multi-query attention, ``(B, Hkv, 1, S, D)`` against a query of
-  shape ``(B, Hkv, G, S, D)`` is grouped-query attention.
+  shape ``(B, Hkv, G, S, D)`` is grouped-query attention.  ``batch`` below is
+  ``numpy.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])``.
 * ``scale`` defaults to ``1 / sqrt(D)``.
-* ``causal`` is bottom-right aligned: query ``i`` sees key ``j`` iff
-  ``j <= i + (Sk - Sq)``.  With ``Sq > Sk`` the first ``Sq - Sk`` rows see no
-  key: such a row (and every row when ``Sk == 0``) gets ``out = 0``,
-  ``lse = -inf`` and zero gradients, never NaN.
-* ``lse`` is the row logsumexp of the scaled scores in natural-log units.
+* ``lse`` is the row logsumexp in natural-log units (of the scores, and of the
+  sink logit when there is one).
 * Gradients of broadcast inputs are summed over the broadcast axes, so each
   gradient has the shape of its input.
+
+Variants (keyword-only, all composable with each other, with ``causal``, with
+broadcast batch dims and with ``Dv != D``).  With ``diag = Sk - Sq``:
+
+``window=(left, right)``
+    Each side an int >= 0, or None for unbounded; ``window=None`` is
+    ``(None, None)``.  Query ``i`` sees key ``j`` iff
+    ``i + diag - left <= j <= i + diag + right`` (bottom-right aligned, like
+    flash-attn's ``window_size``).  ``causal=True`` intersects the window with
+    ``right = 0``: the effective right side is ``0 if right is None else
+    min(right, 0)``, so ``window=(None, 0)`` is exactly ``causal=True``.
+``causal``
+    Query ``i`` sees key ``j`` iff ``j <= i + diag``.
+``softcap=c``
+    A float > 0 (None: off).  The scaled score ``s = scale * q.k`` becomes
+    ``c * tanh(s / c)`` before ALiBi, masking and the softmax.  The backward
+    multiplies dS by ``1 - tanh(s / c)**2``.
+``alibi_slopes``
+    Real array broadcastable to ``batch`` (e.g. ``(H,)``, ``(B, H)``, or
+    ``(Hkv, G)`` for a query of shape ``(B, Hkv, G, Sq, D)``).  Adds
+    ``-slope * |i + diag - j|`` to the (softcapped) scaled score.  Not
+    differentiable.
+``sink``
+    Real array broadcastable to ``batch``: one logit per batch element, in the
+    units of the scaled score, that joins the softmax denominator and carries
+    no value::
+
+        p_ij  = exp(s_ij) / (exp(sink) + sum_j exp(s_ij))
+        out_i = sum_j p_ij v_j
+        lse_i = log(exp(sink) + sum_j exp(s_ij))
+
+    The backward returns ``dsink`` (shape of ``sink``, summed over the axes it
+    was broadcast along)::
+
+        dsink = -sum_i p_sink,i * delta_i,   p_sink,i = exp(sink - lse_i),
+        delta_i = sum_d dO_id * O_id.
+
+    ``sink = -inf`` is the same as no sink.
+
+A row that sees no key (``Sq > Sk`` under causal, a window, or ``Sk == 0``)
+gets ``out = 0``, ``lse = -inf`` (``lse = sink`` with a sink), zero gradients
+and ``dsink`` contribution 0, never NaN.
 """
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,6 +87,7 @@ __all__ = [
     "attention_tiled",
     "attention_backward_tiled",
     "causal_mask",
+    "visible_mask",
 ]
 
 LOG2E = 1.4426950408889634  # log2(e): folds exp into exp2, s2 = s * log2(e)
@@ -73,13 +118,6 @@ def _default_scale(scale, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
-def causal_mask(seqlen_q: int, seqlen_k: int) -> np.ndarray:
-    """Boolean (Sq, Sk) mask, True where query i may see key j (bottom-right)."""
-    i = np.arange(seqlen_q)[:, None]
-    j = np.arange(seqlen_k)[None, :]
-    return j <= i + (seqlen_k - seqlen_q)
-
-
 def _sum_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
     """Sums ``grad`` over the axes along which an input of ``shape`` was broadcast."""
     extra = grad.ndim - len(shape)
@@ -99,48 +137,208 @@ def _probabilities(s: np.ndarray, lse: np.ndarray) -> np.ndarray:
     return np.where(empty, 0.0, p)
 
 
+def _sink_probability(sink: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """p_sink = exp(sink - lse) per row (natural-log units), 0 where sink = -inf or
+    the row's lse is -inf (then nothing, not even the sink, is in the softmax)."""
+    off = np.isneginf(lse) | np.isneginf(sink)
+    return np.where(off, 0.0, np.exp(np.where(off, 0.0, sink - np.where(off, 0.0, lse))))
+
+
+# ----------------------------------------------------------------------------
+# variants: validation and the visible band
+# ----------------------------------------------------------------------------
+
+def _check_window(window) -> tuple:
+    """``window`` as a pair (left, right) of int >= 0 or None; errors name it."""
+    if window is None:
+        return (None, None)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be None or a pair (left, right) of ints >= 0 or None, "
+                        f"got {window!r}")
+    sides = []
+    for name, w in zip(("left", "right"), window):
+        if w is None:
+            sides.append(None)
+            continue
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window {name} side must be an int >= 0 or None (unbounded), "
+                            f"got {w!r}")
+        if w < 0:
+            raise ValueError(f"window {name} side must be >= 0 or None (unbounded), got {w!r}")
+        sides.append(int(w))
+    return tuple(sides)
+
+
+def _effective_window(window, causal: bool) -> tuple:
+    """(left, right) after intersecting with causal (right = 0); None = unbounded."""
+    left, right = _check_window(window)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a real number > 0 or None, got {softcap!r}")
+    c = float(softcap)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"softcap must be a finite number > 0 (None turns it off), got {c!r}")
+    return c
+
+
+def _batch_param(x, batch: tuple, name: str):
+    """A per-batch-element array (alibi_slopes, sink): float64, broadcast to
+    ``batch``, and its own shape (to sum its gradient back onto)."""
+    if x is None:
+        return None, None
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu" and a.dtype.name != "bfloat16":
+        raise TypeError(f"{name} must be a real-valued array, got dtype {a.dtype}")
+    try:
+        ok = np.broadcast_shapes(a.shape, batch) == tuple(batch)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {a.shape} does not broadcast to the batch dims "
+                         f"{tuple(batch)} of q, k, v (one value per batch element)")
+    return np.broadcast_to(_f64(a), batch), a.shape
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """Everything that changes which scores exist and what they are, validated."""
+
+    left: int | None              # window sides after causal; None = unbounded
+    right: int | None
+    softcap: float | None
+    slopes: np.ndarray | None     # (batch...) float64 ALiBi slopes
+    sink: np.ndarray | None       # (batch...) float64 sink logits
+    sink_shape: tuple | None      # the sink's own shape (dsink has it)
+
+    def element(self, b):
+        """(slope, sink) of batch element ``b`` as floats, None where absent."""
+        return (None if self.slopes is None else float(self.slopes[b]),
+                None if self.sink is None else float(self.sink[b]))
+
+
+def _variant(batch, causal, window, softcap, alibi_slopes, sink) -> _Variant:
+    left, right = _effective_window(window, causal)
+    slopes, _ = _batch_param(alibi_slopes, batch, "alibi_slopes")
+    sinks, sink_shape = _batch_param(sink, batch, "sink")
+    return _Variant(left, right, _check_softcap(softcap), slopes, sinks, sink_shape)
+
+
+class _Window:
+    """The visible band of one (Sq, Sk) problem, and the tile loop ranges.
+
+    Key ``j`` is visible from query ``i`` iff ``0 <= j < Sk`` and
+    ``lo <= j - i <= hi`` with ``lo = Sk - Sq - left`` and ``hi = Sk - Sq +
+    right`` (``None``: that side unbounded).  The four range functions carry
+    the names of the kernels' ``Variant`` members (``cuda_src/variant.cuh``).
+    """
+
+    def __init__(self, seqlen_q: int, seqlen_k: int, left=None, right=None):
+        self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
+        diag = seqlen_k - seqlen_q
+        self.lo = None if left is None else diag - left
+        self.hi = None if right is None else diag + right
+
+    # [key_begin, key_end) holds every key that a query row in [m_start, m_end) sees
+    def key_begin(self, m_start: int, m_end: int) -> int:
+        if self.lo is None:
+            return 0
+        return min(self.seqlen_k, max(0, m_start + self.lo))
+
+    def key_end(self, m_start: int, m_end: int) -> int:
+        if self.hi is None:
+            return self.seqlen_k
+        return max(0, min(self.seqlen_k, m_end - 1 + self.hi + 1))
+
+    # [query_begin, query_end) holds every query that sees a key in [n_start, n_end)
+    def query_begin(self, n_start: int, n_end: int) -> int:
+        if self.hi is None:
+            return 0
+        return min(self.seqlen_q, max(0, n_start - self.hi))
+
+    def query_end(self, n_start: int, n_end: int) -> int:
+        if self.lo is None:
+            return self.seqlen_q
+        return max(0, min(self.seqlen_q, n_end - 1 - self.lo + 1))
+
+    def needs_mask(self, m_start: int, m_end: int, n_start: int, n_end: int) -> bool:
+        """Whether the tile rows [m_start, m_end) x keys [n_start, n_end) (both
+        inside the sequences) holds an invisible pair; False: no element test."""
+        return ((self.hi is not None and (n_end - 1) - m_start > self.hi)
+                or (self.lo is not None and n_start - (m_end - 1) < self.lo))
+
+    def visible(self, i, j):
+        """Elementwise: may query i see key j (i, j broadcast)?"""
+        ok = (j >= 0) & (j < self.seqlen_k)
+        if self.hi is not None:
+            ok = ok & (j - i <= self.hi)
+        if self.lo is not None:
+            ok = ok & (j - i >= self.lo)
+        return ok
+
+
+def _key_range(win: _Window, m_start: int, m_end: int) -> tuple:
+    return win.key_begin(m_start, m_end), win.key_end(m_start, m_end)
+
+
+def _query_range(win: _Window, n_start: int, n_end: int) -> tuple:
+    return win.query_begin(n_start, n_end), win.query_end(n_start, n_end)
+
+
+def _tiles(begin: int, end: int, block: int) -> range:
+    """Starts of the tiles (multiples of ``block``) that cover [begin, end)."""
+    if begin >= end:
+        return range(0)
+    return range(begin - begin % block, end, block)
+
+
+def visible_mask(seqlen_q: int, seqlen_k: int, causal: bool = False, window=None) -> np.ndarray:
+    """Boolean (Sq, Sk) mask, True where query i may see key j (bottom-right
+    aligned: ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``, causal is
+    ``right = 0``)."""
+    left, right = _effective_window(window, causal)
+    win = _Window(seqlen_q, seqlen_k, left, right)
+    return win.visible(np.arange(seqlen_q)[:, None], np.arange(seqlen_k)[None, :])
+
+
+def causal_mask(seqlen_q: int, seqlen_k: int) -> np.ndarray:
+    """Boolean (Sq, Sk) mask, True where query i may see key j (bottom-right)."""
+    return visible_mask(seqlen_q, seqlen_k, causal=True)
+
+
+def _alibi_distance(seqlen_q: int, seqlen_k: int) -> np.ndarray:
+    """|i + Sk - Sq - j|, shape (Sq, Sk), float64."""
+    i = np.arange(seqlen_q)[:, None]
+    j = np.arange(seqlen_k)[None, :]
+    return np.abs(i + (seqlen_k - seqlen_q) - j).astype(np.float64)
+
+
 # ----------------------------------------------------------------------------
 # naive: materialize S, exact
 # ----------------------------------------------------------------------------
 
-def _scores(q, k, causal, scale):
-    """Scaled scores S = scale * Q K^T, -inf where masked; shape (..., Sq, Sk)."""
+def _scores(q, k, scale, var: _Variant):
+    """Scores, shape (..., Sq, Sk): ``scale * Q K^T``, softcapped, plus ALiBi,
+    -inf where not visible.  Also returns ``tanh(s / c)`` (None without softcap)
+    for the backward's chain rule."""
+    sq, sk = q.shape[-2], k.shape[-2]
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
-    if causal:
-        s = np.where(causal_mask(q.shape[-2], k.shape[-2]), s, -np.inf)
-    return s
-
-
-def attention_naive(q, k, v, causal: bool = False, scale=None):
-    """Exact attention in float64.
-
-    Parameters
-    ----------
-    q : array_like, shape (..., Sq, D)
-    k : array_like, shape (..., Sk, D)
-    v : array_like, shape (..., Sk, Dv)
-    causal : bool
-        Bottom-right aligned causal mask.
-    scale : float, optional
-        Softmax scale; ``1 / sqrt(D)`` by default.
-
-    Returns
-    -------
-    out : numpy.ndarray, shape (batch..., Sq, Dv), float64
-    lse : numpy.ndarray, shape (batch..., Sq), float64
-        Natural-log row logsumexp of the scaled scores; ``-inf`` for a row that
-        sees no key.  ``batch`` is the broadcast of the three batch shapes.
-    """
-    q, k, v, batch, scale = _operands(q, k, v, scale)
-    s = _scores(q, k, causal, scale)
-    m = np.max(s, axis=-1, initial=-np.inf)          # -inf for an empty row
-    m_safe = np.where(np.isneginf(m), 0.0, m)        # avoid (-inf) - (-inf)
-    l = np.exp(s - m_safe[..., None]).sum(axis=-1)   # 0 for an empty row
-    with np.errstate(divide="ignore"):
-        lse = np.where(l > 0, m_safe + np.log(l), -np.inf)
-    p = _probabilities(s, lse)
-    out = np.matmul(p, v)
-    return out, lse
+    t = None
+    if var.softcap is not None:
+        t = np.tanh(s / var.softcap)
+        s = var.softcap * t
+    if var.slopes is not None:
+        s = s - var.slopes[..., None, None] * _alibi_distance(sq, sk)
+    if var.left is not None or var.right is not None:
+        s = np.where(_Window(sq, sk, var.left, var.right).visible(
+            np.arange(sq)[:, None], np.arange(sk)[None, :]), s, -np.inf)
+    return s, t
 
 
 def _operands(q, k, v, scale):
@@ -165,66 +363,150 @@ def _backward_operands(dout, q, k, v, out, lse, scale):
     return shapes, batch, scale, (dout, q, k, v, out, lse)
 
 
-def attention_backward_naive(dout, q, k, v, out, lse, causal: bool = False, scale=None):
+def attention_naive(q, k, v, causal: bool = False, scale=None, *, window=None, softcap=None,
+                    alibi_slopes=None, sink=None):
+    """Exact attention in float64.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Sq, D)
+    k : array_like, shape (..., Sk, D)
+    v : array_like, shape (..., Sk, Dv)
+    causal : bool
+        Bottom-right aligned causal mask (the window's right side 0).
+    scale : float, optional
+        Softmax scale; ``1 / sqrt(D)`` by default.
+    window : (left, right), optional
+        Sliding window, each side int >= 0 or None (unbounded): query i sees
+        key j iff ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``.
+    softcap : float > 0, optional
+        ``s -> softcap * tanh(s / softcap)`` on the scaled score, first.
+    alibi_slopes : array_like, broadcastable to ``batch``, optional
+        Adds ``-slope * |i + Sk - Sq - j|`` to the (softcapped) score.
+    sink : array_like, broadcastable to ``batch``, optional
+        A logit per batch element in the softmax denominator (no value).
+
+    Returns
+    -------
+    out : numpy.ndarray, shape (batch..., Sq, Dv), float64
+    lse : numpy.ndarray, shape (batch..., Sq), float64
+        Natural-log row logsumexp of the scores (and the sink): ``-inf`` for a
+        row that sees no key (the sink with one).  ``batch`` is the broadcast
+        of the three batch shapes.
+    """
+    q, k, v, batch, scale = _operands(q, k, v, scale)
+    var = _variant(batch, causal, window, softcap, alibi_slopes, sink)
+    s, _ = _scores(q, k, scale, var)
+    m = np.max(s, axis=-1, initial=-np.inf)          # -inf for an empty row
+    if var.sink is not None:
+        m = np.maximum(m, var.sink[..., None])       # the sink is one more logit
+    m_safe = np.where(np.isneginf(m), 0.0, m)        # avoid (-inf) - (-inf)
+    l = np.exp(s - m_safe[..., None]).sum(axis=-1)   # 0 for an empty row
+    if var.sink is not None:
+        l = l + np.exp(var.sink[..., None] - m_safe)
+    with np.errstate(divide="ignore"):
+        lse = np.where(l > 0, m_safe + np.log(l), -np.inf)
+    p = _probabilities(s, lse)
+    out = np.matmul(p, v)
+    return out, lse
+
+
+def attention_backward_naive(dout, q, k, v, out, lse, causal: bool = False, scale=None, *,
+                             window=None, softcap=None, alibi_slopes=None, sink=None):
     """Exact gradients of ``attention_naive`` in float64.
 
     ``out`` and ``lse`` are the forward results (as the kernels get them); P is
     recomputed from ``lse`` and ``delta = rowsum(dout * out)`` uses ``out``.
+    The variant keywords must be the forward's.  With a softcap, dS is
+    multiplied by ``1 - tanh(s / c)**2`` before it meets Q and K.
 
     Returns
     -------
     dq, dk, dv : numpy.ndarray, float64
         Shaped like ``q``, ``k`` and ``v``: summed over broadcast batch axes.
+    dsink : numpy.ndarray, float64, only when ``sink`` is given
+        ``-sum_i exp(sink - lse_i) * delta_i``, shaped like ``sink``.
     """
     (q_shape, k_shape, v_shape), batch, scale, (dout, q, k, v, out, lse) = _backward_operands(
         dout, q, k, v, out, lse, scale)
+    var = _variant(batch, causal, window, softcap, alibi_slopes, sink)
 
-    p = _probabilities(_scores(q, k, causal, scale), lse)   # (..., Sq, Sk)
+    s, t = _scores(q, k, scale, var)
+    p = _probabilities(s, lse)                               # (..., Sq, Sk)
     dv = np.matmul(np.swapaxes(p, -1, -2), dout)
     dp = np.matmul(dout, np.swapaxes(v, -1, -2))
     delta = np.sum(dout * out, axis=-1)                      # = rowsum(P * dP)
-    ds = p * (dp - delta[..., None])
+    ds = p * (dp - delta[..., None])                         # d loss / d score
+    if t is not None:
+        ds = ds * (1.0 - t * t)                              # d(c tanh(s/c)) / ds
     dq = np.matmul(ds, k) * scale
     dk = np.matmul(np.swapaxes(ds, -1, -2), q) * scale
-    return _sum_to_shape(dq, q_shape), _sum_to_shape(dk, k_shape), _sum_to_shape(dv, v_shape)
+    grads = (_sum_to_shape(dq, q_shape), _sum_to_shape(dk, k_shape), _sum_to_shape(dv, v_shape))
+    if var.sink is None:
+        return grads
+    dsink = -np.sum(_sink_probability(var.sink[..., None], lse) * delta, axis=-1)
+    return grads + (_sum_to_shape(dsink, var.sink_shape),)
 
 
 # ----------------------------------------------------------------------------
 # tiled: FlashAttention-2, block by block, as the kernels do it
 # ----------------------------------------------------------------------------
 
-def _key_end(m_start: int, m_end: int, seqlen_q: int, seqlen_k: int, causal: bool) -> int:
-    """One past the last key any query row in [m_start, m_end) may see (mask.cuh key_end)."""
-    if not causal:
-        return seqlen_k
-    return max(0, min(seqlen_k, m_end + (seqlen_k - seqlen_q)))
+@dataclass(frozen=True)
+class _Element:
+    """The variant as one batch element's kernel sees it (``Variant`` after
+    ``bind``): the window band, the score transform in log2 units, the sink."""
+
+    win: _Window
+    scale: float
+    softcap: float | None
+    slope: float | None     # ALiBi slope, natural units
+    sink: float | None      # sink logit, natural units
+
+    @property
+    def sink2(self) -> float:
+        return self.sink * LOG2E
+
+    def tile_scores2(self, q_tile, k_tile, m_start, n_start):
+        """(BLOCK_M, BLOCK_N) scores in log2 units, -inf where not visible, and
+        ``tanh(s / c)`` (None without softcap).
+
+        softcap:  s2 = (c log2 e) tanh(raw * scale / c);  else s2 = raw * scale log2 e
+        ALiBi:    s2 -= slope log2 e |i + Sk - Sq - j|
+        The element mask is applied only when ``needs_mask`` says the tile has an
+        invisible pair.  Tiles at the sequence end are simply shorter here; the
+        kernels predicate the out-of-range rows/columns instead, which is the
+        same thing.
+        """
+        raw = q_tile @ k_tile.T
+        m_end, n_end = m_start + q_tile.shape[0], n_start + k_tile.shape[0]
+        i = np.arange(m_start, m_end)[:, None]
+        j = np.arange(n_start, n_end)[None, :]
+        t = None
+        if self.softcap is None:
+            s2 = raw * (self.scale * LOG2E)  # log2(e) folded into the scale once
+        else:
+            t = np.tanh(raw * (self.scale / self.softcap))
+            s2 = (self.softcap * LOG2E) * t
+        if self.slope is not None:
+            diag = self.win.seqlen_k - self.win.seqlen_q
+            s2 = s2 - (self.slope * LOG2E) * np.abs(i + diag - j)
+        if self.win.needs_mask(m_start, m_end, n_start, n_end):
+            s2 = np.where(self.win.visible(i, j), s2, -np.inf)
+        return s2, t
 
 
-def _query_begin(n_start: int, seqlen_q: int, seqlen_k: int, causal: bool) -> int:
-    """First query row that may see any key at or after n_start (mask.cuh query_begin)."""
-    if not causal:
-        return 0
-    return max(0, n_start - (seqlen_k - seqlen_q))
+def _elements(batch, seqlen_q, seqlen_k, scale, var: _Variant):
+    """(batch index, _Element) for every batch element."""
+    win = _Window(seqlen_q, seqlen_k, var.left, var.right)
+    for b in np.ndindex(*batch):
+        slope, sink = var.element(b)
+        yield b, _Element(win, scale, var.softcap, slope, sink)
 
 
-def _tile_scores_log2(q_tile, k_tile, m_start, n_start, seqlen_q, seqlen_k, causal, scale_log2):
-    """(BLOCK_M, BLOCK_N) scores in log2 units, -inf where masked.
-
-    Tiles at the sequence end are simply shorter here; the kernels predicate
-    the out-of-range rows/columns instead, which is the same thing.
-    """
-    s2 = (q_tile @ k_tile.T) * scale_log2
-    if causal:
-        i = np.arange(m_start, m_start + q_tile.shape[0])[:, None]
-        j = np.arange(n_start, n_start + k_tile.shape[0])[None, :]
-        s2 = np.where(j <= i + (seqlen_k - seqlen_q), s2, -np.inf)
-    return s2
-
-
-def _fwd_one(q, k, v, causal, scale, BLOCK_M, BLOCK_N):
+def _fwd_one(q, k, v, el: _Element, BLOCK_M, BLOCK_N):
     """Forward for one batch element: q (Sq, D), k (Sk, D), v (Sk, Dv)."""
-    seqlen_q, seqlen_k, head_dim_v = q.shape[0], k.shape[0], v.shape[1]
-    scale_log2 = scale * LOG2E  # fold log2(e) into the scale once: exp(x) = exp2(x * log2 e)
+    seqlen_q, head_dim_v = q.shape[0], v.shape[1]
     out = np.zeros((seqlen_q, head_dim_v))
     lse = np.full(seqlen_q, -np.inf)
 
@@ -232,21 +514,21 @@ def _fwd_one(q, k, v, causal, scale, BLOCK_M, BLOCK_N):
         m_end = min(m_start + BLOCK_M, seqlen_q)
         q_tile = q[m_start:m_end]                           # load q: it stays for the whole key loop
         rows = m_end - m_start
-        m_i = np.full(rows, -np.inf)                        # running row max of s2; -inf before any key
-        l_i = np.zeros(rows)                                # running sum of exp2(s2 - m_i)
+        # Running row max of s2: starts at the sink logit (a key with no value),
+        # or -inf before any key.  l_i: running sum of exp2(s2 - m_i) over keys.
+        m_i = np.full(rows, -np.inf if el.sink is None else el.sink2)
+        l_i = np.zeros(rows)
         acc_o = np.zeros((rows, head_dim_v))                # (BLOCK_M, Dv) unnormalized output
 
-        # Causal: key tiles wholly right of the diagonal are never visited.
-        n_stop = _key_end(m_start, m_end, seqlen_q, seqlen_k, causal)
-        for n_start in range(0, n_stop, BLOCK_N):           # K/V tiles stream through
-            n_end = min(n_start + BLOCK_N, seqlen_k)
+        # Only the key tiles of the window (causal: none right of the diagonal).
+        for n_start in _tiles(*_key_range(el.win, m_start, m_end), BLOCK_N):  # K/V tiles stream
+            n_end = min(n_start + BLOCK_N, k.shape[0])
             k_tile, v_tile = k[n_start:n_end], v[n_start:n_end]
-            s2 = _tile_scores_log2(q_tile, k_tile, m_start, n_start,
-                                   seqlen_q, seqlen_k, causal, scale_log2)
+            s2, _ = el.tile_scores2(q_tile, k_tile, m_start, n_start)
 
             m_new = np.maximum(m_i, s2.max(axis=1))
-            # If every key so far was masked, m_new is -inf and (-inf) - (-inf)
-            # would be NaN: subtract 0 instead, so exp2(-inf - 0) = 0.
+            # If every key so far was masked (and no sink), m_new is -inf and
+            # (-inf) - (-inf) would be NaN: subtract 0 instead, so exp2(-inf - 0) = 0.
             m_safe = np.where(np.isneginf(m_new), 0.0, m_new)
             alpha = np.exp2(m_i - m_safe)                   # rescales the old state; 0 when m_i = -inf
             p = np.exp2(s2 - m_safe[:, None])               # (BLOCK_M, BLOCK_N), masked -> 0
@@ -254,8 +536,13 @@ def _fwd_one(q, k, v, causal, scale, BLOCK_M, BLOCK_N):
             acc_o = acc_o * alpha[:, None] + p @ v_tile     # O += P V
             m_i = m_new
 
+        # The sink joins the sum once, at the final max (variant.cuh sink_term):
+        # a row that saw no key then has l_i = 1, out = 0 and lse = sink.
+        if el.sink is not None:
+            m_safe = np.where(np.isneginf(m_i), 0.0, m_i)   # sink = -inf and no key
+            l_i = l_i + np.exp2(el.sink2 - m_safe)
         # Finalize: O / l, and the LSE in natural-log units.  A row that saw
-        # no key has l_i = 0: its output is 0 (not 0/0) and its LSE -inf.
+        # no key (and no sink) has l_i = 0: its output is 0 (not 0/0), its LSE -inf.
         seen = l_i > 0
         inv_l = np.divide(1.0, l_i, out=np.zeros_like(l_i), where=seen)
         out[m_start:m_end] = acc_o * inv_l[:, None]
@@ -264,24 +551,32 @@ def _fwd_one(q, k, v, causal, scale, BLOCK_M, BLOCK_N):
     return out, lse
 
 
-def _bwd_one(dout, q, k, v, out, lse, causal, scale, BLOCK_M, BLOCK_N):
-    """Backward for one batch element, in the three steps of the kernels."""
+def _bwd_one(dout, q, k, v, out, lse, el: _Element, BLOCK_M, BLOCK_N):
+    """Backward for one batch element, in the three steps of the kernels.
+
+    Returns dq, dk, dv and dsink (None without a sink) of this element."""
     seqlen_q, seqlen_k = q.shape[0], k.shape[0]
-    scale_log2 = scale * LOG2E
 
     # Step 1, preprocess: delta_i = rowsum(dO_i * O_i), which equals
     # rowsum(P_i * dP_i) and turns the softmax Jacobian into one subtraction.
     delta = np.sum(dout * out, axis=1)
     lse2 = lse * LOG2E          # the LSE back in log2 units, like the scores
-    empty = np.isneginf(lse2)   # rows that saw no key: P = 0 (not exp2(-inf + inf))
+    empty = np.isneginf(lse2)   # rows that saw nothing: P = 0 (not exp2(-inf + inf))
+    # The sink's gradient needs only delta and the LSE: p_sink = exp2(sink2 - lse2).
+    dsink = None
+    if el.sink is not None:
+        off = empty | np.isneginf(el.sink2)
+        p_sink = np.where(off, 0.0, np.exp2(np.where(off, 0.0, el.sink2 - np.where(off, 0, lse2))))
+        dsink = -float(np.sum(p_sink * delta))
 
     def probs(q_tile, k_tile, m_start, m_end, n_start):
-        """P recomputed from the LSE: exp2(s2 - lse2), already normalized."""
-        s2 = _tile_scores_log2(q_tile, k_tile, m_start, n_start, seqlen_q, seqlen_k, causal,
-                               scale_log2)
+        """P recomputed from the LSE, exp2(s2 - lse2), already normalized, and
+        the factor dS gets from the softcap (1 - tanh^2; 1 without)."""
+        s2, t = el.tile_scores2(q_tile, k_tile, m_start, n_start)
         row_lse2 = np.where(empty[m_start:m_end], 0.0, lse2[m_start:m_end])
         p = np.exp2(s2 - row_lse2[:, None])
-        return np.where(empty[m_start:m_end, None], 0.0, p)
+        dcap = 1.0 if t is None else 1.0 - t * t
+        return np.where(empty[m_start:m_end, None], 0.0, p), dcap
 
     # Step 2: dK, dV.  One CTA per key tile; it holds K_j, V_j and accumulators
     # dK_j, dV_j, and loops over the query tiles that can see it.  No atomics:
@@ -293,17 +588,16 @@ def _bwd_one(dout, q, k, v, out, lse, causal, scale, BLOCK_M, BLOCK_N):
         k_tile, v_tile = k[n_start:n_end], v[n_start:n_end]
         acc_dk = np.zeros_like(k_tile)   # (BLOCK_N, D)
         acc_dv = np.zeros_like(v_tile)   # (BLOCK_N, Dv)
-        # Causal: query tiles wholly above the diagonal never see this key tile.
-        first = _query_begin(n_start, seqlen_q, seqlen_k, causal)
-        for m_start in range((first // BLOCK_M) * BLOCK_M, seqlen_q, BLOCK_M):
+        # Only the query tiles of the window (causal: none above the diagonal).
+        for m_start in _tiles(*_query_range(el.win, n_start, n_end), BLOCK_M):
             m_end = min(m_start + BLOCK_M, seqlen_q)
             q_tile, do_tile = q[m_start:m_end], dout[m_start:m_end]
-            p = probs(q_tile, k_tile, m_start, m_end, n_start)   # (BLOCK_M, BLOCK_N)
+            p, dcap = probs(q_tile, k_tile, m_start, m_end, n_start)   # (BLOCK_M, BLOCK_N)
             acc_dv += p.T @ do_tile                              # dV += P^T dO
             dp = do_tile @ v_tile.T                              # dP = dO V^T
-            ds = p * (dp - delta[m_start:m_end, None])           # dS = P * (dP - delta)
+            ds = p * (dp - delta[m_start:m_end, None]) * dcap    # dS = P (dP - delta) tanh'
             acc_dk += ds.T @ q_tile                              # dK += dS^T Q
-        dk[n_start:n_end] = acc_dk * scale                       # d(scale * QK^T)/dK
+        dk[n_start:n_end] = acc_dk * el.scale                    # d(scale * QK^T)/dK
         dv[n_start:n_end] = acc_dv
 
     # Step 3: dQ.  One CTA per query tile, looping over the key tiles it sees
@@ -313,68 +607,81 @@ def _bwd_one(dout, q, k, v, out, lse, causal, scale, BLOCK_M, BLOCK_N):
         m_end = min(m_start + BLOCK_M, seqlen_q)
         q_tile, do_tile = q[m_start:m_end], dout[m_start:m_end]
         acc_dq = np.zeros_like(q_tile)   # (BLOCK_M, D)
-        for n_start in range(0, _key_end(m_start, m_end, seqlen_q, seqlen_k, causal), BLOCK_N):
+        for n_start in _tiles(*_key_range(el.win, m_start, m_end), BLOCK_N):
             n_end = min(n_start + BLOCK_N, seqlen_k)
             k_tile, v_tile = k[n_start:n_end], v[n_start:n_end]
-            p = probs(q_tile, k_tile, m_start, m_end, n_start)
-            ds = p * (do_tile @ v_tile.T - delta[m_start:m_end, None])
+            p, dcap = probs(q_tile, k_tile, m_start, m_end, n_start)
+            ds = p * (do_tile @ v_tile.T - delta[m_start:m_end, None]) * dcap
             acc_dq += ds @ k_tile                                # dQ += dS K
-        dq[m_start:m_end] = acc_dq * scale
-    return dq, dk, dv
+        dq[m_start:m_end] = acc_dq * el.scale
+    return dq, dk, dv, dsink
 
 
 def attention_tiled(q, k, v, causal: bool = False, scale=None, block_m: int = 64,
-                    block_n: int = 64):
+                    block_n: int = 64, *, window=None, softcap=None, alibi_slopes=None,
+                    sink=None):
     """FlashAttention-2 forward, tile by tile, in float64.
 
     Same arguments and results as :func:`attention_naive`; ``block_m`` and
     ``block_n`` are the query and key tile sizes (BLOCK_M, BLOCK_N).
 
-    Per query tile (Q_i stays resident) and per key tile (K_j, V_j stream)::
+    Per query tile [m0, m1) (Q_i stays resident), over the key tiles that
+    cover [key_begin(m0, m1), key_end(m0, m1)) (floored to a tile start), per
+    key tile (K_j, V_j stream)::
 
-        s2    = Q_i K_j^T * scale * log2(e)          scores in log2 units, -inf if masked
+        s2    = score2(Q_i K_j^T)      scale * log2(e), softcap, ALiBi; -inf if masked
         m_new = max(m_i, rowmax(s2))
-        alpha = exp2(m_i - m_new)                    rescale factor for the old state
+        alpha = exp2(m_i - m_new)      rescale factor for the old state
         P     = exp2(s2 - m_new)
         l_i   = l_i * alpha + rowsum(P)
         O_i   = O_i * alpha + P V_j
         m_i   = m_new
 
-    and at the end ``O_i / l_i`` and ``lse = (m_i + log2 l_i) * ln 2``.
+    The state starts at ``m_i = -inf, l_i = 0``; with a sink at ``m_i =
+    sink * log2(e), l_i = 0``, and ``exp2(sink2 - m_i)`` is added to ``l_i``
+    once after the loop.  At the end ``O_i / l_i`` and ``lse = (m_i + log2
+    l_i) * ln 2``.
     """
-    q, k, v = _f64(q), _f64(k), _f64(v)
-    batch = _check_shapes(q, k, v)
-    scale = _default_scale(scale, q.shape[-1])
-    q = np.broadcast_to(q, batch + q.shape[-2:])
-    k = np.broadcast_to(k, batch + k.shape[-2:])
-    v = np.broadcast_to(v, batch + v.shape[-2:])
+    q, k, v, batch, scale = _operands(q, k, v, scale)
+    var = _variant(batch, causal, window, softcap, alibi_slopes, sink)
     out = np.zeros(batch + (q.shape[-2], v.shape[-1]))
     lse = np.zeros(batch + (q.shape[-2],))
-    for b in np.ndindex(*batch):
-        out[b], lse[b] = _fwd_one(q[b], k[b], v[b], causal, scale, block_m, block_n)
+    for b, el in _elements(batch, q.shape[-2], k.shape[-2], scale, var):
+        out[b], lse[b] = _fwd_one(q[b], k[b], v[b], el, block_m, block_n)
     return out, lse
 
 
 def attention_backward_tiled(dout, q, k, v, out, lse, causal: bool = False, scale=None,
-                             block_m: int = 64, block_n: int = 64):
+                             block_m: int = 64, block_n: int = 64, *, window=None, softcap=None,
+                             alibi_slopes=None, sink=None):
     """FlashAttention-2 backward, tile by tile, in float64.
 
     Same arguments and results as :func:`attention_backward_naive`.  The three
     steps of the kernels:
 
-    1. preprocess ``delta = rowsum(dO * O)`` per query row;
-    2. per key tile j, over the query tiles i that see it, recompute
+    1. preprocess ``delta = rowsum(dO * O)`` per query row; with a sink also
+       ``dsink = -sum_i exp2(sink2 - lse2_i) * delta_i`` (log2 units);
+    2. per key tile [n0, n1), over the query tiles that cover
+       [query_begin(n0, n1), query_end(n0, n1)), recompute
        ``P_ij = exp2(s2_ij - lse2_i)`` from the saved LSE and accumulate
-       ``dV_j += P^T dO_i``, ``dS = P * (dO_i V_j^T - delta_i)``,
-       ``dK_j += dS^T Q_i``;
-    3. per query tile i, over the key tiles it sees, ``dQ_i += dS K_j``.
+       ``dV_j += P^T dO_i``, ``dS = P * (dO_i V_j^T - delta_i) * (1 - tanh^2)``
+       (the last factor with a softcap only), ``dK_j += dS^T Q_i``;
+    3. per query tile i, over the key tiles it sees (the forward's range),
+       ``dQ_i += dS K_j``.
 
     dQ and dK carry the softmax scale.  Nothing of size Sq x Sk is stored.
     """
     (q_shape, k_shape, v_shape), batch, scale, (dout, q, k, v, out, lse) = _backward_operands(
         dout, q, k, v, out, lse, scale)
+    var = _variant(batch, causal, window, softcap, alibi_slopes, sink)
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
-    for b in np.ndindex(*batch):
-        dq[b], dk[b], dv[b] = _bwd_one(dout[b], q[b], k[b], v[b], out[b], lse[b], causal, scale,
-                                       block_m, block_n)
-    return _sum_to_shape(dq, q_shape), _sum_to_shape(dk, k_shape), _sum_to_shape(dv, v_shape)
+    dsink = np.zeros(batch)
+    for b, el in _elements(batch, q.shape[-2], k.shape[-2], scale, var):
+        dq[b], dk[b], dv[b], ds_b = _bwd_one(dout[b], q[b], k[b], v[b], out[b], lse[b], el,
+                                             block_m, block_n)
+        if ds_b is not None:
+            dsink[b] = ds_b
+    grads = (_sum_to_shape(dq, q_shape), _sum_to_shape(dk, k_shape), _sum_to_shape(dv, v_shape))
+    if var.sink is None:
+        return grads
+    return grads + (_sum_to_shape(dsink, var.sink_shape),)
