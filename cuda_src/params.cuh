@@ -1,12 +1,19 @@
 // flashcupy: the kernel argument ABI, shared by every kernel family.
 //
-// Every tensor travels as a pointer plus four element strides: three leading
-// batch axes (b0, b1, b2) and the row axis.  The last axis is contiguous
-// (the Python side copies any array whose last axis is not).  A stride of 0 is
-// a broadcast axis: that is how MQA/GQA and numpy.matmul-style batch
-// broadcasting reach the kernels without materializing anything.
+// Every kernel takes ONE parameter struct: FwdParams for the forward, BwdParams
+// for every kernel of the backward (each reads the fields it needs).  The
+// layout is written once, here, and mirrored field by field on the Python side
+// by flashcupy/_params.py (natural alignment, in order; the kernel check
+// compiles static_asserts of every offset, so the two cannot drift).  A new
+// tensor or scalar is one field in both places, not an edit of every signature.
 //
-// The Python side (flashcupy/_launch.py) coalesces the broadcast batch shape
+// Every tensor travels as a TensorView: a pointer plus four element strides,
+// three leading batch axes (b0, b1, b2) and the row axis.  The last axis is
+// contiguous (the Python side copies any array whose last axis is not).  A
+// stride of 0 is a broadcast axis: that is how MQA/GQA and numpy.matmul-style
+// batch broadcasting reach the kernels without materializing anything.
+//
+// The Python side (flashcupy/_batch.py) coalesces the broadcast batch shape
 // to at most three axes; kernels see a flat batch index in
 // [0, nb0 * nb1 * nb2) spread over gridDim.y * gridDim.z, because gridDim.y
 // alone stops at 65,535.
@@ -16,14 +23,19 @@
 #pragma once
 #include "common.cuh"
 
-#define FC_TENSOR_ARG(TYPE, NAME)                                                   \
-  TYPE *__restrict__ NAME, fc_index_t NAME##_sb0, fc_index_t NAME##_sb1,            \
-      fc_index_t NAME##_sb2, fc_index_t NAME##_sr
+// A kernel parameter read in place from the parameter space: taking the
+// address of a plain by-value parameter (the bodies take `const P &`) would
+// copy the struct to local memory first.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+#define FC_PARAMS(...) const __grid_constant__ __VA_ARGS__
+#else
+#define FC_PARAMS(...) const __VA_ARGS__
+#endif
 
-// A strided tensor view as the kernels use it.
+// A strided tensor view as the kernels use it (40 bytes).
 template <typename T>
 struct TensorView {
-  T *ptr;
+  T *__restrict__ ptr;
   fc_index_t sb0, sb1, sb2;  // batch strides (elements), 0 where broadcast
   fc_index_t sr;             // row stride (elements); the last axis is contiguous
 
@@ -31,9 +43,6 @@ struct TensorView {
     return ptr + b0 * sb0 + b1 * sb1 + b2 * sb2;
   }
 };
-
-#define FC_VIEW(TYPE, NAME) \
-  TensorView<TYPE> NAME##_v{NAME, NAME##_sb0, NAME##_sb1, NAME##_sb2, NAME##_sr}
 
 // Decomposes the flat batch index of this CTA.  Returns false for the padding
 // CTAs of the last grid.z slice (nbatch need not divide by gridDim.y).
@@ -48,4 +57,52 @@ struct BatchIndex {
     b0 = (int)(b / nb1);
     return true;
   }
+};
+
+// The runtime half of an attention variant (variant.cuh holds the logic; its
+// compile-time half is the kernel's VF flags).  Fields of variants a kernel
+// was not compiled for are ignored.
+template <typename Acc>
+struct VariantArgs {
+  // Sliding window, bottom-right aligned: query i sees key j iff
+  // i + (Sk - Sq) - window_left <= j <= i + (Sk - Sq) + window_right.  The host
+  // clamps an unbounded side to Sk (left) or Sq (right), which already admits
+  // every key, so the bounds never overflow an int.  Causal is window_right = 0.
+  int window_left, window_right;
+  Acc softcap_inv2;  // 2 * log2(e) * scale / softcap: tanh(x) from one exp2 (variant.cuh)
+  Acc softcap_log2;  // softcap * log2(e): the capped score in log2 units
+  // float32 per batch element (the row stride is unused); group strides are the
+  // dK/dV kernels' loop over the query heads that share a KV head
+  TensorView<const float> alibi, sink;
+  fc_index_t alibi_sg, sink_sg;
+};
+
+template <typename T, typename Acc>
+struct FwdParams {
+  TensorView<const T> q, k, v;  // (Sq, D), (Sk, D), (Sk, Dv) per batch element
+  TensorView<T> o;              // (Sq, Dv)
+  TensorView<Acc> lse;          // (Sq), natural log (row stride = element stride)
+  int nb0, nb1, nb2;            // batch sizes after coalescing
+  int seqlen_q, seqlen_k, head_dim, head_dim_v;
+  Acc scale;       // softmax scale
+  Acc scale_log2;  // scale * log2(e); <= 0 for a non-positive user scale
+  VariantArgs<Acc> var;
+};
+
+// Every backward kernel: preprocess (o, dout -> delta), dQ, dK/dV (+ atomic dQ
+// into dq_accum), and the dq_accum conversion.  TG: the store type of dq, dk, dv
+// (T, or Acc for the buffers of gradients summed over broadcast axes afterwards).
+template <typename T, typename Acc, typename TG>
+struct BwdParams {
+  TensorView<const T> q, k, v, dout, o;
+  TensorView<const Acc> lse;
+  TensorView<Acc> delta;         // written by the preprocess kernel, read by the others
+  TensorView<TG> dq, dk, dv;
+  TensorView<float> dq_accum;    // atomic-dQ workspace (sm80/bwd.cuh's contract)
+  int nb0, nb1, nb2;
+  int n_group;                   // dK/dV: broadcast group summed in registers
+  fc_index_t q_sg, dout_sg, lse_sg, delta_sg, dq_accum_sg;  // group strides
+  int seqlen_q, seqlen_k, head_dim, head_dim_v;
+  Acc scale, scale_log2;
+  VariantArgs<Acc> var;
 };

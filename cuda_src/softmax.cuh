@@ -14,8 +14,9 @@ struct OnlineSoftmax {
   Acc m_i;  // running row max of the log2-unit scores seen so far; -inf before any key
   Acc l_i;  // running sum of exp2(s2 - m_i) (may be a per-thread partial sum)
 
-  __device__ __forceinline__ void init() {
-    m_i = fc_neg_inf<Acc>::value();
+  // m0: -inf, or the sink logit (variant.cuh), which every row sees first
+  __device__ __forceinline__ void init(Acc m0 = fc_neg_inf<Acc>::value()) {
+    m_i = m0;
     l_i = Acc(0);
   }
 

@@ -75,11 +75,14 @@ def get_kernel(spec, device_id: int, cc: int):
     if kern is None:
         import cupy
 
-        src = module_source(spec.source)
+        from . import _config
+
+        name = _config.name_expression(spec)
+        src = module_source(_config.source(spec))
         mod = cupy.RawModule(code=src, options=COMPILE_OPTIONS + arch_options(cc),
-                             name_expressions=[spec.name_expression])
-        kern = mod.get_function(spec.name_expression)
-        smem = spec.smem_bytes
+                             name_expressions=[name])
+        kern = mod.get_function(name)
+        smem = _config.smem_bytes(spec)
         if smem > 48 * 1024:
             kern.max_dynamic_shared_size_bytes = smem
         _KERNELS[key] = kern

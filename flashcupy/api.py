@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-
 import numpy as np
 
-from . import _batch, _config, _dtypes, _launch
+from . import _batch, _config, _dtypes, _launch, _plan
+from ._problem import Features, Problem
 
 try:
     import cupy
@@ -95,36 +94,6 @@ def _compute_capability(device_id: int) -> int:
     return int(cupy.cuda.Device(device_id).compute_capability)
 
 
-@dataclass(frozen=True)
-class Problem:
-    """A validated attention problem: everything the launchers need."""
-
-    bshape: tuple
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    head_dim_v: int
-    scale: float
-    causal: bool
-    dtype: np.dtype
-    acc_dtype: np.dtype
-    device_id: int
-    cc: int
-    family: str
-
-    @property
-    def dtype_name(self) -> str:
-        return _dtypes.info(self.dtype).name
-
-    @property
-    def nbatch(self) -> int:
-        return math.prod(self.bshape)
-
-    @property
-    def empty(self) -> bool:
-        return self.nbatch == 0 or self.seqlen_q == 0 or self.seqlen_k == 0
-
-
 def _last_axis_contiguous(x):
     """The kernels read rows as contiguous runs: copy only when the last axis is
     strided (any other layout, including broadcast axes, is used in place)."""
@@ -135,7 +104,60 @@ def _last_axis_contiguous(x):
     return x
 
 
-def _prepare(fn, q, k, v, causal, scale):
+def _check_window(fn, window):
+    if window is None:
+        return None, None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"{fn}: window must be None or a pair (left, right) of ints >= 0 or "
+                        f"None, got {window!r}")
+    sides = []
+    for side, w in zip(("left", "right"), window):
+        if w is None:
+            sides.append(None)
+            continue
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, np.integer)):
+            raise TypeError(f"{fn}: window {side} side must be an int >= 0 or None, got {w!r}")
+        if w < 0:
+            raise ValueError(f"{fn}: window {side} side must be >= 0 (or None for unbounded), "
+                             f"got {int(w)}")
+        sides.append(int(w))
+    return tuple(sides)
+
+
+def _check_softcap(fn, softcap):
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(
+            softcap, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{fn}: softcap must be a positive real number or None, got {softcap!r}")
+    c = float(softcap)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"{fn}: softcap must be a finite number > 0 (None turns it off), "
+                         f"got {c}")
+    return c
+
+
+def _check_head_vector(fn, name, x, bshape, dev):
+    """alibi_slopes / sink: float32 cupy arrays broadcastable to the batch dims."""
+    if x is None:
+        return
+    _check_array(fn, name, x)
+    if x.dtype != np.float32:
+        raise TypeError(f"{fn}: {name} has {_fmt(x)}; expected float32 (one value per batch "
+                        f"element, broadcastable to the batch dims {tuple(bshape)})")
+    try:
+        ok = np.broadcast_shapes(x.shape, bshape) == tuple(bshape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{fn}: {name} has {_fmt(x)}, which does not broadcast to the batch "
+                         f"dims {tuple(bshape)} of q, k, v (e.g. shape (H,) or (B, H))")
+    if x.device.id != dev:
+        raise ValueError(f"{fn}: {name} is on device {x.device.id}, the inputs on device {dev}")
+
+
+def _prepare(fn, q, k, v, causal, scale, window=None, softcap=None, alibi_slopes=None,
+             sink=None):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_array(fn, name, x)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -163,17 +185,24 @@ def _prepare(fn, q, k, v, causal, scale):
         scale = float(scale)
         if not math.isfinite(scale):
             raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    left, right = _check_window(fn, window)
+    if causal:
+        right = 0  # causal is the window's right side 0; it composes with any left side
+    softcap = _check_softcap(fn, softcap)
+    bshape = tuple(np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    _check_head_vector(fn, "alibi_slopes", alibi_slopes, bshape, dev)
+    _check_head_vector(fn, "sink", sink, bshape, dev)
     cc = _compute_capability(dev)
     info = _dtypes.info(q.dtype)
     try:
         family = _config.choose_family(info.name, cc)
     except ValueError as e:
         raise ValueError(f"{fn}: {e}") from None
-    bshape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    prob = Problem(bshape=tuple(bshape), seqlen_q=q.shape[-2], seqlen_k=k.shape[-2],
-                   head_dim=d, head_dim_v=v.shape[-1], scale=scale, causal=bool(causal),
-                   dtype=q.dtype, acc_dtype=info.acc_dtype, device_id=dev, cc=cc, family=family)
-    return prob
+    feats = Features(window_left=left, window_right=right, softcap=softcap,
+                     alibi=alibi_slopes is not None, sink=sink is not None)
+    return Problem(bshape=bshape, seqlen_q=q.shape[-2], seqlen_k=k.shape[-2], head_dim=d,
+                   head_dim_v=v.shape[-1], scale=scale, features=feats, dtype=q.dtype,
+                   acc_dtype=info.acc_dtype, device_id=dev, cc=cc, family=family)
 
 
 def _check_given(fn, name, x, shape, dtype, dev):
@@ -195,7 +224,28 @@ def _check_output(fn, name, x, shape, dtype, dev):
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+_VARIANT_DOC = """
+    window : (left, right), optional
+        Sliding-window (local) attention, bottom-right aligned like ``causal``:
+        query i sees key j iff ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``.
+        Each side is an int >= 0 or None (unbounded).  ``causal=True`` sets
+        ``right = 0``; ``window=(None, 0)`` is ``causal=True``.  Work is
+        proportional to the window.
+    softcap : float, optional
+        ``c > 0``: the scaled score s becomes ``c * tanh(s / c)`` before any
+        mask, ALiBi or softmax (Gemma 2, Grok).
+    alibi_slopes : cupy.ndarray, float32, optional
+        Broadcastable to the batch dims (e.g. ``(H,)``, ``(B, H)``, ``(Hkv, G)``
+        for GQA): adds ``-slope * |i + Sk - Sq - j|`` to the scaled score.
+    sink : cupy.ndarray, float32, optional
+        Broadcastable to the batch dims: one logit per (batch,) head that joins
+        the softmax denominator and carries no value (gpt-oss):
+        ``p_ij = exp(s_ij) / (exp(sink) + sum_j exp(s_ij))``; ``lse`` includes it.
+"""
+
+
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False, window=None,
+              softcap=None, alibi_slopes=None, sink=None):
     """Exact attention ``softmax(q @ k^T * scale) @ v``, FlashAttention-style.
 
     Parameters
@@ -215,120 +265,66 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
         Defaults to 1 / sqrt(D).
     return_lse : bool
         Also return the row logsumexp (natural log) of the scaled scores.
-
+    {variants}
     Returns
     -------
     out : cupy.ndarray, shape (..., Sq, Dv), the input dtype
     lse : cupy.ndarray, shape (..., Sq), float32 (float64 for float64 inputs)
-        Only with ``return_lse=True``.
+        Only with ``return_lse=True``.  A row that sees no key has out = 0 and
+        lse = -inf (lse = sink with a sink).
     """
-    out, lse = _forward(q, k, v, causal=causal, scale=scale)
+    out, lse = _forward(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                        alibi_slopes=alibi_slopes, sink=sink)
     return (out, lse) if return_lse else out
 
 
-# ---------------------------------------------------------------------------
-# Plans: everything derived from a call's signature (validation, batch layout,
-# kernel choice, argument packing) is built once and replayed; a repeated call
-# only checks types, looks the plan up, allocates outputs and packs pointers.
-# ---------------------------------------------------------------------------
-class _Plan:
-    """Steps over a {name: array} environment: ("alloc", name, shape, dtype),
-    ("alias", name, other), ("zero", name), ("launch", Launch),
-    ("finish", grad, buffer, axes)."""
+attention.__doc__ = attention.__doc__.replace("    {variants}", _VARIANT_DOC.strip("\n"))
 
-    __slots__ = ("prob", "steps")
-
-    def __init__(self, prob):
-        self.prob, self.steps = prob, []
-
-    def alloc(self, env, name, shape, dtype):
-        self.steps.append(("alloc", name, tuple(shape), dtype))
-        env[name] = cupy.empty(shape, dtype)
-        return env[name]
-
-    def alias(self, env, name, other):
-        self.steps.append(("alias", name, other))
-        env[name] = env[other]
-        return env[name]
-
-    def launches(self, ls):
-        self.steps.extend(("launch", x) for x in ls)
-
-    def finish(self, grad, buf, axes):
-        self.steps.append(("finish", grad, buf, axes))
-
-    def zero(self, name):
-        self.steps.append(("zero", name))
-
-    @property
-    def pointers_only(self) -> bool:
-        """Whether the steps need nothing of the arrays but their pointers (no
-        CuPy reduction): what flashcupy.torch replays without CuPy views."""
-        return all(st[0] != "finish" for st in self.steps)
-
-    def run(self, env, stream_ptr=None, alloc=None):
-        """Replays the steps on CuPy's current stream, or on ``stream_ptr``;
-        ``alloc(shape, dtype)`` replaces ``cupy.empty`` for the workspaces."""
-        if stream_ptr is None:
-            stream_ptr = cupy.cuda.get_current_stream().ptr
-        for st in self.steps:
-            kind = st[0]
-            if kind == "launch":
-                st[1].run(env, stream_ptr)
-            elif kind == "alloc":
-                if st[1] not in env:  # the first run reuses what building allocated
-                    env[st[1]] = cupy.empty(st[2], st[3]) if alloc is None else alloc(*st[2:])
-            elif kind == "alias":
-                env[st[1]] = env[st[2]]
-            elif kind == "zero":
-                x = env[st[1]]  # contiguous (allocated by the plan)
-                cupy.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, stream_ptr)
-            elif cupy.cuda.get_current_stream().ptr == stream_ptr:
-                _finish_grad(env[st[1]], env[st[2]], st[3])
-            else:
-                with cupy.cuda.ExternalStream(stream_ptr):
-                    _finish_grad(env[st[1]], env[st[2]], st[3])
+_PLANS = _plan.CACHE
 
 
-_PLANS: dict = {}
-_MAX_PLANS = 4096  # signatures remembered; a full cache is simply cleared
-
-
-def _signature(kind, arrays, causal, scale):
+def _signature(kind, arrays, causal, scale, window, softcap, extras):
     """The plan key: everything validation and planning depend on; None (no
     plan) for arguments of unusual types, which the full validation then
-    judges (an unhashable ``scale=[0.5]`` must fail with a message naming it)."""
+    judges (an unhashable ``scale=[0.5]`` must fail with a message naming it).
+    ``extras``: the optional arrays (alibi slopes, sink), None where absent."""
     if type(causal) is not bool or not (scale is None or type(scale) in (float, int)):
         return None
-    sig = [kind, causal, scale, _config.current_family()]
+    if not (window is None or (type(window) is tuple and len(window) == 2 and all(
+            w is None or type(w) is int for w in window))):
+        return None
+    if not (softcap is None or type(softcap) in (float, int)):
+        return None
+    sig = [kind, causal, scale, window, softcap, _config.current_family()]
     for x in arrays:
         sig.extend((x.shape, x.strides, x.dtype, x.data.device_id))
+    for x in extras:
+        if x is None:
+            sig.append(None)
+        elif not isinstance(x, cupy.ndarray):
+            return None
+        else:
+            sig.append((x.shape, x.strides, x.dtype, x.data.device_id))
     return tuple(sig)
 
 
-def cached_plan(kind, arrays, causal, scale):
+def cached_plan(kind, arrays, causal, scale, window=None, softcap=None, extras=(None, None)):
     """The plan a call with these arguments replays, or None (for
     flashcupy.torch, which keys plans on tensor metadata)."""
-    key = _signature(kind, arrays, causal, scale)
-    return _PLANS.get(key) if key is not None else None
+    return _PLANS.get(_signature(kind, arrays, causal, scale, window, softcap, extras))
 
 
-def _remember(key, plan):
-    if key is None:
-        return
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = plan
-
-
-def _forward(q, k, v, *, causal, scale, out=None, lse=None):
+def _forward(q, k, v, *, causal, scale, window=None, softcap=None, alibi_slopes=None,
+             sink=None, out=None, lse=None):
     """``attention`` with optional preallocated, C-contiguous ``out``/``lse``."""
     fn = "flashcupy.attention"
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_array(fn, name, x)
-    key = _signature("fwd", (q, k, v), causal, scale)
-    plan = _PLANS.get(key) if key is not None else None
-    prob = plan.prob if plan is not None else _prepare(fn, q, k, v, causal, scale)
+    extras = (alibi_slopes, sink)
+    key = _signature("fwd", (q, k, v), causal, scale, window, softcap, extras)
+    plan = _PLANS.get(key)
+    prob = plan.prob if plan is not None else _prepare(fn, q, k, v, causal, scale, window,
+                                                       softcap, alibi_slopes, sink)
     out_shape = prob.bshape + (prob.seqlen_q, prob.head_dim_v)
     lse_shape = prob.bshape + (prob.seqlen_q,)
     if out is not None:
@@ -341,22 +337,30 @@ def _forward(q, k, v, *, causal, scale, out=None, lse=None):
         if lse is None:
             lse = cupy.empty(lse_shape, prob.acc_dtype)
         env = {"q": q, "k": k, "v": v, "o": out, "lse": lse}
+        if alibi_slopes is not None:
+            env["alibi"] = alibi_slopes
+        if sink is not None:
+            env["sink"] = sink
         if plan is not None:
             plan.run(env)
             return out, lse
         if prob.empty:
-            # Sk = 0: every row sees no key, so out = 0 and lse = -inf.
+            # Sk = 0: every row sees no key, so out = 0 and lse = -inf (or the sink,
+            # the only logit left in the softmax).
             out.fill(0)
-            lse.fill(-np.inf)
+            if sink is not None and lse.size:
+                lse[...] = cupy.broadcast_to(sink[..., None], lse_shape).astype(lse.dtype)
+            else:
+                lse.fill(-np.inf)
             return out, lse
         qc, kc, vc = (_last_axis_contiguous(x) for x in (q, k, v))
         cacheable = qc is q and kc is k and vc is v  # a copy is made per call: no plan
         env.update(q=qc, k=kc, v=vc)
-        plan = _Plan(prob)
+        plan = _plan.Plan(prob)
         _plan_forward(plan, env)
         plan.run(env)
         if cacheable:
-            _remember(key, plan)
+            _PLANS.put(key, plan)
     return out, lse
 
 
@@ -368,28 +372,86 @@ def _vec_strides(x, bshape):
     return _batch.batch_strides(x.shape[:-1], [s // x.itemsize for s in x.strides[:-1]], bshape)
 
 
-def _fwd_spec(prob):
+def _head_strides(x, bshape):
+    """A per-batch-element array (alibi slopes, sink): all its axes are batch axes."""
+    return _batch.batch_strides(x.shape, [s // x.itemsize for s in x.strides], bshape)
+
+
+def _smem_limit(device_id: int) -> int:
+    return _SMEM_OPTIN(device_id)
+
+
+@functools.lru_cache(maxsize=None)
+def _SMEM_OPTIN(device_id: int) -> int:
+    return int(cupy.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"])
+
+
+def _spec(prob, kernel, grad_dtype=""):
+    """The kernel of ``prob``'s family for ``kernel``: the family's table, or a
+    fallback where it has no tile (the sm90 family falls back to sm80's table
+    inside its pick; tensor-core gaps fall back to the generic family)."""
+    fam = _config.module(prob.family)
+    forward = kernel == "fwd"
+    vf = prob.features.flags(forward)
+    generic = _config.module("generic")
     if prob.family == "generic":
-        return _config.generic_spec("fwd", prob.dtype_name, prob.head_dim, prob.head_dim_v)
-    from . import _config_sm80
-    return _config_sm80.fwd_spec(prob)
+        if kernel == "bwd_preprocess":
+            return generic.spec(kernel, prob.dtype_name)
+        return generic.spec(kernel, prob.dtype_name, prob.head_dim, prob.head_dim_v, grad_dtype,
+                            vf)
+    sm80 = _config.module("sm80")
+    if kernel == "bwd_preprocess":
+        return sm80.preprocess_spec(prob.dtype_name, _config.head_dim_bucket(prob.head_dim_v))
+    if kernel == "bwd_dq_convert":
+        return sm80.convert_spec(prob.dtype_name)
+    if kernel == "bwd_dkdvq" and grad_dtype:
+        return None  # the atomic path needs dK, dV in the input dtype: use the pair
+    # The tensor-core kernels store gradients in the input dtype only; a gradient
+    # that needs an accumulator-dtype buffer (an input broadcast over an axis the
+    # kernel does not sum) and the HD = 256 backward run on the generic family.
+    s = None if grad_dtype else fam.pick(kernel, prob.dtype_name, prob.head_dim,
+                                         prob.head_dim_v, vf, _smem_limit(prob.device_id),
+                                         prob.cc)
+    if s is None:
+        if kernel == "bwd_dkdvq":
+            return None  # no atomic tile for this bucket / GPU: the caller runs the pair
+        return generic.spec(kernel, prob.dtype_name, prob.head_dim, prob.head_dim_v, grad_dtype,
+                            vf)
+    return s
+
+
+def _variant_tensors(env, bs, st):
+    """The variant's per-batch-element arrays as launch operands (and their
+    strides into ``st``)."""
+    ops = []
+    for name in ("alibi", "sink"):
+        if name in env:
+            st[name] = _head_strides(env[name], bs)
+            ops.append((f"var.{name}", name, env[name], 0))
+    return ops
 
 
 def _plan_forward(plan, env):
     prob, bs = plan.prob, plan.prob.bshape
     q, k, v, out, lse = (env[n] for n in ("q", "k", "v", "o", "lse"))
-    layout = _batch.Layout.build(bs, range(len(bs)), {
-        "q": _strides(q, bs), "k": _strides(k, bs), "v": _strides(v, bs),
-        "o": _strides(out, bs), "lse": _vec_strides(lse, bs)})
-    plan.launches(_launch.fwd(_fwd_spec(prob), prob.device_id, prob.cc, layout, q, k, v, out,
-                              lse, prob))
+    st = {"q": _strides(q, bs), "k": _strides(k, bs), "v": _strides(v, bs),
+          "o": _strides(out, bs), "lse": _vec_strides(lse, bs)}
+    extra = _variant_tensors(env, bs, st)
+    layout = _batch.Layout.build(bs, range(len(bs)), st)
+    rs = _launch.row_stride
+    plan.launches(_launch.launch(
+        _spec(prob, "fwd"), prob, "fwd", layout,
+        [("q", "q", q, rs(q)), ("k", "k", k, rs(k)), ("v", "v", v, rs(v)), ("o", "o", out, rs(out)),
+         ("lse", "lse", lse, _launch.vec_stride(lse))] + extra,
+        n_rows=prob.seqlen_q))
 
 
 # ---------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, deterministic=False):
-    """Gradients of ``attention`` with respect to q, k and v.
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, deterministic=False,
+                       window=None, softcap=None, alibi_slopes=None, sink=None):
+    """Gradients of ``attention`` with respect to q, k, v (and the sink).
 
     Parameters
     ----------
@@ -399,7 +461,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, det
         The forward inputs.
     out, lse : cupy.ndarray
         The forward outputs (``attention(..., return_lse=True)``).
-    causal, scale : as in the forward call.
+    causal, scale, window, softcap, alibi_slopes, sink : as in the forward call.
     deterministic : bool
         Bit-identical results run to run.  The generic kernels are always
         deterministic; the tensor-core kernels then compute dQ in a separate
@@ -409,13 +471,17 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, det
     -------
     dq, dk, dv : cupy.ndarray with the shapes and dtype of q, k, v.
         Gradients of broadcast inputs are summed over the broadcast axes.
+    dsink : cupy.ndarray, float32, the shape of ``sink`` (only with a sink)
+        ``-sum_i exp(sink - lse_i) * delta_i`` with ``delta_i = dout_i . out_i``,
+        summed over the axes the sink was broadcast along.
     """
     return _backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
-                     deterministic=deterministic)
+                     deterministic=deterministic, window=window, softcap=softcap,
+                     alibi_slopes=alibi_slopes, sink=sink)
 
 
-def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False,
-              dq=None, dk=None, dv=None):
+def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, window=None,
+              softcap=None, alibi_slopes=None, sink=None, dq=None, dk=None, dv=None, dsink=None):
     fn = "flashcupy.attention_backward"
     for name, x in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)):
         _check_array(fn, name, x)
@@ -425,11 +491,12 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False,
     # atomics (run-dependent summation order); every other path has one writer
     # per gradient element and sums in a fixed order.
     # deterministic picks the kernels: it is part of the plan's key
+    extras = (alibi_slopes, sink)
     key = _signature("bwd-det" if deterministic else "bwd", (dout, q, k, v, out, lse), causal,
-                     scale)
-    plan = _PLANS.get(key) if key is not None else None
+                     scale, window, softcap, extras)
+    plan = _PLANS.get(key)
     if plan is None:
-        prob = _prepare(fn, q, k, v, causal, scale)
+        prob = _prepare(fn, q, k, v, causal, scale, window, softcap, alibi_slopes, sink)
         out_shape, lse_shape = broadcast_shapes(q.shape, k.shape, v.shape)
         dev = prob.device_id
         _check_given(fn, "dout", dout, out_shape, prob.dtype, dev)
@@ -440,40 +507,50 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False,
     for name, x, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if x is not None:
             _check_output(fn, name, x, ref.shape, prob.dtype, prob.device_id)
+    if dsink is not None:
+        _check_output(fn, "dsink", dsink, sink.shape, np.float32, prob.device_id)
 
     with cupy.cuda.Device(prob.device_id):
         dq = cupy.empty(q.shape, prob.dtype) if dq is None else dq
         dk = cupy.empty(k.shape, prob.dtype) if dk is None else dk
         dv = cupy.empty(v.shape, prob.dtype) if dv is None else dv
+        if sink is not None and dsink is None:
+            dsink = cupy.empty(sink.shape, np.float32)
         env = {"dout": dout, "q": q, "k": k, "v": v, "o": out, "lse": lse,
                "dq_out": dq, "dk_out": dk, "dv_out": dv}
+        if alibi_slopes is not None:
+            env["alibi"] = alibi_slopes
+        if sink is not None:
+            env.update(sink=sink, dsink_out=dsink)
+        grads = (dq, dk, dv) if sink is None else (dq, dk, dv, dsink)
         if plan is not None:
             plan.run(env)
-            return dq, dk, dv
+            return grads
         if prob.empty:
-            # No (query, key) pair interacts: every gradient is 0.
-            for g in (dq, dk, dv):
+            # No (query, key) pair interacts and out = 0: every gradient is 0.
+            for g in grads:
                 g.fill(0)
-            return dq, dk, dv
+            return grads
         copies = {n: _last_axis_contiguous(env[n]) for n in ("q", "k", "v", "o", "dout")}
         cacheable = all(copies[n] is env[n] for n in copies)
         env.update(copies)
-        plan = _Plan(prob)
+        plan = _plan.Plan(prob)
         _plan_backward(plan, env, deterministic)
         plan.run(env)
         if cacheable:
-            _remember(key, plan)
-    return dq, dk, dv
+            _PLANS.put(key, plan)
+    return grads
 
 
 def _group_axes(bshape, k, v, strides):
     """Chooses the batch axes that k and v both broadcast over and that the
     dK/dV kernel can sum in registers: the largest run of adjacent such axes
-    that merges into one strided axis for q, dout, lse and delta.  Returns
-    (axes, n_group, {name: group stride})."""
+    that merges into one strided axis for q, dout, lse, delta (and the ALiBi
+    slopes, which the kernel reads per group).  Returns (axes, n_group,
+    {name: group stride})."""
     kb = _batch.is_broadcast(k.shape[:-2], bshape)
     vb = _batch.is_broadcast(v.shape[:-2], bshape)
-    names = ("q", "dout", "lse", "delta")
+    names = ("q", "dout", "lse", "delta") + (("alibi",) if "alibi" in strides else ())
     best, run = [], []
     for i in range(len(bshape)):
         if kb[i] and vb[i]:
@@ -490,20 +567,10 @@ def _group_axes(bshape, k, v, strides):
     return best, math.prod(bshape[j] for j in best), {n: strides[n][best[-1]] for n in names}
 
 
-def _bwd_spec(prob, kernel, grad_dtype=""):
-    if prob.family == "generic":
-        if kernel == "bwd_preprocess":
-            return _config.generic_spec(kernel, prob.dtype_name)
-        return _config.generic_spec(kernel, prob.dtype_name, prob.head_dim, prob.head_dim_v,
-                                    grad_dtype)
-    from . import _config_sm80
-    return _config_sm80.bwd_spec(prob, kernel, grad_dtype)
-
-
 def _grad_target(plan, env, x, name, bshape):
     """Makes ``env[name]`` the array the dQ kernel writes: the gradient itself, or,
     when ``x`` broadcasts over batch axes, a buffer of the broadcast shape in the
-    accumulator dtype, to be summed into the gradient by a finish step.
+    accumulator dtype, to be summed into the gradient by a host step.
     Returns (target, axes to sum)."""
     reduce_axes = tuple(i for i, f in enumerate(_batch.is_broadcast(x.shape[:-2], bshape)) if f)
     if not reduce_axes:
@@ -512,59 +579,101 @@ def _grad_target(plan, env, x, name, bshape):
     return buf, reduce_axes
 
 
-def _finish_grad(grad, buf, reduce_axes):
-    s = buf.sum(axis=reduce_axes, keepdims=True) if reduce_axes else buf
-    grad[...] = s.reshape(grad.shape).astype(grad.dtype)
+def _finish(plan, grad, buf, reduce_axes):
+    """A host step: the gradient ``grad`` = ``buf`` summed over ``reduce_axes``
+    (a pairwise CuPy reduction, so accurate), cast."""
+    def step(env):
+        b = env[buf]
+        s = b.sum(axis=reduce_axes, keepdims=True) if reduce_axes else b
+        g = env[grad]
+        g[...] = s.reshape(g.shape).astype(g.dtype)
+    plan.host(step)
+
+
+def _plan_dsink(plan):
+    """dsink = -sum_i exp(sink - lse_i) delta_i, summed onto the sink's shape: a
+    reduction over (batch, Sq) of two vectors the backward has anyway."""
+    def step(env):
+        sink, lse, delta, dsink = env["sink"], env["lse"], env["delta"], env["dsink_out"]
+        acc = delta.dtype
+        p_sink = cupy.exp(sink.astype(acc)[..., None] - lse)  # lse >= sink: no overflow
+        per_elem = -(p_sink * delta).sum(axis=-1)            # (batch...)
+        extra = per_elem.ndim - sink.ndim
+        axes = tuple(range(extra)) + tuple(
+            extra + i for i, n in enumerate(sink.shape) if n == 1 and per_elem.shape[extra + i] != 1)
+        red = per_elem.sum(axis=axes) if axes else per_elem
+        dsink[...] = red.reshape(sink.shape).astype(np.float32)
+    plan.host(step)
 
 
 def _plan_backward(plan, env, deterministic):
     prob = plan.prob
     bs = prob.bshape
-    dev, cc = prob.device_id, prob.cc
     all_axes = range(len(bs))
     acc_name = "fp64" if prob.acc_dtype == np.float64 else "fp32"
     q, k, v, out, dout, lse = (env[n] for n in ("q", "k", "v", "o", "dout", "lse"))
+    rs, vs = _launch.row_stride, _launch.vec_stride
 
     # 1. delta = rowsum(dO * O), in the accumulator dtype
     delta = plan.alloc(env, "delta", bs + (prob.seqlen_q,), prob.acc_dtype)
     layout = _batch.Layout.build(bs, all_axes, {
         "o": _strides(out, bs), "dout": _strides(dout, bs), "delta": _vec_strides(delta, bs)})
-    plan.launches(_launch.bwd_preprocess(_bwd_spec(prob, "bwd_preprocess"), dev, cc, layout,
-                                         out, dout, delta, prob))
+    plan.launches(_launch.launch(
+        _spec(prob, "bwd_preprocess"), prob, "bwd", layout,
+        [("o", "o", out, rs(out)), ("dout", "dout", dout, rs(dout)),
+         ("delta", "delta", delta, vs(delta))], n_rows=prob.seqlen_q))
+    if "sink" in env:
+        _plan_dsink(plan)
 
     st = {"q": _strides(q, bs), "k": _strides(k, bs), "v": _strides(v, bs),
           "dout": _strides(dout, bs), "lse": _vec_strides(lse, bs),
           "delta": _vec_strides(delta, bs)}
+    if "alibi" in env:
+        st["alibi"] = _head_strides(env["alibi"], bs)
 
     dq_buf, dq_red = _grad_target(plan, env, q, "dq", bs)
 
-    # 2. Fast path (tensor-core family, deterministic=False): one dK/dV kernel
+    # 2. Fast path (tensor-core families, deterministic=False): one dK/dV kernel
     #    also adds dS K into a zeroed float32 workspace with atomics (5 products
     #    per step instead of the 4 + 3 of the dK/dV and dQ pair), then a
     #    bandwidth kernel scales and casts it into dQ.  Atomic adds land in run-
     #    dependent order, so dQ's last bits may differ between runs.
     if not deterministic and not dq_red and prob.family != "generic":
-        dq_spec = _bwd_spec(prob, "bwd_dkdvq")
+        dq_spec = _spec(prob, "bwd_dkdvq")
         if dq_spec is not None and _plan_dkdv(plan, env, st, dq_spec):
-            spec = _bwd_spec(prob, "bwd_dq_convert")
+            dqa = env["dq_accum"]
             layout = _batch.Layout.build(bs, all_axes, {
-                "dq_accum": _strides(env["dq_accum"], bs), "dq": _strides(dq_buf, bs)})
-            plan.launches(_launch.bwd_dq_convert(spec, dev, cc, layout, env["dq_accum"],
-                                                 dq_buf, prob))
+                "dq_accum": _strides(dqa, bs), "dq": _strides(dq_buf, bs)})
+            plan.launches(_launch.launch(
+                _spec(prob, "bwd_dq_convert"), prob, "bwd", layout,
+                [("dq_accum", "dq_accum", dqa, rs(dqa)), ("dq", "dq", dq_buf, rs(dq_buf))],
+                n_rows=prob.seqlen_q))
             return
 
     # 2'. dQ: one writer per element; q broadcast over a batch axis needs a sum.
-    layout = _batch.Layout.build(bs, all_axes, dict(st, dq=_strides(dq_buf, bs)))
-    spec = _bwd_spec(prob, "bwd_dq", acc_name if dq_red else "")
-    plan.launches(_launch.bwd_dq(spec, dev, cc, layout, q, k, v, dout, lse, delta, dq_buf, prob))
+    st_dq = dict(st, dq=_strides(dq_buf, bs))
+    ops = _qkv_ops(env) + [("dq", "dq", dq_buf, rs(dq_buf))]
+    if "alibi" in env:
+        ops.append(("var.alibi", "alibi", env["alibi"], 0))
+    layout = _batch.Layout.build(bs, all_axes, st_dq)
+    plan.launches(_launch.launch(_spec(prob, "bwd_dq", acc_name if dq_red else ""), prob, "bwd",
+                                 layout, ops, n_rows=prob.seqlen_q))
     if dq_red:
-        plan.finish("dq_out", "dq", dq_red)
+        _finish(plan, "dq_out", "dq", dq_red)
 
     # 3. dK, dV: the kernel sums up to group_max(family) of the heads that share
     #    a KV head (GQA/MQA) in registers; larger groups are split over CTAs along
     #    an extra "chunk" axis, and every other broadcast of k or v is summed
     #    afterwards by a (pairwise, so accurate) CuPy reduction.
     _plan_dkdv(plan, env, st)
+
+
+def _qkv_ops(env):
+    """The operands every dQ / dK/dV kernel reads."""
+    rs, vs = _launch.row_stride, _launch.vec_stride
+    return [(n, n, env[n], rs(env[n])) for n in ("q", "k", "v", "dout")] + [
+        ("lse", "lse", env["lse"], vs(env["lse"])), ("delta", "delta", env["delta"],
+                                                     vs(env["delta"]))]
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -580,7 +689,7 @@ def _plan_dkdv(plan, env, st, dq_spec=None):
     kernel does not sum), which only the pair of kernels handles."""
     prob = plan.prob
     bs = prob.bshape
-    q, k, v, dout, lse, delta = (env[n] for n in ("q", "k", "v", "dout", "lse", "delta"))
+    k, v = env["k"], env["v"]
     g_axes, n_group, g_strides = _group_axes(bs, k, v, st)
     in_kernel = _largest_divisor_at_most(n_group, _config.group_max(prob.family))
     n_chunks = n_group // in_kernel
@@ -596,19 +705,26 @@ def _plan_dkdv(plan, env, st, dq_spec=None):
     chunk = [True] if n_chunks > 1 else []
     k_red = tuple(a for a, f in enumerate([kb[i] for i in rest] + chunk) if f)
     v_red = tuple(a for a, f in enumerate([vb[i] for i in rest] + chunk) if f)
+    ops = _qkv_ops(env)
+    if "alibi" in env:
+        ops.append(("var.alibi", "alibi", env["alibi"], 0))
+    scalars = {"n_group": in_kernel, "q_sg": g_strides["q"], "dout_sg": g_strides["dout"],
+               "lse_sg": g_strides["lse"], "delta_sg": g_strides["delta"],
+               "var.alibi_sg": g_strides.get("alibi", 0)}
     if dq_spec is not None:
         if k_red or v_red:
             return False
-        # Workspace contract of fc_sm80_bwd_dkdvq (cuda_src/sm80/bwd.cuh): rows of
-        # the head-dim bucket's width, the query axis padded to whole BLOCK_M tiles.
+        # Workspace contract of the atomic-dQ kernels (cuda_src/sm80/bwd.cuh): rows
+        # of the head-dim bucket's width, the query axis padded to whole BLOCK_M tiles.
         sq_pad = -(-prob.seqlen_q // dq_spec.block_m) * dq_spec.block_m
         dqa = plan.alloc(env, "dq_accum", bs + (sq_pad, dq_spec.head_dim), np.float32)
         plan.zero("dq_accum")
         dqa_st = _strides(dqa, bs)
         # contiguous, so the group axes always merge into one strided axis
-        g_strides = dict(g_strides, dq_accum=dqa_st[g_axes[-1]] if g_axes else 0)
+        scalars["dq_accum_sg"] = dqa_st[g_axes[-1]] if g_axes else 0
         vst["dq_accum"] = ([dqa_st[i] for i in rest]
-                           + ([g_strides["dq_accum"] * in_kernel] if n_chunks > 1 else []))
+                           + ([scalars["dq_accum_sg"] * in_kernel] if n_chunks > 1 else []))
+        ops.append(("dq_accum", "dq_accum", dqa, _launch.row_stride(dqa)))
     if k_red or v_red:
         # Both gradients share the kernel's store type: buffers for both.
         dk_buf = plan.alloc(env, "dk", tuple(vshape) + tuple(k.shape[-2:]), prob.acc_dtype)
@@ -622,12 +738,13 @@ def _plan_dkdv(plan, env, st, dq_spec=None):
         vst["dk"] = [_strides(dk_buf, bs)[i] for i in rest]
         vst["dv"] = [_strides(dv_buf, bs)[i] for i in rest]
         acc_name = ""
+    ops += [("dk", "dk", dk_buf, _launch.row_stride(dk_buf)),
+            ("dv", "dv", dv_buf, _launch.row_stride(dv_buf))]
     layout = _batch.Layout.build(vshape, range(len(vshape)), vst)
-    spec = dq_spec if dq_spec is not None else _bwd_spec(prob, "bwd_dkdv", acc_name)
-    plan.launches(_launch.bwd_dkdv(spec, prob.device_id, prob.cc, layout, q, k, v, dout, lse,
-                                   delta, dk_buf, dv_buf, (in_kernel, g_strides), prob,
-                                   dq_accum=env.get("dq_accum") if dq_spec is not None else None))
+    spec = dq_spec if dq_spec is not None else _spec(prob, "bwd_dkdv", acc_name)
+    plan.launches(_launch.launch(spec, prob, "bwd", layout, ops, n_rows=prob.seqlen_k,
+                                 scalars=scalars))
     if k_red or v_red:
-        plan.finish("dk_out", "dk", k_red)
-        plan.finish("dv_out", "dv", v_red)
+        _finish(plan, "dk_out", "dk", k_red)
+        _finish(plan, "dv_out", "dv", v_red)
     return True

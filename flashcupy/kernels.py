@@ -3,8 +3,14 @@
 Compiles every shipped specialization with NVRTC for the named architectures
 (no GPU, no driver) and prints, per kernel: registers, static shared memory,
 the dynamic shared memory the launcher will request, stack frame and spill
-bytes.  Exits non-zero on a compile error, on any spill, or on more than 255
-registers.
+bytes.  Each build also compiles static_asserts that the launcher's
+shared-memory size equals the kernel's own layout struct and that the
+parameter struct has flashcupy/_params.py's layout.  Exits non-zero on a
+compile error, on any spill, or on more than 255 registers.
+
+Shipped variants: dense and window/causal attention in every family, and the
+combination of all four variants (window, softcap, ALiBi, sink) as the
+heaviest case; other combinations compile on first use from the same bodies.
 """
 from __future__ import annotations
 
@@ -13,35 +19,51 @@ import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-from . import _compile, _config, _config_sm80
+from . import _compile, _config, _dtypes, _params
+from ._spec import VF_ALIBI, VF_LOCAL, VF_SINK, VF_SOFTCAP
 
 DTYPES = ("fp16", "bf16", "fp32", "fp64")
+
+
+# dense, window/causal, and every variant at once
+SHIPPED_VARIANTS = (0, VF_LOCAL, VF_LOCAL | VF_SOFTCAP | VF_ALIBI | VF_SINK)
 
 
 def shipped_specs(families=None, kernels=None):
     """Every specialization flashcupy ships: the test grid reaches each one."""
     specs = []
-    for dt in DTYPES:
-        specs.append(_config.generic_spec("bwd_preprocess", dt))
-        for b in _config.HEAD_DIM_BUCKETS:
-            for kern in ("fwd", "bwd_dq", "bwd_dkdv"):
-                specs.append(_config.generic_spec(kern, dt, b, b))
-    if _config_sm80.AVAILABLE:
-        specs.extend(_config_sm80.shipped_specs())
+    for fam in _config.FAMILIES:
+        specs.extend(_config.module(fam).shipped_specs(SHIPPED_VARIANTS))
     if families:
         specs = [s for s in specs if s.family in families]
     if kernels:
         specs = [s for s in specs if s.kernel in kernels]
-    return specs
+    return list(dict.fromkeys(specs))
+
+
+def _asserts(specs) -> str:
+    """static_asserts compiled with each group: smem and parameter layouts."""
+    lines = []
+    for s in specs:
+        expr = _config.smem_expression(s)
+        if expr is not None:
+            lines.append(f"static_assert(({expr}) == {_config.smem_bytes(s)}, "
+                         f"\"{s.key}: the launcher's shared memory differs from the kernel's\");")
+    info = _dtypes.info(_dtypes.BY_NAME[specs[0].dtype])
+    t, acc = info.storage, info.acc
+    lines.append(_params.offset_asserts("fwd", f"FwdParams<{t}, {acc}>", specs[0].acc_bytes))
+    lines.append(_params.offset_asserts("bwd", f"BwdParams<{t}, {acc}, {t}>", specs[0].acc_bytes))
+    return "\n".join(lines)
 
 
 def _check_group(source, arch, specs):
-    names = [s.name_expression for s in specs]
-    ok, log, lowered = _compile.nvrtc_compile(_compile.module_source(source), arch, names)
+    names = [_config.name_expression(s) for s in specs]
+    src = _compile.module_source(source) + "\n" + _asserts(specs) + "\n"
+    ok, log, lowered = _compile.nvrtc_compile(src, arch, names)
     if not ok:
         return [(s, arch, None, log) for s in specs]
     info = _compile.parse_ptxas(log)
-    return [(s, arch, info.get(lowered[s.name_expression]), "") for s in specs]
+    return [(s, arch, info.get(lowered[n]), "") for s, n in zip(specs, names)]
 
 
 def check(archs, families=None, kernels=None, jobs=2, out=sys.stdout) -> int:
@@ -51,9 +73,9 @@ def check(archs, families=None, kernels=None, jobs=2, out=sys.stdout) -> int:
         for a in archs:
             # A tile that needs more shared memory than an arch has is never
             # launched there (the table's next candidate is).
-            if s.family == "sm80" and not _config_sm80.runs_on(s, a):
+            if not _config.runs_on(s, a):
                 continue
-            groups[(s.source, s.dtype, a)].append(s)
+            groups[(_config.source(s), s.dtype, a)].append(s)
     with ThreadPoolExecutor(max_workers=jobs) as ex:
         results = [r for rs in ex.map(lambda kv: _check_group(kv[0][0], kv[0][2], kv[1]),
                                       groups.items()) for r in rs]
@@ -61,13 +83,13 @@ def check(archs, families=None, kernels=None, jobs=2, out=sys.stdout) -> int:
     results.sort(key=lambda r: (order[r[0]], r[1]))
 
     failures = 0
-    hdr = f"{'kernel':<44} {'arch':<7} {'regs':>5} {'smem(static)':>12} {'smem(dyn)':>10} {'stack':>6} {'spill st/ld':>12}  status"
+    hdr = f"{'kernel':<56} {'arch':<7} {'regs':>5} {'smem(static)':>12} {'smem(dyn)':>10} {'stack':>6} {'spill st/ld':>12}  status"
     print(hdr, file=out)
     print("-" * len(hdr), file=out)
     for spec, arch, info, log in results:
         if info is None:
             failures += 1
-            print(f"{spec.key:<44} {arch:<7} {'-':>5} {'-':>12} {'-':>10} {'-':>6} {'-':>12}  COMPILE ERROR", file=out)
+            print(f"{spec.key:<56} {arch:<7} {'-':>5} {'-':>12} {'-':>10} {'-':>6} {'-':>12}  COMPILE ERROR", file=out)
             print(log[-3000:], file=out)
             continue
         spill = info["spill_stores"] + info["spill_loads"]
@@ -77,10 +99,11 @@ def check(archs, families=None, kernels=None, jobs=2, out=sys.stdout) -> int:
         if info["regs"] > 255:
             bad.append("REGS>255")
         limit = _config.SMEM_LIMIT_SM90 if arch.startswith("sm_9") else _config.SMEM_LIMIT_SM80
-        if spec.smem_bytes + info["smem"] > limit:
+        smem = _config.smem_bytes(spec)
+        if smem + info["smem"] > limit:
             bad.append("SMEM>LIMIT")
         failures += bool(bad)
-        print(f"{spec.key:<44} {arch:<7} {info['regs']:>5} {info['smem']:>12} {spec.smem_bytes:>10} "
+        print(f"{spec.key:<56} {arch:<7} {info['regs']:>5} {info['smem']:>12} {smem:>10} "
               f"{info['stack']:>6} {info['spill_stores']:>5}/{info['spill_loads']:<6}  "
               f"{' '.join(bad) or 'ok'}", file=out)
     print(f"\n{len(results)} kernel builds, {failures} failing", file=out)

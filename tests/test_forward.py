@@ -17,7 +17,6 @@ from _grid import (BATCH, DTYPES, FAMILIES, HEAD_DIMS, SEQLENS, check_forward, d
 
 cp = pytest.importorskip("cupy")
 import flashcupy as fc  # noqa: E402
-from flashcupy import _config_sm80  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -67,8 +66,9 @@ def test_families_for():
         assert isinstance(fams, tuple) and "generic" in fams, (dtype_id(dtype), fams)
         if dtype in (nv.F32, nv.F64):
             assert "sm80" not in fams, (dtype_id(dtype), fams)
-        elif cc >= 80 and _config_sm80.AVAILABLE:  # once the tensor-core family ships
+        elif cc >= 80:
             assert "sm80" in fams, (dtype_id(dtype), fams)
+        assert ("sm90" in fams) == (cc == 90 and dtype not in (nv.F32, nv.F64)), fams
 
 
 def test_output_is_deterministic(seed):

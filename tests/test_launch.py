@@ -1,9 +1,11 @@
-"""Kernel launches: the packed argument buffer and the plans it is replayed from.
+"""Kernel launches: the parameter block and the plans it is replayed from.
 
-A repeated call writes tensor pointers into a prepacked argument buffer and
-calls cuLaunchKernel (flashcupy/_launch.py).  The buffer layout must be the one
-the driver reads; on a GPU it is compared with what the driver reports for
-each compiled kernel (cuFuncGetParamInfo).
+Every kernel takes one parameter struct (cuda_src/params.cuh), mirrored by
+flashcupy/_params.py; a repeated call writes tensor pointers into the
+prepacked block and calls cuLaunchKernel (flashcupy/_launch.py).  The layout
+must be the one the compiler gives the struct: GPU-free, NVRTC compiles a
+static_assert of every offset; on a GPU the driver reports each compiled
+kernel's parameter size (cuFuncGetParamInfo).
 """
 from __future__ import annotations
 
@@ -13,23 +15,54 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from flashcupy import _launch
+from flashcupy import _params
 
 
-def test_pack_args_alignment():
-    args = [None, np.int64(-3), np.int32(1), np.int32(2), np.int32(5), np.float32(1.5), None,
-            np.float64(2.0), np.int32(7)]
-    buf, ptrs, layout = _launch.pack_args(args)
-    assert layout == [(0, 8), (8, 8), (16, 4), (20, 4), (24, 4), (28, 4), (32, 8), (40, 8),
-                      (48, 4)]
-    assert ptrs == [0, 32]
-    assert buf.nbytes == 52  # exactly the parameters' extent: the driver checks the size
-    assert buf.base.nbytes == 56  # pointers are written through a uint64 view
-    assert buf[8:16].view(np.int64)[0] == -3
-    assert buf[28:32].view(np.float32)[0] == 1.5
-    assert buf[40:48].view(np.float64)[0] == 2.0
-    assert buf[48:52].view(np.int32)[0] == 7
-    assert not buf[0:8].any() and not buf[32:40].any()  # pointers: written at launch
+def test_layout_natural_alignment():
+    offs, size = _params.layout("fwd", 4)
+    assert offs["q.ptr"] == (0, None) and offs["q.sr"][0] == 32 and offs["k.ptr"][0] == 40
+    # five tensors of 40 bytes, then seven int32, two float32, then the variant struct
+    # starting on its 8-byte alignment
+    assert offs["nb0"][0] == 200 and offs["scale"][0] == 228 and offs["scale_log2"][0] == 232
+    assert offs["var.window_left"][0] == 240
+    assert size % 8 == 0 and size == offs["var.sink_sg"][0] + 8
+    offs64, size64 = _params.layout("fwd", 8)
+    assert offs64["scale"][0] == 232 and offs64["var.softcap_inv2"][0] == 256
+
+
+def test_pack_writes_fields():
+    buf, ptrs = _params.pack("bwd", 4, {"nb0": 3, "scale": 0.5, "var.window_right": 7,
+                                        "q_sg": -5})
+    offs, size = _params.layout("bwd", 4)
+    assert buf.nbytes == size
+    assert buf[offs["nb0"][0]:][:4].view(np.int32)[0] == 3
+    assert buf[offs["scale"][0]:][:4].view(np.float32)[0] == 0.5
+    assert buf[offs["var.window_right"][0]:][:4].view(np.int32)[0] == 7
+    assert buf[offs["q_sg"][0]:][:8].view(np.int64)[0] == -5
+    assert set(ptrs) >= {"q", "dq_accum", "var.alibi", "var.sink"}
+    with pytest.raises(KeyError, match="not fields"):
+        _params.pack("fwd", 4, {"n_group": 1})  # a backward-only field
+
+
+@pytest.mark.parametrize("acc", [4, 8])
+def test_layout_matches_the_compiler(acc):
+    """NVRTC (no GPU) compiles static_asserts of every offset and the size: a
+    field added on one side only fails here."""
+    pytest.importorskip("cupy")
+    from flashcupy import _compile
+    try:
+        from cupy.cuda import nvrtc  # noqa: F401
+    except Exception:  # pragma: no cover
+        pytest.skip("no NVRTC")
+    t, a = ("fc_bf16", "float") if acc == 4 else ("double", "double")
+    src = "\n".join([_compile.module_source("params.cuh"),
+                     _params.offset_asserts("fwd", f"FwdParams<{t}, {a}>", acc),
+                     _params.offset_asserts("bwd", f"BwdParams<{t}, {a}, {t}>", acc)])
+    ok, log, _ = _compile.nvrtc_compile(src, "sm_80", [])
+    assert ok, log
+    bad = src.replace("static_assert(sizeof(FwdParams", "static_assert(1 + sizeof(FwdParams", 1)
+    ok, _, _ = _compile.nvrtc_compile(bad, "sm_80", [])
+    assert not ok  # the check can fail
 
 
 # ---------------------------------------------------------------------------
@@ -84,7 +117,8 @@ def test_packed_layout_matches_driver(dtype_name):
                 if st[0] != "launch":
                     continue
                 lau = st[1]
-                assert lau.param_layout == _driver_param_layout(lau.fptr), lau.name
+                # one parameter: the struct, of exactly the packed size
+                assert _driver_param_layout(lau.fptr) == [(0, lau.buf.nbytes)], lau.name
                 checked += 1
     assert checked >= 4
 
@@ -98,9 +132,10 @@ def test_deterministic_is_part_of_the_plan():
     from flashcupy import api
 
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    if "sm80" not in fc.families_for(bf16):
+    fams = [f for f in fc.families_for(bf16) if f != "generic"]
+    if not fams:
         pytest.skip("no tensor-core family on this GPU")
-    plans = _plans_of_calls(fc, api, cp, bf16, "sm80")
+    plans = _plans_of_calls(fc, api, cp, bf16, fams[-1])
     names = {k: [st[1].name for st in p.steps if st[0] == "launch"] for k, p in plans.items()}
     assert any("dkdvq" in n for n in names["bwd"]), names["bwd"]
     assert not any("dkdvq" in n for n in names["bwd-det"]), names["bwd-det"]

@@ -1,45 +1,50 @@
-"""The sm80 selection table picks the Hopper (wgmma) tiles exactly where they can run.
+"""The selection tables pick the Hopper (wgmma, sm90 family) tiles exactly where they run.
 
-GPU-free: ``_pick`` is the table lookup behind every dispatch, given a compute
-capability and a shared-memory limit.  A wgmma kernel compiled for any other
-target traps, and its tiles need head-dim buckets of whole 64-column panels, so
-a wrong pick is a crash (or, on a fallback, a silent slowdown), never a wrong
-number: these tests are the guard.
+GPU-free: ``pick`` is the table lookup behind every dispatch, given a compute
+capability and a shared-memory limit.  A wgmma kernel does not compile for any
+other target, and its tiles need head-dim buckets of whole 64-column panels,
+so a wrong pick is a crash (or, on a fallback, a silent slowdown), never a
+wrong number: these tests are the guard.
 """
 from __future__ import annotations
 
 import pytest
 
-from flashcupy import _config_sm80 as cfg
+from flashcupy import _config
+from flashcupy._families import sm80, sm90
+from flashcupy._spec import VF_LOCAL, VF_SINK
 
 H100_SMEM = 227 * 1024
 A100_SMEM = 163 * 1024
 
 
-@pytest.mark.parametrize("kernel", ["fwd", "bwd_dkdvq"])
+@pytest.mark.parametrize("kernel", ["fwd", "bwd_dkdvq", "bwd_dkdv"])
 @pytest.mark.parametrize("d", [40, 64, 72, 128])
-@pytest.mark.parametrize("causal", [False, True])
-def test_h100_takes_wgmma_tiles(kernel, d, causal):
-    spec = cfg._pick(kernel, "bf16", d, d, causal, H100_SMEM, cc=90)
-    assert spec is not None and "wg" in spec.extra, spec
-    assert cfg.smem_bytes(spec) <= H100_SMEM
-    assert cfg.runs_on(spec, "sm_90a") and not cfg.runs_on(spec, "sm_80")
-    name = cfg.name_expression(spec)
-    if kernel == "fwd":
-        assert name.startswith("fc_sm80_fwd_wg<") and cfg.source(spec) == "sm80/fwd_wg.cuh"
-    else:  # ..., CAUSAL, SPLIT2D, BULK_DQ, WG_SDP[, WG_ALL]
-        assert name.startswith("fc_sm80_bwd_dkdvq<") and name.endswith(", true>")
-        flags = name.count("true") + name.count("false")
-        assert flags == (5 if "wga" in spec.extra else 4), name
-        assert cfg.source(spec) == "sm80/bwd.cuh"
+@pytest.mark.parametrize("vf", [0, VF_LOCAL])
+def test_h100_takes_wgmma_tiles(kernel, d, vf):
+    spec = sm90.pick(kernel, "bf16", d, d, vf, H100_SMEM, cc=90)
+    assert spec is not None and spec.family == "sm90", spec
+    assert _config.smem_bytes(spec) <= H100_SMEM
+    assert _config.runs_on(spec, "sm_90a") and not _config.runs_on(spec, "sm_80")
+    name = _config.name_expression(spec)
+    assert name.startswith(f"fc_sm90_{kernel}<") and name.endswith(f", {vf}>"), name
+    assert _config.source(spec) == ("sm90/fwd.cuh" if kernel == "fwd" else "sm90/bwd.cuh")
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_h100_deterministic_takes_wgmma(d):
-    spec = cfg._pick("bwd_dkdv", "fp16", d, d, False, H100_SMEM, cc=90)
-    assert "wga" in spec.extra
-    # fc_sm80_bwd_dkdv<..., CAUSAL, SPLIT2D, WG_SDP, WG_ALL>: no BULK_DQ flag
-    assert cfg.name_expression(spec).endswith("false, true, true, true>")
+def test_backward_drops_the_sink_flag():
+    """The sink reaches the backward through the LSE: one backward kernel serves
+    calls with and without a sink."""
+    fwd = sm90.pick("fwd", "bf16", 64, 64, VF_LOCAL | VF_SINK, H100_SMEM, cc=90)
+    bwd = sm90.pick("bwd_dkdvq", "bf16", 64, 64, VF_LOCAL | VF_SINK, H100_SMEM, cc=90)
+    assert fwd.variant == VF_LOCAL | VF_SINK and bwd.variant == VF_LOCAL
+
+
+def test_sm90_falls_back_to_sm80_tables():
+    """Buckets without a wgmma tile (32, 256) and kernels the family has none of
+    (the deterministic dQ) come from the sm80 table."""
+    for kernel, d in (("fwd", 32), ("fwd", 256), ("bwd_dq", 128), ("bwd_dkdvq", 32)):
+        spec = sm90.pick(kernel, "bf16", d, d, 0, H100_SMEM, cc=90)
+        assert spec is not None and spec.family == "sm80", (kernel, d, spec)
 
 
 @pytest.mark.parametrize("cc", [80, 86, 89, 100])
@@ -47,13 +52,30 @@ def test_h100_deterministic_takes_wgmma(d):
 def test_no_wgmma_off_sm90(cc, kernel):
     smem = H100_SMEM if cc in (90, 100) else A100_SMEM
     for d in (32, 64, 128):
-        spec = cfg._pick(kernel, "bf16", d, d, True, smem, cc=cc)
-        assert spec is None or "wg" not in spec.extra, (cc, d, spec)
+        spec = sm90.pick(kernel, "bf16", d, d, VF_LOCAL, smem, cc=cc)
+        assert spec is None or spec.family == "sm80", (cc, d, spec)
+    assert _config.families_for("bf16", cc) == ("generic", "sm80")
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "bwd_dkdvq"])
 def test_no_wgmma_for_partial_panels(kernel):
     """D = 32 with Dv = 48: the bucket of the pair is 64, but the q/k head dim's
-    bucket (32) is no whole 64-column panel (run 3 of session 4 crashed here)."""
-    spec = cfg._pick(kernel, "bf16", 32, 48, False, H100_SMEM, cc=90)
-    assert spec is None or "wg" not in spec.extra, spec
+    bucket (32) is no whole 64-column panel (a crash once, on an H100)."""
+    spec = sm90.pick(kernel, "bf16", 32, 48, 0, H100_SMEM, cc=90)
+    assert spec is None or spec.family == "sm80", spec
+
+
+def test_auto_family_order():
+    assert _config.choose_family("bf16", 90) == "sm90"
+    assert _config.choose_family("fp16", 80) == "sm80"
+    assert _config.choose_family("fp32", 90) == "generic"
+    assert _config.families_for("fp16", 90) == ("generic", "sm80", "sm90")
+    with _config.kernel_family("sm90"):
+        with pytest.raises(ValueError, match="cannot run"):
+            _config.choose_family("bf16", 80)
+
+
+def test_every_table_row_has_a_kernel_and_smem():
+    for mod in (sm80, sm90):
+        for s in mod.shipped_specs((0, VF_LOCAL)):
+            assert _config.name_expression(s) and _config.smem_bytes(s) >= 0

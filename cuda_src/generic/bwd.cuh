@@ -11,7 +11,7 @@
 // With dP = dO V^T and dS = P o (dP - delta):
 //   dV = P^T dO,  dK = scale * dS^T Q,  dQ = scale * dS K.
 #pragma once
-#include "../mask.cuh"
+#include "../variant.cuh"
 #include "../softmax.cuh"
 #include "tile.cuh"
 
@@ -20,22 +20,17 @@
 // ---------------------------------------------------------------------------
 template <typename T, typename Acc, int NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
-fc_generic_bwd_preprocess(FC_TENSOR_ARG(const T, o), FC_TENSOR_ARG(const T, dout),
-                          FC_TENSOR_ARG(Acc, delta), int nb0, int nb1, int nb2, int seqlen_q,
-                          int head_dim_v) {
+fc_generic_bwd_preprocess(FC_PARAMS(BwdParams<T, Acc, T>) p) {
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, o);
-  FC_VIEW(const T, dout);
-  FC_VIEW(Acc, delta);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
   const int row = blockIdx.x * NWARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= seqlen_q) return;
-  const T *o_r = o_v.batch(bi.b0, bi.b1, bi.b2) + row * o_sr;
-  const T *do_r = dout_v.batch(bi.b0, bi.b1, bi.b2) + row * dout_sr;
+  if (row >= p.seqlen_q) return;
+  const T *o_r = p.o.batch(bi.b0, bi.b1, bi.b2) + row * p.o.sr;
+  const T *do_r = p.dout.batch(bi.b0, bi.b1, bi.b2) + row * p.dout.sr;
   Acc s = Acc(0);
-  for (int c = lane; c < head_dim_v; c += 32) s = fma(to_acc<Acc>(o_r[c]), to_acc<Acc>(do_r[c]), s);
+  for (int c = lane; c < p.head_dim_v; c += 32) s = fma(to_acc<Acc>(o_r[c]), to_acc<Acc>(do_r[c]), s);
   s = warp_sum(s);
-  if (lane == 0) delta_v.batch(bi.b0, bi.b1, bi.b2)[row * delta_sr] = s;
+  if (lane == 0) p.delta.batch(bi.b0, bi.b1, bi.b2)[row * p.delta.sr] = s;
 }
 
 namespace generic {
@@ -78,13 +73,9 @@ struct DkdvSmem {
 // dQ: the mirror of the forward kernel.  Warp w owns ROWS query rows, lane j
 // key j of each 32-key tile; lane owns dQ columns lane, lane+32, ...
 // ---------------------------------------------------------------------------
-template <typename T, typename Acc, typename TG, int HD, int HDV, int NWARPS, int ROWS>
+template <typename T, typename Acc, typename TG, int HD, int HDV, int NWARPS, int ROWS, int VF>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
-fc_generic_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
-                  FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const Acc, lse),
-                  FC_TENSOR_ARG(const Acc, delta), FC_TENSOR_ARG(TG, dq), int nb0, int nb1,
-                  int nb2, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
-                  Acc softmax_scale, Acc scale_log2, int causal) {
+fc_generic_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   using namespace generic;
   using L = DqSmem<Acc, HD, HDV, NWARPS, ROWS>;
   constexpr int NTHREADS = NWARPS * 32;
@@ -98,50 +89,45 @@ fc_generic_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSO
   Acc *sV = reinterpret_cast<Acc *>(fc_smem_raw) + L::V_OFF;
 
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, q);
-  FC_VIEW(const T, k);
-  FC_VIEW(const T, v);
-  FC_VIEW(const T, dout);
-  FC_VIEW(const Acc, lse);
-  FC_VIEW(const Acc, delta);
-  FC_VIEW(TG, dq);
-  const T *k_b = k_v.batch(bi.b0, bi.b1, bi.b2);
-  const T *v_b = v_v.batch(bi.b0, bi.b1, bi.b2);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
+  const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
 
-  const Mask mask{seqlen_q, seqlen_k, causal != 0};
+  Variant<Acc, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  var.bind(p.var, bi);
   const int m_start = blockIdx.x * BLOCK_M;
-  const int m_end = fc_min(m_start + BLOCK_M, seqlen_q);
+  const int m_end = fc_min(m_start + BLOCK_M, p.seqlen_q);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = m_start + warp * ROWS;
 
   load_tile<T, Acc, BLOCK_M, HD, HD, NTHREADS>(
-      sQ, q_v.batch(bi.b0, bi.b1, bi.b2) + m_start * q_sr, q_sr, m_end - m_start, head_dim);
+      sQ, p.q.batch(bi.b0, bi.b1, bi.b2) + m_start * p.q.sr, p.q.sr, m_end - m_start, p.head_dim);
   load_tile<T, Acc, BLOCK_M, HDV, HDV, NTHREADS>(
-      sdO, dout_v.batch(bi.b0, bi.b1, bi.b2) + m_start * dout_sr, dout_sr, m_end - m_start,
-      head_dim_v);
+      sdO, p.dout.batch(bi.b0, bi.b1, bi.b2) + m_start * p.dout.sr, p.dout.sr, m_end - m_start,
+      p.head_dim_v);
 
   Acc lse_i[ROWS], dlt[ROWS], acc_dq[ROWS][CPL];
-  const Acc *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
-  const Acc *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
+  const Acc *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
+  const Acc *delta_b = p.delta.batch(bi.b0, bi.b1, bi.b2);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = row0 + r;
     // Rows past Sq: LSE -inf makes their P exactly 0.
-    lse_i[r] = row < seqlen_q ? lse_b[row * lse_sr] : fc_neg_inf<Acc>::value();
-    dlt[r] = row < seqlen_q ? delta_b[row * delta_sr] : Acc(0);
+    lse_i[r] = row < p.seqlen_q ? lse_b[row * p.lse.sr] : fc_neg_inf<Acc>::value();
+    dlt[r] = row < p.seqlen_q ? delta_b[row * p.delta.sr] : Acc(0);
 #pragma unroll
     for (int c = 0; c < CPL; ++c) acc_dq[r][c] = Acc(0);
   }
 
-  const int n_end = mask.key_end(m_start, m_end);
-  for (int n_start = 0; n_start < n_end; n_start += BLOCK_N) {
+  const int n_end = var.key_end(m_end);
+  for (int n_start = var.key_begin(m_start) / BLOCK_N * BLOCK_N; n_start < n_end;
+       n_start += BLOCK_N) {
     __syncthreads();
-    const int n_valid = fc_min(BLOCK_N, seqlen_k - n_start);
-    load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * k_sr, k_sr, n_valid,
-                                                     head_dim);
-    load_tile<T, Acc, BLOCK_N, HDV, L::LDV, NTHREADS>(sV, v_b + n_start * v_sr, v_sr, n_valid,
-                                                      head_dim_v);
+    const int n_valid = fc_min(BLOCK_N, p.seqlen_k - n_start);
+    load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * p.k.sr, p.k.sr, n_valid,
+                                                     p.head_dim);
+    load_tile<T, Acc, BLOCK_N, HDV, L::LDV, NTHREADS>(sV, v_b + n_start * p.v.sr, p.v.sr, n_valid,
+                                                      p.head_dim_v);
     __syncthreads();
 
     Acc s[ROWS], dp[ROWS], ds[ROWS];
@@ -150,10 +136,9 @@ fc_generic_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSO
     const int j = n_start + lane;
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      const Acc p = mask.allowed(row0 + r, j)
-                        ? OnlineSoftmax<Acc>::prob_from_lse(s[r], softmax_scale, lse_i[r])
-                        : Acc(0);
-      ds[r] = p * (dp[r] - dlt[r]);
+      const int i = row0 + r;
+      const Acc pr = var.visible(i, j) ? var.prob_from_lse(s[r], p.scale, lse_i[r], i, j) : Acc(0);
+      ds[r] = pr * (dp[r] - dlt[r]) * var.dcap_from_raw(s[r]);  // softcap: times 1 - tanh^2
     }
     // dQ += dS K.  The tile's 32 terms are summed into a partial first and the
     // partial is added to the running sum: two-level summation, so the rounding
@@ -182,15 +167,15 @@ fc_generic_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSO
       for (int c = 0; c < CPL; ++c) acc_dq[r][c] += part[r][c];
   }
 
-  TG *dq_b = dq_v.batch(bi.b0, bi.b1, bi.b2);
+  TG *dq_b = p.dq.batch(bi.b0, bi.b1, bi.b2);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = row0 + r;
-    if (row >= seqlen_q) continue;
+    if (row >= p.seqlen_q) continue;
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
       const int col = lane + 32 * c;
-      if (col < head_dim) dq_b[row * dq_sr + col] = from_acc<TG>(acc_dq[r][c] * softmax_scale);
+      if (col < p.head_dim) dq_b[row * p.dq.sr + col] = from_acc<TG>(acc_dq[r][c] * p.scale);
     }
   }
 }
@@ -198,19 +183,13 @@ fc_generic_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSO
 // ---------------------------------------------------------------------------
 // dK, dV.  Warp w owns ROWS keys of the CTA's key tile; lane i is query i of
 // each 32-query step; lane owns dK/dV columns lane, lane+32, ...
-// The loop runs over n_group broadcast "groups" (e.g. the query heads that share
+// The loop runs over p.n_group broadcast "groups" (e.g. the query heads that share
 // one KV head in GQA) and, inside each, over the query tiles that can see the
 // key tile, so dK and dV are complete sums when they are written.
 // ---------------------------------------------------------------------------
-template <typename T, typename Acc, typename TG, int HD, int HDV, int NWARPS, int ROWS>
+template <typename T, typename Acc, typename TG, int HD, int HDV, int NWARPS, int ROWS, int VF>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
-fc_generic_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
-                    FC_TENSOR_ARG(const T, v), FC_TENSOR_ARG(const T, dout),
-                    FC_TENSOR_ARG(const Acc, lse), FC_TENSOR_ARG(const Acc, delta),
-                    FC_TENSOR_ARG(TG, dk), FC_TENSOR_ARG(TG, dv), int nb0, int nb1, int nb2,
-                    int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
-                    fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim,
-                    int head_dim_v, Acc softmax_scale, Acc scale_log2, int causal) {
+fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   using namespace generic;
   using L = DkdvSmem<Acc, HD, HDV, NWARPS, ROWS>;
   constexpr int NTHREADS = NWARPS * 32;
@@ -227,27 +206,19 @@ fc_generic_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
   Acc *sDelta = reinterpret_cast<Acc *>(fc_smem_raw) + L::DELTA_OFF;
 
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, q);
-  FC_VIEW(const T, k);
-  FC_VIEW(const T, v);
-  FC_VIEW(const T, dout);
-  FC_VIEW(const Acc, lse);
-  FC_VIEW(const Acc, delta);
-  FC_VIEW(TG, dk);
-  FC_VIEW(TG, dv);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
 
-  const Mask mask{seqlen_q, seqlen_k, causal != 0};
+  Variant<Acc, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_KEYS;
-  const int n_valid = fc_min(BLOCK_KEYS, seqlen_k - n_start);
+  const int n_valid = fc_min(BLOCK_KEYS, p.seqlen_k - n_start);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int key0 = n_start + warp * ROWS;  // first key of this warp
 
   // K and V rows stay in shared memory for the whole loop.
   load_tile<T, Acc, BLOCK_KEYS, HD, HD, NTHREADS>(
-      sK, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr, n_valid, head_dim);
+      sK, p.k.batch(bi.b0, bi.b1, bi.b2) + n_start * p.k.sr, p.k.sr, n_valid, p.head_dim);
   load_tile<T, Acc, BLOCK_KEYS, HDV, HDV, NTHREADS>(
-      sV, v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr, n_valid, head_dim_v);
+      sV, p.v.batch(bi.b0, bi.b1, bi.b2) + n_start * p.v.sr, p.v.sr, n_valid, p.head_dim_v);
 
   Acc acc_dk[ROWS][CPLK], acc_dv[ROWS][CPLV];
 #pragma unroll
@@ -258,37 +229,39 @@ fc_generic_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
     for (int c = 0; c < CPLV; ++c) acc_dv[r][c] = Acc(0);
   }
 
-  // Causal: query rows above query_begin cannot see any key of this tile.
-  const int m_begin = (mask.query_begin(n_start) / TILE_Q) * TILE_Q;
-  for (int g = 0; g < n_group; ++g) {
-    const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2) + g * q_sg;
-    const T *do_b = dout_v.batch(bi.b0, bi.b1, bi.b2) + g * dout_sg;
-    const Acc *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2) + g * lse_sg;
-    const Acc *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2) + g * delta_sg;
-    for (int m_start = m_begin; m_start < seqlen_q; m_start += TILE_Q) {
+  // window / causal: only the query tiles that see a key of this tile
+  const int m_begin = (var.query_begin(n_start) / TILE_Q) * TILE_Q;
+  const int m_stop = var.query_end(n_start + BLOCK_KEYS);
+  for (int g = 0; g < p.n_group; ++g) {
+    var.bind(p.var, bi, g);  // ALiBi: the group's query head has its own slope
+    const T *q_b = p.q.batch(bi.b0, bi.b1, bi.b2) + g * p.q_sg;
+    const T *do_b = p.dout.batch(bi.b0, bi.b1, bi.b2) + g * p.dout_sg;
+    const Acc *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2) + g * p.lse_sg;
+    const Acc *delta_b = p.delta.batch(bi.b0, bi.b1, bi.b2) + g * p.delta_sg;
+    for (int m_start = m_begin; m_start < m_stop; m_start += TILE_Q) {
       __syncthreads();
-      const int m_valid = fc_min(TILE_Q, seqlen_q - m_start);
-      load_tile<T, Acc, TILE_Q, HD, L::LDQ, NTHREADS>(sQ, q_b + m_start * q_sr, q_sr, m_valid,
-                                                      head_dim);
-      load_tile<T, Acc, TILE_Q, HDV, L::LDO, NTHREADS>(sdO, do_b + m_start * dout_sr, dout_sr,
-                                                       m_valid, head_dim_v);
-      load_rowvec<Acc, TILE_Q, NTHREADS>(sLse, lse_b + m_start * lse_sr, lse_sr, m_valid,
+      const int m_valid = fc_min(TILE_Q, p.seqlen_q - m_start);
+      load_tile<T, Acc, TILE_Q, HD, L::LDQ, NTHREADS>(sQ, q_b + m_start * p.q.sr, p.q.sr, m_valid,
+                                                      p.head_dim);
+      load_tile<T, Acc, TILE_Q, HDV, L::LDO, NTHREADS>(sdO, do_b + m_start * p.dout.sr, p.dout.sr,
+                                                       m_valid, p.head_dim_v);
+      load_rowvec<Acc, TILE_Q, NTHREADS>(sLse, lse_b + m_start * p.lse.sr, p.lse.sr, m_valid,
                                          Acc(1), fc_neg_inf<Acc>::value());
-      load_rowvec<Acc, TILE_Q, NTHREADS>(sDelta, delta_b + m_start * delta_sr, delta_sr, m_valid,
+      load_rowvec<Acc, TILE_Q, NTHREADS>(sDelta, delta_b + m_start * p.delta.sr, p.delta.sr, m_valid,
                                          Acc(1), Acc(0));
       __syncthreads();
 
       const int i = m_start + lane;  // this lane's query
-      Acc s[ROWS], dp[ROWS], p[ROWS], ds[ROWS];
+      Acc s[ROWS], dp[ROWS], pr[ROWS], ds[ROWS];
       dot_rows<Acc, HD, ROWS>(s, sK + warp * ROWS * HD, HD, sQ + lane * L::LDQ);
       dot_rows<Acc, HDV, ROWS>(dp, sV + warp * ROWS * HDV, HDV, sdO + lane * L::LDO);
       const Acc lse_i = sLse[lane], delta_i = sDelta[lane];
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
-        p[r] = (i < seqlen_q && mask.allowed(i, key0 + r))
-                   ? OnlineSoftmax<Acc>::prob_from_lse(s[r], softmax_scale, lse_i)
-                   : Acc(0);
-        ds[r] = p[r] * (dp[r] - delta_i);
+        const int j = key0 + r;
+        pr[r] = (i < p.seqlen_q && var.visible(i, j)) ? var.prob_from_lse(s[r], p.scale, lse_i, i, j)
+                                                     : Acc(0);
+        ds[r] = pr[r] * (dp[r] - delta_i) * var.dcap_from_raw(s[r]);
       }
       // dV += P^T dO, dK += dS^T Q (scale applied once at the end), summed in
       // two levels like dQ: per 32-query step, then into the running sums.
@@ -305,7 +278,7 @@ fc_generic_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
         Acc pi[ROWS], dsi[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-          pi[r] = __shfl_sync(0xffffffffu, p[r], ii);
+          pi[r] = __shfl_sync(0xffffffffu, pr[r], ii);
           dsi[r] = __shfl_sync(0xffffffffu, ds[r], ii);
         }
 #pragma unroll
@@ -331,21 +304,21 @@ fc_generic_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
     }
   }
 
-  TG *dk_b = dk_v.batch(bi.b0, bi.b1, bi.b2);
-  TG *dv_b = dv_v.batch(bi.b0, bi.b1, bi.b2);
+  TG *dk_b = p.dk.batch(bi.b0, bi.b1, bi.b2);
+  TG *dv_b = p.dv.batch(bi.b0, bi.b1, bi.b2);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int key = key0 + r;
-    if (key >= seqlen_k) continue;
+    if (key >= p.seqlen_k) continue;
 #pragma unroll
     for (int c = 0; c < CPLK; ++c) {
       const int col = lane + 32 * c;
-      if (col < head_dim) dk_b[key * dk_sr + col] = from_acc<TG>(acc_dk[r][c] * softmax_scale);
+      if (col < p.head_dim) dk_b[key * p.dk.sr + col] = from_acc<TG>(acc_dk[r][c] * p.scale);
     }
 #pragma unroll
     for (int c = 0; c < CPLV; ++c) {
       const int col = lane + 32 * c;
-      if (col < head_dim_v) dv_b[key * dv_sr + col] = from_acc<TG>(acc_dv[r][c]);
+      if (col < p.head_dim_v) dv_b[key * p.dv.sr + col] = from_acc<TG>(acc_dv[r][c]);
     }
   }
 }

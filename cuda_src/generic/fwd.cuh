@@ -10,7 +10,7 @@
 //                       reaches every lane by shuffle
 // Only O and the row LSE are written; nothing of size Sq x Sk is stored.
 #pragma once
-#include "../mask.cuh"
+#include "../variant.cuh"
 #include "../softmax.cuh"
 #include "tile.cuh"
 
@@ -30,12 +30,9 @@ struct FwdSmem {
 
 }  // namespace generic
 
-template <typename T, typename Acc, int HD, int HDV, int NWARPS, int ROWS>
+template <typename T, typename Acc, int HD, int HDV, int NWARPS, int ROWS, int VF>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
-fc_generic_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
-               FC_TENSOR_ARG(T, o), FC_TENSOR_ARG(Acc, lse), int nb0, int nb1, int nb2,
-               int seqlen_q, int seqlen_k, int head_dim, int head_dim_v, Acc softmax_scale,
-               Acc scale_log2, int causal) {
+fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
   using namespace generic;
   using L = FwdSmem<Acc, HD, HDV, NWARPS, ROWS>;
   constexpr int NTHREADS = NWARPS * 32;
@@ -49,54 +46,54 @@ fc_generic_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
   Acc *sV = reinterpret_cast<Acc *>(fc_smem_raw) + L::V_OFF;
 
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, q);
-  FC_VIEW(const T, k);
-  FC_VIEW(const T, v);
-  FC_VIEW(T, o);
-  FC_VIEW(Acc, lse);
-  const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
-  const T *k_b = k_v.batch(bi.b0, bi.b1, bi.b2);
-  const T *v_b = v_v.batch(bi.b0, bi.b1, bi.b2);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  const T *q_b = p.q.batch(bi.b0, bi.b1, bi.b2);
+  const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
+  const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
 
-  const Mask mask{seqlen_q, seqlen_k, causal != 0};
+  Variant<Acc, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  var.bind(p.var, bi);
   const int m_start = blockIdx.x * BLOCK_M;
-  const int m_end = fc_min(m_start + BLOCK_M, seqlen_q);
+  const int m_end = fc_min(m_start + BLOCK_M, p.seqlen_q);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = m_start + warp * ROWS;  // first query row of this warp
 
   // load q: it stays in shared memory for the whole key loop
-  load_tile<T, Acc, BLOCK_M, HD, HD, NTHREADS>(sQ, q_b + m_start * q_sr, q_sr, m_end - m_start,
-                                               head_dim);
+  load_tile<T, Acc, BLOCK_M, HD, HD, NTHREADS>(sQ, q_b + m_start * p.q.sr, p.q.sr, m_end - m_start,
+                                               p.head_dim);
 
   OnlineSoftmax<Acc> sm[ROWS];  // m_i warp-uniform; l_i a per-lane partial sum
   Acc acc_o[ROWS][CPL];         // (ROWS, HDV) output rows, this lane's columns
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    sm[r].init();
+    sm[r].init(var.init_max());
 #pragma unroll
     for (int c = 0; c < CPL; ++c) acc_o[r][c] = Acc(0);
   }
 
-  const int n_end = mask.key_end(m_start, m_end);  // causal: skip fully masked tiles
-  for (int n_start = 0; n_start < n_end; n_start += BLOCK_N) {
+  // window / causal: only the key tiles some row of the tile sees
+  const int n_end = var.key_end(m_end);
+  for (int n_start = var.key_begin(m_start) / BLOCK_N * BLOCK_N; n_start < n_end;
+       n_start += BLOCK_N) {
     __syncthreads();  // the previous tile is no longer read
-    const int n_valid = fc_min(BLOCK_N, seqlen_k - n_start);
-    load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * k_sr, k_sr, n_valid,
-                                                     head_dim);
-    load_tile<T, Acc, BLOCK_N, HDV, HDV, NTHREADS>(sV, v_b + n_start * v_sr, v_sr, n_valid,
-                                                   head_dim_v);
+    const int n_valid = fc_min(BLOCK_N, p.seqlen_k - n_start);
+    load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * p.k.sr, p.k.sr, n_valid,
+                                                     p.head_dim);
+    load_tile<T, Acc, BLOCK_N, HDV, HDV, NTHREADS>(sV, v_b + n_start * p.v.sr, p.v.sr, n_valid,
+                                                   p.head_dim_v);
     __syncthreads();
 
     // S = Q K^T for this lane's key, in log2 units
     Acc s[ROWS];
     dot_rows<Acc, HD, ROWS>(s, sQ + warp * ROWS * HD, HD, sK + lane * L::LDK);
     const int j = n_start + lane;
-    Acc p[ROWS], alpha_r[ROWS];
+    Acc pr[ROWS], alpha_r[ROWS];  // P of this lane's key; O's rescale
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      const bool ok = mask.allowed(row0 + r, j);
-      const Acc s2 = ok ? s[r] * scale_log2 : fc_neg_inf<Acc>::value();
+      const bool ok = var.visible(row0 + r, j);
+      const Acc s2 = !ok ? fc_neg_inf<Acc>::value()
+                         : Variant<Acc, VF>::TRANSFORM ? var.score2(s[r], row0 + r, j)
+                                                       : s[r] * p.scale_log2;
       const Acc m_new = fmax(sm[r].m_i, warp_max(s2));
       const Acc alpha = sm[r].rescale(m_new);
       // One FMA forms s * scale * log2(e) - m, rounded once at the size of the
@@ -104,8 +101,12 @@ fc_generic_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
       // for large scores the rounding of s2 itself would give every P a
       // different relative error, and O carries it (the backward's delta = dO . O
       // then amplifies it).  m only stabilizes, so any rounding of it is fine.
-      p[r] = ok ? fc_exp2(fma(s[r], scale_log2, -OnlineSoftmax<Acc>::safe_max(m_new))) : Acc(0);
-      sm[r].l_i += p[r];
+      // (a transformed score is already in log2 units: one subtraction)
+      const Acc sub = OnlineSoftmax<Acc>::safe_max(m_new);
+      pr[r] = !ok ? Acc(0)
+                  : Variant<Acc, VF>::TRANSFORM ? fc_exp2(s2 - sub)
+                                                : fc_exp2(fma(s[r], p.scale_log2, -sub));
+      sm[r].l_i += pr[r];
       alpha_r[r] = alpha;
     }
 
@@ -123,7 +124,7 @@ fc_generic_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
     for (int jj = 0; jj < BLOCK_N; ++jj) {
       Acc pj[ROWS];
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) pj[r] = __shfl_sync(0xffffffffu, p[r], jj);
+      for (int r = 0; r < ROWS; ++r) pj[r] = __shfl_sync(0xffffffffu, pr[r], jj);
 #pragma unroll
       for (int c = 0; c < CPL; ++c) {
         const Acc vv = sV[jj * HDV + lane + 32 * c];
@@ -138,19 +139,19 @@ fc_generic_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
   }
 
   // Epilogue: normalize by l, write O and the natural-log LSE.
-  T *o_b = o_v.batch(bi.b0, bi.b1, bi.b2);
-  Acc *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
+  T *o_b = p.o.batch(bi.b0, bi.b1, bi.b2);
+  Acc *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = row0 + r;
-    const Acc l = warp_sum(sm[r].l_i);
-    if (row >= seqlen_q) continue;
+    const Acc l = warp_sum(sm[r].l_i) + var.sink_term(sm[r].m_i);
+    if (row >= p.seqlen_q) continue;
     const Acc inv_l = OnlineSoftmax<Acc>::inv_sum(l);
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
       const int col = lane + 32 * c;
-      if (col < head_dim_v) o_b[row * o_sr + col] = from_acc<T>(acc_o[r][c] * inv_l);
+      if (col < p.head_dim_v) o_b[row * p.o.sr + col] = from_acc<T>(acc_o[r][c] * inv_l);
     }
-    if (lane == 0) lse_b[row * lse_sr] = OnlineSoftmax<Acc>::lse_natural(sm[r].m_i, l);
+    if (lane == 0) lse_b[row * p.lse.sr] = OnlineSoftmax<Acc>::lse_natural(sm[r].m_i, l);
   }
 }

@@ -2,23 +2,22 @@
 //
 //   0. fc_sm80_bwd_preprocess<T, HDV, NWARPS>   delta = rowsum(dO o O), vector loads
 //   1. fc_sm80_bwd_dkdv    one CTA per key tile: dK, dV in registers over every query
-//                          tile and broadcast group; signature of fc_generic_bwd_dkdv
+//                          tile and broadcast group
 //      fc_sm80_bwd_dkdvq   the same, and dQ accumulated with fp32 red.global.add into
 //                          the workspace dq_accum ("fast" mode, non-deterministic)
 //   2. fc_sm80_bwd_dq      one CTA per query tile: dQ over every key tile
-//                          (deterministic mode); signature of fc_generic_bwd_dq
+//                          (deterministic mode)
 //      fc_sm80_bwd_dq_convert   dq = dq_accum * softmax_scale, cast to T (fast mode)
 // P is recomputed as exp2(S * scale_log2 - LSE * log2(e)); with dP = dO V^T and
 // dS = P o (dP - delta):  dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K.
 //
 // Template parameters of 1 and 2:
-//   <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool CAUSAL>
-//   (the runtime `causal` argument is ignored; the launcher picks the specialization)
+//   <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, int VF>
+//   VF: the variant flags (variant.cuh); every kernel takes BwdParams<T, float, T> (params.cuh)
 //
-// fc_sm80_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv tensors, nb0, nb1, nb2, n_group,
-//                  q_sg, dout_sg, lse_sg, delta_sg, seqlen_q, seqlen_k, head_dim,
-//                  head_dim_v, float softmax_scale, float scale_log2, int causal)
-// fc_sm80_bwd_dkdvq(... the same ..., int causal, dq_accum tensor (float), fc_index_t dq_accum_sg)
+// fc_sm80_bwd_dkdv    reads q, k, v, dout, lse, delta, n_group and the group strides;
+//                     writes dk, dv
+// fc_sm80_bwd_dkdvq   the same, and adds into dq_accum (group stride dq_accum_sg)
 //   grid  = (ceil(Sk / BLOCK_N), batch of k/v over y*z);  block = NWARPS * 32
 //   smem  = DkdvCfg::SMEM_BYTES
 //         = 2 * BLOCK_N * (HD + HDV + 16)                                 K, V
@@ -30,9 +29,8 @@
 //         + 4 * BLOCK_M * (BLOCK_N + 8)                                    P, dS
 //   (the streamed Q and dO tiles are swizzled, swz_off in mma.cuh: no pad)
 //         + (BULK_DQ, appended after SPLIT2D) 4 * BLOCK_M * HD          dQ staging
-//   WG_SDP, WG_ALL (appended after SPLIT2D in fc_sm80_bwd_dkdv, after BULK_DQ in
-//   fc_sm80_bwd_dkdvq; sm_90a, both true or both false): every product by wgmma,
-//   the body and shared memory of bwd_wg.cuh.
+//   (The sm90 family's dK/dV kernels, cuda_src/sm90/bwd.cuh, reuse DkdvRing, add_dq
+//   and stage_dq below with every product on wgmma.)
 //   dq_accum: float32 workspace, zero-initialized by the host; holds dS K without
 //   the softmax scale.  Layout contract: its rows have pitch HD (the bucket, not
 //   head_dim; dq_accum_sr is ignored) and the query axis holds Sq rounded up to a
@@ -43,13 +41,11 @@
 //   strides (multiples of 4 floats) and the group stride dq_accum_sg are free.
 //   Then fc_sm80_bwd_dq_convert writes dq.
 //
-// fc_sm80_bwd_dq(q, k, v, dout, lse, delta, dq tensors, nb0, nb1, nb2, seqlen_q, seqlen_k,
-//                head_dim, head_dim_v, float softmax_scale, float scale_log2, int causal)
+// fc_sm80_bwd_dq      reads q, k, v, dout, lse, delta; writes dq
 //   grid  = (ceil(Sq / BLOCK_M), batch over y*z), reversed like the forward;  block = NWARPS*32
 //   smem  = DqCfg::SMEM_BYTES = 2 * (BLOCK_M * (HD + HDV + 16) + STAGES * BLOCK_N * (HD + HDV + 16))
 //
-// fc_sm80_bwd_dq_convert<T, NWARPS>(dq_accum (const float), dq (T) tensors, nb0, nb1, nb2,
-//                                   seqlen_q, head_dim, float softmax_scale)
+// fc_sm80_bwd_dq_convert<T, NWARPS>   reads dq_accum, writes dq (= dq_accum * scale)
 //   grid = (ceil(Sq / (4 * NWARPS)), batch over y*z); block = NWARPS * 32; no smem.
 //   One thread per 16-byte quad of the workspace (columns in add_dq's quad order).
 //
@@ -59,10 +55,8 @@
 // dV += P^T dO and dK += dS^T Q: no shared-memory round trip and no reduction
 // across warps.  Q, dO (and LSE, delta) stream through a cp.async ring.
 #pragma once
-#include "../mask.cuh"
 #include "../softmax.cuh"
-#include "mma.cuh"
-#include "wgmma.cuh"
+#include "scores.cuh"
 
 
 namespace sm80 {
@@ -129,14 +123,6 @@ struct StepIter {
   }
 };
 
-// LSE (natural log) -> log2 units for exp2(s2 - lse2).  A row that saw no key
-// (lse = -inf) gets +inf, so exp2(s2 - lse2) = 0 without a test per element
-// (and never exp2(-inf + inf) = NaN).
-__device__ __forceinline__ float lse_to_log2(float lse) {
-  return lse == fc_neg_inf<float>::value() ? -fc_neg_inf<float>::value()
-                                           : lse * float(FC_LOG2E);
-}
-
 // What the two dK/dV bodies share, independent of their warp split (C is
 // DkdvCfg or Dkdv2dCfg: the same shared-memory fields): the order of the steps
 // (broadcast group g, query tile), the Q / dO / LSE / delta cp.async ring, and
@@ -151,10 +137,11 @@ struct DkdvRing {
   int seqlen_q, head_dim, head_dim_v, m_first, n_mt, n_steps, rot;
   StepIter pf, cur;  // the step being prefetched / computed
 
-  // m_first: the first query tile that sees a key of this CTA (causal).
-  __device__ __forceinline__ void init(int m_first_, int n_group) {
+  // Query tiles [m_first, m_last) see a key of this CTA (variant.cuh's
+  // query_begin / query_end: a window or causal mask skips the others).
+  __device__ __forceinline__ void init(int m_first_, int m_last, int n_group) {
     m_first = m_first_;
-    n_mt = fc_max(0, fc_ceil_div(seqlen_q, BLOCK_M) - m_first);  // query tiles per group
+    n_mt = fc_max(0, m_last - m_first);  // query tiles per group
     n_steps = n_group * n_mt;
     // Atomic dQ: CTA x visits its query tiles starting at tile x mod n_mt (then
     // wraps), so the CTAs in flight add into different dQ rows instead of all
@@ -246,58 +233,6 @@ __device__ __forceinline__ void add_dq(float *dst, const float (&acc)[MT][COLS /
                  acc[mt][2 * j + 1][2 * h + 1]);
 }
 
-// The steps of the row-major S / dP blocks (query rows x keys) that the 2-D
-// body and the wgmma body (bwd_wg.cuh) share.  A warp holds MT m16 tiles x NT n8
-// tiles in C fragments, its first row at tile row row0, its first key at
-// sequence position key0.
-//
-// P = exp2(S * scale_log2 - lse2) in place (one FMA), 0 where `need_mask` and
-// the key is past the end or the causal diagonal.  Query rows past Sq are
-// zero-filled (Q = dO = 0, lse = delta = 0): P = 1 there but dO = 0 and dS = 0,
-// so they add nothing.
-template <bool CAUSAL, int MT, int NT>
-__device__ __forceinline__ void probs_from_scores(float (&s)[MT][NT][4], const float *sLse,
-                                                  int row0, int m0, int key0, bool need_mask,
-                                                  float scale_log2, int seqlen_k, int diag,
-                                                  int lane) {
-  const int g = lane >> 2, c4 = lane & 3;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = row0 + mt * 16 + g + 8 * h;
-      const float lse2 = lse_to_log2(sLse[r]);
-      const int i = m0 + r;
-      const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float p = ex2(fmaf(s[mt][nt][2 * h + e], scale_log2, -lse2));
-          if (need_mask && key0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
-          s[mt][nt][2 * h + e] = p;
-        }
-    }
-}
-
-// dS = P o (dP - delta) in place in dp.
-template <int MT, int NT>
-__device__ __forceinline__ void ds_from_dp(float (&dp)[MT][NT][4], const float (&p)[MT][NT][4],
-                                           const float *sDelta, int row0, int lane) {
-  const int g = lane >> 2;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float dl = sDelta[row0 + mt * 16 + g + 8 * h];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          dp[mt][nt][2 * h + e] = p[mt][nt][2 * h + e] * (dp[mt][nt][2 * h + e] - dl);
-    }
-}
-
 // A warp's dQ tile (MT m16 tiles x COLS columns at tile row row0, column col0) into
 // the float32 staging tile at shared address sdq, in the workspace's own layout
 // (quad order, pitch HD), for one bulk reduction of the whole tile.
@@ -320,14 +255,8 @@ __device__ __forceinline__ void stage_dq(u32 sdq, int row0, int col0,
 }
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool ATOMIC_DQ>
-__device__ __forceinline__ void bwd_dkdv_body(
-    FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
-    FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
-    FC_TENSOR_ARG(const float, delta), FC_TENSOR_ARG(T, dk), FC_TENSOR_ARG(T, dv), int nb0,
-    int nb1, int nb2, int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
-    fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
-    float softmax_scale, float scale_log2, FC_TENSOR_ARG(float, dqa), fc_index_t dqa_sg) {
+          int VF, bool ATOMIC_DQ>
+__device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
   using C = DkdvCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ>;
   constexpr int NTHREADS = C::NTHREADS, NT = C::NT, WN = C::WN;
   constexpr int LDK = C::LDK, LDV = C::LDV, LDQ = C::LDQ, LDO = C::LDO, LDS = C::LDS;
@@ -339,33 +268,26 @@ __device__ __forceinline__ void bwd_dkdv_body(
   const u32 smem0 = smem_u32(fc_sm80_smem);
 
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, q);
-  FC_VIEW(const T, k);
-  FC_VIEW(const T, v);
-  FC_VIEW(const T, dout);
-  FC_VIEW(const float, lse);
-  FC_VIEW(const float, delta);
-  FC_VIEW(T, dk);
-  FC_VIEW(T, dv);
-  FC_VIEW(float, dqa);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
 
-  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
-  const int diag = mask.diag();
+  using V = Variant<float, VF>;
+  V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
-  const int n_rows = fc_min(BLOCK_N, seqlen_k - n_start);
+  const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   const int wkey = warp * WN;  // first tile key of this warp
 
   DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
-      q_v.batch(bi.b0, bi.b1, bi.b2), dout_v.batch(bi.b0, bi.b1, bi.b2),
-      lse_v.batch(bi.b0, bi.b1, bi.b2), delta_v.batch(bi.b0, bi.b1, bi.b2), q_sr, dout_sr,
-      lse_sr, delta_sr, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q, head_dim, head_dim_v};
+      p.q.batch(bi.b0, bi.b1, bi.b2), p.dout.batch(bi.b0, bi.b1, bi.b2),
+      p.lse.batch(bi.b0, bi.b1, bi.b2), p.delta.batch(bi.b0, bi.b1, bi.b2), p.q.sr, p.dout.sr,
+      p.lse.sr, p.delta.sr, p.q_sg, p.dout_sg, p.lse_sg, p.delta_sg, p.seqlen_q, p.head_dim, p.head_dim_v};
   // Causal: query rows above query_begin see no key of this tile.
-  ring.init(mask.query_begin(n_start) / BLOCK_M, n_group);
-  ring.prologue(fc_sm80_smem, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr,
-                v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr, n_rows);
+  // Window / causal: only the query tiles that see a key of this tile.
+  ring.init(var.query_begin(n_start) / BLOCK_M,
+            fc_ceil_div(var.query_end(n_start + BLOCK_N), BLOCK_M), p.n_group);
+  ring.prologue(fc_sm80_smem, p.k.batch(bi.b0, bi.b1, bi.b2) + n_start * p.k.sr, p.k.sr,
+                p.v.batch(bi.b0, bi.b1, bi.b2) + n_start * p.v.sr, p.v.sr, n_rows);
 
   const u32 sK_a = smem_u32(sK) + 2 * (wkey * LDK + lane_a<LDK>(lane));
   const u32 sV_a = smem_u32(sV) + 2 * (wkey * LDV + lane_a<LDV>(lane));
@@ -385,6 +307,7 @@ __device__ __forceinline__ void bwd_dkdv_body(
   for (int t = 0; t < ring.n_steps; ++t) {
     const auto step = ring.begin(t, fc_sm80_smem);
     const int stage = step.stage, grp = step.grp, m0 = step.m0;
+    var.bind(p.var, bi, grp);  // ALiBi: the step's query head has its own slope
     const u32 sQ_u = smem0 + C::QDO_OFF + stage * C::QDO_STAGE;
     const u32 sdO_u = sQ_u + 2 * BLOCK_M * LDQ;
     const float *sLse =
@@ -399,44 +322,31 @@ __device__ __forceinline__ void bwd_dkdv_body(
     zero(dpt);
     gemm_nt<T, NT, BLOCK_M, HDV, LDO>(dpt, v_frag, sdO_u, lane);
 
-    // P^T = exp2(S^T * scale_log2 - lse2[query]); dS^T = P^T o (dP^T - delta[query]).
-    // Masked only where the tile crosses the key end or the causal diagonal.
-    // Query rows past Sq are zero-filled (Q = dO = 0, lse = delta = 0): they add 0.
-    const bool need_mask =
-        n_start + BLOCK_N > seqlen_k || (CAUSAL && n_start + BLOCK_N - 1 > m0 + diag);
+    // P^T = exp2(score2 - lse2[query]); dS^T = P^T o (dP^T - delta[query]) (times
+    // softcap's 1 - tanh^2).  Transposed fragments: element (nt, mq, r) is key
+    // n_start + wkey + 16 nt + g + 8 (r >> 1) and query m0 + 8 mq + 2 c4 + (r & 1).
+    // Masked only where the tile crosses the key end or a window edge.  Query rows
+    // past Sq are zero-filled (Q = dO = 0, lse = delta = 0): they add 0.
+    const bool need_mask = var.needs_mask(m0, m0 + BLOCK_M, n_start, n_start + BLOCK_N);
+    const int key0 = n_start + wkey + g;
 #pragma unroll
     for (int mq = 0; mq < NQ; ++mq) {
       const float2 l2 = *reinterpret_cast<const float2 *>(sLse + mq * 8 + 2 * c4);
+      const float2 d2 = *reinterpret_cast<const float2 *>(sDelta + mq * 8 + 2 * c4);
       const float lse2[2] = {lse_to_log2(l2.x), lse_to_log2(l2.y)};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int r = 0; r < 4; ++r)
-          st[nt][mq][r] = ex2(st[nt][mq][r] * scale_log2 - lse2[r & 1]);
-    }
-    if (need_mask) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int j = n_start + wkey + nt * 16 + g + 8 * h;  // key
-          // key j is seen by queries i >= j - diag, and only if j < Sk
-          const int i_min = j < seqlen_k ? (CAUSAL ? j - diag : -0x7fffffff) : 0x7fffffff;
-#pragma unroll
-          for (int mq = 0; mq < NQ; ++mq)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-              if (m0 + mq * 8 + 2 * c4 + e < i_min) st[nt][mq][2 * h + e] = 0.f;
+        for (int r = 0; r < 4; ++r) {
+          const int j = key0 + nt * 16 + 8 * (r >> 1), i = m0 + mq * 8 + 2 * c4 + (r & 1);
+          float pe = V::TRANSFORM ? ex2(var.score2(st[nt][mq][r], i, j) - lse2[r & 1])
+                                  : ex2(st[nt][mq][r] * p.scale_log2 - lse2[r & 1]);
+          if (need_mask && (i < var.col_lo(j) || i > var.col_hi(j))) pe = 0.f;
+          st[nt][mq][r] = pe;
+          float ds = pe * (dpt[nt][mq][r] - ((r & 1) ? d2.y : d2.x));
+          if constexpr (V::SOFTCAP) ds *= var.dcap_from_prob(pe, lse2[r & 1], i, j);
+          dpt[nt][mq][r] = ds;
         }
-    }
-#pragma unroll
-    for (int mq = 0; mq < NQ; ++mq) {
-      const float2 d2 = *reinterpret_cast<const float2 *>(sDelta + mq * 8 + 2 * c4);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-          dpt[nt][mq][r] = st[nt][mq][r] * (dpt[nt][mq][r] - ((r & 1) ? d2.y : d2.x));
     }
 
     // dV += P^T dO,  dK += dS^T Q   (k = queries)
@@ -459,7 +369,7 @@ __device__ __forceinline__ void bwd_dkdv_body(
       gemm_ab<T, DQ_MT, DQ_COLS, BLOCK_N, 2>(
           acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, a_lane + 2 * (kk * 16 * LDS + mt * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDK + n2 * 16)); });
-      add_dq<DQ_MT, DQ_COLS, HD>(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
+      add_dq<DQ_MT, DQ_COLS, HD>(p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + grp * p.dq_accum_sg +
                                      (fc_index_t)(m0 + qrow0 + g) * HD + col0 + 4 * c4,
                                  acc_dq);
     }
@@ -468,13 +378,13 @@ __device__ __forceinline__ void bwd_dkdv_body(
 
   // Epilogue: stage dK (scaled) and dV through the K / V tiles, then store.
   __syncthreads();
-  frag_to_smem<T, NT, HD / 8, LDK>(sK, wkey, acc_dk, softmax_scale, lane);
+  frag_to_smem<T, NT, HD / 8, LDK>(sK, wkey, acc_dk, p.scale, lane);
   frag_to_smem<T, NT, HDV / 8, LDV>(sV, wkey, acc_dv, 1.f, lane);
   __syncthreads();
-  store_tile<T, BLOCK_N, HD, NTHREADS>(dk_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dk_sr, dk_sr,
-                                       sK, n_rows, head_dim);
-  store_tile<T, BLOCK_N, HDV, NTHREADS>(dv_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dv_sr, dv_sr,
-                                        sV, n_rows, head_dim_v);
+  store_tile<T, BLOCK_N, HD, NTHREADS>(p.dk.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dk.sr, p.dk.sr,
+                                       sK, n_rows, p.head_dim);
+  store_tile<T, BLOCK_N, HDV, NTHREADS>(p.dv.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dv.sr, p.dv.sr,
+                                        sV, n_rows, p.head_dim_v);
 }
 
 
@@ -540,14 +450,8 @@ struct Dkdv2dCfg {
 };
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool ATOMIC_DQ, bool BULK>
-__device__ __forceinline__ void bwd_dkdv_body_2d(
-    FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
-    FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
-    FC_TENSOR_ARG(const float, delta), FC_TENSOR_ARG(T, dk), FC_TENSOR_ARG(T, dv), int nb0,
-    int nb1, int nb2, int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
-    fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
-    float softmax_scale, float scale_log2, FC_TENSOR_ARG(float, dqa), fc_index_t dqa_sg) {
+          int VF, bool ATOMIC_DQ, bool BULK>
+__device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p) {
   using C = Dkdv2dCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ, BULK>;
 #if __CUDA_ARCH__ < 900
   if constexpr (C::BULK_DQ) __trap();  // bulk reductions need sm_90 (the host never asks)
@@ -564,21 +468,12 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   const u32 smem0 = smem_u32(fc_sm80_smem);
 
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, q);
-  FC_VIEW(const T, k);
-  FC_VIEW(const T, v);
-  FC_VIEW(const T, dout);
-  FC_VIEW(const float, lse);
-  FC_VIEW(const float, delta);
-  FC_VIEW(T, dk);
-  FC_VIEW(T, dv);
-  FC_VIEW(float, dqa);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
 
-  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
-  const int diag = mask.diag();
+  using V = Variant<float, VF>;
+  V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
-  const int n_rows = fc_min(BLOCK_N, seqlen_k - n_start);
+  const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   // this warp's tiles
@@ -592,13 +487,15 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
   const int y_a = (lane >> 4) ^ (lane & 7);
 
   DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
-      q_v.batch(bi.b0, bi.b1, bi.b2), dout_v.batch(bi.b0, bi.b1, bi.b2),
-      lse_v.batch(bi.b0, bi.b1, bi.b2), delta_v.batch(bi.b0, bi.b1, bi.b2), q_sr, dout_sr,
-      lse_sr, delta_sr, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q, head_dim, head_dim_v};
+      p.q.batch(bi.b0, bi.b1, bi.b2), p.dout.batch(bi.b0, bi.b1, bi.b2),
+      p.lse.batch(bi.b0, bi.b1, bi.b2), p.delta.batch(bi.b0, bi.b1, bi.b2), p.q.sr, p.dout.sr,
+      p.lse.sr, p.delta.sr, p.q_sg, p.dout_sg, p.lse_sg, p.delta_sg, p.seqlen_q, p.head_dim, p.head_dim_v};
   // Causal: query rows above query_begin see no key of this tile.
-  ring.init(mask.query_begin(n_start) / BLOCK_M, n_group);
-  ring.prologue(fc_sm80_smem, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr,
-                v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr, n_rows);
+  // Window / causal: only the query tiles that see a key of this tile.
+  ring.init(var.query_begin(n_start) / BLOCK_M,
+            fc_ceil_div(var.query_end(n_start + BLOCK_N), BLOCK_M), p.n_group);
+  ring.prologue(fc_sm80_smem, p.k.batch(bi.b0, bi.b1, bi.b2) + n_start * p.k.sr, p.k.sr,
+                p.v.batch(bi.b0, bi.b1, bi.b2) + n_start * p.v.sr, p.v.sr, n_rows);
 
   // Per-lane ldmatrix bases.
   const u32 sK_u = smem_u32(sK), sV_u = smem_u32(sV);
@@ -625,6 +522,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
     // (its barrier also orders the reads of P / dS of step t - 1 before this step's writes)
     const auto step = ring.begin(t, fc_sm80_smem);
     const int stage = step.stage, grp = step.grp, m0 = step.m0;
+    var.bind(p.var, bi, grp);  // ALiBi: the step's query head has its own slope
     const u32 sQ_u = smem0 + C::QDO_OFF + stage * C::QDO_STAGE;
     const u32 sdO_u = sQ_u + 2 * BLOCK_M * LDQ;
     const float *sLse =
@@ -648,17 +546,17 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
       // P goes to shared memory before the dP product (flash-attn 2's order), so
       // its stores drain under the dP mma: +1-3 % over computing dP first
       // (benchmarks/dev/sm80/NOTES.md, section 7).
-      const bool need_mask =
-          n_start + BLOCK_N > seqlen_k || (CAUSAL && n_start + BLOCK_N - 1 > m0 + diag);
-      probs_from_scores<CAUSAL>(s, sLse, s_m0, m0, n_start + s_n0, need_mask, scale_log2,
-                                seqlen_k, diag, lane);
+      const bool need_mask = var.needs_mask(m0, m0 + BLOCK_M, n_start, n_start + BLOCK_N);
+      auto lse2 = [&](int mt, int h) { return lse_to_log2(sLse[s_m0 + mt * 16 + g + 8 * h]); };
+      probs_from_scores(var, s, lse2, m0 + s_m0, n_start + s_n0, need_mask, p.scale_log2, lane);
       frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
       float dp[S_MT][S_N / 8][4];
       zero(dp);
       gemm_ab<T, S_MT, S_N, HDV>(
           dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + mt * 16 * 128 + swz_k(kk)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
-      ds_from_dp(dp, s, sDelta, s_m0, lane);  // dS = P o (dP - delta)
+      auto delta = [&](int mt, int h) { return sDelta[s_m0 + mt * 16 + g + 8 * h]; };
+      ds_from_dp(var, dp, s, delta, lse2, m0 + s_m0, n_start + s_n0, lane);  // dS = P o (dP - delta)
       frag_to_smem<T, S_MT, S_N / 8, LDP>(sdS + s_n0, s_m0, dp, 1.f, lane);
     }
     // (the bulk dQ reduction of step t - 1 has read its staging tile before anyone
@@ -686,10 +584,10 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
         fence_proxy_async();
         __syncthreads();
         if (tid == 0)
-          bulk_reduce_add_f32(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg + (fc_index_t)m0 * HD,
+          bulk_reduce_add_f32(p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + grp * p.dq_accum_sg + (fc_index_t)m0 * HD,
                               sdq, 4 * BLOCK_M * HD);
       } else {
-        add_dq<Q_MT, QD, HD>(dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg +
+        add_dq<Q_MT, QD, HD>(p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + grp * p.dq_accum_sg +
                                  (fc_index_t)(m0 + q_m0 + g) * HD + q_d0 + 4 * c4,
                              acc_dq);
       }
@@ -718,92 +616,35 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(
 
   // Epilogue: stage dK (scaled) and dV through the K / V tiles, then store.
   __syncthreads();
-  frag_to_smem<T, K_MT, KD / 8, LDK>(sK + k_d * KD, k_n0, acc_dk, softmax_scale, lane);
+  frag_to_smem<T, K_MT, KD / 8, LDK>(sK + k_d * KD, k_n0, acc_dk, p.scale, lane);
   frag_to_smem<T, K_MT, KDV / 8, LDV>(sV + k_d * KDV, k_n0, acc_dv, 1.f, lane);
   __syncthreads();
-  store_tile<T, BLOCK_N, HD, NTHREADS>(dk_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dk_sr, dk_sr,
-                                       sK, n_rows, head_dim);
-  store_tile<T, BLOCK_N, HDV, NTHREADS>(dv_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dv_sr, dv_sr,
-                                        sV, n_rows, head_dim_v);
+  store_tile<T, BLOCK_N, HD, NTHREADS>(p.dk.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dk.sr, p.dk.sr,
+                                       sK, n_rows, p.head_dim);
+  store_tile<T, BLOCK_N, HDV, NTHREADS>(p.dv.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dv.sr, p.dv.sr,
+                                        sV, n_rows, p.head_dim_v);
 }
 
 }  // namespace sm80
 
-#include "bwd_wg.cuh"
-
-template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool SPLIT2D = false, bool WG_SDP = false, bool WG_ALL = false>
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, int VF,
+          bool SPLIT2D = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
-fc_sm80_bwd_dkdv(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
-                 FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
-                 FC_TENSOR_ARG(const float, delta), FC_TENSOR_ARG(T, dk), FC_TENSOR_ARG(T, dv),
-                 int nb0, int nb1, int nb2, int n_group, fc_index_t q_sg, fc_index_t dout_sg,
-                 fc_index_t lse_sg, fc_index_t delta_sg, int seqlen_q, int seqlen_k,
-                 int head_dim, int head_dim_v, float softmax_scale, float scale_log2,
-                 int causal) {
-  static_assert(WG_SDP == WG_ALL, "the wgmma products come as one body (bwd_wg.cuh)");
-  if constexpr (WG_ALL) {
-    sm80::bwd_dkdv_body_wg<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, false>(
-      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
-      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
-      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
-      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
-      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, nullptr, 0, 0, 0, 0, 0);
-  } else if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false, false>(
-      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
-      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
-      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
-      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
-      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, nullptr, 0, 0, 0, 0, 0);
-  } else {
-  sm80::bwd_dkdv_body<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, false>(
-      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
-      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
-      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
-      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
-      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, nullptr, 0, 0, 0, 0, 0);
-  }
+fc_sm80_bwd_dkdv(FC_PARAMS(BwdParams<T, float, T>) p) {
+  if constexpr (SPLIT2D)
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, VF, false, false>(p);
+  else
+    sm80::bwd_dkdv_body<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, VF, false>(p);
 }
 
-template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool SPLIT2D = false, bool BULK_DQ = false, bool WG_SDP = false,
-          bool WG_ALL = false>
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, int VF,
+          bool SPLIT2D = false, bool BULK_DQ = false>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
-fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
-                  FC_TENSOR_ARG(const T, v), FC_TENSOR_ARG(const T, dout),
-                  FC_TENSOR_ARG(const float, lse), FC_TENSOR_ARG(const float, delta),
-                  FC_TENSOR_ARG(T, dk), FC_TENSOR_ARG(T, dv), int nb0, int nb1, int nb2,
-                  int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
-                  fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim,
-                  int head_dim_v, float softmax_scale, float scale_log2, int causal,
-                  FC_TENSOR_ARG(float, dq_accum), fc_index_t dq_accum_sg) {
-  static_assert(WG_SDP == WG_ALL, "the wgmma products come as one body (bwd_wg.cuh)");
-  if constexpr (WG_ALL) {
-    sm80::bwd_dkdv_body_wg<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true, BULK_DQ>(
-      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
-      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
-      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
-      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
-      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, dq_accum, dq_accum_sb0,
-      dq_accum_sb1, dq_accum_sb2, dq_accum_sr, dq_accum_sg);
-  } else if constexpr (SPLIT2D) {
-    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true, BULK_DQ>(
-      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
-      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
-      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
-      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
-      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, dq_accum, dq_accum_sb0,
-      dq_accum_sb1, dq_accum_sb2, dq_accum_sr, dq_accum_sg);
-  } else {
-  sm80::bwd_dkdv_body<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, CAUSAL, true>(
-      q, q_sb0, q_sb1, q_sb2, q_sr, k, k_sb0, k_sb1, k_sb2, k_sr, v, v_sb0, v_sb1, v_sb2, v_sr,
-      dout, dout_sb0, dout_sb1, dout_sb2, dout_sr, lse, lse_sb0, lse_sb1, lse_sb2, lse_sr, delta,
-      delta_sb0, delta_sb1, delta_sb2, delta_sr, dk, dk_sb0, dk_sb1, dk_sb2, dk_sr, dv, dv_sb0,
-      dv_sb1, dv_sb2, dv_sr, nb0, nb1, nb2, n_group, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q,
-      seqlen_k, head_dim, head_dim_v, softmax_scale, scale_log2, dq_accum, dq_accum_sb0,
-      dq_accum_sb1, dq_accum_sb2, dq_accum_sr, dq_accum_sg);
-  }
+fc_sm80_bwd_dkdvq(FC_PARAMS(BwdParams<T, float, T>) p) {
+  if constexpr (SPLIT2D)
+    sm80::bwd_dkdv_body_2d<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, VF, true, BULK_DQ>(p);
+  else
+    sm80::bwd_dkdv_body<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, VF, true>(p);
 }
 
 // ---------------------------------------------------------------------------
@@ -811,14 +652,9 @@ fc_sm80_bwd_dkdvq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k),
 // dO (fragments in registers when they fit), LSE and delta of its rows in
 // registers; K/V tiles stream through the cp.async ring.
 // ---------------------------------------------------------------------------
-template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL>
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, int VF>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
-fc_sm80_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
-               FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
-               FC_TENSOR_ARG(const float, delta), FC_TENSOR_ARG(T, dq), int nb0, int nb1,
-               int nb2, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
-               float softmax_scale, float scale_log2, int causal) {
+fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
   using namespace sm80;
   using C = DqCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES>;
   constexpr int NTHREADS = C::NTHREADS, MT = C::MT, WM = C::WM;
@@ -831,57 +667,52 @@ fc_sm80_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
   T *sKV = sdO + C::DO_ELEMS;                    // STAGES x [(BLOCK_N, LDK) K | (BLOCK_N, LDV) V]
 
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, q);
-  FC_VIEW(const T, k);
-  FC_VIEW(const T, v);
-  FC_VIEW(const T, dout);
-  FC_VIEW(const float, lse);
-  FC_VIEW(const float, delta);
-  FC_VIEW(T, dq);
-  const T *k_b = k_v.batch(bi.b0, bi.b1, bi.b2);
-  const T *v_b = v_v.batch(bi.b0, bi.b1, bi.b2);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
+  const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
 
-  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
-  const int diag = mask.diag();
+  using V = Variant<float, VF>;
+  V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
-  const int m_rows = fc_min(BLOCK_M, seqlen_q - m_start);
-  const int n_end = mask.key_end(m_start, m_start + m_rows);
-  const int n_tiles = fc_ceil_div(n_end, BLOCK_N);
+  const int m_rows = fc_min(BLOCK_M, p.seqlen_q - m_start);
+  // window / causal: key tiles [n_first, n_tiles) hold every key the tile sees
+  const int n_first = var.key_begin(m_start) / BLOCK_N;
+  const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   const int wrow = warp * WM;
 
   auto load_kv = [&](int n, int stage) {
     T *sK = sKV + stage * C::KV_ELEMS;
-    const int n0 = n * BLOCK_N, nv = seqlen_k - n0;
-    load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * k_sr, k_sr, nv, head_dim);
-    load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * v_sr, v_sr, nv,
-                                         head_dim_v);
+    const int n0 = n * BLOCK_N, nv = p.seqlen_k - n0;
+    load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * p.k.sr, p.k.sr, nv, p.head_dim);
+    load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * p.v.sr, p.v.sr, nv,
+                                         p.head_dim_v);
   };
 
-  load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_v.batch(bi.b0, bi.b1, bi.b2) + m_start * q_sr, q_sr,
-                                      m_rows, head_dim);
+  load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, p.q.batch(bi.b0, bi.b1, bi.b2) + m_start * p.q.sr, p.q.sr,
+                                      m_rows, p.head_dim);
   load_tile<T, BLOCK_M, HDV, NTHREADS>(
-      sdO, dout_v.batch(bi.b0, bi.b1, bi.b2) + m_start * dout_sr, dout_sr, m_rows, head_dim_v);
+      sdO, p.dout.batch(bi.b0, bi.b1, bi.b2) + m_start * p.dout.sr, p.dout.sr, m_rows, p.head_dim_v);
   cp_async_commit();
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_tiles) load_kv(s, s);
+    if (n_first + s < n_tiles) load_kv(n_first + s, s);
     cp_async_commit();
   }
 
   // Per-row LSE (log2 units, +inf for rows with no key) and delta.
-  const float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
-  const float *delta_b = delta_v.batch(bi.b0, bi.b1, bi.b2);
+  const float *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
+  const float *delta_b = p.delta.batch(bi.b0, bi.b1, bi.b2);
   float lse2[MT][2], dlt[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = m_start + wrow + mt * 16 + g + 8 * h;
-      lse2[mt][h] = row < seqlen_q ? lse_to_log2(lse_b[row * lse_sr]) : 0.f;
-      dlt[mt][h] = row < seqlen_q ? delta_b[row * delta_sr] : 0.f;
+      lse2[mt][h] = row < p.seqlen_q ? lse_to_log2(lse_b[row * p.lse.sr]) : 0.f;
+      dlt[mt][h] = row < p.seqlen_q ? delta_b[row * p.delta.sr] : 0.f;
     }
 
   const u32 sQ_a = smem_u32(sQ) + 2 * (wrow * LDQ + lane_a<LDQ>(lane));
@@ -897,13 +728,14 @@ fc_sm80_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
   zero(acc_dq);
 
 #pragma unroll 1
-  for (int n = 0; n < n_tiles; ++n) {
+  for (int n = n_first; n < n_tiles; ++n) {
+    const int t = n - n_first;  // ring position
     cp_async_wait<STAGES - 2>();
     __syncthreads();
-    if (n + STAGES - 1 < n_tiles) load_kv(n + STAGES - 1, (n + STAGES - 1) % STAGES);
+    if (n + STAGES - 1 < n_tiles) load_kv(n + STAGES - 1, (t + STAGES - 1) % STAGES);
     cp_async_commit();
 
-    const T *sK = sKV + (n % STAGES) * C::KV_ELEMS;
+    const T *sK = sKV + (t % STAGES) * C::KV_ELEMS;
     const u32 sK_u = smem_u32(sK), sV_u = smem_u32(sK + BLOCK_N * LDK);
     const int n0 = n * BLOCK_N;
 
@@ -913,23 +745,13 @@ fc_sm80_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
     zero(dp);
     gemm_nt<T, MT, BLOCK_N, HDV, LDV>(dp, do_frag, sV_u, lane);
 
-    const bool need_mask =
-        n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m_start + diag);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int i = m_start + wrow + mt * 16 + g + 8 * h;
-        const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;
-#pragma unroll
-        for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float p = ex2(s[mt][nt][2 * h + e] * scale_log2 - lse2[mt][h]);
-            if (need_mask && n0 + nt * 8 + 2 * c4 + e >= lim) p = 0.f;
-            dp[mt][nt][2 * h + e] = p * (dp[mt][nt][2 * h + e] - dlt[mt][h]);
-          }
-      }
+    // P and dS (scores.cuh), masked only where the tile crosses the key end or
+    // a window edge
+    const bool need_mask = var.needs_mask(m_start, m_start + m_rows, n0, n0 + BLOCK_N);
+    auto row_lse2 = [&](int mt, int h) { return lse2[mt][h]; };
+    auto row_delta = [&](int mt, int h) { return dlt[mt][h]; };
+    probs_from_scores(var, s, row_lse2, m_start + wrow, n0, need_mask, p.scale_log2, lane);
+    ds_from_dp(var, dp, s, row_delta, row_lse2, m_start + wrow, n0, lane);
 
     // dQ += dS K   (k = keys; K stored (keys, HD) -> .trans)
     gemm_pn<T, MT, HD, BLOCK_N, LDK>(acc_dq, dp, sK_u, lane);
@@ -937,10 +759,10 @@ fc_sm80_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
   cp_async_wait<0>();
 
   __syncthreads();
-  frag_to_smem<T, MT, HD / 8, LDQ>(sQ, wrow, acc_dq, softmax_scale, lane);
+  frag_to_smem<T, MT, HD / 8, LDQ>(sQ, wrow, acc_dq, p.scale, lane);
   __syncthreads();
-  store_tile<T, BLOCK_M, HD, NTHREADS>(dq_v.batch(bi.b0, bi.b1, bi.b2) + m_start * dq_sr, dq_sr,
-                                       sQ, m_rows, head_dim);
+  store_tile<T, BLOCK_M, HD, NTHREADS>(p.dq.batch(bi.b0, bi.b1, bi.b2) + m_start * p.dq.sr, p.dq.sr,
+                                       sQ, m_rows, p.head_dim);
 }
 
 // delta = rowsum(dO o O) (float32), a bandwidth kernel: L = HDV / 8 lanes share a
@@ -951,24 +773,19 @@ fc_sm80_bwd_dq(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
 // read element by element.
 template <typename T, int HDV, int NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32)
-fc_sm80_bwd_preprocess(FC_TENSOR_ARG(const T, o), FC_TENSOR_ARG(const T, dout),
-                       FC_TENSOR_ARG(float, delta), int nb0, int nb1, int nb2, int seqlen_q,
-                       int head_dim_v) {
+fc_sm80_bwd_preprocess(FC_PARAMS(BwdParams<T, float, T>) p) {
   constexpr int L = HDV / 8 < 4 ? 4 : HDV / 8, RPW = 32 / L;  // lanes per row, rows per warp
   constexpr int ROWS = NWARPS * RPW;                           // per CTA (tile_rows)
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, o);
-  FC_VIEW(const T, dout);
-  FC_VIEW(float, delta);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
   const int lane = threadIdx.x % 32;
   const int row = blockIdx.x * ROWS + (threadIdx.x / 32) * RPW + lane / L;
   const int c = 8 * (lane % L);
   float s = 0.f;
-  if (row < seqlen_q && c < head_dim_v) {
-    const T *po = o_v.batch(bi.b0, bi.b1, bi.b2) + row * o_sr + c;
-    const T *pd = dout_v.batch(bi.b0, bi.b1, bi.b2) + row * dout_sr + c;
-    if (c + 8 <= head_dim_v &&
+  if (row < p.seqlen_q && c < p.head_dim_v) {
+    const T *po = p.o.batch(bi.b0, bi.b1, bi.b2) + row * p.o.sr + c;
+    const T *pd = p.dout.batch(bi.b0, bi.b1, bi.b2) + row * p.dout.sr + c;
+    if (c + 8 <= p.head_dim_v &&
         ((reinterpret_cast<unsigned long long>(po) | reinterpret_cast<unsigned long long>(pd)) &
          15) == 0) {
       const uint4 a = *reinterpret_cast<const uint4 *>(po);
@@ -977,13 +794,13 @@ fc_sm80_bwd_preprocess(FC_TENSOR_ARG(const T, o), FC_TENSOR_ARG(const T, dout),
 #pragma unroll
       for (int e = 0; e < 8; ++e) s = fmaf(to_acc<float>(ea[e]), to_acc<float>(eb[e]), s);
     } else {
-      for (int e = 0; e < 8 && c + e < head_dim_v; ++e)
+      for (int e = 0; e < 8 && c + e < p.head_dim_v; ++e)
         s = fmaf(to_acc<float>(po[e]), to_acc<float>(pd[e]), s);
     }
   }
 #pragma unroll
   for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  if (lane % L == 0 && row < seqlen_q) delta_v.batch(bi.b0, bi.b1, bi.b2)[row * delta_sr] = s;
+  if (lane % L == 0 && row < p.seqlen_q) p.delta.batch(bi.b0, bi.b1, bi.b2)[row * p.delta.sr] = s;
 }
 
 // dq = dq_accum * softmax_scale, cast to T, columns back in natural order (see
@@ -992,26 +809,23 @@ fc_sm80_bwd_preprocess(FC_TENSOR_ARG(const T, o), FC_TENSOR_ARG(const T, dout),
 // 16-column groups (dq_accum_sr = the head-dim bucket).
 template <typename T, int NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32)
-fc_sm80_bwd_dq_convert(FC_TENSOR_ARG(const float, dq_accum), FC_TENSOR_ARG(T, dq), int nb0,
-                       int nb1, int nb2, int seqlen_q, int head_dim, float softmax_scale) {
+fc_sm80_bwd_dq_convert(FC_PARAMS(BwdParams<T, float, T>) p) {
   constexpr int NTHREADS = NWARPS * 32, ROWS = 4 * NWARPS;  // rows per CTA (tile_rows)
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const float, dq_accum);
-  FC_VIEW(T, dq);
-  const int quads = (int)(dq_accum_sr >> 2);  // per row
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  const int quads = (int)(p.dq_accum.sr >> 2);  // per row
   const int row0 = blockIdx.x * ROWS;
-  const float *src = dq_accum_v.batch(bi.b0, bi.b1, bi.b2);
-  T *dst = dq_v.batch(bi.b0, bi.b1, bi.b2);
+  const float *src = p.dq_accum.batch(bi.b0, bi.b1, bi.b2);
+  T *dst = p.dq.batch(bi.b0, bi.b1, bi.b2);
   for (int i = threadIdx.x; i < ROWS * quads; i += NTHREADS) {
     const int r = i / quads, qd = i - r * quads, row = row0 + r;
     const int c = 16 * (qd >> 2) + 2 * (qd & 3);  // logical columns c, c+1, c+8, c+9
-    if (row >= seqlen_q || c >= head_dim) continue;
-    const float4 a = *reinterpret_cast<const float4 *>(src + row * dq_accum_sr + 4 * qd);
-    T *d = dst + row * dq_sr;
-    d[c] = from_acc<T>(a.x * softmax_scale);
-    if (c + 1 < head_dim) d[c + 1] = from_acc<T>(a.y * softmax_scale);
-    if (c + 8 < head_dim) d[c + 8] = from_acc<T>(a.z * softmax_scale);
-    if (c + 9 < head_dim) d[c + 9] = from_acc<T>(a.w * softmax_scale);
+    if (row >= p.seqlen_q || c >= p.head_dim) continue;
+    const float4 a = *reinterpret_cast<const float4 *>(src + row * p.dq_accum.sr + 4 * qd);
+    T *d = dst + row * p.dq.sr;
+    d[c] = from_acc<T>(a.x * p.scale);
+    if (c + 1 < p.head_dim) d[c + 1] = from_acc<T>(a.y * p.scale);
+    if (c + 8 < p.head_dim) d[c + 8] = from_acc<T>(a.z * p.scale);
+    if (c + 9 < p.head_dim) d[c + 9] = from_acc<T>(a.w * p.scale);
   }
 }

@@ -1,15 +1,13 @@
 // flashcupy sm80 family: attention forward on tensor cores (FlashAttention-2).
 //
-// Kernel (signature identical to fc_generic_fwd's):
+// Kernel:
 //   template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-//             bool CAUSAL, bool Q_IN_REGS = true>
-//   fc_sm80_fwd(q, k, v, o, lse tensors, nb0, nb1, nb2, seqlen_q, seqlen_k, head_dim,
-//               head_dim_v, float softmax_scale, float scale_log2, int causal)
+//             int VF, bool Q_IN_REGS = true>
+//   fc_sm80_fwd(FwdParams<T, float> p)     (params.cuh)
 //   T        fc_half | fc_bf16;  lse is float32, natural-log units
 //   HD, HDV  head-dim buckets (multiples of 16, e.g. 32/64/128/256); head_dim <= HD,
 //            head_dim_v <= HDV at run time, any value >= 1
-//   CAUSAL   compile-time mask; the runtime `causal` argument is ignored (the
-//            launcher must pick the matching specialization)
+//   VF       the variant flags (variant.cuh): window/causal, softcap, ALiBi, sink
 //   Q_IN_REGS  true: Q fragments in registers when they fit (MT * HD <= 128);
 //            false: re-read from shared memory every K tile (frees MT * HD / 4 registers)
 //   grid   = (ceil(Sq / BLOCK_M), batch spread over y*z as in BatchIndex)
@@ -26,11 +24,10 @@
 //   online softmax   row max over the quad (shfl_xor 1, 2), exp2 on MUFU, O rescaled
 //   O += P V         P's C fragments are P V's A fragments: no shared-memory trip
 // K/V tiles stream through a STAGES-deep cp.async ring; only the tiles that cross
-// the sequence end or the causal diagonal are masked element by element.
+// the sequence end or a window edge (causal: the diagonal) are masked element by element.
 #pragma once
-#include "../mask.cuh"
 #include "../softmax.cuh"
-#include "mma.cuh"
+#include "scores.cuh"
 
 namespace sm80 {
 
@@ -66,13 +63,10 @@ struct FwdCfg {
 // Q_IN_REGS (appended, default true): keep Q's fragments in registers when they fit
 // (MT * HD <= 128); false re-reads them from shared memory at every K tile, as
 // flash-attn does, which frees MT * HD / 4 registers (e.g. HD 32, 128 x 128, 4 warps).
-template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool Q_IN_REGS = true>
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, int VF,
+          bool Q_IN_REGS = true>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
-fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
-            FC_TENSOR_ARG(T, o), FC_TENSOR_ARG(float, lse), int nb0, int nb1, int nb2,
-            int seqlen_q, int seqlen_k, int head_dim, int head_dim_v, float softmax_scale,
-            float scale_log2, int causal) {
+fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   using namespace sm80;
   using C = FwdCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, Q_IN_REGS>;
   constexpr int NTHREADS = C::NTHREADS, MT = C::MT, WM = C::WM;
@@ -85,39 +79,36 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
   T *sKV = sQ + C::Q_ELEMS;                       // STAGES x [(BLOCK_N, LDK) K, (BLOCK_N, LDV) V]
 
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, q);
-  FC_VIEW(const T, k);
-  FC_VIEW(const T, v);
-  FC_VIEW(T, o);
-  FC_VIEW(float, lse);
-  const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
-  const T *k_b = k_v.batch(bi.b0, bi.b1, bi.b2);
-  const T *v_b = v_v.batch(bi.b0, bi.b1, bi.b2);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  const T *q_b = p.q.batch(bi.b0, bi.b1, bi.b2);
+  const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
+  const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
 
-  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
+  Variant<float, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
-  const int m_rows = fc_min(BLOCK_M, seqlen_q - m_start);
-  const int n_end = mask.key_end(m_start, m_start + m_rows);  // causal: later tiles are empty
-  const int n_tiles = fc_ceil_div(n_end, BLOCK_N);
+  const int m_rows = fc_min(BLOCK_M, p.seqlen_q - m_start);
+  // window / causal: key tiles [n_first, n_tiles) hold every key the tile sees
+  const int n_first = var.key_begin(m_start) / BLOCK_N;
+  const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   const int wrow = warp * WM;  // first tile row of this warp
 
   auto load_kv = [&](int n, int stage) {
     T *sK = sKV + stage * C::KV_ELEMS;
-    const int n0 = n * BLOCK_N, nv = seqlen_k - n0;
-    load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * k_sr, k_sr, nv, head_dim);
-    load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * v_sr, v_sr, nv,
-                                         head_dim_v);
+    const int n0 = n * BLOCK_N, nv = p.seqlen_k - n0;
+    load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * p.k.sr, p.k.sr, nv, p.head_dim);
+    load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * p.v.sr, p.v.sr, nv,
+                                         p.head_dim_v);
   };
 
   // load q: it stays in registers (or in shared memory) for the whole key loop
-  load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + m_start * q_sr, q_sr, m_rows, head_dim);
+  load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_b + m_start * p.q.sr, p.q.sr, m_rows, p.head_dim);
   cp_async_commit();
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_tiles) load_kv(s, s);
+    if (n_first + s < n_tiles) load_kv(n_first + s, s);
     cp_async_commit();
   }
 
@@ -131,17 +122,17 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
   float acc_o[MT][NO][4];          // (WM, HDV) output rows of this warp, fp32
   zero(acc_o);
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) sm[mt][0].init(), sm[mt][1].init();
+  for (int mt = 0; mt < MT; ++mt) sm[mt][0].init(var.init_max()), sm[mt][1].init(var.init_max());
 
-  const int diag = mask.diag();
 #pragma unroll 1
-  for (int n = 0; n < n_tiles; ++n) {
+  for (int n = n_first; n < n_tiles; ++n) {
+    const int t = n - n_first;    // ring position
     cp_async_wait<STAGES - 2>();  // tile n has landed
     __syncthreads();              // ... for every thread, and tile n-1's buffer is free
-    if (n + STAGES - 1 < n_tiles) load_kv(n + STAGES - 1, (n + STAGES - 1) % STAGES);
+    if (n + STAGES - 1 < n_tiles) load_kv(n + STAGES - 1, (t + STAGES - 1) % STAGES);
     cp_async_commit();
 
-    const T *sK = sKV + (n % STAGES) * C::KV_ELEMS;
+    const T *sK = sKV + (t % STAGES) * C::KV_ELEMS;
     const u32 sK_u = smem_u32(sK), sV_u = smem_u32(sK + BLOCK_N * LDK);
     const int n0 = n * BLOCK_N;
 
@@ -153,43 +144,12 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
     else
       gemm_nt_ss<T, MT, BLOCK_N, HD, LDQ, LDK, C::KU>(s, sQ_u, sK_u, lane);
 
-    // Mask only tiles that cross the sequence end or the diagonal (raw scores -> -inf).
-    const bool need_mask =
-        n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m_start + diag);
-    if (need_mask) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int i = m_start + wrow + mt * 16 + g + 8 * h;
-          const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
-#pragma unroll
-          for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = n0 + nt * 8 + 2 * c4 + e;
-              if (j >= lim) s[mt][nt][2 * h + e] = fc_neg_inf<float>::value();
-            }
-        }
-    }
-
-    // Online softmax, in registers.  A row is spread over the 4 lanes of a quad.
-    // The max is taken over the raw scores and scaled once (scale_log2 > 0: the
-    // launcher's default 1/sqrt(d)); each probability is then one FMA + ex2:
-    // p = ex2(s * scale_log2 - m).  scale_log2 <= 0 (a user scale) scales first.
-    const bool fold = scale_log2 > 0.f;
-    if (!fold) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            s[mt][nt][e] = s[mt][nt][e] == fc_neg_inf<float>::value()
-                               ? s[mt][nt][e]
-                               : s[mt][nt][e] * scale_log2;
-    }
-    const float mul = fold ? scale_log2 : 1.f;
+    // Variant: scores (softcap / ALiBi) and masking, only of tiles that cross the
+    // key end or a window edge; then the online softmax, in registers.  A row is
+    // spread over the 4 lanes of a quad; p = ex2(s * mul - m) (scores.cuh).
+    const float mul = fwd_scores(
+        var, s, m_start + wrow, n0,
+        var.needs_mask(m_start, m_start + m_rows, n0, n0 + BLOCK_N), p.scale_log2, lane);
     float alpha[MT][2];  // O's rescale factor per row
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -209,9 +169,9 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
         for (int nt = 0; nt < NS; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p = ex2(fmaf(s[mt][nt][2 * h + e], mul, -sub));
-            s[mt][nt][2 * h + e] = p;
-            lsum += p;
+            const float pe = ex2(fmaf(s[mt][nt][2 * h + e], mul, -sub));
+            s[mt][nt][2 * h + e] = pe;
+            lsum += pe;
           }
         sm[mt][h].l_i += lsum;
       }
@@ -237,8 +197,8 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
   cp_async_wait<0>();
 
   // Epilogue: normalize by l, stage O through shared memory, write O and LSE.
-  T *o_b = o_v.batch(bi.b0, bi.b1, bi.b2);
-  float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
+  T *o_b = p.o.batch(bi.b0, bi.b1, bi.b2);
+  float *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
   float inv_l[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -247,13 +207,14 @@ fc_sm80_fwd(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(
       float l = sm[mt][h].l_i;
       l += shfl_xor(l, 1);
       l += shfl_xor(l, 2);
+      l += var.sink_term(sm[mt][h].m_i);
       inv_l[mt][h] = OnlineSoftmax<float>::inv_sum(l);  // 0 for a row that saw no key
       const int row = m_start + wrow + mt * 16 + g + 8 * h;
-      if (c4 == 0 && row < seqlen_q)
-        lse_b[row * lse_sr] = OnlineSoftmax<float>::lse_natural(sm[mt][h].m_i, l);
+      if (c4 == 0 && row < p.seqlen_q)
+        lse_b[row * p.lse.sr] = OnlineSoftmax<float>::lse_natural(sm[mt][h].m_i, l);
     }
   __syncthreads();  // every warp is done with sQ / the K-V ring
   frag_to_smem_rows<T, MT, NO, LDO>(sQ, wrow, acc_o, inv_l, lane);
   __syncthreads();
-  store_tile<T, BLOCK_M, HDV, NTHREADS>(o_b + m_start * o_sr, o_sr, sQ, m_rows, head_dim_v);
+  store_tile<T, BLOCK_M, HDV, NTHREADS>(o_b + m_start * p.o.sr, p.o.sr, sQ, m_rows, p.head_dim_v);
 }

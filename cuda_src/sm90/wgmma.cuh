@@ -23,7 +23,7 @@
 // mma.sync C fragment (rows g, g + 8; columns 8 j + 2 c, + 1), so the rest of
 // the kernel reads them as one m16 tile of N columns.
 #pragma once
-#include "mma.cuh"
+#include "../sm80/mma.cuh"
 
 namespace sm80 {
 

@@ -1,11 +1,10 @@
-// flashcupy sm80 family, Hopper path: attention forward with warpgroup MMA
+// flashcupy sm90 family: attention forward with warpgroup MMA
 // (wgmma, sm_90a only; FlashAttention-3, Shah et al. 2024, sections 3.1-3.2).
 //
-// Kernel (signature identical to fc_sm80_fwd's, so the launcher is shared):
+// Kernel (parameters as fc_sm80_fwd's, so the launcher is shared):
 //   template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-//             bool CAUSAL>
-//   fc_sm80_fwd_wg(q, k, v, o, lse tensors, nb0, nb1, nb2, seqlen_q, seqlen_k, head_dim,
-//                  head_dim_v, float softmax_scale, float scale_log2, int causal)
+//             int VF>
+//   fc_sm90_fwd(FwdParams<T, float> p)     VF: the variant flags (variant.cuh)
 //   HD, HDV  multiples of 64 (swizzled 64-column panels); HDV = 64 or 128 (one wgmma N)
 //   BLOCK_M = 64 * NWARPS / 4 (one warpgroup per 64 query rows); BLOCK_N = 64 or 128
 //   STAGES  = 2 (K and V double-buffered, see below)
@@ -25,10 +24,13 @@
 // last read by a product that step n - 1 waited for.  Loads are cp.async by
 // all threads (no TMA, no producer warp): each lands during one whole step.
 #pragma once
-#include "../mask.cuh"
 #include "../softmax.cuh"
-#include "mma.cuh"
+#include "../sm80/scores.cuh"
 #include "wgmma.cuh"
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "cuda_src/sm90 needs the sm_90a target (wgmma): compile with -arch=sm_90a"
+#endif
 
 namespace sm80 {
 
@@ -60,14 +62,10 @@ struct FwdWgCfg {
 
 }  // namespace sm80
 
-template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL>
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, int VF>
 __global__ void __launch_bounds__(NWARPS * 32,
                                   (sm80::FwdWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS>::MIN_BLOCKS))
-fc_sm80_fwd_wg(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
-               FC_TENSOR_ARG(T, o), FC_TENSOR_ARG(float, lse), int nb0, int nb1, int nb2,
-               int seqlen_q, int seqlen_k, int head_dim, int head_dim_v, float softmax_scale,
-               float scale_log2, int causal) {
+fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   using namespace sm80;
   using C = FwdWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS>;
   static_assert(STAGES == 2, "K and V double-buffered (see the header)");
@@ -82,21 +80,18 @@ fc_sm80_fwd_wg(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
   const u32 s0 = smem_u32(fc_sm80_smem_wg);
 
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, q);
-  FC_VIEW(const T, k);
-  FC_VIEW(const T, v);
-  FC_VIEW(T, o);
-  FC_VIEW(float, lse);
-  const T *q_b = q_v.batch(bi.b0, bi.b1, bi.b2);
-  const T *k_b = k_v.batch(bi.b0, bi.b1, bi.b2);
-  const T *v_b = v_v.batch(bi.b0, bi.b1, bi.b2);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  const T *q_b = p.q.batch(bi.b0, bi.b1, bi.b2);
+  const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
+  const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
 
-  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
+  Variant<float, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
-  const int m_rows = fc_min(BLOCK_M, seqlen_q - m_start);
-  const int n_end = mask.key_end(m_start, m_start + m_rows);  // causal: later tiles are empty
-  const int n_tiles = fc_ceil_div(n_end, BLOCK_N);
+  const int m_rows = fc_min(BLOCK_M, p.seqlen_q - m_start);
+  // window / causal: key tiles [n_first, n_tiles) hold every key the tile sees
+  const int n_first = var.key_begin(m_start) / BLOCK_N;
+  const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   const int wrow = warp * 16;  // this warp's 16 rows (warpgroup warp / 4: rows 64 (warp / 4) ..)
@@ -105,12 +100,12 @@ fc_sm80_fwd_wg(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
   auto load_k = [&](int n) {
     const int n0 = n * BLOCK_N;
     load_tile<T, BLOCK_N, HD, NTHREADS, true>(tile(C::K_OFF + (n & 1) * C::K_BYTES),
-                                              k_b + n0 * k_sr, k_sr, seqlen_k - n0, head_dim);
+                                              k_b + n0 * p.k.sr, p.k.sr, p.seqlen_k - n0, p.head_dim);
   };
   auto load_v = [&](int n) {
     const int n0 = n * BLOCK_N;
     load_tile<T, BLOCK_N, HDV, NTHREADS, true>(tile(C::V_OFF + (n & 1) * C::V_BYTES),
-                                               v_b + n0 * v_sr, v_sr, seqlen_k - n0, head_dim_v);
+                                               v_b + n0 * p.v.sr, p.v.sr, p.seqlen_k - n0, p.head_dim_v);
   };
   // O += P V_n for this warpgroup: k16 step j reads keys 16 j .. 16 j + 15, i.e.
   // 8-row groups 2 j, 2 j + 1 of V's panels (2048 bytes per step).
@@ -124,19 +119,16 @@ fc_sm80_fwd_wg(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
     wg_commit();
   };
 
-  load_tile<T, BLOCK_M, HD, NTHREADS, true>(tile(0), q_b + m_start * q_sr, q_sr, m_rows,
-                                            head_dim);
-  if (n_tiles > 0) load_k(0);
+  load_tile<T, BLOCK_M, HD, NTHREADS, true>(tile(0), q_b + m_start * p.q.sr, p.q.sr, m_rows,
+                                            p.head_dim);
+  if (n_first < n_tiles) load_k(n_first);
   cp_async_commit();
 
   OnlineSoftmax<float> sm[2];  // rows g and g+8; l_i per-thread partial
-  sm[0].init();
-  sm[1].init();
+  sm[0].init(var.init_max());
+  sm[1].init(var.init_max());
   zero(acc_o);
 
-  const int diag = mask.diag();
-  const bool fold = scale_log2 > 0.f;
-  const float mul = fold ? scale_log2 : 1.f;
   const u32 sQ_wg = s0 + (warp / 4) * 64 * 128;  // this warpgroup's 64 rows of each panel
 
   // Top of step n: K_n and V_{n-1} have landed (this thread's copies), are made
@@ -155,34 +147,14 @@ fc_sm80_fwd_wg(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
     wg_gemm_nt<T, BLOCK_N, HD, C::PANEL_Q, C::PANEL_K>(s[0], sQ_wg,
                                                       s0 + C::K_OFF + (n & 1) * C::K_BYTES);
   };
-  // Mask, then the online softmax as in fc_sm80_fwd (fwd.cuh): a row lives in
-  // the 4 lanes of a quad; p = ex2(s * scale_log2 - m) with the max over raw
-  // scores when the scale is positive, scores scaled first otherwise.  Leaves P
-  // in s and O's factor per row in alpha.
+  // The variant's scores and mask (scores.cuh), then the online softmax as in
+  // fc_sm80_fwd (sm80/fwd.cuh): a row lives in the 4 lanes of a quad;
+  // p = ex2(s * mul - m).  Leaves P in s and O's factor per row in alpha.
   auto softmax = [&](float (&s)[1][NS][4], int n, float (&alpha)[2]) {
     const int n0 = n * BLOCK_N;
-    const bool need_mask =
-        n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m_start + diag);
-    if (need_mask) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int i = m_start + wrow + g + 8 * h;
-        const int lim = CAUSAL ? fc_min(seqlen_k, i + diag + 1) : seqlen_k;  // keys j < lim
-#pragma unroll
-        for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            if (n0 + nt * 8 + 2 * c4 + e >= lim) s[0][nt][2 * h + e] = fc_neg_inf<float>::value();
-      }
-    }
-    if (!fold) {
-#pragma unroll
-      for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          s[0][nt][e] = s[0][nt][e] == fc_neg_inf<float>::value() ? s[0][nt][e]
-                                                                   : s[0][nt][e] * scale_log2;
-    }
+    const float mul = fwd_scores(var, s, m_start + wrow, n0,
+                                 var.needs_mask(m_start, m_start + m_rows, n0, n0 + BLOCK_N),
+                                 p.scale_log2, lane);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float mx = fc_neg_inf<float>::value();
@@ -198,9 +170,9 @@ fc_sm80_fwd_wg(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
       for (int nt = 0; nt < NS; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float p = ex2(fmaf(s[0][nt][2 * h + e], mul, -sub));
-          s[0][nt][2 * h + e] = p;
-          lsum += p;
+          const float pe = ex2(fmaf(s[0][nt][2 * h + e], mul, -sub));
+          s[0][nt][2 * h + e] = pe;
+          lsum += pe;
         }
       sm[h].l_i += lsum;
     }
@@ -214,18 +186,18 @@ fc_sm80_fwd_wg(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
   // 1.. with the same straight-line shape, so ptxas can keep the two products
   // of a step in flight together (a branch around the P V issue made it
   // serialize every wgmma).
-  if (n_tiles > 0) {
-    top(0);
+  if (n_first < n_tiles) {
+    top(n_first);
     float s[1][NS][4];
     float alpha[2];
-    issue_s(s, 0);
+    issue_s(s, n_first);
     wg_wait<0>();
     wg_fence_regs(s[0]);
-    softmax(s, 0, alpha);
+    softmax(s, n_first, alpha);
     pack_p(s);
   }
 #pragma unroll 1
-  for (int n = 1; n < n_tiles; ++n) {
+  for (int n = n_first + 1; n < n_tiles; ++n) {
     top(n);
     float s[1][NS][4];
     float alpha[2];
@@ -243,7 +215,7 @@ fc_sm80_fwd_wg(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
       for (int e = 0; e < 4; ++e) acc_o[0][nt][e] *= alpha[e >> 1];
     pack_p(s);
   }
-  if (n_tiles > 0) {  // the last tile's P V
+  if (n_first < n_tiles) {  // the last tile's P V
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();
@@ -255,22 +227,23 @@ fc_sm80_fwd_wg(FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_A
 
   // Epilogue: normalize by l, stage O through shared memory (over the K/V ring),
   // write O and LSE.
-  T *o_b = o_v.batch(bi.b0, bi.b1, bi.b2);
-  float *lse_b = lse_v.batch(bi.b0, bi.b1, bi.b2);
+  T *o_b = p.o.batch(bi.b0, bi.b1, bi.b2);
+  float *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
   float inv_l[1][2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float l = sm[h].l_i;
     l += shfl_xor(l, 1);
     l += shfl_xor(l, 2);
+    l += var.sink_term(sm[h].m_i);
     inv_l[0][h] = OnlineSoftmax<float>::inv_sum(l);  // 0 for a row that saw no key
     const int row = m_start + wrow + g + 8 * h;
-    if (c4 == 0 && row < seqlen_q)
-      lse_b[row * lse_sr] = OnlineSoftmax<float>::lse_natural(sm[h].m_i, l);
+    if (c4 == 0 && row < p.seqlen_q)
+      lse_b[row * p.lse.sr] = OnlineSoftmax<float>::lse_natural(sm[h].m_i, l);
   }
   __syncthreads();  // every warpgroup is done with the ring
   T *sO = tile(C::K_OFF);
   frag_to_smem_rows<T, 1, NO, C::LDO>(sO, wrow, acc_o, inv_l, lane);
   __syncthreads();
-  store_tile<T, BLOCK_M, HDV, NTHREADS>(o_b + m_start * o_sr, o_sr, sO, m_rows, head_dim_v);
+  store_tile<T, BLOCK_M, HDV, NTHREADS>(o_b + m_start * p.o.sr, p.o.sr, sO, m_rows, p.head_dim_v);
 }

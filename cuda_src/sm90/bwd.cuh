@@ -1,10 +1,14 @@
-// flashcupy sm80 family, Hopper path: the dK/dV (+ atomic dQ) backward with every
-// product on warpgroup MMA (wgmma, sm_90a only; FlashAttention-3, Shah et al.
-// 2024, section 3.3 for the backward's products).
+// flashcupy sm90 family: the dK/dV (+ atomic dQ) backward with every product on
+// warpgroup MMA (wgmma, sm_90a only; FlashAttention-3, Shah et al. 2024,
+// section 3.3 for the backward's products).
 //
-// Included by bwd.cuh after DkdvRing and add_dq; selected by the WG_ALL flag
-// of fc_sm80_bwd_dkdvq (tile flag "wga").  8 warps = 2 warpgroups, BLOCK_N = 128
-// keys per CTA, BLOCK_M = 64 or 128 queries per step, HD, HDV = 64 or 128.
+// Kernels (parameters BwdParams<T, float, T>, as the sm80 dK/dV kernels):
+//   fc_sm90_bwd_dkdv<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, VF>
+//   fc_sm90_bwd_dkdvq<..., VF, BULK_DQ = false>   (+ dQ into dq_accum, sm80/bwd.cuh's
+//                                                  workspace contract)
+// The rest of the backward (preprocess, deterministic dQ, dq_accum conversion)
+// is the sm80 family's.  8 warps = 2 warpgroups, BLOCK_N = 128 keys per CTA,
+// BLOCK_M = 64 or 128 queries per step, HD, HDV = 64 or 128.
 //
 // Per step (one query tile of one broadcast group), all operands in shared memory
 // as 128-byte-swizzled 64-column panels (swz_off in mma.cuh):
@@ -22,6 +26,12 @@
 //        (HD + HDV) + 8 * BLOCK_M) [rounded up to 1024] + 4 * BLOCK_M * BLOCK_N
 //        [+ 4 * BLOCK_M * HD with BULK: the dQ staging tile of bwd.cuh]
 #pragma once
+#include "../sm80/bwd.cuh"
+#include "wgmma.cuh"
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "cuda_src/sm90 needs the sm_90a target (wgmma): compile with -arch=sm_90a"
+#endif
 
 namespace sm80 {
 
@@ -87,14 +97,8 @@ __device__ __forceinline__ void frag_to_swz(u32 base, int panel, int row0, int c
 }
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
-          bool CAUSAL, bool ATOMIC_DQ, bool BULK>
-__device__ __forceinline__ void bwd_dkdv_body_wg(
-    FC_TENSOR_ARG(const T, q), FC_TENSOR_ARG(const T, k), FC_TENSOR_ARG(const T, v),
-    FC_TENSOR_ARG(const T, dout), FC_TENSOR_ARG(const float, lse),
-    FC_TENSOR_ARG(const float, delta), FC_TENSOR_ARG(T, dk), FC_TENSOR_ARG(T, dv), int nb0,
-    int nb1, int nb2, int n_group, fc_index_t q_sg, fc_index_t dout_sg, fc_index_t lse_sg,
-    fc_index_t delta_sg, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v,
-    float softmax_scale, float scale_log2, FC_TENSOR_ARG(float, dqa), fc_index_t dqa_sg) {
+          int VF, bool ATOMIC_DQ, bool BULK>
+__device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p) {
   using C = DkdvWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ, BULK>;
   constexpr int NTHREADS = C::NTHREADS, S_N = C::S_N, QN = C::QN;
 
@@ -104,21 +108,12 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(
   const u32 smem0 = smem_u32(smem);
 
   BatchIndex bi;
-  if (!bi.init(nb0, nb1, nb2)) return;
-  FC_VIEW(const T, q);
-  FC_VIEW(const T, k);
-  FC_VIEW(const T, v);
-  FC_VIEW(const T, dout);
-  FC_VIEW(const float, lse);
-  FC_VIEW(const float, delta);
-  FC_VIEW(T, dk);
-  FC_VIEW(T, dv);
-  FC_VIEW(float, dqa);
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
 
-  const Mask mask{seqlen_q, seqlen_k, CAUSAL};
-  const int diag = mask.diag();
+  using V = Variant<float, VF>;
+  V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
-  const int n_rows = fc_min(BLOCK_N, seqlen_k - n_start);
+  const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   const int wg = warp / 4, wl = warp % 4;
@@ -129,12 +124,14 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(
   const int k_n0 = wg * 64 + wl * 16;  // dK / dV: this warp's 16 keys
 
   DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
-      q_v.batch(bi.b0, bi.b1, bi.b2), dout_v.batch(bi.b0, bi.b1, bi.b2),
-      lse_v.batch(bi.b0, bi.b1, bi.b2), delta_v.batch(bi.b0, bi.b1, bi.b2), q_sr, dout_sr,
-      lse_sr, delta_sr, q_sg, dout_sg, lse_sg, delta_sg, seqlen_q, head_dim, head_dim_v};
-  ring.init(mask.query_begin(n_start) / BLOCK_M, n_group);
-  ring.prologue(smem, k_v.batch(bi.b0, bi.b1, bi.b2) + n_start * k_sr, k_sr,
-                v_v.batch(bi.b0, bi.b1, bi.b2) + n_start * v_sr, v_sr, n_rows);
+      p.q.batch(bi.b0, bi.b1, bi.b2), p.dout.batch(bi.b0, bi.b1, bi.b2),
+      p.lse.batch(bi.b0, bi.b1, bi.b2), p.delta.batch(bi.b0, bi.b1, bi.b2), p.q.sr, p.dout.sr,
+      p.lse.sr, p.delta.sr, p.q_sg, p.dout_sg, p.lse_sg, p.delta_sg, p.seqlen_q, p.head_dim, p.head_dim_v};
+  // Window / causal: only the query tiles that see a key of this tile.
+  ring.init(var.query_begin(n_start) / BLOCK_M,
+            fc_ceil_div(var.query_end(n_start + BLOCK_N), BLOCK_M), p.n_group);
+  ring.prologue(smem, p.k.batch(bi.b0, bi.b1, bi.b2) + n_start * p.k.sr, p.k.sr,
+                p.v.batch(bi.b0, bi.b1, bi.b2) + n_start * p.v.sr, p.v.sr, n_rows);
 
   const u32 sK_u = smem0 + C::K_OFF, sV_u = smem0 + C::V_OFF;
   const u32 sP_u = smem0 + C::P_OFF, sdS_u = smem0 + C::DS_OFF;
@@ -150,6 +147,7 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(
     // this step's writes of P / dS and of the ring)
     const auto step = ring.begin(t, smem);
     const int stage = step.stage, grp = step.grp, m0 = step.m0;
+    var.bind(p.var, bi, grp);  // ALiBi: the step's query head has its own slope
     const u32 sQ_u = smem0 + C::QDO_OFF + stage * C::QDO_STAGE;
     const u32 sdO_u = sQ_u + 2 * BLOCK_M * HD;
     const float *sLse = reinterpret_cast<const float *>(smem + C::LSE_OFF) + stage * BLOCK_M;
@@ -170,15 +168,15 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(
       wg_wait<1>();
       wg_fence_regs(s[0]);
       // P (as in bwd.cuh, probs_from_scores), masked only where the tile crosses
-      // the key end or the causal diagonal; its stores drain while dP runs
-      const bool need_mask =
-          n_start + BLOCK_N > seqlen_k || (CAUSAL && n_start + BLOCK_N - 1 > m0 + diag);
-      probs_from_scores<CAUSAL>(s, sLse, s_m0, m0, n_start + n0, need_mask, scale_log2,
-                                seqlen_k, diag, lane);
+      // the key end or a window edge; its stores drain while dP runs
+      const bool need_mask = var.needs_mask(m0, m0 + BLOCK_M, n_start, n_start + BLOCK_N);
+      auto lse2 = [&](int mt, int h) { return lse_to_log2(sLse[s_m0 + mt * 16 + g + 8 * h]); };
+      probs_from_scores(var, s, lse2, m0 + s_m0, n_start + n0, need_mask, p.scale_log2, lane);
       frag_to_swz<T, SUB_N / 8>(sP_u, C::PANEL_P, s_m0, n0, s[0], lane);
       wg_wait<0>();
       wg_fence_regs(dp[0]);
-      ds_from_dp(dp, s, sDelta, s_m0, lane);  // dS = P o (dP - delta)
+      auto delta = [&](int mt, int h) { return sDelta[s_m0 + mt * 16 + g + 8 * h]; };
+      ds_from_dp(var, dp, s, delta, lse2, m0 + s_m0, n_start + n0, lane);  // dS = P o (dP - delta)
       frag_to_swz<T, SUB_N / 8>(sdS_u, C::PANEL_P, s_m0, n0, dp[0], lane);
     }
     fence_proxy_async();  // P, dS (generic stores) -> visible to wgmma
@@ -217,7 +215,7 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(
     wg_fence_regs(acc_dk[0]);
     if constexpr (ATOMIC_DQ) {
       wg_fence_regs(acc_dq[0]);
-      float *dq_row = dqa_v.batch(bi.b0, bi.b1, bi.b2) + grp * dqa_sg;
+      float *dq_row = p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + grp * p.dq_accum_sg;
       if constexpr (C::BULK_DQ) {
         // the tile in the workspace's own layout (quad order, pitch HD), one bulk
         // reduction of its BLOCK_M contiguous rows (as in bwd.cuh)
@@ -240,13 +238,26 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(
   __syncthreads();
   T *eK = reinterpret_cast<T *>(smem + C::EK_OFF);
   T *eV = reinterpret_cast<T *>(smem + C::EV_OFF);
-  frag_to_smem<T, 1, HD / 8, HD + PAD>(eK, k_n0, acc_dk, softmax_scale, lane);
+  frag_to_smem<T, 1, HD / 8, HD + PAD>(eK, k_n0, acc_dk, p.scale, lane);
   frag_to_smem<T, 1, HDV / 8, HDV + PAD>(eV, k_n0, acc_dv, 1.f, lane);
   __syncthreads();
-  store_tile<T, BLOCK_N, HD, NTHREADS>(dk_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dk_sr, dk_sr,
-                                       eK, n_rows, head_dim);
-  store_tile<T, BLOCK_N, HDV, NTHREADS>(dv_v.batch(bi.b0, bi.b1, bi.b2) + n_start * dv_sr, dv_sr,
-                                        eV, n_rows, head_dim_v);
+  store_tile<T, BLOCK_N, HD, NTHREADS>(p.dk.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dk.sr, p.dk.sr,
+                                       eK, n_rows, p.head_dim);
+  store_tile<T, BLOCK_N, HDV, NTHREADS>(p.dv.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dv.sr, p.dv.sr,
+                                        eV, n_rows, p.head_dim_v);
 }
 
 }  // namespace sm80
+
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, int VF>
+__global__ void __launch_bounds__(NWARPS * 32, 1)
+fc_sm90_bwd_dkdv(FC_PARAMS(BwdParams<T, float, T>) p) {
+  sm80::bwd_dkdv_body_wg<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, VF, false, false>(p);
+}
+
+template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, int VF,
+          bool BULK_DQ = false>
+__global__ void __launch_bounds__(NWARPS * 32, 1)
+fc_sm90_bwd_dkdvq(FC_PARAMS(BwdParams<T, float, T>) p) {
+  sm80::bwd_dkdv_body_wg<T, HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, VF, true, BULK_DQ>(p);
+}

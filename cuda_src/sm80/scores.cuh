@@ -1,0 +1,132 @@
+// flashcupy tensor-core families: the variant (variant.cuh) applied to score
+// fragments.  Shared by the mma.sync bodies (sm80/) and the wgmma bodies (sm90/),
+// whose accumulators have the same C-fragment layout: a warp holds MT m16 tiles
+// x NT n8 tiles; element (mt, nt, 2 h + e) is row row0 + 16 mt + g + 8 h and
+// column col0 + 8 nt + 2 c + e (lane = 4 g + c).  row0 / col0 are sequence
+// positions (queries / keys).
+#pragma once
+#include "../variant.cuh"
+#include "mma.cuh"
+
+namespace sm80 {
+
+// Forward: raw scores q.k -> what the online softmax takes, in place, and the
+// multiplier `mul` such that p = ex2(s * mul - m).  Without a transform the max
+// is taken over raw scores and the scale folded into that one FMA
+// (scale_log2 > 0, the default 1/sqrt(d)), or scores are scaled first
+// (scale_log2 <= 0, a user scale).  With softcap / ALiBi each score becomes its
+// log2-unit value first (mul = 1).  Invisible pairs become -inf, only where
+// `need_mask` (tiles crossing the key end or a window edge).
+template <class V, int MT, int NT>
+__device__ __forceinline__ float fwd_scores(const V &var, float (&s)[MT][NT][4], int row0,
+                                            int col0, bool need_mask, float scale_log2,
+                                            int lane) {
+  const int g = lane >> 2, c4 = lane & 3;
+  if constexpr (V::TRANSFORM) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            s[mt][nt][2 * h + e] = var.score2(s[mt][nt][2 * h + e], row0 + mt * 16 + g + 8 * h,
+                                              col0 + nt * 8 + 2 * c4 + e);
+  }
+  if (need_mask) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = row0 + mt * 16 + g + 8 * h;
+        const int jlo = var.row_lo(i), jhi = var.row_hi(i);  // visible keys of row i
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = col0 + nt * 8 + 2 * c4 + e;
+            if (j < jlo || j > jhi) s[mt][nt][2 * h + e] = fc_neg_inf<float>::value();
+          }
+      }
+  }
+  if constexpr (V::TRANSFORM) return 1.f;
+  const bool fold = scale_log2 > 0.f;
+  if (!fold) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[mt][nt][e] = s[mt][nt][e] == fc_neg_inf<float>::value() ? s[mt][nt][e]
+                                                                     : s[mt][nt][e] * scale_log2;
+  }
+  return fold ? scale_log2 : 1.f;
+}
+
+// LSE (natural log) -> log2 units for exp2(s2 - lse2).  A row that saw no key
+// (lse = -inf) gets +inf, so exp2(s2 - lse2) = 0 without a test per element
+// (and never exp2(-inf + inf) = NaN).
+__device__ __forceinline__ float lse_to_log2(float lse) {
+  return lse == fc_neg_inf<float>::value() ? -fc_neg_inf<float>::value()
+                                           : lse * float(FC_LOG2E);
+}
+
+// Backward: P = exp2(score2 - lse2) in place, from raw scores (one FMA without a
+// transform), 0 for invisible pairs where `need_mask`.  lse2(mt, h): the row's
+// LSE in log2 units.  Query rows past Sq are zero-filled (Q = dO = 0, lse =
+// delta = 0): P = 1 there but dO = 0 and dS = 0, so they add nothing.
+template <class V, int MT, int NT, class Lse2>
+__device__ __forceinline__ void probs_from_scores(const V &var, float (&s)[MT][NT][4],
+                                                  const Lse2 &lse2, int row0, int col0,
+                                                  bool need_mask, float scale_log2, int lane) {
+  const int g = lane >> 2, c4 = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int i = row0 + mt * 16 + g + 8 * h;
+      const float l2 = lse2(mt, h);
+      const int jlo = var.row_lo(i), jhi = var.row_hi(i);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = col0 + nt * 8 + 2 * c4 + e;
+          float &x = s[mt][nt][2 * h + e];
+          float p = V::TRANSFORM ? ex2(var.score2(x, i, j) - l2) : ex2(fmaf(x, scale_log2, -l2));
+          if (need_mask && (j < jlo || j > jhi)) p = 0.f;
+          x = p;
+        }
+    }
+}
+
+// dS = P o (dP - delta) in place in dp (times softcap's 1 - tanh^2, recovered
+// from P and the LSE).  delta(mt, h), lse2(mt, h): the row's values.
+template <class V, int MT, int NT, class Delta, class Lse2>
+__device__ __forceinline__ void ds_from_dp(const V &var, float (&dp)[MT][NT][4],
+                                           const float (&p)[MT][NT][4], const Delta &delta,
+                                           const Lse2 &lse2, int row0, int col0, int lane) {
+  const int g = lane >> 2, c4 = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float dl = delta(mt, h);
+      const float l2 = V::SOFTCAP ? lse2(mt, h) : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pe = p[mt][nt][2 * h + e];
+          float d = pe * (dp[mt][nt][2 * h + e] - dl);
+          if constexpr (V::SOFTCAP)
+            d *= var.dcap_from_prob(pe, l2, row0 + mt * 16 + g + 8 * h,
+                                    col0 + nt * 8 + 2 * c4 + e);
+          dp[mt][nt][2 * h + e] = d;
+        }
+    }
+}
+
+}  // namespace sm80

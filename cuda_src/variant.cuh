@@ -1,0 +1,184 @@
+// flashcupy: attention variants, the one place that knows which (query, key)
+// pairs exist and what their scores are.
+//
+// Every kernel body asks a Variant for
+//   * its loop ranges: the keys a query tile can see (key_begin / key_end), the
+//     queries a key tile is seen by (query_begin / query_end): causal and
+//     sliding-window attention from one formula, so a window does work in
+//     proportion to its width;
+//   * whether a tile needs per-element masking (needs_mask) and the element test
+//     (visible);
+//   * the score of a pair in log2 units (score2: softcap, ALiBi) and the
+//     derivative the backward multiplies dS by (softcap's 1 - tanh^2);
+//   * the softmax's extra sink logit (init_max / sink_term).
+// A new variant is a flag, fields of VariantArgs (params.cuh) and members here
+// (and its statement in flashcupy/reference.py), not an edit of every body.
+// Compare flash-attn's Mask<Is_causal, Is_local, Has_alibi> (csrc/flash_attn/src/
+// mask.h) and FlashInfer's DefaultAttention variants (attention/variants.cuh).
+//
+// Semantics (bottom-right aligned, flash-attn's window_size):
+//   visible(i, j)  iff  i + (Sk - Sq) - left <= j <= i + (Sk - Sq) + right, j < Sk
+//                  (causal: right = 0; an unbounded side is clamped by the host)
+//   score          s = scale q.k;  softcap c: s -> c tanh(s / c);
+//                  ALiBi slope m: s -> s - m |i + Sk - Sq - j|
+//   sink logit z   joins the softmax denominator: p_ij = e^s_ij / (e^z + sum_j e^s_ij)
+// Units: kernels work in log2 units (softmax.cuh), so score2 = score * log2(e).
+#pragma once
+#include "params.cuh"
+#include "softmax.cuh"
+
+// The VF template parameter of the kernels: which variants are compiled in.
+#define FC_VF_LOCAL 1    // window bounds (causal included)
+#define FC_VF_SOFTCAP 2  // tanh softcapping
+#define FC_VF_ALIBI 4    // ALiBi linear bias
+#define FC_VF_SINK 8     // attention sink (forward only: the backward sees it through the LSE)
+
+// exp2 / log2 / reciprocal at the accumulator's precision: MUFU approximations
+// (relative error ~2^-22) in float, exact-rounded library calls in double.
+__device__ __forceinline__ float fc_fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ double fc_fast_exp2(double x) { return exp2(x); }
+__device__ __forceinline__ float fc_fast_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ double fc_fast_log2(double x) { return log2(x); }
+__device__ __forceinline__ float fc_fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ double fc_fast_rcp(double x) { return 1.0 / x; }
+
+template <typename Acc, int VF>
+struct Variant {
+  static constexpr bool LOCAL = (VF & FC_VF_LOCAL) != 0;
+  static constexpr bool SOFTCAP = (VF & FC_VF_SOFTCAP) != 0;
+  static constexpr bool ALIBI = (VF & FC_VF_ALIBI) != 0;
+  static constexpr bool SINK = (VF & FC_VF_SINK) != 0;
+  // Scores need an element-wise transform into log2 units (otherwise a body may
+  // take the max over raw scores and fold the scale into one FMA per element).
+  static constexpr bool TRANSFORM = SOFTCAP || ALIBI;
+
+  int seqlen_q, seqlen_k;
+  int lo, hi;    // key j is visible from query i iff lo <= j - i <= hi (LOCAL)
+  int diag;      // Sk - Sq: ALiBi's distance is |i + diag - j|
+  Acc scale_log2, cap_inv2, cap_log2, cap_log2_inv;
+  Acc slope2;    // -slope * log2(e) of the bound batch element (bind)
+  Acc sink2;     // sink * log2(e) of the bound batch element
+
+  __device__ __forceinline__ Variant(const VariantArgs<Acc> &a, int sq, int sk, Acc scale_log2_)
+      : seqlen_q(sq), seqlen_k(sk), diag(sk - sq), scale_log2(scale_log2_), slope2(0),
+        sink2(0) {
+    lo = diag - a.window_left;
+    hi = diag + a.window_right;
+    cap_inv2 = a.softcap_inv2;
+    cap_log2 = a.softcap_log2;
+    cap_log2_inv = SOFTCAP ? Acc(1) / a.softcap_log2 : Acc(0);
+  }
+
+  // The per-(batch element, group) values: ALiBi slope and sink logit.
+  __device__ __forceinline__ void bind(const VariantArgs<Acc> &a, const BatchIndex &bi,
+                                       int grp = 0) {
+    if constexpr (ALIBI)
+      slope2 = -Acc(a.alibi.batch(bi.b0, bi.b1, bi.b2)[grp * a.alibi_sg]) * Acc(FC_LOG2E);
+    if constexpr (SINK)
+      sink2 = Acc(a.sink.batch(bi.b0, bi.b1, bi.b2)[grp * a.sink_sg]) * Acc(FC_LOG2E);
+  }
+
+  // ---- loop ranges ---------------------------------------------------------
+  // [key_begin(m0), key_end(m1)) holds every key that query rows [m0, m1) see.
+  __device__ __forceinline__ int key_begin(int m0) const {
+    return LOCAL ? fc_min(seqlen_k, fc_max(0, m0 + lo)) : 0;
+  }
+  __device__ __forceinline__ int key_end(int m1) const {
+    return LOCAL ? fc_max(0, fc_min(seqlen_k, m1 + hi)) : seqlen_k;
+  }
+  // [query_begin(n0), query_end(n1)) holds every query that sees keys [n0, n1).
+  __device__ __forceinline__ int query_begin(int n0) const {
+    return LOCAL ? fc_min(seqlen_q, fc_max(0, n0 - hi)) : 0;
+  }
+  __device__ __forceinline__ int query_end(int n1) const {
+    return LOCAL ? fc_max(0, fc_min(seqlen_q, n1 - lo)) : seqlen_q;
+  }
+
+  // ---- masking -------------------------------------------------------------
+  // Whether the tile rows [m0, m1) x keys [n0, n1) (n1 may pass Sk) holds a pair
+  // that is not visible; false means no element test is needed.  Rows past Sq
+  // may be included in [m0, m1): that only makes the answer more cautious.
+  __device__ __forceinline__ bool needs_mask(int m0, int m1, int n0, int n1) const {
+    return n1 > seqlen_k || (LOCAL && (n1 - 1 - m0 > hi || n0 - (m1 - 1) < lo));
+  }
+  // The visible keys of query row i: [row_lo(i), row_hi(i)] (the per-row form of
+  // visible, for fragments that walk a row), and the queries that see key j.
+  __device__ __forceinline__ int row_lo(int i) const { return LOCAL ? i + lo : -0x7fffffff; }
+  __device__ __forceinline__ int row_hi(int i) const {
+    return LOCAL ? fc_min(seqlen_k - 1, i + hi) : seqlen_k - 1;
+  }
+  __device__ __forceinline__ int col_lo(int j) const {
+    return j >= seqlen_k ? 0x7fffffff : LOCAL ? j - hi : -0x7fffffff;
+  }
+  __device__ __forceinline__ int col_hi(int j) const { return LOCAL ? j - lo : 0x7fffffff; }
+  __device__ __forceinline__ bool visible(int i, int j) const {
+    return j < seqlen_k && (!LOCAL || (j - i <= hi && j - i >= lo));
+  }
+
+  // ---- scores --------------------------------------------------------------
+  // ALiBi's term in log2 units.
+  __device__ __forceinline__ Acc alibi2(int i, int j) const {
+    const int d = i + diag - j;
+    return slope2 * Acc(d < 0 ? -d : d);
+  }
+  // tanh(raw * scale / c) as 1 - 2 / (2^(raw * cap_inv2) + 1): one exp2 and one
+  // reciprocal; +-1 for large |x| (2^y = inf gives rcp 0), absolute error ~1e-7
+  // in float near 0, where the score's own rounding is larger.
+  __device__ __forceinline__ Acc tanh_of(Acc raw) const {
+    return Acc(1) - Acc(2) * fc_fast_rcp(fc_fast_exp2(raw * cap_inv2) + Acc(1));
+  }
+  // The score of (i, j) in log2 units from the raw dot product q.k (TRANSFORM).
+  __device__ __forceinline__ Acc score2(Acc raw, int i, int j) const {
+    Acc x = SOFTCAP ? cap_log2 * tanh_of(raw) : raw * scale_log2;
+    if constexpr (ALIBI) x += alibi2(i, j);
+    return x;
+  }
+  // d(capped score) / d(scaled score) = 1 - tanh^2, from the raw dot product.
+  __device__ __forceinline__ Acc dcap_from_raw(Acc raw) const {
+    if constexpr (!SOFTCAP) return Acc(1);
+    const Acc t = tanh_of(raw);
+    return Acc(1) - t * t;
+  }
+  // The same from P = 2^(score2 - lse2) when the raw score is gone (the
+  // tensor-core backward overwrites it with P): tanh = (log2 P + lse2 - alibi2) /
+  // cap_log2.  P = 0 (masked or underflowed) gives 0, never 0 * -inf.
+  __device__ __forceinline__ Acc dcap_from_prob(Acc p, Acc lse2, int i, int j) const {
+    if constexpr (!SOFTCAP) return Acc(1);
+    if (!(p > Acc(0))) return Acc(0);
+    Acc x = fc_fast_log2(p) + lse2;
+    if constexpr (ALIBI) x -= alibi2(i, j);
+    const Acc t = x * cap_log2_inv;
+    return Acc(1) - t * t;
+  }
+
+  // P of a visible pair from its raw score and the row's natural-log LSE (the
+  // generic backward; softmax.cuh's one-FMA form when there is no transform).
+  __device__ __forceinline__ Acc prob_from_lse(Acc raw, Acc scale, Acc lse, int i, int j) const {
+    if constexpr (!TRANSFORM) return OnlineSoftmax<Acc>::prob_from_lse(raw, scale, lse);
+    return lse == fc_neg_inf<Acc>::value() ? Acc(0)
+                                           : fc_exp2(score2(raw, i, j) - lse * Acc(FC_LOG2E));
+  }
+
+  // ---- sink ----------------------------------------------------------------
+  // The sink is a key with score sink2 and no value: the running max starts at
+  // it, and exp2(sink2 - m) joins the row sum once, after the partial sums are
+  // reduced.  A row that sees no key then has out = 0 and lse = sink.
+  __device__ __forceinline__ Acc init_max() const {
+    return SINK ? sink2 : fc_neg_inf<Acc>::value();
+  }
+  __device__ __forceinline__ Acc sink_term(Acc m) const {
+    return SINK ? fc_fast_exp2(sink2 - m) : Acc(0);
+  }
+};

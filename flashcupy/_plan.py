@@ -1,0 +1,107 @@
+"""Plans: everything derived from a call's signature, built once and replayed.
+
+A plan is a list of steps over a {name: array} environment (allocations,
+workspace zeroing, launches, CuPy reductions).  Validation, batch layout,
+kernel choice and parameter packing happen once per signature; a repeated call
+only checks types, looks the plan up, allocates outputs and writes pointers.
+
+:data:`CACHE` is the one plan cache of the process: ``flashcupy.api`` keys it
+on CuPy array metadata, ``flashcupy.torch`` on tensor metadata (its keys start
+with "torch"), and both replay the same plans.
+"""
+from __future__ import annotations
+
+import threading
+
+
+class Plan:
+    """Steps over a {name: array} environment: ("alloc", name, shape, dtype),
+    ("alias", name, other), ("zero", name), ("launch", Launch),
+    ("host", fn, names): ``fn(env)`` with CuPy on the launch stream (gradient
+    reductions, dsink)."""
+
+    __slots__ = ("prob", "steps")
+
+    def __init__(self, prob):
+        self.prob, self.steps = prob, []
+
+    def alloc(self, env, name, shape, dtype):
+        import cupy
+
+        self.steps.append(("alloc", name, tuple(shape), dtype))
+        env[name] = cupy.empty(shape, dtype)
+        return env[name]
+
+    def alias(self, env, name, other):
+        self.steps.append(("alias", name, other))
+        env[name] = env[other]
+        return env[name]
+
+    def launches(self, ls):
+        self.steps.extend(("launch", x) for x in ls)
+
+    def host(self, fn):
+        self.steps.append(("host", fn))
+
+    def zero(self, name):
+        self.steps.append(("zero", name))
+
+    @property
+    def pointers_only(self) -> bool:
+        """Whether the steps need nothing of the arrays but their pointers (no
+        CuPy operation): what flashcupy.torch replays without CuPy views."""
+        return all(st[0] != "host" for st in self.steps)
+
+    def run(self, env, stream_ptr=None, alloc=None):
+        """Replays the steps on CuPy's current stream, or on ``stream_ptr``;
+        ``alloc(shape, dtype)`` replaces ``cupy.empty`` for the workspaces."""
+        import cupy
+
+        if stream_ptr is None:
+            stream_ptr = cupy.cuda.get_current_stream().ptr
+        for st in self.steps:
+            kind = st[0]
+            if kind == "launch":
+                st[1].run(env, stream_ptr)
+            elif kind == "alloc":
+                if st[1] not in env:  # the first run reuses what building allocated
+                    env[st[1]] = cupy.empty(st[2], st[3]) if alloc is None else alloc(*st[2:])
+            elif kind == "alias":
+                env[st[1]] = env[st[2]]
+            elif kind == "zero":
+                x = env[st[1]]  # contiguous (allocated by the plan)
+                cupy.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, stream_ptr)
+            elif cupy.cuda.get_current_stream().ptr == stream_ptr:
+                st[1](env)
+            else:
+                with cupy.cuda.ExternalStream(stream_ptr):
+                    st[1](env)
+
+
+class PlanCache:
+    """signature -> Plan, bounded (a full cache is simply cleared)."""
+
+    def __init__(self, max_plans: int = 4096):
+        self._plans: dict = {}
+        self._max = max_plans
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        return self._plans.get(key) if key is not None else None
+
+    def put(self, key, plan) -> None:
+        if key is None or plan is None:
+            return
+        with self._lock:
+            if len(self._plans) >= self._max:
+                self._plans.clear()
+            self._plans[key] = plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+CACHE = PlanCache()
