@@ -275,7 +275,7 @@ class _Window:
 
     def visible(self, i, j):
         """Elementwise: may query i see key j (i, j broadcast)?"""
-        ok = (j >= 0) & (j < self.seqlen_k)
+        ok = (i >= 0) & (i < self.seqlen_q) & (j >= 0) & (j < self.seqlen_k)
         if self.hi is not None:
             ok = ok & (j - i <= self.hi)
         if self.lo is not None:

@@ -39,8 +39,19 @@ def family(name, dtype):
     return fc.kernel_family(name)
 
 
-def check_forward(q, k, v, out, lse, causal, scale=None):
-    """Checks (out, lse) of fc.attention against the reference and the rule."""
+def _variant_ids(variant):
+    unknown = set(variant) - {"window", "softcap", "alibi_slopes", "sink"}
+    if unknown:
+        raise TypeError(f"unknown variant keywords {sorted(unknown)}")
+    return variant.get("window"), variant.get("sink")
+
+
+def check_forward(q, k, v, out, lse, causal, scale=None, **variant):
+    """Checks (out, lse) of fc.attention against the reference and the rule.
+
+    ``variant``: the keywords of the call (window, softcap, alibi_slopes, sink),
+    passed on to the references."""
+    window, sink = _variant_ids(variant)
     dtype = q.dtype
     sq, sk = q.shape[-2], k.shape[-2]
     batch = nv.batch_shape(q, k, v)
@@ -48,22 +59,32 @@ def check_forward(q, k, v, out, lse, causal, scale=None):
     assert lse.dtype == lse_dtype(dtype), f"lse dtype {lse.dtype}, expected {lse_dtype(dtype)}"
     assert out.shape == batch + (sq, v.shape[-1])
     assert lse.shape == batch + (sq,)
-    out_r, lse_r = nv.attention(q, k, v, causal, scale, dtype=np.float64)
-    out_n, lse_n = nv.attention(q, k, v, causal, scale)
+    out_r, lse_r = nv.attention(q, k, v, causal, scale, dtype=np.float64, **variant)
+    out_n, lse_n = nv.attention(q, k, v, causal, scale, **variant)
     A.assert_close("out", out, out_r, out_n)
     A.assert_close("lse", lse, lse_r, lse_n)
-    A.assert_empty_rows(sq, sk, causal, out=out, lse=lse)
+    A.assert_empty_rows(sq, sk, causal, out=out, lse=lse if sink is None else None,
+                        window=window)
 
 
-def check_backward(dout, q, k, v, grads, causal, scale=None):
-    """Checks (dq, dk, dv) of fc.attention_backward against the reference and the rule."""
-    assert len(grads) == 3
-    refs = nv.attention_backward(dout, q, k, v, causal, scale, dtype=np.float64)
-    naive = nv.attention_backward(dout, q, k, v, causal, scale)
-    magnitude = max(float(abs(nv.to_f64(r)).max()) if r.size else 0.0 for r in refs)
+def check_backward(dout, q, k, v, grads, causal, scale=None, **variant):
+    """Checks (dq, dk, dv) of fc.attention_backward against the reference and
+    the rule, and dsink (a fourth gradient) when ``variant`` has a sink."""
+    window, sink = _variant_ids(variant)
+    assert len(grads) == (3 if sink is None else 4), (
+        f"{len(grads)} gradients, expected {3 if sink is None else 4}")
+    refs = nv.attention_backward(dout, q, k, v, causal, scale, dtype=np.float64, **variant)
+    naive = nv.attention_backward(dout, q, k, v, causal, scale, **variant)
+    magnitude = max(float(abs(nv.to_f64(r)).max()) if r.size else 0.0 for r in refs[:3])
     for name, g, x, r, n in zip(("dq", "dk", "dv"), grads, (q, k, v), refs, naive):
         assert type(g) is type(x), f"{name}: {type(g)}, expected {type(x)}"
         assert g.dtype == x.dtype, f"{name} dtype {g.dtype}, expected {x.dtype}"
         assert g.shape == x.shape, f"{name} shape {g.shape}, expected the input's {x.shape}"
         A.assert_close(name, g, r, n, grad=True, magnitude=magnitude)
-    A.assert_empty_rows(q.shape[-2], k.shape[-2], causal, dq=grads[0])
+    if sink is not None:
+        g = grads[3]
+        assert type(g) is type(sink), f"dsink: {type(g)}, expected {type(sink)}"
+        assert g.dtype == np.float32, f"dsink dtype {g.dtype}, expected float32"
+        assert g.shape == sink.shape, f"dsink shape {g.shape}, expected the sink's {sink.shape}"
+        A.assert_close("dsink", g, refs[3], naive[3], grad=True)
+    A.assert_empty_rows(q.shape[-2], k.shape[-2], causal, dq=grads[0], window=window)

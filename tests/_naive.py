@@ -11,6 +11,10 @@ reference.  This module provides both sides:
   in float32, with every intermediate a framework would store in the dtype
   rounded to it -- q * scale, S, P, O (and in the backward dP, dS, dQ, dK, dV).
 
+The variants (window, softcap, ALiBi, sink) follow ``flashcupy.reference``'s
+semantics, written out again independently here (the float64 path is the GPU
+tests' reference), with the roundings a framework's recipe for each would do.
+
 Everything works on NumPy arrays too (CPU tests use that to check these
 helpers against ``flashcupy.reference``).  bfloat16 conversions are done with
 integer bit operations (round to nearest even), so they need no bfloat16
@@ -147,44 +151,105 @@ def sum_to_shape(g, shape):
     return g.reshape(shape)
 
 
-def empty_rows(seqlen_q, seqlen_k, causal):
-    """Number of leading query rows that see no key (all of them when Sk == 0)."""
+def effective_right(causal, window):
+    """The window's right side after causal (right = 0); None = unbounded."""
+    right = None if window is None else window[1]
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return right
+
+
+def empty_rows(seqlen_q, seqlen_k, causal, window=None):
+    """Number of leading query rows that see no key (all of them when Sk == 0).
+
+    Row i sees keys [i + Sk - Sq - left, i + Sk - Sq + right] within [0, Sk);
+    the left edge never empties a row (i < Sq), so only the leading rows with
+    i + Sk - Sq + right < 0 are empty."""
     if seqlen_k == 0:
         return seqlen_q
-    return max(0, seqlen_q - seqlen_k) if causal else 0
+    right = effective_right(causal, window)
+    if right is None:
+        return 0
+    return max(0, min(seqlen_q, seqlen_q - seqlen_k - right))
 
 
-def _probs(q, k, causal, scale, dtype):
-    """Forward up to P: returns (qs, P, lse) in the compute dtype, batch-broadcast."""
+def _per_batch(x, batch, cdt):
+    """alibi_slopes / sink (any xp array) in the compute dtype, broadcast to
+    ``batch`` and given two trailing axes (..., 1, 1)."""
+    xp = xp_of(x)
+    return xp.broadcast_to(x.astype(cdt), batch)[..., None, None]
+
+
+def _probs(q, k, causal, scale, dtype, batch, window=None, softcap=None, alibi_slopes=None,
+           sink=None):
+    """Forward up to P, batch-broadcast, in the compute dtype.
+
+    Returns ``(qs, p, lse, t, p_sink)``: q * scale, the softmax P, the LSE, the
+    stored tanh of the softcap (None without) and the sink's probability
+    (None without), each rounded where a framework would store it in the dtype:
+
+    * softcap c (the Gemma 2 recipe): ``t = tanh(S / c)``, ``S = t * c``, each
+      step rounded;
+    * ALiBi: the bias ``-slope |i + Sk - Sq - j|`` is a tensor in the dtype,
+      added to S (rounded);
+    * sink (the gpt-oss recipe): the sink logit, in the dtype, is appended as
+      one more column of S before the softmax and dropped after it.
+    """
     xp = xp_of(q)
     cdt = compute_dtype(dtype)
     rnd = rounder(dtype)
-    batch = tuple(np.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
     qc = xp.broadcast_to(upcast(q, dtype), batch + q.shape[-2:])
     kc = xp.broadcast_to(upcast(k, dtype), batch + k.shape[-2:])
     qs = rnd(qc * cdt.type(scale))                         # a framework scales q in the dtype
     s = rnd(xp.matmul(qs, xp.swapaxes(kc, -1, -2)))         # S stored in the dtype
+    t = None
+    if softcap is not None:
+        c = cdt.type(softcap)
+        t = rnd(xp.tanh(rnd(s / c)))
+        s = rnd(t * c)
     sq, sk = q.shape[-2], k.shape[-2]
-    if causal:
-        i = xp.arange(sq)[:, None]
-        j = xp.arange(sk)[None, :]
-        s = xp.where(j <= i + (sk - sq), s, cdt.type(-np.inf))
-    m = s.max(axis=-1)                                     # -inf for an empty row
+    i = xp.arange(sq)[:, None]
+    j = xp.arange(sk)[None, :]
+    if alibi_slopes is not None:
+        dist = xp.abs(i + (sk - sq) - j).astype(cdt)
+        s = rnd(s + rnd(-_per_batch(alibi_slopes, batch, cdt) * dist))
+    left = None if window is None else window[0]
+    right = effective_right(causal, window)
+    if left is not None or right is not None:
+        visible = xp.ones((sq, sk), dtype=bool)
+        if right is not None:
+            visible &= j <= i + (sk - sq) + right
+        if left is not None:
+            visible &= j >= i + (sk - sq) - left
+        s = xp.where(visible, s, cdt.type(-np.inf))
+    m = s.max(axis=-1, keepdims=True)                      # -inf for an empty row
+    z = None
+    if sink is not None:
+        z = rnd(_per_batch(sink, batch, cdt))                # (batch..., 1, 1)
+        m = xp.maximum(m, z)
     m_safe = xp.where(xp.isneginf(m), cdt.type(0), m)      # avoid (-inf) - (-inf)
-    e = xp.exp(s - m_safe[..., None])
-    l = e.sum(axis=-1)
+    e = xp.exp(s - m_safe)
+    l = e.sum(axis=-1, keepdims=True)
+    if z is not None:
+        e_sink = xp.exp(z - m_safe)
+        l = l + e_sink
     seen = l > 0
-    p = rnd(e / xp.where(seen, l, cdt.type(1))[..., None])  # softmax output in the dtype
-    lse = xp.where(seen, m_safe + xp.log(xp.where(seen, l, cdt.type(1))), cdt.type(-np.inf))
-    return qs, p, lse
+    l_safe = xp.where(seen, l, cdt.type(1))
+    p = rnd(e / l_safe)                                    # softmax output in the dtype
+    p_sink = None if z is None else rnd(e_sink / l_safe)
+    lse = xp.where(seen, m_safe + xp.log(l_safe), cdt.type(-np.inf))[..., 0]
+    return qs, p, lse, t, p_sink
 
 
-def attention(q, k, v, causal=False, scale=None, dtype=None):
+def attention(q, k, v, causal=False, scale=None, dtype=None, *, window=None, softcap=None,
+              alibi_slopes=None, sink=None):
     """Naive attention in ``dtype`` (default q's dtype).
 
     Returns ``(out, lse)`` in the compute dtype (float32, or float64 for
     float64), out rounded to ``dtype``, with the broadcast batch shape.
-    A row that sees no key gets out = 0 and lse = -inf.
+    A row that sees no key gets out = 0 and lse = -inf (lse = sink with a sink).
+    The variant keywords have flashcupy.reference's semantics; ``alibi_slopes``
+    and ``sink`` are arrays of the same module (cupy or numpy) as q.
     """
     xp = xp_of(q)
     dtype = np.dtype(q.dtype if dtype is None else dtype)
@@ -194,20 +259,27 @@ def attention(q, k, v, causal=False, scale=None, dtype=None):
     batch = batch_shape(q, k, v)
     sq, sk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if sq == 0 or sk == 0:   # reductions over empty axes: the answer is known
-        return (xp.zeros(batch + (sq, dv), cdt),
-                xp.full(batch + (sq,), -np.inf, cdt))
-    _, p, lse = _probs(q, k, causal, scale, dtype)
+        lse = xp.full(batch + (sq,), -np.inf, cdt)
+        if sink is not None:
+            z = rounder(dtype)(_per_batch(sink, batch, cdt)[..., 0])
+            lse = xp.ascontiguousarray(xp.broadcast_to(z, lse.shape))
+        return xp.zeros(batch + (sq, dv), cdt), lse
+    _, p, lse, _, _ = _probs(q, k, causal, scale, dtype, batch, window, softcap, alibi_slopes,
+                             sink)
     vc = xp.broadcast_to(upcast(v, dtype), batch + v.shape[-2:])
-    out = rounder(dtype)(xp.matmul(xp.broadcast_to(p, batch + p.shape[-2:]), vc))
-    return out, xp.broadcast_to(lse, batch + (sq,))
+    out = rounder(dtype)(xp.matmul(p, vc))
+    return out, lse
 
 
-def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None):
+def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None, *, window=None,
+                       softcap=None, alibi_slopes=None, sink=None):
     """Naive gradients in ``dtype`` (default q's dtype), from a naive forward.
 
-    Returns ``(dq, dk, dv)`` in the compute dtype, rounded to ``dtype``,
-    shaped like q, k, v (summed over broadcast axes in the compute dtype, then
-    rounded once, as a framework's expand-backward does).
+    Returns ``(dq, dk, dv)``, and ``dsink`` as a fourth when ``sink`` is given,
+    in the compute dtype, rounded to ``dtype``, shaped like q, k, v (and sink)
+    (summed over broadcast axes in the compute dtype, then rounded once, as a
+    framework's expand-backward does).  The softcap's chain rule runs through
+    the stored tanh: dS_raw = ((dS * c) * (1 - t^2)) / c, each step rounded.
     """
     xp = xp_of(q)
     dtype = np.dtype(q.dtype if dtype is None else dtype)
@@ -218,19 +290,27 @@ def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None):
     batch = batch_shape(q, k, v)
     sq, sk = q.shape[-2], k.shape[-2]
     if sq == 0 or sk == 0:
-        return (xp.zeros(q.shape, cdt), xp.zeros(k.shape, cdt), xp.zeros(v.shape, cdt))
-    qs, p, _ = _probs(q, k, causal, scale, dtype)
-    p = xp.broadcast_to(p, batch + p.shape[-2:])
-    qs = xp.broadcast_to(qs, batch + qs.shape[-2:])
+        grads = (xp.zeros(q.shape, cdt), xp.zeros(k.shape, cdt), xp.zeros(v.shape, cdt))
+        return grads if sink is None else grads + (xp.zeros(sink.shape, cdt),)
+    qs, p, _, t, p_sink = _probs(q, k, causal, scale, dtype, batch, window, softcap,
+                                 alibi_slopes, sink)
     kc = xp.broadcast_to(upcast(k, dtype), batch + k.shape[-2:])
     vc = xp.broadcast_to(upcast(v, dtype), batch + v.shape[-2:])
     do = xp.broadcast_to(upcast(dout, dtype), batch + (sq, v.shape[-1]))
 
     dv = xp.matmul(xp.swapaxes(p, -1, -2), do)                        # P^T dO
     dp = rnd(xp.matmul(do, xp.swapaxes(vc, -1, -2)))                  # dP = dO V^T
-    ds = rnd(p * (dp - (dp * p).sum(axis=-1, keepdims=True)))         # softmax backward
+    delta = (dp * p).sum(axis=-1, keepdims=True)                      # the sink's dP is 0
+    ds = rnd(p * (dp - delta))                                        # softmax backward
+    if t is not None:                                                 # S = c tanh(S_raw / c)
+        c = cdt.type(softcap)
+        ds = rnd(rnd(rnd(ds * c) * (1 - t * t)) / c)
     dqs = rnd(xp.matmul(ds, kc))                                      # grad of q * scale
     dq = dqs * cdt.type(scale)
     dk = xp.matmul(xp.swapaxes(ds, -1, -2), qs)
-    return (rnd(sum_to_shape(dq, q.shape)), rnd(sum_to_shape(dk, k.shape)),
-            rnd(sum_to_shape(dv, v.shape)))
+    grads = (rnd(sum_to_shape(dq, q.shape)), rnd(sum_to_shape(dk, k.shape)),
+             rnd(sum_to_shape(dv, v.shape)))
+    if sink is None:
+        return grads
+    ds_sink = rnd(p_sink * -delta)[..., 0]                            # the sink column of dS
+    return grads + (rnd(sum_to_shape(ds_sink.sum(axis=-1), sink.shape)),)
