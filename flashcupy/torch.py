@@ -502,8 +502,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             f"mask pass is_causal=True, for other masks use torch's own SDPA")
     if dropout_p != 0.0:
         raise NotImplementedError(
-            f"{fn}(): dropout_p={dropout_p} is not supported by flashcupy (only 0.0); "
-            f"pass dropout_p=0.0 (e.g. `dropout_p if self.training else 0.0` in eval)")
+            f"{fn}(): dropout_p={dropout_p} is not supported: flashcupy does not implement "
+            f"attention dropout yet; pass dropout_p=0.0 (in training too), or use "
+            f"torch.nn.functional.scaled_dot_product_attention where dropout is needed")
     _check_tensors(fn, query=query, key=key, value=value)
     query, key, value = _autocast(query, key, value)
     _check_dtypes(fn, query=query, key=key, value=value)
