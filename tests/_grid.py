@@ -67,9 +67,50 @@ def check_forward(q, k, v, out, lse, causal, scale=None, **variant):
                         window=window)
 
 
-def check_backward(dout, q, k, v, grads, causal, scale=None, **variant):
+def dsink_formula(dout, out, lse, sink, cdt):
+    """``dsink = -sum_i exp(sink - lse_i) * (dO_i . O_i)`` from the (out, lse) the
+    backward was given, in ``cdt`` (float32 or float64), summed onto the sink's
+    shape; also the same sum of the terms' absolute values (their magnitude)."""
+    xp = nv.xp_of(lse)
+    batch = tuple(lse.shape[:-1])
+    o = xp.broadcast_to(nv.to_f64(out).astype(cdt), batch + out.shape[-2:])
+    do = xp.broadcast_to(nv.to_f64(dout).astype(cdt), o.shape)
+    l = lse.astype(cdt)
+    z = xp.broadcast_to(sink.astype(cdt), batch)[..., None]
+    off = xp.isneginf(l) | xp.isneginf(z)
+    p_sink = xp.where(off, 0, xp.exp(xp.where(off, 0, z - xp.where(off, 0, l))))
+    terms = p_sink * (do * o).sum(axis=-1)
+    return (nv.sum_to_shape(-terms.sum(axis=-1), sink.shape),
+            nv.sum_to_shape(xp.abs(terms).sum(axis=-1), sink.shape))
+
+
+def check_dsink(dsink, dout, out, lse, sink, dtype):
+    """Checks dsink of fc.attention_backward: its shape, and its value as the
+    function of the backward's inputs that the API defines.
+
+    dsink depends on q, k, v only through the out and lse the backward is
+    handed (delta_i = dO_i . O_i with O in the dtype), and those are held to the
+    rule by the forward check.  So it is compared with the float64 formula on
+    those very inputs; the allowance is the same formula in the compute dtype
+    (float32 for 16-bit inputs: what a kernel can do at best), and the floor is
+    taken at the sum of the terms' absolute values (the sum over rows and
+    broadcast axes cancels).  Comparing with the exact dsink instead would
+    charge the kernel for the output rounding of O, by which a framework's
+    naive dsink (from P and dP) is not affected.
+    """
+    assert type(dsink) is type(sink), f"dsink: {type(dsink)}, expected {type(sink)}"
+    assert dsink.dtype == np.float32, f"dsink dtype {dsink.dtype}, expected float32"
+    assert dsink.shape == sink.shape, f"dsink shape {dsink.shape}, expected the sink's {sink.shape}"
+    ref, mag = dsink_formula(dout, out, lse, sink, nv.F64)
+    naive, _ = dsink_formula(dout, out, lse, sink, nv.compute_dtype(dtype))
+    A.assert_close("dsink", dsink, ref, naive, grad=True,
+                   magnitude=float(mag.max()) if mag.size else 0.0)
+
+
+def check_backward(dout, q, k, v, grads, causal, scale=None, *, fwd=None, **variant):
     """Checks (dq, dk, dv) of fc.attention_backward against the reference and
-    the rule, and dsink (a fourth gradient) when ``variant`` has a sink."""
+    the rule, and dsink (a fourth gradient) when ``variant`` has a sink; that
+    needs ``fwd``, the (out, lse) the backward was given (see check_dsink)."""
     window, sink = _variant_ids(variant)
     assert len(grads) == (3 if sink is None else 4), (
         f"{len(grads)} gradients, expected {3 if sink is None else 4}")
@@ -82,9 +123,7 @@ def check_backward(dout, q, k, v, grads, causal, scale=None, **variant):
         assert g.shape == x.shape, f"{name} shape {g.shape}, expected the input's {x.shape}"
         A.assert_close(name, g, r, n, grad=True, magnitude=magnitude)
     if sink is not None:
-        g = grads[3]
-        assert type(g) is type(sink), f"dsink: {type(g)}, expected {type(sink)}"
-        assert g.dtype == np.float32, f"dsink dtype {g.dtype}, expected float32"
-        assert g.shape == sink.shape, f"dsink shape {g.shape}, expected the sink's {sink.shape}"
-        A.assert_close("dsink", g, refs[3], naive[3], grad=True)
+        if fwd is None:
+            raise TypeError("check_backward: a sink needs fwd=(out, lse), the backward's inputs")
+        check_dsink(grads[3], dout, fwd[0], fwd[1], sink, q.dtype)
     A.assert_empty_rows(q.shape[-2], k.shape[-2], causal, dq=grads[0], window=window)

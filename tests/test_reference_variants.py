@@ -626,3 +626,34 @@ def test_tolerance_rule_with_variants(dtype, combo, seed):
             with pytest.raises(AssertionError, match="max error"):
                 A.assert_close("dsink", bad.astype(np.float32), grads_r[3], grads_n[3],
                                grad=True)
+
+
+@pytest.mark.parametrize("dtype", nv.DTYPES, ids=lambda d: nv.DTYPE_IDS[d])
+def test_check_dsink_passes_ideal_and_fails_broken(dtype, seed):
+    """_grid.check_dsink (the GPU tests' dsink check): the float64 formula on the
+    backward's own (out, lse), rounded to float32, passes; a dsink off by 0.1 %,
+    of the wrong sign, not summed over the broadcast axes, or of the wrong dtype
+    fails."""
+    import _grid as G
+
+    q, k, v, dout = nv.randn_many(np, seed, [(2, 2, 60, 32), (2, 1, 90, 32), (2, 1, 90, 32),
+                                            (2, 2, 60, 32)], dtype)
+    sink = (math.log(90) + _rng(seed).standard_normal(2)).astype(np.float32)
+    out_r, lse_r = nv.attention(q, k, v, True, dtype=np.float64, window=(20, None), sink=sink)
+    out, lse = nv.cast(out_r, dtype), lse_r.astype(G.lse_dtype(dtype))
+    want, mag = G.dsink_formula(dout, out, lse, sink, nv.F64)
+    assert want.shape == sink.shape and (mag >= np.abs(want)).all()
+    # the formula is the reference's dsink when out and lse are exact
+    *_, dsink_exact = ref.attention_backward_naive(dout, q, k, v, out_r, lse_r, True,
+                                                   window=(20, None), sink=sink)
+    exact, _ = G.dsink_formula(dout, out_r, lse_r, sink, nv.F64)
+    _close(exact, dsink_exact)
+    G.check_dsink(want.astype(np.float32), dout, out, lse, sink, dtype)
+    for bad in (want * 1.001, -want):
+        with pytest.raises(AssertionError, match="max error"):
+            G.check_dsink(bad.astype(np.float32), dout, out, lse, sink, dtype)
+    with pytest.raises(AssertionError, match="shape"):
+        G.check_dsink(np.zeros((2, 2), np.float32), dout, out, lse, sink, dtype)
+    with pytest.raises(AssertionError, match="dtype"):
+        G.check_dsink(want, dout, out, lse, sink, dtype)
+
