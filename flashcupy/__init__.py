@@ -5,27 +5,46 @@
     dq, dk, dv = flashcupy.attention_backward(dout, q, k, v, out, lse)
 
 Kernels are CUDA C++ (``cuda_src/``) compiled at run time by NVRTC through
-``cupy.RawModule``; PyTorch users see ``flashcupy.torch``.
+``cupy.RawModule``; PyTorch users see ``flashcupy.torch``.  ``flashcupy.reference``
+(float64 NumPy) needs no CuPy and no GPU.
 """
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
-from . import _config, _dtypes
-from .api import attention, attention_backward  # raises a helpful ImportError without CuPy
-from ._config import kernel_family
 from . import reference
+from ._config import kernel_family
+
+# The GPU entry points live in flashcupy.api, which needs CuPy.  They are loaded
+# on first use so that `import flashcupy` and flashcupy.reference work on a
+# machine without CuPy; there, using one raises api's ImportError with the
+# install command.
+_LAZY = ("attention", "attention_backward")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import api
+
+        value = getattr(api, name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
 
 
 def families_for(dtype, device=None) -> tuple:
     """Kernel families that can run ``dtype`` inputs on ``device`` (default: the
-    current CuPy device), in the order ``kernel_family`` accepts them."""
-    import cupy
+    current CuPy device), in the order ``kernel_family`` accepts them.
 
-    dev = cupy.cuda.Device(device) if device is not None else cupy.cuda.Device()
+    Raises ``RuntimeError`` when no CUDA GPU or driver is found."""
+    from . import _config, _dtypes, api
+
     if not _dtypes.is_supported(dtype):
         raise TypeError(f"unsupported dtype {dtype}; expected {_dtypes.describe_supported()}")
-    return _config.families_for(_dtypes.info(dtype).name, int(dev.compute_capability))
+    cc = api._compute_capability(api._device_id(device))
+    return _config.families_for(_dtypes.info(dtype).name, cc)
 
 
 __all__ = ["attention", "attention_backward", "kernel_family", "families_for", "reference",

@@ -16,11 +16,16 @@ from ._problem import Features, Problem
 
 try:
     import cupy
-except ImportError as e:  # pragma: no cover - exercised only without CuPy
+except ImportError as e:  # exercised by tests/test_cpu_only.py
+    # The commands must work as typed: flashcupy is installed from a checkout,
+    # so name CuPy's own packages (and the checkout's extras), not flashcupy's.
     raise ImportError(
-        "flashcupy needs CuPy. Install it with the extra for your CUDA major version, "
-        "e.g. `pip install \"flashcupy[cuda13]\"` (or `flashcupy[cuda12]`); if you already "
-        "have a CuPy build, install flashcupy without extras.") from e
+        "flashcupy.attention needs CuPy, which is not installed. Install the CuPy for the "
+        "CUDA major version your NVIDIA driver supports (`nvidia-smi` shows it): "
+        "`pip install \"cupy-cuda13x[ctk]\"` (CUDA 13, driver >= 580) or "
+        "`pip install \"cupy-cuda12x[ctk]\"` (CUDA 12, driver >= 525); from a flashcupy "
+        "checkout, `pip install -e \".[cuda13]\"` (or `.[cuda12]`) does the same. "
+        "flashcupy.reference runs without CuPy.") from e
 
 
 # ---------------------------------------------------------------------------
@@ -89,9 +94,36 @@ def _check_dtype(fn: str, name: str, x):
                         f"{_dtypes.describe_supported()}")
 
 
+def _no_gpu_error(e: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"no CUDA GPU or driver found ({e}). flashcupy's kernels need an NVIDIA GPU whose "
+        f"driver supports this CuPy's CUDA version (CUDA "
+        f"{cupy.cuda.runtime.runtimeGetVersion() // 1000}); `nvidia-smi` lists the GPUs and "
+        f"the highest CUDA version the driver supports. flashcupy.reference runs on the CPU.")
+
+
+def _device_id(device=None) -> int:
+    """The CUDA device id of ``device`` (int or cupy Device; None: the current one)."""
+    try:
+        if device is None:
+            return cupy.cuda.runtime.getDevice()
+        return cupy.cuda.Device(device).id
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        # Without a driver (or a GPU) CUDA answers cudaErrorInsufficientDriver or
+        # cudaErrorNoDevice, which reads like a version problem; say what it is.
+        if not cupy.cuda.is_available():
+            raise _no_gpu_error(e) from None
+        raise
+
+
 @functools.lru_cache(maxsize=None)
 def _compute_capability(device_id: int) -> int:
-    return int(cupy.cuda.Device(device_id).compute_capability)
+    try:
+        return int(cupy.cuda.Device(device_id).compute_capability)
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        if not cupy.cuda.is_available():
+            raise _no_gpu_error(e) from None
+        raise
 
 
 def _last_axis_contiguous(x):
