@@ -6,9 +6,12 @@ and binds the real PyTorch, not this module.)
 
 Public functions
 ----------------
-attention(q, k, v, *, causal=False, scale=None, return_lse=False)
+attention(q, k, v, *, causal=False, scale=None, return_lse=False, window=None,
+          softcap=None, alibi_slopes=None, sink=None)
     flashcupy's own convention: leading dims broadcast like ``torch.matmul``
-    (MQA/GQA), causal masking is bottom-right aligned.
+    (MQA/GQA), causal masking and windows are bottom-right aligned; the
+    variants (sliding window, softcap, ALiBi, attention sinks) as in
+    ``flashcupy.attention``.  ``sink`` is differentiable, ``alibi_slopes`` not.
 scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                              is_causal=False, *, scale=None, enable_gqa=False)
     a drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on the
@@ -22,6 +25,21 @@ How a call reaches the kernels
 2. ``torch.ops.flashcupy.attention_fwd`` / ``attention_bwd``: custom operators
    (``torch.library.custom_op``) with fake (meta) implementations, so autograd,
    ``torch.compile(fullgraph=True)`` and ``opcheck`` treat them like any ATen op.
+   Their schemas::
+
+       attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? scale,
+                     int? window_left=None, int? window_right=None,
+                     float? softcap=None, Tensor? alibi=None, Tensor? sink=None)
+           -> (Tensor out, Tensor lse)
+       attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
+                     Tensor lse, bool causal, float? scale, bool deterministic,
+                     <the same five variant arguments>)
+           -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)
+
+   ``dsink`` is float32 with the sink's shape, or an empty float32 tensor of
+   shape (0,) when there is no sink.  A window side of None is unbounded
+   (both None: no window); ``causal`` stays its own flag (it sets the right
+   side to 0, as in ``flashcupy.attention``).
    Eager calls (not under ``torch.compile``) run the same implementation and
    autograd rule through a plain ``torch.autograd.Function``, whose dispatch
    costs a fraction of a custom operator's.
@@ -33,7 +51,13 @@ How a call reaches the kernels
    PyTorch's allocator too (see ``_cupy_on_torch``), which keeps the call safe
    to capture in a CUDA graph.  Later calls with the same metadata replay the
    plan that call built on raw pointers (``_replay``), workspaces again from
-   PyTorch's allocator.
+   PyTorch's allocator.  Plans live in flashcupy's one plan cache
+   (``flashcupy._plan.CACHE``, shared with ``flashcupy.api``) under keys that
+   start with "torch" and hold every argument the plan depends on (the
+   variant's window, softcap and the ALiBi/sink tensors' metadata included).
+   A plan with a CuPy host step (the sink's gradient, gradient reductions
+   over broadcast axes) is not replayed on raw pointers: such calls go
+   through CuPy views every time.
 
 The LSE output is not differentiable: ``attention(..., return_lse=True)``
 returns it with ``requires_grad=False``.
@@ -46,7 +70,7 @@ import cupy
 import numpy as np
 import torch  # the real PyTorch (absolute import), not this module
 
-from flashcupy import _config, api
+from flashcupy import _config, _plan, api
 
 __all__ = ["attention", "scaled_dot_product_attention"]
 
@@ -123,6 +147,63 @@ def _check_scale(fn: str, scale) -> float | None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{fn}(): scale must be a Python float or None, got {type(scale).__name__}")
     return float(scale)
+
+
+def _check_window(fn: str, window) -> tuple:
+    """(left, right), each a Python int >= 0 or None; ``window=None`` is (None, None).
+    flashcupy.api's check (pure Python), its messages naming ``window``."""
+    return api._check_window(f"{fn}()", window)
+
+
+def _check_softcap(fn: str, softcap) -> float | None:
+    """A finite float > 0, or None (flashcupy.api's check, pure Python)."""
+    return api._check_softcap(f"{fn}()", softcap)
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` itself (numpy rules), without
+    numpy (SymInt-safe: under torch.compile the comparisons become guards)."""
+    if len(shape) > len(target):
+        return False
+    return all(a == 1 or a == b for a, b in zip(reversed(tuple(shape)), reversed(tuple(target))))
+
+
+def _check_head_tensor(fn: str, name: str, x, batch_shape, device: torch.device) -> None:
+    """alibi_slopes / sink: None, or a float32 tensor on the inputs' device whose
+    shape broadcasts to the batch dims of the call (one value per batch element:
+    ``(H,)``, ``(B, H)``, ``(Hkv, G)`` for GQA, ...)."""
+    if x is None:
+        return
+    batch = tuple(batch_shape)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{fn}(): {name} must be a torch.Tensor (float32, on the device of q, k, v) or "
+            f"None, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{fn}(): {name} must be a dense (strided) tensor, got layout {x.layout}")
+    if x.dtype != torch.float32:
+        raise TypeError(
+            f"{fn}(): {name} has dtype {_dtype_name(x.dtype)}; expected float32 (one value per "
+            f"batch element, broadcastable to the batch dims {batch} of q, k, v)")
+    if x.device != device:
+        raise ValueError(
+            f"{fn}(): {name} is on {x.device} but q, k and v are on {device}; pass {name} "
+            f"on {device}")
+    if not _broadcasts_to(x.shape, batch):
+        raise ValueError(
+            f"{fn}(): {name} has shape {tuple(x.shape)}, which does not broadcast to the batch "
+            f"dims {batch} of q, k, v (numpy rules; e.g. shape (H,) or (B, H), or (Hkv, G) "
+            f"for grouped heads)")
+
+
+def _check_variants(fn: str, q, k, v, alibi_slopes, sink) -> None:
+    """The variant tensors against the (already checked) q, k, v: pure Python
+    on metadata, so it runs at trace time under torch.compile."""
+    if alibi_slopes is None and sink is None:
+        return
+    batch = _output_shapes(q.shape, k.shape, v.shape)[1][:-1]
+    _check_head_tensor(fn, "alibi_slopes", alibi_slopes, batch, q.device)
+    _check_head_tensor(fn, "sink", sink, batch, q.device)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -233,10 +314,12 @@ def _cupy_on_torch(device: torch.device):
 # replaying plans on tensors (no CuPy views)
 # ----------------------------------------------------------------------------
 # The first call of a signature goes through CuPy views and flashcupy.api,
-# which validates, picks kernels and builds a plan (api._Plan).  That plan is
-# remembered here under the tensors' metadata, and later calls replay it on
-# raw pointers: no DLPack export, no CuPy stream, device or allocator context.
-# Those cost ~150 us per forward call at small sizes, far more than the kernels.
+# which validates, picks kernels and builds a plan (flashcupy._plan.Plan).
+# That plan is remembered in the one plan cache (_plan.CACHE, which api keys on
+# CuPy array metadata) under a key of the tensors' metadata that starts with
+# "torch", and later calls replay it on raw pointers: no DLPack export, no CuPy
+# stream, device or allocator context.  Those cost ~150 us per forward call at
+# small sizes, far more than the kernels.
 
 class _Ptr:
     """What a plan replay needs of a tensor: its address and size.  Holds the
@@ -253,8 +336,7 @@ class _Ptr:
         return self
 
 
-_PLANS: dict = {}
-_MAX_PLANS = 4096  # a full cache is simply cleared
+_PLANS = _plan.CACHE  # flashcupy's one plan cache (bounded: a full cache is cleared)
 # the plan's workspace dtypes (numpy types or dtypes) -> torch dtypes
 _WORKSPACE_DTYPES = {np.float32: torch.float32, np.dtype(np.float32): torch.float32,
                      np.float64: torch.float64, np.dtype(np.float64): torch.float64}
@@ -266,29 +348,44 @@ except AttributeError:  # pragma: no cover - older PyTorch
         return torch.cuda.current_stream(index).cuda_stream
 
 
-def _plan_key(kind: str, tensors, causal: bool, scale):
-    """Everything the plan depends on, from tensor metadata; None if ``scale``
-    is of a type the API would judge (then there is no replay)."""
+def _meta(t: torch.Tensor) -> tuple:
+    return (t.shape, t.stride(), t.dtype, t.get_device())
+
+
+def _plan_key(kind: str, tensors, causal: bool, scale, window_left=None, window_right=None,
+              softcap=None, extras=(None, None)):
+    """Everything the plan depends on, from tensor metadata: the kind, causal,
+    scale, the variant (window sides, softcap, the metadata of the ALiBi
+    slopes and the sink, ``extras``, None where absent) and the kernel family.
+    Starts with "torch" (flashcupy.api's keys in the shared cache never do).
+    None if a scalar is of a type the API would judge (then there is no replay)."""
     if not (scale is None or type(scale) is float):
         return None
-    sig = [kind, causal, scale, _config.current_family()]
+    if not (softcap is None or type(softcap) is float):
+        return None
+    if not all(w is None or type(w) is int for w in (window_left, window_right)):
+        return None
+    sig = ["torch", kind, causal, scale, window_left, window_right, softcap,
+           _config.current_family()]
     for t in tensors:
-        sig.extend((t.shape, t.stride(), t.dtype, t.get_device()))
+        sig.extend(_meta(t))
+    for t in extras:
+        sig.append(None if t is None else _meta(t))
     return tuple(sig)
 
 
 def _remember(key, plan) -> None:
+    """Remembers a plan for raw-pointer replays; plans with a CuPy host step
+    (``pointers_only`` False: dsink, gradient reductions) are not."""
     if key is None or plan is None or not plan.pointers_only:
         return
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = plan
+    _PLANS.put(key, plan)
 
 
 def _replay(key, device_index: int, env: dict) -> bool:
     """Runs the remembered plan of ``key`` on the tensors of ``env`` on PyTorch's
     current stream; False (nothing launched) when there is none to replay."""
-    plan = _PLANS.get(key) if key is not None else None
+    plan = _PLANS.get(key)
     if plan is None or torch.cuda.current_device() != device_index:
         return False
     device = torch.device("cuda", device_index)
@@ -303,93 +400,167 @@ def _replay(key, device_index: int, env: dict) -> bool:
 # ----------------------------------------------------------------------------
 # custom operators
 # ----------------------------------------------------------------------------
+# The variant travels as five trailing arguments with defaults (so a call
+# without them, like the SDPA drop-in's, is unchanged): window_left,
+# window_right (None: unbounded), softcap (None: off), alibi and sink (float32
+# tensors broadcastable to the batch dims, or None).
 
-def _fwd_impl(q, k, v, causal, scale):
+_VARIANT_SCHEMA = ("int? window_left=None, int? window_right=None, float? softcap=None, "
+                   "Tensor? alibi=None, Tensor? sink=None")
+_N_FWD_INPUTS = 10  # q, k, v, causal, scale, and the five variant arguments
+
+
+def _window_arg(window_left, window_right):
+    """The ``window`` argument of flashcupy.api: None when both sides are unbounded."""
+    if window_left is None and window_right is None:
+        return None
+    return (window_left, window_right)
+
+
+def _as_cupy_opt(t):
+    return None if t is None else _as_cupy(t)
+
+
+def _fwd_impl(q, k, v, causal, scale, window_left=None, window_right=None, softcap=None,
+              alibi=None, sink=None):
     # shapes validated (ValueError) before anything is allocated
     out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
     # outputs from PyTorch's caching allocator: the kernels write into them in place
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=q.device)
-    key = _plan_key("fwd", (q, k, v), causal, scale)
-    if _replay(key, q.get_device(), {"q": q, "k": k, "v": v, "o": out, "lse": lse}):
+    key = _plan_key("fwd", (q, k, v), causal, scale, window_left, window_right, softcap,
+                    (alibi, sink))
+    env = {"q": q, "k": k, "v": v, "o": out, "lse": lse}
+    if alibi is not None:
+        env["alibi"] = alibi
+    if sink is not None:
+        env["sink"] = sink
+    if _replay(key, q.get_device(), env):
         return out, lse
+    window = _window_arg(window_left, window_right)
     with _cupy_on_torch(q.device):
         cq, ck, cv = _as_cupy(q), _as_cupy(k), _as_cupy(v)
-        api._forward(cq, ck, cv, causal=causal, scale=scale, out=_as_cupy(out),
-                     lse=_as_cupy(lse))
-        _remember(key, api.cached_plan("fwd", (cq, ck, cv), causal, scale))
+        ca, cs = _as_cupy_opt(alibi), _as_cupy_opt(sink)
+        api._forward(cq, ck, cv, causal=causal, scale=scale, window=window, softcap=softcap,
+                     alibi_slopes=ca, sink=cs, out=_as_cupy(out), lse=_as_cupy(lse))
+        _remember(key, api.cached_plan("fwd", (cq, ck, cv), causal, scale, window, softcap,
+                                       (ca, cs)))
     return out, lse
 
 
 @torch.library.custom_op(
     "flashcupy::attention_fwd", mutates_args=(), device_types="cuda",
-    schema="(Tensor q, Tensor k, Tensor v, bool causal, float? scale) -> (Tensor, Tensor)")
-def _attention_fwd(q, k, v, causal, scale):
-    return _fwd_impl(q, k, v, causal, scale)
+    schema=f"(Tensor q, Tensor k, Tensor v, bool causal, float? scale, {_VARIANT_SCHEMA}) "
+           f"-> (Tensor, Tensor)")
+def _attention_fwd(q, k, v, causal, scale, window_left=None, window_right=None, softcap=None,
+                   alibi=None, sink=None):
+    return _fwd_impl(q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink)
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, causal, scale):
+def _attention_fwd_fake(q, k, v, causal, scale, window_left=None, window_right=None,
+                        softcap=None, alibi=None, sink=None):
     out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
     return (q.new_empty(out_shape),
             q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype)))
 
 
-def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic):
+def _dsink_buffer(q, sink, fake=False):
+    """dsink: float32 of the sink's shape (C-contiguous), or an empty (0,) tensor
+    when there is no sink (an operator returns tensors, never None)."""
+    shape = (0,) if sink is None else sink.shape
+    if fake:
+        return q.new_empty(shape, dtype=torch.float32)
+    return torch.empty(shape, dtype=torch.float32, device=q.device)
+
+
+def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
+              window_right=None, softcap=None, alibi=None, sink=None):
     # gradients have their inputs' shapes (summed over broadcast axes), C-contiguous
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dsink = _dsink_buffer(q, sink)
     kind = "bwd-det" if deterministic else "bwd"
     inputs = (dout, q, k, v, out, lse)
-    key = _plan_key(kind, inputs, causal, scale)
+    key = _plan_key(kind, inputs, causal, scale, window_left, window_right, softcap,
+                    (alibi, sink))
     env = {"dout": dout, "q": q, "k": k, "v": v, "o": out, "lse": lse,
            "dq_out": dq, "dk_out": dk, "dv_out": dv}
+    if alibi is not None:
+        env["alibi"] = alibi
+    if sink is not None:
+        env.update(sink=sink, dsink_out=dsink)
+    # (with a sink the plan has a host step, dsink, and is never remembered:
+    # such calls always take the CuPy route below)
     if _replay(key, q.get_device(), env):
-        return dq, dk, dv
+        return dq, dk, dv, dsink
+    window = _window_arg(window_left, window_right)
     with _cupy_on_torch(q.device):
         cin = tuple(_as_cupy(t) for t in inputs)
+        ca, cs = _as_cupy_opt(alibi), _as_cupy_opt(sink)
         api._backward(*cin, causal=causal, scale=scale, deterministic=deterministic,
-                      dq=_as_cupy(dq), dk=_as_cupy(dk), dv=_as_cupy(dv))
-        _remember(key, api.cached_plan(kind, cin, causal, scale))
-    return dq, dk, dv
+                      window=window, softcap=softcap, alibi_slopes=ca, sink=cs,
+                      dq=_as_cupy(dq), dk=_as_cupy(dk), dv=_as_cupy(dv),
+                      dsink=None if sink is None else _as_cupy(dsink))
+        _remember(key, api.cached_plan(kind, cin, causal, scale, window, softcap, (ca, cs)))
+    return dq, dk, dv, dsink
 
 
 @torch.library.custom_op(
     "flashcupy::attention_bwd", mutates_args=(), device_types="cuda",
-    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
-           "float? scale, bool deterministic) -> (Tensor, Tensor, Tensor)")
-def _attention_bwd(dout, q, k, v, out, lse, causal, scale, deterministic):
-    return _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic)
+    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+           f"float? scale, bool deterministic, {_VARIANT_SCHEMA}) "
+           f"-> (Tensor, Tensor, Tensor, Tensor)")
+def _attention_bwd(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
+                   window_right=None, softcap=None, alibi=None, sink=None):
+    return _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left,
+                     window_right, softcap, alibi, sink)
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, deterministic):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
+                        window_right=None, softcap=None, alibi=None, sink=None):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            _dsink_buffer(q, sink, fake=True))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    # the dispatcher drops trailing arguments equal to their defaults: pad them back
+    inputs = tuple(inputs) + (None,) * (_N_FWD_INPUTS - len(inputs))
+    q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, alibi, sink)
     ctx.causal = causal
     ctx.scale = scale
+    ctx.variant = (window_left, window_right, softcap)
 
 
-def _backward(ctx, dout, dlse):
-    # dlse is ignored: lse is marked non-differentiable in _setup_context
-    q, k, v, out, lse = ctx.saved_tensors
+def _grads(ctx, dq, dk, dv, dsink, sink):
+    """One gradient per forward input: q, k, v, then None for the flags and
+    scalars and for the ALiBi slopes (not differentiable), dsink for the sink."""
+    need = tuple(ctx.needs_input_grad) + (False,) * _N_FWD_INPUTS
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            None, None, None, None, None, None,
+            dsink if sink is not None and need[9] else None)
+
+
+def _run_backward(ctx, dout, bwd):
+    q, k, v, out, lse, alibi, sink = ctx.saved_tensors
     if dout.stride(-1) != 1:
         # e.g. the fully expanded (all strides 0) gradient of out.sum(); the core
         # wants a unit-stride last axis, so make that one copy here, in PyTorch
         dout = dout.contiguous()
-    dq, dk, dv = torch.ops.flashcupy.attention_bwd(
-        dout, q, k, v, out, lse, ctx.causal, ctx.scale,
-        torch.are_deterministic_algorithms_enabled())
-    need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
-            None, None)
+    dq, dk, dv, dsink = bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
+                            torch.are_deterministic_algorithms_enabled(), *ctx.variant,
+                            alibi, sink)
+    return _grads(ctx, dq, dk, dv, dsink, sink)
+
+
+def _backward(ctx, dout, dlse):
+    # dlse is ignored: lse is marked non-differentiable in _setup_context
+    return _run_backward(ctx, dout, torch.ops.flashcupy.attention_bwd)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -403,31 +574,29 @@ class _EagerAttention(torch.autograd.Function):
     operators are used (``_attention``), so tracing sees an opaque op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        out, lse = _fwd_impl(q, k, v, causal, scale)
-        _setup_context(ctx, (q, k, v, causal, scale), (out, lse))
+    def forward(ctx, q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink):
+        out, lse = _fwd_impl(q, k, v, causal, scale, window_left, window_right, softcap, alibi,
+                             sink)
+        _setup_context(ctx, (q, k, v, causal, scale, window_left, window_right, softcap, alibi,
+                             sink), (out, lse))
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout.stride(-1) != 1:
-            dout = dout.contiguous()
-        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
-                               torch.are_deterministic_algorithms_enabled())
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
-                None, None)
+        return _run_backward(ctx, dout, _bwd_impl)
 
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
-def _attention(q, k, v, causal: bool, scale):
+def _attention(q, k, v, causal: bool, scale, window_left=None, window_right=None, softcap=None,
+               alibi=None, sink=None):
     if _is_compiling():
-        return torch.ops.flashcupy.attention_fwd(q, k, v, causal, scale)
-    return _EagerAttention.apply(q, k, v, causal, scale)
+        return torch.ops.flashcupy.attention_fwd(q, k, v, causal, scale, window_left,
+                                                 window_right, softcap, alibi, sink)
+    return _EagerAttention.apply(q, k, v, causal, scale, window_left, window_right, softcap,
+                                 alibi, sink)
 
 
 # ----------------------------------------------------------------------------
@@ -435,8 +604,10 @@ def _attention(q, k, v, causal: bool, scale):
 # ----------------------------------------------------------------------------
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: float | None = None, return_lse: bool = False):
-    """FlashAttention on CUDA tensors, differentiable w.r.t. ``q``, ``k`` and ``v``.
+              scale: float | None = None, return_lse: bool = False,
+              window: tuple | None = None, softcap: float | None = None,
+              alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None):
+    """FlashAttention on CUDA tensors, differentiable w.r.t. ``q``, ``k``, ``v`` (and ``sink``).
 
     Parameters
     ----------
@@ -456,6 +627,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         Multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
     return_lse : bool
         Also return the row log-sum-exp of the scaled scores (natural log).
+    window : (left, right), optional
+        Sliding-window (local) attention, bottom-right aligned like ``causal``:
+        query ``i`` sees key ``j`` iff ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``.
+        Each side is an int >= 0 or None (unbounded); ``causal=True`` sets
+        ``right = 0``.
+    softcap : float, optional
+        ``c > 0``: the scaled score ``s`` becomes ``c * tanh(s / c)`` before any
+        mask, ALiBi or softmax.
+    alibi_slopes : torch.Tensor, float32, optional
+        On the inputs' device, broadcastable to the batch dims (``(H,)``,
+        ``(B, H)``, ``(Hkv, G)`` for grouped heads): adds
+        ``-slope * |i + Sk - Sq - j|`` to the scaled score.  Not differentiable
+        (its gradient is None).
+    sink : torch.Tensor, float32, optional
+        On the inputs' device, broadcastable to the batch dims: one logit per
+        (batch,) head that joins the softmax denominator and carries no value;
+        ``lse`` includes it.  Differentiable: its gradient has the sink's shape
+        (summed over the axes it was broadcast along).
 
     Returns
     -------
@@ -463,16 +652,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     lse : torch.Tensor, shape (*batch, Sq), float32 (float64 for float64 input)
         Only with ``return_lse=True``; not differentiable.
 
-    Any subset of ``q``, ``k``, ``v`` may require grad.  The kernels run on
+    Any subset of ``q``, ``k``, ``v`` (and ``sink``) may require grad.  The kernels run on
     ``torch.cuda.current_stream()`` of the tensors' device.  Under
     ``torch.autocast("cuda")`` inputs are cast to the autocast dtype, as for
     PyTorch's SDPA.
     """
-    _check_tensors("attention", q=q, k=k, v=v)
-    q, k, v = _autocast(q, k, v)
-    _check_dtypes("attention", q=q, k=k, v=v)
-    scale = _check_scale("attention", scale)
-    out, lse = _attention(q, k, v, bool(causal), scale)
+    fn = "attention"
+    window_left, window_right = _check_window(fn, window)
+    softcap = _check_softcap(fn, softcap)
+    _check_tensors(fn, q=q, k=k, v=v)
+    q, k, v = _autocast(q, k, v)  # the variant tensors stay float32
+    _check_dtypes(fn, q=q, k=k, v=v)
+    scale = _check_scale(fn, scale)
+    _check_variants(fn, q, k, v, alibi_slopes, sink)
+    out, lse = _attention(q, k, v, bool(causal), scale, window_left, window_right, softcap,
+                          alibi_slopes, sink)
     return (out, lse) if return_lse else out
 
 

@@ -16,7 +16,15 @@ What is checked, and against what
 * ``torch.library.opcheck``, ``torch.autograd.gradcheck`` (float64, causal and
   not, broadcast k/v), ``torch.compile(fullgraph=True)`` with backward;
 * ``scaled_dot_product_attention`` as a drop-in for PyTorch's (is_causal,
-  enable_gqa, scale, autocast), and every error path, raised before any launch.
+  enable_gqa, scale, autocast), and every error path, raised before any launch;
+* the variants (``window``, ``softcap``, ``alibi_slopes``, ``sink``): values
+  against the float64 reference (the naive attention below implements them),
+  ``dsink`` included; gradcheck, opcheck and ``torch.compile`` with window +
+  softcap + sink (and ALiBi); plan keys that tell windows apart; GQA with a
+  per-head sink; bad variant arguments.  GPU-free: the operators' schemas,
+  fake implementations, autograd wiring and compile tracing, through CPU
+  kernels that the tests register for the duration of a test
+  (``cpu_kernels``: the float64 reference as the kernel).
 
 Tests marked ``gpu`` skip without a CUDA GPU; the rest (import hygiene, fake
 shapes on meta tensors, errors on CPU tensors) run anywhere PyTorch does.
@@ -35,7 +43,7 @@ torch = pytest.importorskip("torch")
 import cupy  # noqa: E402
 
 import flashcupy.torch as fct  # noqa: E402
-from flashcupy import api  # noqa: E402
+from flashcupy import _plan, api  # noqa: E402
 
 F = torch.nn.functional
 HAS_CUDA = torch.cuda.is_available()
@@ -67,26 +75,52 @@ def randn(shape, dtype, seed, device="cuda", requires_grad=False):
     return x.requires_grad_(requires_grad)
 
 
-def naive_attention(q, k, v, causal=False, scale=None):
+def naive_attention(q, k, v, causal=False, scale=None, window=None, softcap=None,
+                    alibi_slopes=None, sink=None):
     """Attention written out in PyTorch ops, in the inputs' dtype; differentiable.
 
     Bottom-right causal like flashcupy; a row that sees no key gets out = 0 and
     lse = -inf (no NaN, forward or backward).  In float64 it is the reference;
     in float16/bfloat16/float32 it is the "naive implementation in the same
     dtype" of the tolerance rule (each op rounds its result to the dtype).
+
+    The variants as in issue 11 / flashcupy.attention: the scaled score s
+    becomes ``softcap * tanh(s / softcap)``, then ``-slope * |i + Sk - Sq - j|``
+    is added (ALiBi), then keys outside the window ``i + Sk - Sq - left <= j <=
+    i + Sk - Sq + right`` are masked (causal: right = 0); the sink is an extra
+    logit in each row's softmax (in lse, no value).  ``alibi_slopes`` and
+    ``sink`` broadcast to the batch dims and are cast to the inputs' dtype.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     s = (q * scale) @ k.transpose(-1, -2)
     sq, sk = q.shape[-2], k.shape[-2]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    left, right = window if window is not None else (None, None)
     if causal:
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(sk, device=q.device)[None, :]
-        s = s.masked_fill(~(j <= i + (sk - sq)), float("-inf"))
+        right = 0
+    i = torch.arange(sq, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
+    rel = j - (i + (sk - sq))  # the key's offset from the query's diagonal
+    if alibi_slopes is not None:
+        s = s - alibi_slopes.to(s.dtype)[..., None, None] * rel.abs().to(s.dtype)
+    if left is not None or right is not None:
+        visible = torch.ones_like(rel, dtype=torch.bool)
+        if left is not None:
+            visible &= rel >= -left
+        if right is not None:
+            visible &= rel <= right
+        s = s.masked_fill(~visible, float("-inf"))
     m = s.amax(dim=-1, keepdim=True).detach()
+    if sink is not None:
+        sink_col = sink.to(s.dtype)[..., None, None]  # broadcasts over (*batch, Sq, 1)
+        m = torch.maximum(m, sink_col.detach())
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # avoid (-inf) - (-inf)
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        l = l + torch.exp(sink_col - m)
     seen = l > 0
     p = e / torch.where(seen, l, torch.ones_like(l))
     out = p @ v
@@ -130,21 +164,32 @@ def assert_close(name, actual, ref, naive=None, *, grad=False):
                         f"2 x naive error {naive_err:.3e} + floor {floor:.3e}")
 
 
-def reference(q, k, v, causal=False, scale=None, dout=None):
-    """float64 (out, lse) and, with ``dout``, float64 (dq, dk, dv)."""
-    q64, k64, v64 = (t.detach().double().requires_grad_(dout is not None) for t in (q, k, v))
-    out, lse = naive_attention(q64, k64, v64, causal, scale)
+def reference(q, k, v, causal=False, scale=None, dout=None, *, window=None, softcap=None,
+              alibi_slopes=None, sink=None):
+    """float64 (out, lse) and, with ``dout``, float64 (dq, dk, dv), plus dsink
+    (float64, the sink's shape) when a sink is given."""
+    grad = dout is not None
+    q64, k64, v64 = (t.detach().double().requires_grad_(grad) for t in (q, k, v))
+    a64 = None if alibi_slopes is None else alibi_slopes.detach().double()
+    s64 = None if sink is None else sink.detach().double().requires_grad_(grad)
+    out, lse = naive_attention(q64, k64, v64, causal, scale, window, softcap, a64, s64)
     if dout is None:
         return out, lse
-    return out, lse, torch.autograd.grad(out, (q64, k64, v64), dout.double())
+    wrt = (q64, k64, v64) if sink is None else (q64, k64, v64, s64)
+    return out, lse, torch.autograd.grad(out, wrt, dout.double())
 
 
-def naive_in_dtype(q, k, v, causal=False, scale=None, dout=None):
-    qd, kd, vd = (t.detach().clone().requires_grad_(dout is not None) for t in (q, k, v))
-    out, lse = naive_attention(qd, kd, vd, causal, scale)
+def naive_in_dtype(q, k, v, causal=False, scale=None, dout=None, *, window=None, softcap=None,
+                   alibi_slopes=None, sink=None):
+    grad = dout is not None
+    qd, kd, vd = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
+    sd = None if sink is None else sink.detach().clone().requires_grad_(grad)
+    al = None if alibi_slopes is None else alibi_slopes.detach()
+    out, lse = naive_attention(qd, kd, vd, causal, scale, window, softcap, al, sd)
     if dout is None:
         return out, lse
-    return out, lse, torch.autograd.grad(out, (qd, kd, vd), dout)
+    wrt = (qd, kd, vd) if sink is None else (qd, kd, vd, sd)
+    return out, lse, torch.autograd.grad(out, wrt, dout)
 
 
 @pytest.fixture
@@ -174,7 +219,7 @@ def spy(monkeypatch):
     monkeypatch.setattr(api, "_backward", bwd)
     # no remembered plans: each new signature goes through the core once (a
     # replay of a plan bypasses api._forward / _backward; see test_plan_replay)
-    monkeypatch.setattr(fct, "_PLANS", {})
+    monkeypatch.setattr(fct, "_PLANS", _plan.PlanCache())
     return calls
 
 
@@ -244,9 +289,11 @@ def test_fake_shapes_on_meta(dtype):
     assert out.shape == (2, 3, 5, 6) and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == (2, 3, 5)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    dq, dk, dv = torch.ops.flashcupy.attention_bwd(out, q, k, v, out, lse, True, None, False)
+    dq, dk, dv, dsink = torch.ops.flashcupy.attention_bwd(out, q, k, v, out, lse, True, None,
+                                                          False)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+    assert dsink.shape == (0,) and dsink.dtype == torch.float32  # no sink: empty
 
 
 def test_cpu_tensors_rejected(no_launch):
@@ -416,7 +463,8 @@ def test_zero_copy_backward(spy, seed):
     q, k, v = make_inputs("mqa-128x200-d40", torch.bfloat16, seed)
     out, lse = torch.ops.flashcupy.attention_fwd(q, k, v, False, None)
     dout = randn(out.shape, torch.bfloat16, seed + 3)
-    dq, dk, dv = torch.ops.flashcupy.attention_bwd(dout, q, k, v, out, lse, False, None, False)
+    dq, dk, dv, _ = torch.ops.flashcupy.attention_bwd(dout, q, k, v, out, lse, False, None,
+                                                      False)
     call = spy[-1]
     assert call["kind"] == "bwd"
     a = call["arrays"]
