@@ -3,12 +3,12 @@
 Everything the benchmark scripts report goes through here:
 
 * :func:`do_bench` -- CUDA-event timing, the same recipe as
-  ``triton.testing.do_bench`` (which produced the anchors in
-  ``shared/anchors``): one untimed call (compiles), an estimate over 5 calls,
+  ``triton.testing.do_bench``: one untimed call (compiles), an estimate over 5 calls,
   warm-up for ``warmup_ms``, then ``rep_ms`` worth of repetitions (at least
   ``min_reps``), each bracketed by its own pair of events and preceded by a
   256 MiB memset that evicts L2; the result is the median.
-* :func:`attention_flops` -- the one FLOP formula (STYLE.md).
+* :func:`attention_flops` -- the one FLOP formula (forward 4*B*H*Sq*Sk*D, halved
+  when causal; backward 2.5x forward), so every table's TFLOP/s compare.
 * :func:`peak_extra_bytes` -- extra GPU memory of one call.
 * :func:`environment` / :func:`format_environment` -- GPU name and versions,
   printed with every table.
@@ -65,9 +65,9 @@ def require_gpu() -> None:
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # noqa: BLE001 - CUDARuntimeError, missing driver, ...
-        _die(f"no CUDA GPU available ({type(e).__name__}: {e})")
+        _die(f"no CUDA GPU or driver found ({type(e).__name__}: {e})")
     if n < 1:
-        _die("no CUDA GPU available (cudaGetDeviceCount returned 0)")
+        _die("no CUDA GPU or driver found (cudaGetDeviceCount returned 0)")
 
 
 def _die(msg: str) -> None:

@@ -1,15 +1,26 @@
+#!/usr/bin/env python
 """Where the host time of a small call goes: cProfile over many calls.
 
-B=1, H=1, S=128, D=64, bf16 (the host-overhead shape).  Prints the top
-functions by own time for fc.attention, fc.attention_backward and
-flashcupy.torch forward (no grad) and autograd backward.
+B=1, H=1, S=128, D=64, bf16 (bench_overhead.py's shape).  Prints the host time
+per call without the profiler, then the top functions by own time, for
+fc.attention, fc.attention_backward and, when PyTorch with CUDA is installed,
+flashcupy.torch forward (no grad), its custom ops and the autograd backward.
+
+    python benchmarks/profile_host.py
+
+Exit status 2 when no GPU is available.
 """
 from __future__ import annotations
 
 import cProfile
 import io
+import os
 import pstats
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing as T  # noqa: E402
 
 
 def prof(name, fn, n=3000):
@@ -31,13 +42,15 @@ def prof(name, fn, n=3000):
 
 
 def main():
+    if len(sys.argv) > 1:  # --help, or anything: there are no options
+        print(__doc__)
+        return
+    T.require_gpu()
     import cupy as cp
     import ml_dtypes
     import numpy as np
-    import torch
 
     import flashcupy as fc
-    import flashcupy.torch as fct
 
     bf = np.dtype(ml_dtypes.bfloat16)
     q, k, v, do = (cp.random.standard_normal((1, 1, 128, 64), dtype=cp.float32).astype(bf)
@@ -45,6 +58,12 @@ def main():
     out, lse = fc.attention(q, k, v, return_lse=True)
     prof("fc.attention", lambda: fc.attention(q, k, v))
     prof("fc.attention_backward", lambda: fc.attention_backward(do, q, k, v, out, lse))
+    torch, why_not = T.try_import_torch()
+    if torch is None:
+        print(f"(no flashcupy.torch rows: {why_not})")
+        return
+    import flashcupy.torch as fct
+
     tq, tk, tv = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16)
                   for _ in range(3))
     with torch.no_grad():

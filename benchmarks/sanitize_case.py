@@ -1,15 +1,30 @@
+#!/usr/bin/env python
 """One forward and one backward call per dtype at lengths that are no multiple
 of any tile, for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
-    compute-sanitizer --tool memcheck python benchmarks/dev/sanitize_case.py [family ...]
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py generic sm80 sm90
+
+The arguments name kernel families (default: generic); a family that cannot run
+a dtype on this GPU is skipped.  Prints one line per call, "finite" or
+"NON-FINITE"; compute-sanitizer reports the errors.  Exit status 2 when no GPU
+is available.
 """
+import os
 import sys
 
-import cupy as cp
-import ml_dtypes
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing as T  # noqa: E402
 
-import flashcupy as fc
+if any(a.startswith("-") for a in sys.argv[1:]):
+    print(__doc__)
+    sys.exit(0)
+T.require_gpu()
+
+import cupy as cp  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+
+import flashcupy as fc  # noqa: E402
 
 families = sys.argv[1:] or ["generic"]
 rng = cp.random.default_rng(0)
