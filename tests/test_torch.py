@@ -319,6 +319,279 @@ def test_non_tensor_rejected(no_launch):
 
 
 # ----------------------------------------------------------------------------
+# variants, no GPU needed: schemas, fake shapes, plan keys, bad arguments, and
+# the autograd / compile wiring through CPU kernels registered for the test
+# ----------------------------------------------------------------------------
+
+def exact_sink(shape, seed, device="cuda"):
+    """A float32 sink of multiples of 2**-6 (|x| < 8 in practice): adding
+    gradcheck's eps = 2**-12 to it is exact in float32, so the finite
+    differences of a float32 input are as good as of a float64 one."""
+    x = randn(shape, torch.float64, seed, device=device)
+    return (torch.round(x * 64) / 64).clamp(-7.5, 7.5).float()
+
+
+def rand_slopes(shape, seed, device="cuda"):
+    """ALiBi slopes in [0.02, 0.32), float32."""
+    gen = torch.Generator(device=device).manual_seed(seed % 2**63)
+    return torch.rand(shape, generator=gen, device=device) * 0.3 + 0.02
+
+
+def test_fake_shapes_with_variants_on_meta():
+    """The variant arguments in the schemas; dsink has the sink's shape, float32."""
+    q = torch.empty(2, 3, 5, 8, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(2, 1, 7, 8, dtype=torch.bfloat16, device="meta")
+    v = torch.empty(1, 1, 7, 6, dtype=torch.bfloat16, device="meta")
+    alibi = torch.empty(2, 3, device="meta")
+    sink = torch.empty(3, device="meta")
+    out, lse = torch.ops.flashcupy.attention_fwd(q, k, v, False, None, 4, 0, 30.0, alibi, sink)
+    assert out.shape == (2, 3, 5, 6) and lse.shape == (2, 3, 5) and lse.dtype == torch.float32
+    dq, dk, dv, dsink = torch.ops.flashcupy.attention_bwd(
+        out, q, k, v, out, lse, False, None, False, 4, 0, 30.0, alibi, sink)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    assert dsink.shape == (3,) and dsink.dtype == torch.float32 and dsink.is_contiguous()
+    schema = str(torch.ops.flashcupy.attention_fwd.default._schema)
+    for arg in ("int? window_left=None", "int? window_right=None", "float? softcap=None",
+                "Tensor? alibi=None", "Tensor? sink=None"):
+        assert arg in schema
+    assert str(torch.ops.flashcupy.attention_bwd.default._schema).endswith(
+        "-> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def test_one_plan_cache():
+    """flashcupy.torch and flashcupy.api share flashcupy._plan.CACHE."""
+    assert fct._PLANS is _plan.CACHE and api._PLANS is _plan.CACHE
+
+
+def test_plan_key_holds_the_variant():
+    """Every variant argument is in the plan key (a different window never
+    replays another window's plan); keys start with "torch"."""
+    q = torch.empty(2, 3, 8, 16)
+    a, s1, s2 = torch.empty(3), torch.empty(3), torch.empty(2, 3)
+
+    def key(**kw):
+        return fct._plan_key("fwd", (q, q, q), False, None, **kw)
+
+    keys = [key(), key(window_left=8, window_right=0), key(window_left=16, window_right=0),
+            key(window_left=8), key(window_right=0), key(window_left=0, window_right=8),
+            key(softcap=5.0), key(softcap=6.0), key(extras=(a, None)), key(extras=(None, s1)),
+            key(extras=(a, s1)), key(extras=(None, s2)), key(extras=(None, s1.expand(2, 3))),
+            fct._plan_key("fwd", (q, q, q), True, None, window_left=8)]
+    assert len(set(keys)) == len(keys)
+    assert all(kk[0] == "torch" for kk in keys)
+    assert key(window_left=8, window_right=0, softcap=5.0, extras=(a, s1)) == key(
+        window_left=8, window_right=0, softcap=5.0, extras=(torch.empty(3), torch.empty(3)))
+    # a scalar of a type the API would judge: no key, so no replay
+    assert key(softcap=5) is None and key(window_left=True) is None
+
+
+@pytest.mark.parametrize("window, exc, match", [
+    ((-1, 0), ValueError, r"window left side must be >= 0"),
+    ((0, -3), ValueError, r"window right side must be >= 0"),
+    ((1.5, 0), TypeError, r"window left side must be an int"),
+    ((0, "4"), TypeError, r"window right side must be an int"),
+    ((True, 0), TypeError, r"window left side must be an int"),
+    ((4,), TypeError, r"window must be None or a pair"),
+    ((1, 2, 3), TypeError, r"window must be None or a pair"),
+    (8, TypeError, r"window must be None or a pair"),
+], ids=["neg-left", "neg-right", "float", "str", "bool", "single", "triple", "int"])
+def test_error_window(window, exc, match, no_launch):
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(exc, match=r"attention\(\): " + match):
+        fct.attention(q, q, q, window=window)
+
+
+@pytest.mark.parametrize("softcap, exc", [
+    (0.0, ValueError), (-2.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+    ("5", TypeError), (True, TypeError)], ids=["zero", "neg", "nan", "inf", "str", "bool"])
+def test_error_softcap(softcap, exc, no_launch):
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(exc, match=r"attention\(\): softcap must be"):
+        fct.attention(q, q, q, softcap=softcap)
+
+
+@pytest.fixture
+def cpu_device(monkeypatch):
+    """flashcupy.torch's validation takes CPU tensors (as it takes CUDA ones)."""
+    monkeypatch.setattr(fct, "_DEVICE_TYPE", "cpu")
+
+
+# q, k, v of shape (1, 2, 16, 32): batch dims (1, 2)
+BAD_VARIANT_TENSORS = {
+    "sink-fp16": (dict(sink=lambda: torch.zeros(2, dtype=torch.float16)), TypeError,
+                  r"sink has dtype float16; expected float32"),
+    "alibi-fp64": (dict(alibi_slopes=lambda: torch.zeros(2, dtype=torch.float64)), TypeError,
+                   r"alibi_slopes has dtype float64; expected float32"),
+    "sink-shape": (dict(sink=lambda: torch.zeros(3)), ValueError,
+                   r"sink has shape \(3,\), which does not broadcast to the batch dims \(1, 2\)"),
+    "alibi-shape": (dict(alibi_slopes=lambda: torch.zeros(2, 1, 2)), ValueError,
+                    r"alibi_slopes has shape \(2, 1, 2\), which does not broadcast"),
+    "alibi-batch": (dict(alibi_slopes=lambda: torch.zeros(2, 2)), ValueError,
+                    r"alibi_slopes has shape \(2, 2\)"),
+    "sink-list": (dict(sink=lambda: [0.0, 0.0]), TypeError, r"sink must be a torch.Tensor"),
+    "alibi-device": (dict(alibi_slopes=lambda: torch.zeros(2, device="meta")), ValueError,
+                     r"alibi_slopes is on meta but q, k and v are on cpu"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_VARIANT_TENSORS))
+def test_error_variant_tensors_cpu(bad, cpu_device, no_launch):
+    kw, exc, match = BAD_VARIANT_TENSORS[bad]
+    q = torch.randn(1, 2, 16, 32)
+    with pytest.raises(exc, match=r"attention\(\): " + match):
+        fct.attention(q, q, q, **{n: make() for n, make in kw.items()})
+
+
+def _sum_to(x, shape):
+    """``x`` summed over the axes it was broadcast along to reach ``shape``."""
+    shape = tuple(shape)
+    if x.dim() > len(shape):
+        x = x.sum(dim=tuple(range(x.dim() - len(shape))))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return (x.sum(dim=dims, keepdim=True) if dims else x).reshape(shape)
+
+
+def _cpu_fwd(q, k, v, causal, scale, window_left=None, window_right=None, softcap=None,
+             alibi=None, sink=None):
+    """The forward operator as a CPU kernel: the float64 reference."""
+    window = None if window_left is None and window_right is None else (window_left, window_right)
+    out, lse = reference(q, k, v, causal, scale, window=window, softcap=softcap,
+                         alibi_slopes=alibi, sink=sink)
+    return out.to(q.dtype).contiguous(), lse.to(fct._lse_dtype(q.dtype)).contiguous()
+
+
+def _cpu_bwd(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
+             window_right=None, softcap=None, alibi=None, sink=None):
+    """The backward operator as a CPU kernel, written out (a kernel runs below
+    autograd): P = exp(s - lse), dV = P^T dO, dS = P (dO V^T - delta), times
+    1 - tanh^2 under a softcap, dQ = scale dS K, dK = scale dS^T Q,
+    dsink = -sum_i exp(sink - lse_i) delta_i; broadcast axes summed."""
+    q64, k64, v64, do, o = (t.double() for t in (q, k, v, dout, out))
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    s = scale * q64 @ k64.transpose(-1, -2)
+    if softcap is not None:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    sq, sk = q.shape[-2], k.shape[-2]
+    rel = torch.arange(sk)[None, :] - (torch.arange(sq)[:, None] + sk - sq)
+    if alibi is not None:
+        s = s - alibi.double()[..., None, None] * rel.abs()
+    right = 0 if causal else window_right
+    visible = torch.ones_like(rel, dtype=torch.bool)
+    if window_left is not None:
+        visible &= rel >= -window_left
+    if right is not None:
+        visible &= rel <= right
+    l = lse.double()[..., None]
+    seen = torch.isfinite(l)
+    p = torch.where(visible & seen, torch.exp(s - torch.where(seen, l, 0)), 0)
+    delta = (do * o).sum(-1)
+    ds = p * (do @ v64.transpose(-1, -2) - delta[..., None])
+    if softcap is not None:
+        ds = ds * (1 - t * t)
+    dq = _sum_to(scale * ds @ k64, q.shape).to(q.dtype)
+    dk = _sum_to(scale * ds.transpose(-1, -2) @ q64, k.shape).to(k.dtype)
+    dv = _sum_to(p.transpose(-1, -2) @ do, v.shape).to(v.dtype)
+    if sink is None:
+        return dq, dk, dv, torch.empty((0,), dtype=torch.float32)
+    p_sink = torch.exp(sink.double()[..., None] - lse.double())
+    return dq, dk, dv, _sum_to(-(p_sink * delta).sum(-1), sink.shape).float()
+
+
+@pytest.fixture
+def cpu_kernels(monkeypatch, cpu_device):
+    """CPU kernels for both operators for the duration of the test (the float64
+    reference), and the eager path routed through the operators: what is tested
+    is the wiring around the kernels (schemas, fake implementations,
+    register_autograd and the eager autograd.Function, which gradient goes
+    where, torch.compile tracing of the validation), not the kernels."""
+    scoped = getattr(torch.library, "_scoped_library", None)
+    if scoped is None:
+        pytest.skip("torch.library._scoped_library is not available")
+    monkeypatch.setattr(fct, "_fwd_impl", lambda *a: torch.ops.flashcupy.attention_fwd(*a))
+    monkeypatch.setattr(fct, "_bwd_impl", lambda *a: torch.ops.flashcupy.attention_bwd(*a))
+    with scoped("flashcupy", "IMPL") as lib:
+        lib.impl("attention_fwd", _cpu_fwd, "CPU")
+        lib.impl("attention_bwd", _cpu_bwd, "CPU")
+        yield
+
+
+def _cpu_inputs(seed, kv_batch=(2, 1), lens=(6, 9)):
+    sq, sk = lens
+    q = randn((2, 3, sq, 16), torch.float64, seed, device="cpu", requires_grad=True)
+    k = randn((*kv_batch, sk, 16), torch.float64, seed + 1, device="cpu", requires_grad=True)
+    v = randn((*kv_batch, sk, 8), torch.float64, seed + 2, device="cpu", requires_grad=True)
+    return q, k, v
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_wiring_opcheck_variants(alibi, cpu_kernels, seed):
+    q, k, v = _cpu_inputs(seed)
+    sink = exact_sink((3,), seed + 3, device="cpu").requires_grad_()
+    slopes = rand_slopes((2, 3), seed + 4, device="cpu") if alibi else None
+    args = (q, k, v, False, None, 2, 1, 1.5, slopes, sink)
+    torch.library.opcheck(torch.ops.flashcupy.attention_fwd.default, args)
+    with torch.no_grad():
+        out, lse = torch.ops.flashcupy.attention_fwd(*args)
+    dout = randn(out.shape, torch.float64, seed + 5, device="cpu")
+    torch.library.opcheck(torch.ops.flashcupy.attention_bwd.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out, lse, False, None, False,
+                           2, 1, 1.5, slopes, sink.detach()))
+
+
+@pytest.mark.filterwarnings("ignore:Input #3 requires gradient and is not a double")
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_wiring_gradcheck_variants(path, cpu_kernels, seed):
+    """The sink's gradient reaches the sink (summed over the batch axis it
+    broadcasts along), on the eager autograd.Function and on the operator's
+    register_autograd; the window, softcap and slopes reach the backward."""
+    q, k, v = _cpu_inputs(seed)
+    sink = exact_sink((3,), seed + 3, device="cpu").requires_grad_()
+    slopes = rand_slopes((2, 3), seed + 4, device="cpu")
+    if path == "eager":
+        def f(q, k, v, sink):
+            return fct.attention(q, k, v, causal=True, window=(2, None), softcap=1.5,
+                                 alibi_slopes=slopes, sink=sink)
+    else:
+        def f(q, k, v, sink):
+            return torch.ops.flashcupy.attention_fwd(q, k, v, False, 0.3, 2, 1, 1.5, slopes,
+                                                     sink)[0]
+    assert torch.autograd.gradcheck(f, (q, k, v, sink), eps=2**-12)
+
+
+def test_wiring_alibi_not_differentiable(cpu_kernels, seed):
+    q, k, v = _cpu_inputs(seed)
+    slopes = rand_slopes((3,), seed + 4, device="cpu").requires_grad_()
+    sink = exact_sink((2, 3), seed + 3, device="cpu").requires_grad_()
+    fct.attention(q, k, v, alibi_slopes=slopes, sink=sink).sum().backward()
+    assert slopes.grad is None
+    assert sink.grad.shape == sink.shape and sink.grad.dtype == torch.float32
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+def test_wiring_compile_fullgraph_variants(cpu_kernels, seed):
+    """torch.compile(fullgraph=True) traces the validation (window, softcap and
+    the variant tensors) and the operators, sink's gradient included."""
+    def loss_fn(q, k, v, sink):
+        return fct.attention(q, k, v, causal=True, window=(3, None), softcap=2.0,
+                             sink=sink).sum()
+
+    q, k, v = _cpu_inputs(seed)
+    sink = exact_sink((3,), seed + 3, device="cpu").requires_grad_()
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        loss_c = compiled(q, k, v, sink)
+        grads_c = torch.autograd.grad(loss_c, (q, k, v, sink))
+    loss_e = loss_fn(q, k, v, sink)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v, sink))
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+
+
+# ----------------------------------------------------------------------------
 # values: forward and backward vs float64
 # ----------------------------------------------------------------------------
 
@@ -722,6 +995,248 @@ def test_compile_sdpa_gqa(seed):
 
 
 # ----------------------------------------------------------------------------
+# variants on the GPU: window, softcap, ALiBi, sink
+# ----------------------------------------------------------------------------
+
+# True for alibi_slopes / sink: a per-head tensor of the case's HEAD_SHAPES
+VARIANTS = {
+    "window": dict(window=(17, 5)),
+    "causal-left": dict(causal=True, window=(24, None)),
+    "right-only": dict(window=(None, 3)),
+    "softcap": dict(softcap=3.0),
+    "alibi": dict(alibi_slopes=True),
+    "sink": dict(sink=True),
+    "window-softcap-sink": dict(window=(20, 8), softcap=3.0, sink=True),
+    "all": dict(causal=True, window=(30, None), softcap=4.0, alibi_slopes=True, sink=True),
+}
+# per-head shapes, broadcast to the batch dims of each case: (H,) against (B, H),
+# (B, H), and (Hkv, G) for the grouped case
+HEAD_SHAPES = {"mha-97": (3,), "mqa-128x200-d40": (1, 4), "gqa-113x77-d128": (2, 3),
+               "decode-1x65-dv48": (1, 2)}
+VARIANT_CASES = ([(c, name) for c in ("mha-97", "gqa-113x77-d128") for name in VARIANTS]
+                 + [("mqa-128x200-d40", "all"), ("decode-1x65-dv48", "window-softcap-sink")])
+
+
+def variant_kwargs(name, case, seed, requires_grad=False):
+    """The keywords of VARIANTS[name], with float32 slopes and sink on the GPU."""
+    kw = dict(VARIANTS[name])
+    shape = HEAD_SHAPES[case]
+    if kw.get("alibi_slopes"):
+        kw["alibi_slopes"] = rand_slopes(shape, seed)
+    if kw.get("sink"):
+        kw["sink"] = (randn(shape, torch.float32, seed + 1) * 1.5).requires_grad_(requires_grad)
+    return kw
+
+
+@gpu
+@pytest.mark.parametrize("case, variant", VARIANT_CASES, ids=[f"{c}-{v}" for c, v in VARIANT_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_variant_forward(dtype, case, variant, seed):
+    q, k, v = make_inputs(case, dtype, seed)
+    kw = variant_kwargs(variant, case, seed + 10)
+    out, lse = fct.attention(q, k, v, return_lse=True, **kw)
+    ref_out, ref_lse = reference(q, k, v, **kw)
+    naive = naive_in_dtype(q, k, v, **kw) if dtype != torch.float64 else (None, None)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close("out", out, ref_out, naive[0])
+    assert_close("lse", lse, ref_lse, naive[1])
+
+
+@gpu
+@pytest.mark.parametrize("case, variant", VARIANT_CASES, ids=[f"{c}-{v}" for c, v in VARIANT_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_variant_backward(dtype, case, variant, seed):
+    """dq, dk, dv and dsink (float32, the sink's shape: summed over the axes the
+    sink broadcasts along) against the float64 reference."""
+    q, k, v = make_inputs(case, dtype, seed, requires_grad=True)
+    kw = variant_kwargs(variant, case, seed + 10, requires_grad=True)
+    out = fct.attention(q, k, v, **kw)
+    dout = randn(out.shape, dtype, seed + 3)
+    wrt = (q, k, v) + ((kw["sink"],) if "sink" in kw else ())
+    grads = torch.autograd.grad(out, wrt, dout)
+    _, _, ref_grads = reference(q, k, v, dout=dout, **kw)
+    naive_grads = (naive_in_dtype(q, k, v, dout=dout, **kw)[2] if dtype != torch.float64
+                   else (None,) * len(wrt))
+    for name, g, r, n, t in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, naive_grads, wrt):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        assert_close(name, g, r, n, grad=True)
+
+
+@gpu
+@pytest.mark.parametrize("sink_shape", [(2, 3), (3,), (2, 2, 3), "expanded"],
+                         ids=["hkv-g", "g", "b-hkv-g", "expanded"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=DT_IDS.get)
+def test_gqa_per_head_sink(dtype, sink_shape, seed):
+    """q (B, Hkv, G, S, D) against k/v (B, Hkv, 1, S, D) with a sink per query
+    head (Hkv, G) (and per-head slopes), or a sink broadcast over Hkv, over
+    nothing, or expanded with stride 0: its gradient has its shape."""
+    q = randn((2, 2, 3, 70, 64), dtype, seed, requires_grad=True)
+    k = randn((2, 2, 1, 90, 64), dtype, seed + 1, requires_grad=True)
+    v = randn((2, 2, 1, 90, 64), dtype, seed + 2, requires_grad=True)
+    leaf_shape = (2, 3) if sink_shape == "expanded" else sink_shape
+    leaf = (randn(leaf_shape, torch.float32, seed + 3) * 1.5).requires_grad_()
+    sink = leaf.expand(2, 2, 3) if sink_shape == "expanded" else leaf
+    kw = dict(causal=True, window=(40, None), alibi_slopes=rand_slopes((2, 3), seed + 4))
+    out = fct.attention(q, k, v, sink=sink, **kw)
+    dout = randn(out.shape, dtype, seed + 5)
+    grads = torch.autograd.grad(out, (q, k, v, leaf), dout)
+    ref_out, _, ref_grads = reference(q, k, v, dout=dout, sink=leaf, **kw)
+    n_out, _, n_grads = (naive_in_dtype(q, k, v, dout=dout, sink=leaf, **kw)
+                         if dtype != torch.float64 else (None, None, (None,) * 4))
+    assert grads[3].shape == leaf.shape and grads[3].dtype == torch.float32
+    assert_close("out", out, ref_out, n_out)
+    for name, g, r, n in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, n_grads):
+        assert_close(name, g, r, n, grad=True)
+
+
+@gpu
+def test_alibi_not_differentiable(seed):
+    q, k, v = make_inputs("mha-97", torch.float64, seed, requires_grad=True)
+    slopes = rand_slopes((3,), seed + 4).requires_grad_()
+    out = fct.attention(q, k, v, causal=True, alibi_slopes=slopes)
+    dout = randn(out.shape, torch.float64, seed + 3)
+    out.backward(dout)
+    assert slopes.grad is None
+    _, _, ref_grads = reference(q, k, v, True, dout=dout, alibi_slopes=slopes)
+    for name, t, r in zip(("dq", "dk", "dv"), (q, k, v), ref_grads):
+        assert_close(name, t.grad, r, grad=True)
+
+
+@gpu
+@pytest.mark.filterwarnings("ignore:Input #3 requires gradient and is not a double")
+@pytest.mark.parametrize("lens", [(6, 9), (9, 6)], ids=["sq<sk", "sq>sk"])
+@pytest.mark.parametrize("kv_batch", [(2, 3), (2, 1), (1, 1)], ids=["mha", "mqa", "shared"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradcheck_window_softcap_sink(causal, kv_batch, lens, seed):
+    """float64 gradcheck with window + softcap + sink together; the sink (float32,
+    (H,) broadcast over B) is checked too: its values are multiples of 2**-6 and
+    eps = 2**-12, so its finite differences are exact perturbations."""
+    sq, sk = lens
+    q = randn((2, 3, sq, 16), torch.float64, seed, requires_grad=True)
+    k = randn((*kv_batch, sk, 16), torch.float64, seed + 1, requires_grad=True)
+    v = randn((*kv_batch, sk, 8), torch.float64, seed + 2, requires_grad=True)
+    sink = exact_sink((3,), seed + 3).requires_grad_()
+
+    def f(q, k, v, sink):
+        return fct.attention(q, k, v, causal=causal, window=(3, 1), softcap=1.5, sink=sink)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, sink), eps=2**-12)
+
+
+@gpu
+@pytest.mark.parametrize("kv_batch", [(2, 3), (2, 1)], ids=["mha", "mqa"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradcheck_alibi(causal, kv_batch, seed):
+    q = randn((2, 3, 7, 16), torch.float64, seed, requires_grad=True)
+    k = randn((*kv_batch, 10, 16), torch.float64, seed + 1, requires_grad=True)
+    v = randn((*kv_batch, 10, 8), torch.float64, seed + 2, requires_grad=True)
+    slopes = rand_slopes((2, 3), seed + 3)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: fct.attention(q, k, v, causal=causal, alibi_slopes=slopes), (q, k, v))
+
+
+@gpu
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS.get)
+def test_opcheck_variants(dtype, alibi, seed):
+    """opcheck of both operators with window + softcap + sink (+ ALiBi)."""
+    q = randn((2, 3, 33, 32), dtype, seed, requires_grad=True)
+    k = randn((2, 1, 47, 32), dtype, seed + 1, requires_grad=True)
+    v = randn((1, 1, 47, 16), dtype, seed + 2, requires_grad=True)
+    sink = (randn((3,), torch.float32, seed + 3) * 1.5).requires_grad_()
+    slopes = rand_slopes((2, 3), seed + 4) if alibi else None
+    args = (q, k, v, False, None, 9, 2, 10.0, slopes, sink)
+    torch.library.opcheck(torch.ops.flashcupy.attention_fwd.default, args)
+    with torch.no_grad():
+        out, lse = torch.ops.flashcupy.attention_fwd(*args)
+    dout = randn(out.shape, dtype, seed + 5)
+    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, False, None, False,
+                9, 2, 10.0, slopes, sink.detach())
+    torch.library.opcheck(torch.ops.flashcupy.attention_bwd.default, bwd_args)
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_variants(backend, seed):
+    """torch.compile(fullgraph=True) with window + softcap + sink, backward
+    (dsink included) as in eager."""
+    def loss_fn(q, k, v, sink, w):
+        o = fct.attention(q, k, v, causal=True, window=(32, None), softcap=20.0, sink=sink)
+        return (o.float() * w).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    q, k, v = make_inputs("gqa-113x77-d128", torch.bfloat16, seed, requires_grad=True)
+    sink = (randn((2, 3), torch.float32, seed + 4) * 1.5).requires_grad_()
+    w = randn((113, 128), torch.float32, seed + 3)
+    for _ in range(2):  # second call: the cached graph
+        loss_c = compiled(q, k, v, sink, w)
+        grads_c = torch.autograd.grad(loss_c, (q, k, v, sink))
+    loss_e = loss_fn(q, k, v, sink, w)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v, sink))
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-3)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, rtol=2e-2, atol=2e-2)
+
+
+@gpu
+def test_plan_key_window(spy, seed):
+    """Two windows in a row give different, correct results: a window's plan is
+    never replayed for another; the second call of a signature replays."""
+    q, k, v = make_inputs("mha-97", torch.float32, seed)
+    windows = [(8, 0), (24, 0), (8, 0), (24, 0)]
+    outs = [fct.attention(q, k, v, window=w) for w in windows]
+    assert [c["kind"] for c in spy] == ["fwd", "fwd"]  # calls 3 and 4 replayed
+    assert len(fct._PLANS) == 2
+    assert not torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    for w, out in zip(windows, outs):
+        ref_out, _ = reference(q, k, v, window=w)
+        naive_out, _ = naive_in_dtype(q, k, v, window=w)
+        assert_close(f"out window={w}", out, ref_out, naive_out)
+
+
+@gpu
+def test_plan_replay_variant_tensors(spy, seed):
+    """A replay takes the call's own slopes and sink (the plan holds their
+    metadata, the environment their pointers).  The backward with a sink has
+    a CuPy step (dsink), so it goes through the core every call."""
+    q, k, v = make_inputs("mha-97", torch.float32, seed)
+    kw = dict(window=(16, 0), softcap=5.0)
+    results = []
+    for trial in range(3):
+        slopes = rand_slopes((3,), seed + trial)
+        sink = randn((2, 3), torch.float32, seed + 10 + trial)
+        with torch.no_grad():
+            out, lse = fct.attention(q, k, v, return_lse=True, alibi_slopes=slopes, sink=sink,
+                                     **kw)
+        results.append((slopes, sink, out, lse))
+    assert [c["kind"] for c in spy] == ["fwd"]
+    for slopes, sink, out, lse in results:
+        ref_out, ref_lse = reference(q, k, v, alibi_slopes=slopes, sink=sink, **kw)
+        n_out, n_lse = naive_in_dtype(q, k, v, alibi_slopes=slopes, sink=sink, **kw)
+        assert_close("out", out, ref_out, n_out)
+        assert_close("lse", lse, ref_lse, n_lse)
+
+    spy.clear()
+    for trial in range(2):  # with gradients: ALiBi alone replays, a sink does not
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        slopes = rand_slopes((3,), seed + 20 + trial)
+        sink = randn((3,), torch.float32, seed + 30 + trial, requires_grad=True)
+        for extra in (dict(alibi_slopes=slopes), dict(alibi_slopes=slopes, sink=sink)):
+            out = fct.attention(qg, kg, vg, **kw, **extra)
+            dout = randn(out.shape, torch.float32, seed + 40 + trial)
+            wrt = (qg, kg, vg) + ((sink,) if "sink" in extra else ())
+            grads = torch.autograd.grad(out, wrt, dout)
+            _, _, ref_grads = reference(qg, kg, vg, dout=dout, **kw, **extra)
+            _, _, n_grads = naive_in_dtype(qg, kg, vg, dout=dout, **kw, **extra)
+            for name, g, r, n in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, n_grads):
+                assert_close(name, g, r, n, grad=True)
+    kinds = [c["kind"] for c in spy]
+    # trial 0: fwd+bwd (alibi), fwd+bwd (alibi+sink); trial 1: the sink's backward only
+    assert kinds == ["fwd", "bwd", "fwd", "bwd", "bwd"], kinds
+
+
+# ----------------------------------------------------------------------------
 # scaled_dot_product_attention as a drop-in
 # ----------------------------------------------------------------------------
 
@@ -855,3 +1370,31 @@ def test_error_sdpa_gqa_heads(no_launch):
         fct.scaled_dot_product_attention(q, k, k, enable_gqa=True)
     with pytest.raises(ValueError, match="same number of heads"):
         fct.scaled_dot_product_attention(q, k[:, :2], k[:, :3], enable_gqa=True)
+
+
+@gpu
+@pytest.mark.parametrize("bad", list(BAD_VARIANT_TENSORS) + ["sink-on-cpu"])
+def test_error_variant_tensors(bad, no_launch):
+    """The slopes and sink against CUDA q, k, v: dtype, shape, type, device."""
+    q, k, v = _qkv()
+    if bad == "sink-on-cpu":
+        kw, exc, match = dict(sink=lambda: torch.zeros(2)), ValueError, (
+            r"sink is on cpu but q, k and v are on cuda:0")
+    else:
+        kw, exc, match = BAD_VARIANT_TENSORS[bad]
+        if "device" in bad:
+            match = match.replace("are on cpu", "are on cuda:0")
+    args = {n: make() for n, make in kw.items()}
+    args = {n: (x.to(q.device) if isinstance(x, torch.Tensor) and x.device.type == "cpu"
+                and bad != "sink-on-cpu" else x) for n, x in args.items()}
+    with pytest.raises(exc, match=r"attention\(\): " + match):
+        fct.attention(q, k, v, **args)
+
+
+@gpu
+def test_error_variant_scalars_on_gpu(no_launch):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"window left side must be >= 0"):
+        fct.attention(q, k, v, window=(-1, 0))
+    with pytest.raises(ValueError, match=r"softcap must be a finite number > 0"):
+        fct.attention(q, k, v, softcap=float("nan"))
