@@ -35,8 +35,10 @@ pytestmark = pytest.mark.gpu
 
 # (family, dtype): every family that can run the dtype somewhere; a test skips
 # when this GPU lacks it (test_grid_covers_every_family keeps this list whole)
+TENSOR_CORE_DTYPES = (nv.F16, nv.BF16)
 FAMILY_DTYPES = [(fam, d) for d in DTYPES
-                 for fam in (("generic", "sm80", "sm90") if d in (nv.F16, nv.BF16) else ("generic",))]
+                 for fam in (("generic", "sm80", "sm90") if d in TENSOR_CORE_DTYPES
+                             else ("generic",))]
 
 
 def fd_id(fd):
@@ -210,7 +212,8 @@ def _bits(x):
 # broadcasting, large scores, determinism, empty axes
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sink_shape", [(2, 3), (2, 2, 3), (3,)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("sink_shape", [(2, 3), (2, 2, 3), (3,)],
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("fd", FAMILY_DTYPES, ids=fd_id)
 def test_gqa_per_head_slopes_and_sinks(fd, sink_shape, seed, poison_pool):
     """q (B, Hkv, G, S, D) against k/v (B, Hkv, 1, S, D), slopes (Hkv, G), a sink
