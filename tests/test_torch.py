@@ -518,10 +518,11 @@ def cpu_kernels(monkeypatch, cpu_device):
 
 
 def _cpu_inputs(seed, kv_batch=(2, 1), lens=(6, 9)):
+    """Small float64 CPU inputs (gradcheck evaluates the op twice per element)."""
     sq, sk = lens
-    q = randn((2, 3, sq, 16), torch.float64, seed, device="cpu", requires_grad=True)
-    k = randn((*kv_batch, sk, 16), torch.float64, seed + 1, device="cpu", requires_grad=True)
-    v = randn((*kv_batch, sk, 8), torch.float64, seed + 2, device="cpu", requires_grad=True)
+    q = randn((2, 3, sq, 8), torch.float64, seed, device="cpu", requires_grad=True)
+    k = randn((*kv_batch, sk, 8), torch.float64, seed + 1, device="cpu", requires_grad=True)
+    v = randn((*kv_batch, sk, 4), torch.float64, seed + 2, device="cpu", requires_grad=True)
     return q, k, v
 
 
@@ -557,7 +558,8 @@ def test_wiring_gradcheck_variants(path, cpu_kernels, seed):
         def f(q, k, v, sink):
             return torch.ops.flashcupy.attention_fwd(q, k, v, False, 0.3, 2, 1, 1.5, slopes,
                                                      sink)[0]
-    assert torch.autograd.gradcheck(f, (q, k, v, sink), eps=2**-12)
+    # fast mode (random projections of the Jacobian): the wiring, not the kernels
+    assert torch.autograd.gradcheck(f, (q, k, v, sink), eps=2**-12, fast_mode=True)
 
 
 def test_wiring_alibi_not_differentiable(cpu_kernels, seed):
