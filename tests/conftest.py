@@ -5,6 +5,11 @@ Markers
 gpu     needs a CUDA GPU; skipped cleanly when none is visible.
 bigmem  needs a GPU with more than 20 GB free (arrays past 2**31 elements);
         skipped otherwise.  Always combined with ``gpu``.
+kernelcheck
+        compiles every shipped kernel with NVRTC (minutes, no GPU needed);
+        skipped unless pytest runs with ``--kernel-check``, so that a plain
+        ``pytest`` stays a quick loop.  CI runs the same compile once, as
+        ``python -m flashcupy.kernels check --arch sm_80 --arch sm_90a``.
 
 Fixtures
 --------
@@ -35,19 +40,28 @@ def _gpu_count() -> int:
 GPU_COUNT = _gpu_count()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--kernel-check", action="store_true", default=False,
+                     help="also run the kernelcheck tests: compile every shipped kernel "
+                          "with NVRTC for sm_80 and sm_90a (minutes, no GPU needed)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped when none is visible")
     config.addinivalue_line(
         "markers", "bigmem: needs a GPU with > 20 GB free memory (arrays past 2**31 elements)")
+    config.addinivalue_line(
+        "markers", "kernelcheck: compiles every shipped kernel (run with --kernel-check)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if GPU_COUNT > 0:
-        return
-    skip = pytest.mark.skip(reason="no CUDA GPU visible")
+    skip_kc = pytest.mark.skip(reason="compiles every kernel: run with --kernel-check")
+    skip_gpu = pytest.mark.skip(reason="no CUDA GPU visible")
     for item in items:
-        if "gpu" in item.keywords or "bigmem" in item.keywords:
-            item.add_marker(skip)
+        if "kernelcheck" in item.keywords and not config.getoption("--kernel-check"):
+            item.add_marker(skip_kc)
+        if GPU_COUNT == 0 and ("gpu" in item.keywords or "bigmem" in item.keywords):
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture
