@@ -18,10 +18,13 @@ from . import __version__, _dtypes, reference
 
 
 def _versions():
-    import cupy
-
     rows = [("flashcupy", __version__), ("python", platform.python_version()),
-            ("numpy", np.__version__), ("cupy", cupy.__version__)]
+            ("numpy", np.__version__)]
+    try:
+        import cupy
+    except ImportError:
+        return rows + [("cupy", "not installed (see the README's Install section)")]
+    rows.append(("cupy", cupy.__version__))
     try:
         from cupy.cuda import nvrtc
         rows.append(("nvrtc", ".".join(map(str, nvrtc.getVersion()))))
@@ -31,8 +34,10 @@ def _versions():
 
 
 def _gpu_count() -> int:
-    import cupy
-
+    try:
+        import cupy
+    except ImportError:
+        return 0
     try:
         return cupy.cuda.runtime.getDeviceCount()
     except cupy.cuda.runtime.CUDARuntimeError:
@@ -40,8 +45,13 @@ def _gpu_count() -> int:
 
 
 def _cpu_selfcheck():
-    print("\nNo CUDA GPU found: flashcupy's kernels need one. Running the reference "
-          "tiled algorithm (flashcupy.reference) on the CPU instead.")
+    try:
+        import cupy  # noqa: F401
+        missing = "No CUDA GPU or driver found"
+    except ImportError:
+        missing = "CuPy is not installed"
+    print(f"\n{missing}: flashcupy's kernels need a CUDA GPU and CuPy. Running the reference "
+          f"tiled algorithm (flashcupy.reference) on the CPU instead.")
     rng = np.random.default_rng(0)
     b, h, sq, sk, d = 1, 2, 200, 333, 64
     q, k = rng.standard_normal((b, h, sq, d)), rng.standard_normal((b, h, sk, d))
