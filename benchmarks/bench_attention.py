@@ -25,6 +25,18 @@ Providers:
                      (CuPy has no bf16 batched matmul); bwd from the saved softmax matrix
 sdpa-math and naive-cupy-fp16 are skipped when B*H*S*S*4 bytes exceeds --max-score-gib,
 naive-cupy-fp16 also above --naive-max-s.
+
+Variants (--variants window softcap alibi sink): extra flashcupy rows, non-causal
+(the window: window=(--window-left, 0)), softcap 30, ALiBi slopes 2^(-8 h / H)
+(BLOOM's), one float32 sink per head; beside them the same run's plain and
+causal rows give the baselines.  SDPA has none of these natively (only through
+a materialized mask), so those rows are flashcupy's alone.
+
+FLOPs: forward 4 * B * H * (visible (query, key) pairs) * D, backward 2.5 x that.
+Visible pairs are Sq * Sk for full attention, Sq * Sk / 2 for causal (the
+papers' convention), and for a window exactly the pairs inside it (query i of
+window=(left, 0) sees min(i, left) + 1 keys), so window rows compare throughput
+on the work that exists.
 """
 from __future__ import annotations
 
@@ -65,6 +77,8 @@ class Case:
     S: int
     D: int
     causal: bool
+    variant: str = ""  # "" | "window" | "softcap" | "alibi" | "sink" (flashcupy only)
+    window_left: int = 1024
 
     @property
     def shape(self):
@@ -72,7 +86,19 @@ class Case:
 
     def label(self):
         return (f"{self.mode} {self.dtype} D{self.D} S{self.S} "
-                f"{'causal' if self.causal else 'full'} B{self.B} H{self.H}")
+                f"{'causal' if self.causal else 'full'}{self.variant_label()} B{self.B} H{self.H}")
+
+    def variant_label(self):
+        if self.variant == "window":
+            return f" window({self.window_left},0)"
+        return f" {self.variant}" if self.variant else ""
+
+    def flops(self):
+        if self.variant != "window":
+            return T.attention_flops(self.B, self.H, self.S, self.S, self.D, self.causal,
+                                     self.mode)
+        pairs = sum(min(i, self.window_left) + 1 for i in range(self.S))  # Sq = Sk: keys i-left..i
+        return 4.0 * self.B * self.H * pairs * self.D * (2.5 if self.mode == "bwd" else 1.0)
 
     def score_bytes_fp32(self):
         return self.B * self.H * self.S * self.S * 4
@@ -81,6 +107,22 @@ class Case:
 # --------------------------------------------------------------------------- providers
 # Each maker returns (fn, ctx): fn() runs one timed call on the next input set,
 # ctx is entered around timing and the memory measurement.
+
+
+def variant_kwargs(case: Case) -> dict:
+    """flashcupy keywords of a variant row (see the module docstring)."""
+    import cupy
+
+    if case.variant == "window":
+        return {"window": (case.window_left, 0)}
+    if case.variant == "softcap":
+        return {"softcap": 30.0}
+    if case.variant == "alibi":
+        h = cupy.arange(1, case.H + 1, dtype=cupy.float32)
+        return {"alibi_slopes": cupy.exp2(-8.0 * h / case.H).astype(cupy.float32)}
+    if case.variant == "sink":
+        return {"sink": cupy.random.default_rng(0).standard_normal(case.H, dtype=cupy.float32)}
+    return {}
 
 
 def make_flashcupy(case: Case, fc, family: str, n_sets: int):
@@ -92,21 +134,22 @@ def make_flashcupy(case: Case, fc, family: str, n_sets: int):
         q, k, v = (T.randn(case.shape, dt) for _ in range(3))
         sets.append((q, k, v))
     ctx = T.kernel_family(fc, family)
+    kw = dict(variant_kwargs(case), causal=case.causal)
     if case.mode == "fwd":
         def body(q, k, v):
-            return fc.attention(q, k, v, causal=case.causal)
+            return fc.attention(q, k, v, **kw)
         return T.Rotate(body, sets), ctx
 
     bwd_sets = []
     with T.kernel_family(fc, family):
         for q, k, v in sets:
-            out, lse = fc.attention(q, k, v, causal=case.causal, return_lse=True)
+            out, lse = fc.attention(q, k, v, return_lse=True, **kw)
             dout = T.randn(case.shape, dt)
             bwd_sets.append((dout, q, k, v, out, lse))
     cupy.cuda.get_current_stream().synchronize()
 
     def body(dout, q, k, v, out, lse):
-        return fc.attention_backward(dout, q, k, v, out, lse, causal=case.causal)
+        return fc.attention_backward(dout, q, k, v, out, lse, **kw)
     return T.Rotate(body, bwd_sets), ctx
 
 
@@ -203,8 +246,12 @@ def make_naive_cupy(case: Case, n_sets: int):
 def run_one(provider, case, args, libs):
     """Returns a result dict; never raises (except KeyboardInterrupt)."""
     row = {"provider": provider, "mode": case.mode, "dtype": case.dtype, "B": case.B,
-           "H": case.H, "S": case.S, "D": case.D, "causal": case.causal, "ms": None,
+           "H": case.H, "S": case.S, "D": case.D, "causal": case.causal,
+           "variant": case.variant_label().strip(), "ms": None,
            "tflops": None, "peak_extra_bytes": None, "status": "ok"}
+    if case.variant and provider not in FC_FAMILIES:
+        row["status"] = "n/a: flashcupy-only variant row"
+        return row
     limit = args.max_score_gib * 2**30
     if provider in ("sdpa-math", "naive-cupy-fp16") and case.score_bytes_fp32() > limit:
         row["status"] = (f"skipped: B*H*S*S*4 = {case.score_bytes_fp32() / 2**30:.3g} GiB "
@@ -240,8 +287,7 @@ def run_one(provider, case, args, libs):
                                min_reps=args.min_reps, flush_l2=not args.no_flush_l2)
                 row.update(ms=t.ms, min_ms=t.min_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                            reps=t.reps)
-                row["tflops"] = T.tflops(T.attention_flops(case.B, case.H, case.S, case.S,
-                                                           case.D, case.causal, case.mode), t.ms)
+                row["tflops"] = T.tflops(case.flops(), t.ms)
                 if not args.no_memory:
                     row["peak_extra_bytes"] = T.peak_extra_bytes(fn)
                 if provider in FC_FAMILIES:
@@ -307,6 +353,15 @@ def build_cases(args):
                         B = max(1, args.tokens // S)
                         H = max(1, args.hidden // D)
                         cases.append(Case(mode, dtype, B, H, S, D, bool(causal)))
+    for variant in args.variants:
+        for mode in args.mode:
+            for dtype in args.dtype:
+                for D in args.d:
+                    for S in args.variant_s or args.s:
+                        B = max(1, args.tokens // S)
+                        H = max(1, args.hidden // D)
+                        cases.append(Case(mode, dtype, B, H, S, D, False, variant,
+                                          args.window_left))
     return cases
 
 
@@ -347,12 +402,13 @@ def summary_table(rows, providers):
     """
     groups = {}
     for r in rows:
-        groups.setdefault((r["mode"], r["dtype"], r["D"], r["causal"]), []).append(r)
+        groups.setdefault((r["mode"], r["dtype"], r["D"], r["causal"], r.get("variant", "")),
+                          []).append(r)
     cols = ["S"] + [SHORT.get(p, p) for p in providers] + ["fc/best", "fc/flash"]
     body, titles = [], {}
-    for (mode, dtype, D, causal), grs in groups.items():
-        titles[len(body)] = (f"-- {mode} {dtype} D={D} {'causal' if causal else 'non-causal'} "
-                             f"H={grs[0]['H']}")
+    for (mode, dtype, D, causal, variant), grs in groups.items():
+        titles[len(body)] = (f"-- {mode} {dtype} D={D} {'causal' if causal else 'non-causal'}"
+                             f"{' ' + variant if variant else ''} H={grs[0]['H']}")
         by_s = {}
         for r in grs:
             by_s.setdefault(r["S"], {})[r["provider"]] = r
@@ -455,6 +511,11 @@ def parse_args(argv=None):
     p.add_argument("--generic", action="store_true", help="also time flashcupy-generic")
     p.add_argument("--quick", action="store_true",
                    help="D 64 128; S 1024 4096 16384; bf16 (explicit axis flags still win)")
+    p.add_argument("--variants", nargs="+", choices=["window", "softcap", "alibi", "sink"],
+                   default=[], help="add flashcupy rows with these variants (see above)")
+    p.add_argument("--window-left", type=int, default=1024, help="window=(LEFT, 0) rows")
+    p.add_argument("--variant-s", nargs="+", type=int, default=None,
+                   help="sequence lengths of the variant rows (default: --s)")
     p.add_argument("--tokens", type=int, default=16384, help="batch * S (default 16384)")
     p.add_argument("--hidden", type=int, default=2048, help="H * D (default 2048)")
     p.add_argument("--max-score-gib", type=float, default=8.0,

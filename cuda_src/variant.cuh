@@ -28,10 +28,14 @@
 #include "softmax.cuh"
 
 // The VF template parameter of the kernels: which variants are compiled in.
-#define FC_VF_LOCAL 1    // window bounds (causal included)
+// The two window sides are separate flags so that causal attention (a right
+// side only) compiles to exactly one bound per row: a lower bound computed and
+// tested at run time cost causal D = 64 up to 10 % (H200).
+#define FC_VF_RIGHT 1    // keys j <= i + hi (causal: hi = Sk - Sq)
 #define FC_VF_SOFTCAP 2  // tanh softcapping
 #define FC_VF_ALIBI 4    // ALiBi linear bias
 #define FC_VF_SINK 8     // attention sink (forward only: the backward sees it through the LSE)
+#define FC_VF_LEFT 16    // keys j >= i + lo (a sliding window's left side)
 
 // exp2 / log2 / reciprocal at the accumulator's precision: MUFU approximations
 // (relative error ~2^-22) in float, exact-rounded library calls in double.
@@ -54,9 +58,14 @@ __device__ __forceinline__ float fc_fast_rcp(float x) {
 }
 __device__ __forceinline__ double fc_fast_rcp(double x) { return 1.0 / x; }
 
-template <typename Acc, int VF>
+// FAST (the tensor-core families, 16-bit inputs): softcap's tanh by the one MUFU
+// instruction tanh.approx.f32 (relative error ~2^-11, below the 16-bit rounding
+// of the scores a same-dtype reference makes) instead of exp2 + reciprocal: the
+// forward's MUFU work per score goes from 3 ops to 2.
+template <typename Acc, int VF, bool FAST = false>
 struct Variant {
-  static constexpr bool LOCAL = (VF & FC_VF_LOCAL) != 0;
+  static constexpr bool RIGHT = (VF & FC_VF_RIGHT) != 0;
+  static constexpr bool LEFT = (VF & FC_VF_LEFT) != 0;
   static constexpr bool SOFTCAP = (VF & FC_VF_SOFTCAP) != 0;
   static constexpr bool ALIBI = (VF & FC_VF_ALIBI) != 0;
   static constexpr bool SINK = (VF & FC_VF_SINK) != 0;
@@ -65,27 +74,33 @@ struct Variant {
   static constexpr bool TRANSFORM = SOFTCAP || ALIBI;
 
   int seqlen_q, seqlen_k;
-  int lo, hi;    // key j is visible from query i iff lo <= j - i <= hi (LOCAL)
+  int lo, hi;    // key j is visible from query i iff lo <= j - i (LEFT) and j - i <= hi (RIGHT)
   int diag;      // Sk - Sq: ALiBi's distance is |i + diag - j|
-  Acc scale_log2, cap_inv2, cap_log2, cap_log2_inv;
+  Acc scale_log2, cap_inv2, cap_inv, cap_log2, cap_log2_inv;
   Acc slope2;    // -slope * log2(e) of the bound batch element (bind)
+  Acc umul;      // score units -> log2 units (see score_u)
+  Acc slope_u;   // slope2 in score units
   Acc sink2;     // sink * log2(e) of the bound batch element
 
   __device__ __forceinline__ Variant(const VariantArgs<Acc> &a, int sq, int sk, Acc scale_log2_)
       : seqlen_q(sq), seqlen_k(sk), diag(sk - sq), scale_log2(scale_log2_), slope2(0),
-        sink2(0) {
+        slope_u(0), sink2(0) {
     lo = diag - a.window_left;
     hi = diag + a.window_right;
     cap_inv2 = a.softcap_inv2;
+    cap_inv = a.softcap_inv2 * Acc(0.5 * FC_LN2);  // scale / softcap
     cap_log2 = a.softcap_log2;
     cap_log2_inv = SOFTCAP ? Acc(1) / a.softcap_log2 : Acc(0);
+    umul = SOFTCAP ? cap_log2 : scale_log2;
   }
 
   // The per-(batch element, group) values: ALiBi slope and sink logit.
   __device__ __forceinline__ void bind(const VariantArgs<Acc> &a, const BatchIndex &bi,
                                        int grp = 0) {
-    if constexpr (ALIBI)
+    if constexpr (ALIBI) {
       slope2 = -Acc(a.alibi.batch(bi.b0, bi.b1, bi.b2)[grp * a.alibi_sg]) * Acc(FC_LOG2E);
+      slope_u = slope2 / umul;  // (the host refuses ALiBi with scale 0)
+    }
     if constexpr (SINK)
       sink2 = Acc(a.sink.batch(bi.b0, bi.b1, bi.b2)[grp * a.sink_sg]) * Acc(FC_LOG2E);
   }
@@ -93,17 +108,17 @@ struct Variant {
   // ---- loop ranges ---------------------------------------------------------
   // [key_begin(m0), key_end(m1)) holds every key that query rows [m0, m1) see.
   __device__ __forceinline__ int key_begin(int m0) const {
-    return LOCAL ? fc_min(seqlen_k, fc_max(0, m0 + lo)) : 0;
+    return LEFT ? fc_min(seqlen_k, fc_max(0, m0 + lo)) : 0;
   }
   __device__ __forceinline__ int key_end(int m1) const {
-    return LOCAL ? fc_max(0, fc_min(seqlen_k, m1 + hi)) : seqlen_k;
+    return RIGHT ? fc_max(0, fc_min(seqlen_k, m1 + hi)) : seqlen_k;
   }
   // [query_begin(n0), query_end(n1)) holds every query that sees keys [n0, n1).
   __device__ __forceinline__ int query_begin(int n0) const {
-    return LOCAL ? fc_min(seqlen_q, fc_max(0, n0 - hi)) : 0;
+    return RIGHT ? fc_min(seqlen_q, fc_max(0, n0 - hi)) : 0;
   }
   __device__ __forceinline__ int query_end(int n1) const {
-    return LOCAL ? fc_max(0, fc_min(seqlen_q, n1 - lo)) : seqlen_q;
+    return LEFT ? fc_max(0, fc_min(seqlen_q, n1 - lo)) : seqlen_q;
   }
 
   // ---- masking -------------------------------------------------------------
@@ -111,20 +126,20 @@ struct Variant {
   // that is not visible; false means no element test is needed.  Rows past Sq
   // may be included in [m0, m1): that only makes the answer more cautious.
   __device__ __forceinline__ bool needs_mask(int m0, int m1, int n0, int n1) const {
-    return n1 > seqlen_k || (LOCAL && (n1 - 1 - m0 > hi || n0 - (m1 - 1) < lo));
+    return n1 > seqlen_k || (RIGHT && n1 - 1 - m0 > hi) || (LEFT && n0 - (m1 - 1) < lo);
   }
   // The visible keys of query row i: [row_lo(i), row_hi(i)] (the per-row form of
   // visible, for fragments that walk a row), and the queries that see key j.
-  __device__ __forceinline__ int row_lo(int i) const { return LOCAL ? i + lo : -0x7fffffff; }
+  __device__ __forceinline__ int row_lo(int i) const { return LEFT ? i + lo : -0x7fffffff; }
   __device__ __forceinline__ int row_hi(int i) const {
-    return LOCAL ? fc_min(seqlen_k - 1, i + hi) : seqlen_k - 1;
+    return RIGHT ? fc_min(seqlen_k - 1, i + hi) : seqlen_k - 1;
   }
   __device__ __forceinline__ int col_lo(int j) const {
-    return j >= seqlen_k ? 0x7fffffff : LOCAL ? j - hi : -0x7fffffff;
+    return j >= seqlen_k ? 0x7fffffff : RIGHT ? j - hi : -0x7fffffff;
   }
-  __device__ __forceinline__ int col_hi(int j) const { return LOCAL ? j - lo : 0x7fffffff; }
+  __device__ __forceinline__ int col_hi(int j) const { return LEFT ? j - lo : 0x7fffffff; }
   __device__ __forceinline__ bool visible(int i, int j) const {
-    return j < seqlen_k && (!LOCAL || (j - i <= hi && j - i >= lo));
+    return j < seqlen_k && (!RIGHT || j - i <= hi) && (!LEFT || j - i >= lo);
   }
 
   // ---- scores --------------------------------------------------------------
@@ -137,6 +152,11 @@ struct Variant {
   // reciprocal; +-1 for large |x| (2^y = inf gives rcp 0), absolute error ~1e-7
   // in float near 0, where the score's own rounding is larger.
   __device__ __forceinline__ Acc tanh_of(Acc raw) const {
+    if constexpr (FAST) {
+      float t;
+      asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(float(raw * cap_inv)));
+      return Acc(t);
+    }
     return Acc(1) - Acc(2) * fc_fast_rcp(fc_fast_exp2(raw * cap_inv2) + Acc(1));
   }
   // The score of (i, j) in log2 units from the raw dot product q.k (TRANSFORM).
@@ -145,6 +165,27 @@ struct Variant {
     if constexpr (ALIBI) x += alibi2(i, j);
     return x;
   }
+  // The same for fragments that walk a row at compile-time offsets k from a
+  // key j0: base = alibi_base(i, j0) once per row, then ALiBi costs one add and
+  // one FMA per score (|base - k| is a free operand modifier) instead of integer
+  // arithmetic and a conversion.
+  //
+  // Fragments keep a transformed score in "score units" u, whose log2 value is
+  // u * umul: tanh(s / c) + ALiBi / cap_log2 with softcap (umul = cap_log2 > 0),
+  // raw + ALiBi / scale_log2 with ALiBi alone (umul = scale_log2).  The bodies
+  // then take the row max in u and fold umul into the one FMA of each
+  // exponential, as they fold the scale for plain scores: one multiply per
+  // score less than converting to log2 units first.
+  __device__ __forceinline__ Acc alibi_base(int i, int j0) const { return Acc(i + diag - j0); }
+  __device__ __forceinline__ Acc score_u(Acc raw, Acc base, Acc k) const {
+    Acc x = SOFTCAP ? tanh_of(raw) : raw;
+    if constexpr (ALIBI) x = fma(slope_u, fabs(base - k), x);
+    return x;
+  }
+  __device__ __forceinline__ Acc alibi_u(Acc base, Acc k) const {
+    return ALIBI ? slope_u * fabs(base - k) : Acc(0);
+  }
+
   // d(capped score) / d(scaled score) = 1 - tanh^2, from the raw dot product.
   __device__ __forceinline__ Acc dcap_from_raw(Acc raw) const {
     if constexpr (!SOFTCAP) return Acc(1);
@@ -154,12 +195,11 @@ struct Variant {
   // The same from P = 2^(score2 - lse2) when the raw score is gone (the
   // tensor-core backward overwrites it with P): tanh = (log2 P + lse2 - alibi2) /
   // cap_log2.  P = 0 (masked or underflowed) gives 0, never 0 * -inf.
-  __device__ __forceinline__ Acc dcap_from_prob(Acc p, Acc lse2, int i, int j) const {
+  // (alibi_uij: the pair's ALiBi term in score units, alibi_u.)
+  __device__ __forceinline__ Acc dcap_from_prob(Acc p, Acc lse2, Acc alibi_uij) const {
     if constexpr (!SOFTCAP) return Acc(1);
     if (!(p > Acc(0))) return Acc(0);
-    Acc x = fc_fast_log2(p) + lse2;
-    if constexpr (ALIBI) x -= alibi2(i, j);
-    const Acc t = x * cap_log2_inv;
+    const Acc t = (fc_fast_log2(p) + lse2) * cap_log2_inv - alibi_uij;
     return Acc(1) - t * t;
   }
 

@@ -141,3 +141,13 @@ def parse_ptxas(log: str) -> dict:
             "spill_loads": int(st.group(3)) if st else -1,
         }
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def has_builtin_offsetof() -> bool:
+    """Whether this NVRTC knows __builtin_offsetof (the PyPI NVRTC does; some
+    CUDA images' do not), which the parameter-layout asserts need."""
+    src = "struct fc_probe { int a; double b; };\n" \
+          "static_assert(__builtin_offsetof(fc_probe, b) == 8, \"\");\n"
+    ok, _, _ = nvrtc_compile(src, "sm_80", [])
+    return ok

@@ -112,10 +112,14 @@ def pack(kind: str, acc_bytes: int, values: dict):
 
 
 def offset_asserts(kind: str, cxx_type: str, acc_bytes: int) -> str:
-    """C++ static_asserts that the struct ``cxx_type`` has this module's layout."""
+    """C++ static_asserts that the struct ``cxx_type`` has this module's layout
+    (through an alias: some NVRTC versions do not parse a template argument
+    list inside __builtin_offsetof)."""
     offs, size = layout(kind, acc_bytes)
-    lines = [f"static_assert(sizeof({cxx_type}) == {size}, \"{kind} params: size\");"]
+    alias = "fc_layout_" + "".join(c if c.isalnum() else "_" for c in cxx_type)
+    lines = [f"typedef {cxx_type} {alias};",
+             f"static_assert(sizeof({alias}) == {size}, \"{kind} params: size\");"]
     for name, (off, _) in offs.items():
-        lines.append(f"static_assert(__builtin_offsetof({cxx_type}, {name}) == {off}, "
+        lines.append(f"static_assert(__builtin_offsetof({alias}, {name}) == {off}, "
                      f"\"{kind} params: {name}\");")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _dtypes
-from ._spec import VF_ALIBI, VF_LOCAL, VF_SINK, VF_SOFTCAP
+from ._spec import VF_ALIBI, VF_LEFT, VF_RIGHT, VF_SINK, VF_SOFTCAP
 
 LOG2E = 1.4426950408889634
 
@@ -43,7 +43,9 @@ class Features:
 
     def flags(self, forward: bool = True) -> int:
         """The kernels' VF template argument (the backward has no sink term)."""
-        return ((VF_LOCAL if self.local else 0) | (VF_SOFTCAP if self.softcap else 0)
+        return ((VF_RIGHT if self.window_right is not None else 0)
+                | (VF_LEFT if self.window_left is not None else 0)
+                | (VF_SOFTCAP if self.softcap else 0)
                 | (VF_ALIBI if self.alibi else 0) | (VF_SINK if self.sink and forward else 0))
 
     def kernel_args(self, seqlen_q: int, seqlen_k: int, scale: float) -> dict:
@@ -57,9 +59,6 @@ class Features:
             args["var.softcap_inv2"] = 2.0 * LOG2E * scale / self.softcap
             args["var.softcap_log2"] = self.softcap * LOG2E
         return args
-
-    def empty_rows_possible(self) -> bool:
-        return self.local
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,12 @@ SMEM_LIMIT_SM90 = 227 * 1024      # H100 / H200
 # Variant flags: the VF template parameter of every attention kernel
 # (cuda_src/variant.cuh).  The backward never needs SINK (the sink reaches it
 # through the LSE), so backward specs drop it.
-VF_LOCAL, VF_SOFTCAP, VF_ALIBI, VF_SINK = 1, 2, 4, 8
-_VF_NAMES = ((VF_LOCAL, "local"), (VF_SOFTCAP, "softcap"), (VF_ALIBI, "alibi"),
-             (VF_SINK, "sink"))
+# The window's two sides are two flags: causal attention (right side only)
+# compiles to one bound per row, as before windows existed.
+VF_RIGHT, VF_SOFTCAP, VF_ALIBI, VF_SINK, VF_LEFT = 1, 2, 4, 8, 16
+VF_LOCAL = VF_LEFT | VF_RIGHT  # a two-sided sliding window
+_VF_NAMES = ((VF_RIGHT, "right"), (VF_LEFT, "left"), (VF_SOFTCAP, "softcap"),
+             (VF_ALIBI, "alibi"), (VF_SINK, "sink"))
 
 
 def variant_names(vf: int) -> list:

@@ -223,6 +223,9 @@ def _prepare(fn, q, k, v, causal, scale, window=None, softcap=None, alibi_slopes
     softcap = _check_softcap(fn, softcap)
     bshape = tuple(np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
     _check_head_vector(fn, "alibi_slopes", alibi_slopes, bshape, dev)
+    if alibi_slopes is not None and scale == 0.0 and softcap is None:
+        # the kernels keep ALiBi in units of the scaled score (cuda_src/variant.cuh)
+        raise ValueError(f"{fn}: alibi_slopes needs scale != 0 (got scale=0.0)")
     _check_head_vector(fn, "sink", sink, bshape, dev)
     cc = _compute_capability(dev)
     info = _dtypes.info(q.dtype)

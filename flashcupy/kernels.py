@@ -8,9 +8,7 @@ shared-memory size equals the kernel's own layout struct and that the
 parameter struct has flashcupy/_params.py's layout.  Exits non-zero on a
 compile error, on any spill, or on more than 255 registers.
 
-Shipped variants: dense and window/causal attention in every family, and the
-combination of all four variants (window, softcap, ALiBi, sink) as the
-heaviest case; other combinations compile on first use from the same bodies.
+Shipped variants: see BASE_VARIANTS and HEAVY_VARIANT below.
 """
 from __future__ import annotations
 
@@ -20,20 +18,27 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _compile, _config, _dtypes, _params
-from ._spec import VF_ALIBI, VF_LOCAL, VF_SINK, VF_SOFTCAP
+from ._spec import VF_ALIBI, VF_LOCAL, VF_RIGHT, VF_SINK, VF_SOFTCAP
 
 DTYPES = ("fp16", "bf16", "fp32", "fp64")
 
 
-# dense, window/causal, and every variant at once
-SHIPPED_VARIANTS = (0, VF_LOCAL, VF_LOCAL | VF_SOFTCAP | VF_ALIBI | VF_SINK)
+# Dense and causal (the window's right side alone) at every tile; every variant
+# at once (two-sided window, softcap, ALiBi, sink) as the heaviest case at the
+# 64 and 128 buckets of each family.  Other combinations compile on first use
+# from the same bodies.
+BASE_VARIANTS = (0, VF_RIGHT)
+HEAVY_VARIANT = VF_LOCAL | VF_SOFTCAP | VF_ALIBI | VF_SINK
 
 
 def shipped_specs(families=None, kernels=None):
     """Every specialization flashcupy ships: the test grid reaches each one."""
     specs = []
     for fam in _config.FAMILIES:
-        specs.extend(_config.module(fam).shipped_specs(SHIPPED_VARIANTS))
+        mod = _config.module(fam)
+        specs.extend(mod.shipped_specs(BASE_VARIANTS))
+        specs.extend(s for s in mod.shipped_specs((HEAVY_VARIANT,))
+                     if s.variant and s.head_dim in (64, 128))
     if families:
         specs = [s for s in specs if s.family in families]
     if kernels:
@@ -49,10 +54,12 @@ def _asserts(specs) -> str:
         if expr is not None:
             lines.append(f"static_assert(({expr}) == {_config.smem_bytes(s)}, "
                          f"\"{s.key}: the launcher's shared memory differs from the kernel's\");")
-    info = _dtypes.info(_dtypes.BY_NAME[specs[0].dtype])
-    t, acc = info.storage, info.acc
-    lines.append(_params.offset_asserts("fwd", f"FwdParams<{t}, {acc}>", specs[0].acc_bytes))
-    lines.append(_params.offset_asserts("bwd", f"BwdParams<{t}, {acc}, {t}>", specs[0].acc_bytes))
+    if _compile.has_builtin_offsetof():
+        info = _dtypes.info(_dtypes.BY_NAME[specs[0].dtype])
+        t, acc = info.storage, info.acc
+        lines.append(_params.offset_asserts("fwd", f"FwdParams<{t}, {acc}>", specs[0].acc_bytes))
+        lines.append(_params.offset_asserts("bwd", f"BwdParams<{t}, {acc}, {t}>",
+                                            specs[0].acc_bytes))
     return "\n".join(lines)
 
 

@@ -201,7 +201,9 @@ def _check_variants(fn: str, q, k, v, alibi_slopes, sink) -> None:
     on metadata, so it runs at trace time under torch.compile."""
     if alibi_slopes is None and sink is None:
         return
-    batch = _output_shapes(q.shape, k.shape, v.shape)[1][:-1]
+    # (not _output_shapes: its memo dict would be written while torch.compile
+    # traces, which fails dynamo's guards)
+    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
     _check_head_tensor(fn, "alibi_slopes", alibi_slopes, batch, q.device)
     _check_head_tensor(fn, "sink", sink, batch, q.device)
 

@@ -12,7 +12,7 @@ import pytest
 
 from flashcupy import _config
 from flashcupy._families import sm80, sm90
-from flashcupy._spec import VF_LOCAL, VF_SINK
+from flashcupy._spec import VF_LOCAL, VF_RIGHT, VF_SINK
 
 H100_SMEM = 227 * 1024
 A100_SMEM = 163 * 1024

@@ -270,7 +270,7 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
   BatchIndex bi;
   if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
 
-  using V = Variant<float, VF>;
+  using V = Variant<float, VF, true>;
   V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
   const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);
@@ -329,6 +329,8 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
     // past Sq are zero-filled (Q = dO = 0, lse = delta = 0): they add 0.
     const bool need_mask = var.needs_mask(m0, m0 + BLOCK_M, n_start, n_start + BLOCK_N);
     const int key0 = n_start + wkey + g;
+    // ALiBi's distance i + diag - j = base + k, k a compile-time offset (variant.cuh)
+    const float base = var.alibi_base(m0 + 2 * c4, key0);
 #pragma unroll
     for (int mq = 0; mq < NQ; ++mq) {
       const float2 l2 = *reinterpret_cast<const float2 *>(sLse + mq * 8 + 2 * c4);
@@ -339,12 +341,15 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int j = key0 + nt * 16 + 8 * (r >> 1), i = m0 + mq * 8 + 2 * c4 + (r & 1);
-          float pe = V::TRANSFORM ? ex2(var.score2(st[nt][mq][r], i, j) - lse2[r & 1])
-                                  : ex2(st[nt][mq][r] * p.scale_log2 - lse2[r & 1]);
+          const float k = float(nt * 16 + 8 * (r >> 1) - mq * 8 - (r & 1));
+          float pe = V::TRANSFORM
+                         ? ex2(fmaf(var.score_u(st[nt][mq][r], base, k), var.umul, -lse2[r & 1]))
+                         : ex2(st[nt][mq][r] * p.scale_log2 - lse2[r & 1]);
           if (need_mask && (i < var.col_lo(j) || i > var.col_hi(j))) pe = 0.f;
           st[nt][mq][r] = pe;
           float ds = pe * (dpt[nt][mq][r] - ((r & 1) ? d2.y : d2.x));
-          if constexpr (V::SOFTCAP) ds *= var.dcap_from_prob(pe, lse2[r & 1], i, j);
+          if constexpr (V::SOFTCAP)
+            ds *= var.dcap_from_prob(pe, lse2[r & 1], var.alibi_u(base, k));
           dpt[nt][mq][r] = ds;
         }
     }
@@ -470,7 +475,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
   BatchIndex bi;
   if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
 
-  using V = Variant<float, VF>;
+  using V = Variant<float, VF, true>;
   V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
   const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);
@@ -671,7 +676,7 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
   const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
   const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
 
-  using V = Variant<float, VF>;
+  using V = Variant<float, VF, true>;
   V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
@@ -680,7 +685,7 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
   const int n_first = var.key_begin(m_start) / BLOCK_N;
   const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int g = lane >> 2, c4 = lane & 3;
+  const int g = lane >> 2;
   const int wrow = warp * WM;
 
   auto load_kv = [&](int n, int stage) {

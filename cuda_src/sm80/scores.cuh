@@ -11,11 +11,11 @@
 namespace sm80 {
 
 // Forward: raw scores q.k -> what the online softmax takes, in place, and the
-// multiplier `mul` such that p = ex2(s * mul - m).  Without a transform the max
-// is taken over raw scores and the scale folded into that one FMA
-// (scale_log2 > 0, the default 1/sqrt(d)), or scores are scaled first
-// (scale_log2 <= 0, a user scale).  With softcap / ALiBi each score becomes its
-// log2-unit value first (mul = 1).  Invisible pairs become -inf, only where
+// multiplier `mul` such that p = ex2(s * mul - m).  The max is taken over the
+// scores in their own units (raw, or the variant's score units with softcap /
+// ALiBi, variant.cuh) and `mul` folded into that one FMA when it is positive
+// (the default scale, and always with softcap); a non-positive user scale
+// scales the scores first (mul = 1).  Invisible pairs become -inf, only where
 // `need_mask` (tiles crossing the key end or a window edge).
 template <class V, int MT, int NT>
 __device__ __forceinline__ float fwd_scores(const V &var, float (&s)[MT][NT][4], int row0,
@@ -26,13 +26,14 @@ __device__ __forceinline__ float fwd_scores(const V &var, float (&s)[MT][NT][4],
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h) {
+        const float base = var.alibi_base(row0 + mt * 16 + g + 8 * h, col0 + 2 * c4);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e)
-            s[mt][nt][2 * h + e] = var.score2(s[mt][nt][2 * h + e], row0 + mt * 16 + g + 8 * h,
-                                              col0 + nt * 8 + 2 * c4 + e);
+            s[mt][nt][2 * h + e] = var.score_u(s[mt][nt][2 * h + e], base, float(nt * 8 + e));
+      }
   }
   if (need_mask) {
 #pragma unroll
@@ -50,8 +51,8 @@ __device__ __forceinline__ float fwd_scores(const V &var, float (&s)[MT][NT][4],
           }
       }
   }
-  if constexpr (V::TRANSFORM) return 1.f;
-  const bool fold = scale_log2 > 0.f;
+  const float mul = V::TRANSFORM ? var.umul : scale_log2;
+  const bool fold = V::SOFTCAP || mul > 0.f;
   if (!fold) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -60,9 +61,9 @@ __device__ __forceinline__ float fwd_scores(const V &var, float (&s)[MT][NT][4],
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           s[mt][nt][e] = s[mt][nt][e] == fc_neg_inf<float>::value() ? s[mt][nt][e]
-                                                                     : s[mt][nt][e] * scale_log2;
+                                                                     : s[mt][nt][e] * mul;
   }
-  return fold ? scale_log2 : 1.f;
+  return fold ? mul : 1.f;
 }
 
 // LSE (natural log) -> log2 units for exp2(s2 - lse2).  A row that saw no key
@@ -89,13 +90,15 @@ __device__ __forceinline__ void probs_from_scores(const V &var, float (&s)[MT][N
       const int i = row0 + mt * 16 + g + 8 * h;
       const float l2 = lse2(mt, h);
       const int jlo = var.row_lo(i), jhi = var.row_hi(i);
+      const float base = var.alibi_base(i, col0 + 2 * c4);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int j = col0 + nt * 8 + 2 * c4 + e;
           float &x = s[mt][nt][2 * h + e];
-          float p = V::TRANSFORM ? ex2(var.score2(x, i, j) - l2) : ex2(fmaf(x, scale_log2, -l2));
+          float p = V::TRANSFORM ? ex2(fmaf(var.score_u(x, base, float(nt * 8 + e)), var.umul, -l2))
+                                 : ex2(fmaf(x, scale_log2, -l2));
           if (need_mask && (j < jlo || j > jhi)) p = 0.f;
           x = p;
         }
@@ -115,6 +118,9 @@ __device__ __forceinline__ void ds_from_dp(const V &var, float (&dp)[MT][NT][4],
     for (int h = 0; h < 2; ++h) {
       const float dl = delta(mt, h);
       const float l2 = V::SOFTCAP ? lse2(mt, h) : 0.f;
+      // (the ALiBi base again rather than kept live from probs_from_scores: two
+      // registers that spilled in the wgmma dK/dV body at D = 128)
+      const float base = var.alibi_base(row0 + mt * 16 + g + 8 * h, col0 + 2 * c4);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -122,8 +128,7 @@ __device__ __forceinline__ void ds_from_dp(const V &var, float (&dp)[MT][NT][4],
           const float pe = p[mt][nt][2 * h + e];
           float d = pe * (dp[mt][nt][2 * h + e] - dl);
           if constexpr (V::SOFTCAP)
-            d *= var.dcap_from_prob(pe, l2, row0 + mt * 16 + g + 8 * h,
-                                    col0 + nt * 8 + 2 * c4 + e);
+            d *= var.dcap_from_prob(pe, l2, var.alibi_u(base, float(nt * 8 + e)));
           dp[mt][nt][2 * h + e] = d;
         }
     }

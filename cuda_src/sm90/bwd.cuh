@@ -99,6 +99,7 @@ __device__ __forceinline__ void frag_to_swz(u32 base, int panel, int row0, int c
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
           int VF, bool ATOMIC_DQ, bool BULK>
 __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p) {
+  using V = Variant<float, VF, true>;
   using C = DkdvWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ, BULK>;
   constexpr int NTHREADS = C::NTHREADS, S_N = C::S_N, QN = C::QN;
 
@@ -110,7 +111,6 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p
   BatchIndex bi;
   if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
 
-  using V = Variant<float, VF>;
   V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
   const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);

@@ -11,7 +11,8 @@ without it it spilled a few bytes at 96-128 registers.
 from __future__ import annotations
 
 from .. import _dtypes
-from .._spec import HEAD_DIM_BUCKETS, VF_SINK, KernelSpec, head_dim_bucket
+from .._spec import (HEAD_DIM_BUCKETS, VF_ALIBI, VF_LEFT, VF_SINK, VF_SOFTCAP, KernelSpec,
+                     head_dim_bucket)
 
 NAME = "generic"
 
@@ -26,8 +27,10 @@ ROWS = {
                         256: 2},               # 83 KB smem; 4 rows spill on sm_90a (255 registers)
     ("f64", "bwd_dq"): {32: 8, 64: 8, 128: 4,  # 98 KB smem at 128
                         256: 1},               # 148 KB: per-lane K, V tiles are 132 KB (sm_80/90 only)
-    ("f32", "bwd_dkdv"): {32: 8, 64: 8, 128: 8,  # 66 KB smem at 128, 64 accumulators per lane
-                          256: 4},               # 98 KB smem
+    ("f32", "bwd_dkdv"): {32: 8, 64: 8,          # 34 KB smem at 64, 32 accumulators per lane
+                          128: 4,                # 8 rows spill 12-20 bytes at 255 registers (16-bit
+                                                 # inputs) since one parameter struct; 4 rows: 245
+                          256: 2},               # 4 rows spill 8-24 bytes likewise
     ("f64", "bwd_dkdv"): {32: 8, 64: 8,          # 67 KB smem at 64
                           128: 2,                # 84 KB smem (4 rows would be 100 KB, over sm_86's 99)
                           256: 1},               # 149 KB: per-lane Q, dO tiles are 132 KB (sm_80/90 only)
@@ -55,6 +58,9 @@ def spec(kernel: str, dtype: str, head_dim: int = 0, head_dim_v: int = 0,
     hd, hdv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
     acc = "f64" if dtype == "fp64" else "f32"
     rows = ROWS[(acc, kernel)][max(hd, hdv)]
+    if (kernel == "fwd" and acc == "f32" and max(hd, hdv) == 128
+            and variant & (VF_SOFTCAP | VF_ALIBI | VF_SINK | VF_LEFT)):
+        rows = 4  # the variants' per-score terms: 8 rows spill 16-24 bytes (255 registers)
     return KernelSpec(NAME, kernel, dtype, hd, hdv, nwarps=4, rows=rows, variant=variant,
                       grad_dtype=grad_dtype if grad_dtype != dtype else "")
 

@@ -12,7 +12,7 @@ from the kernel harness (benchmarks/dev/NOTES.md section 8).
 """
 from __future__ import annotations
 
-from .._spec import KernelSpec, head_dim_bucket
+from .._spec import VF_ALIBI, VF_SOFTCAP, KernelSpec, head_dim_bucket
 from . import sm80
 
 NAME = "sm90"
@@ -32,9 +32,11 @@ DKDV_TILES = {  # deterministic dK/dV: whole deterministic backward at 4k / 16k
 DKDVQ_TILES = {  # dK/dV + atomic dQ (the default backward), 4k / 16k
     64: [(128, 128, 8, 2)],  # S / dP in two 64-key passes (no spill): 320/338, causal
                              # 273/333 vs 307/328, 263/321 for 64x128; 162 KB
-    128: [(64, 128, 8, 2)],  # 408/418, causal 331/406 vs 353/379, 306/364 (mma.sync 2-D);
+    128: [(64, 128, 8, 2, "no-softcap+alibi")],
+                             # 408/418, causal 331/406 vs 353/379, 306/364 (mma.sync 2-D);
                              # with the bulk dQ 371/396: its staging barrier stalls the
-                             # asynchronous products
+                             # asynchronous products.  Softcap with ALiBi spills 52 bytes
+                             # here (255 registers): such calls take the sm80 tile
 }
 TABLES = {"fwd": FWD_TILES, "bwd_dkdv": DKDV_TILES, "bwd_dkdvq": DKDVQ_TILES}
 _KERNEL_NAMES = {"fwd": "fc_sm90_fwd", "bwd_dkdv": "fc_sm90_bwd_dkdv",
@@ -81,7 +83,9 @@ def pick(kernel, dtype, head_dim, head_dim_v, variant, smem_limit, cc=90):
     hd, hdv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
     if cc == 90 and kernel in TABLES and hd % 64 == 0 and hdv % 64 == 0:
         for tile in TABLES[kernel].get(max(hd, hdv), ()):
-            s = sm80.tile_spec(kernel, dtype, hd, hdv, tile, variant, family=NAME)
+            if "no-softcap+alibi" in tile and variant & VF_SOFTCAP and variant & VF_ALIBI:
+                continue
+            s = sm80.tile_spec(kernel, dtype, hd, hdv, tile[:4], variant, family=NAME)
             if smem_bytes(s) <= smem_limit:
                 return s
     return sm80.pick(kernel, dtype, head_dim, head_dim_v, variant, smem_limit, cc)
@@ -98,5 +102,7 @@ def shipped_specs(variants=(0,)) -> list:
             for kernel, table in TABLES.items():
                 for b, tiles in table.items():
                     for tile in tiles:
-                        out.append(sm80.tile_spec(kernel, dtype, b, b, tile, vf, family=NAME))
+                        if "no-softcap+alibi" in tile and vf & VF_SOFTCAP and vf & VF_ALIBI:
+                            continue
+                        out.append(sm80.tile_spec(kernel, dtype, b, b, tile[:4], vf, family=NAME))
     return list(dict.fromkeys(out))
