@@ -389,7 +389,7 @@ def _short_status(r):
     if s == "ok":
         return T.fmt(r["tflops"], 1)
     for key, short in (("skipped", "skip"), ("unsupported", "unsup"), ("OOM", "OOM"),
-                       ("unavailable", "n/a")):
+                       ("unavailable", "n/a"), ("n/a", "-")):
         if s.startswith(key):
             return short
     return "err"
@@ -564,6 +564,9 @@ def main(argv=None):
         T.progress(f"warning: {libs['flashcupy'][1]}")
     method = T.timing_method(args.warmup_ms, args.rep_ms, args.min_reps, not args.no_flush_l2,
                              args.rotate)
+    if args.variants:
+        method += ("; window rows count visible (query, key) pairs only: fwd 4*B*H*pairs*D, "
+                   "query i of window=(left, 0) sees min(i, left) + 1 keys")
     env = T.environment()
     cases = build_cases(args)
     n = len(cases) * len(args.providers)
