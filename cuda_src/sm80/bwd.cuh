@@ -173,6 +173,27 @@ struct DkdvRing {
       cp_async_4(dst, ok ? src : lse_b, ok ? 4 : 0);  // rows past Sq: lse = delta = 0
     }
   }
+  // The ring of key tile [n_start, n_start + n_rows) of batch element bi: its
+  // views of the parameters, the query tiles that see a key of the tile
+  // (variant.cuh's query range: a window or causal mask skips the others), and
+  // the prologue.  One call for every dK/dV body.
+  template <class V>
+  __device__ __forceinline__ void start(const BwdParams<T, float, T> &p, const BatchIndex &bi,
+                                        const V &var, int n_start, int n_rows,
+                                        unsigned char *smem) {
+    q_b = p.q.batch(bi.b0, bi.b1, bi.b2);
+    do_b = p.dout.batch(bi.b0, bi.b1, bi.b2);
+    lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
+    delta_b = p.delta.batch(bi.b0, bi.b1, bi.b2);
+    q_sr = p.q.sr, do_sr = p.dout.sr, lse_sr = p.lse.sr, delta_sr = p.delta.sr;
+    q_sg = p.q_sg, do_sg = p.dout_sg, lse_sg = p.lse_sg, delta_sg = p.delta_sg;
+    seqlen_q = p.seqlen_q, head_dim = p.head_dim, head_dim_v = p.head_dim_v;
+    init(var.query_begin(n_start) / BLOCK_M, fc_ceil_div(var.query_end(n_start + BLOCK_N), BLOCK_M),
+         p.n_group);
+    prologue(smem, p.k.batch(bi.b0, bi.b1, bi.b2) + n_start * p.k.sr, p.k.sr,
+             p.v.batch(bi.b0, bi.b1, bi.b2) + n_start * p.v.sr, p.v.sr, n_rows);
+  }
+
   // K and V (they stay resident), then the first STAGES - 1 steps.
   __device__ __forceinline__ void prologue(unsigned char *smem, const T *k_tile, fc_index_t k_sr,
                                            const T *v_tile, fc_index_t v_sr, int n_rows) {
@@ -278,16 +299,8 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
   const int g = lane >> 2, c4 = lane & 3;
   const int wkey = warp * WN;  // first tile key of this warp
 
-  DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
-      p.q.batch(bi.b0, bi.b1, bi.b2), p.dout.batch(bi.b0, bi.b1, bi.b2),
-      p.lse.batch(bi.b0, bi.b1, bi.b2), p.delta.batch(bi.b0, bi.b1, bi.b2), p.q.sr, p.dout.sr,
-      p.lse.sr, p.delta.sr, p.q_sg, p.dout_sg, p.lse_sg, p.delta_sg, p.seqlen_q, p.head_dim, p.head_dim_v};
-  // Causal: query rows above query_begin see no key of this tile.
-  // Window / causal: only the query tiles that see a key of this tile.
-  ring.init(var.query_begin(n_start) / BLOCK_M,
-            fc_ceil_div(var.query_end(n_start + BLOCK_N), BLOCK_M), p.n_group);
-  ring.prologue(fc_sm80_smem, p.k.batch(bi.b0, bi.b1, bi.b2) + n_start * p.k.sr, p.k.sr,
-                p.v.batch(bi.b0, bi.b1, bi.b2) + n_start * p.v.sr, p.v.sr, n_rows);
+  DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring;
+  ring.start(p, bi, var, n_start, n_rows, fc_sm80_smem);
 
   const u32 sK_a = smem_u32(sK) + 2 * (wkey * LDK + lane_a<LDK>(lane));
   const u32 sV_a = smem_u32(sV) + 2 * (wkey * LDV + lane_a<LDV>(lane));
@@ -491,16 +504,8 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
   // (2 kk + lane / 16) ^ (lane & 7) = (2 kk) ^ y_a.
   const int y_a = (lane >> 4) ^ (lane & 7);
 
-  DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
-      p.q.batch(bi.b0, bi.b1, bi.b2), p.dout.batch(bi.b0, bi.b1, bi.b2),
-      p.lse.batch(bi.b0, bi.b1, bi.b2), p.delta.batch(bi.b0, bi.b1, bi.b2), p.q.sr, p.dout.sr,
-      p.lse.sr, p.delta.sr, p.q_sg, p.dout_sg, p.lse_sg, p.delta_sg, p.seqlen_q, p.head_dim, p.head_dim_v};
-  // Causal: query rows above query_begin see no key of this tile.
-  // Window / causal: only the query tiles that see a key of this tile.
-  ring.init(var.query_begin(n_start) / BLOCK_M,
-            fc_ceil_div(var.query_end(n_start + BLOCK_N), BLOCK_M), p.n_group);
-  ring.prologue(fc_sm80_smem, p.k.batch(bi.b0, bi.b1, bi.b2) + n_start * p.k.sr, p.k.sr,
-                p.v.batch(bi.b0, bi.b1, bi.b2) + n_start * p.v.sr, p.v.sr, n_rows);
+  DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring;
+  ring.start(p, bi, var, n_start, n_rows, fc_sm80_smem);
 
   // Per-lane ldmatrix bases.
   const u32 sK_u = smem_u32(sK), sV_u = smem_u32(sV);

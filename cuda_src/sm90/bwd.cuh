@@ -123,15 +123,8 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p
   const int q_m0 = (wg % C::WQ_M) * 64 + wl * 16, q_d0 = (wg / C::WQ_M) * QN;
   const int k_n0 = wg * 64 + wl * 16;  // dK / dV: this warp's 16 keys
 
-  DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring{
-      p.q.batch(bi.b0, bi.b1, bi.b2), p.dout.batch(bi.b0, bi.b1, bi.b2),
-      p.lse.batch(bi.b0, bi.b1, bi.b2), p.delta.batch(bi.b0, bi.b1, bi.b2), p.q.sr, p.dout.sr,
-      p.lse.sr, p.delta.sr, p.q_sg, p.dout_sg, p.lse_sg, p.delta_sg, p.seqlen_q, p.head_dim, p.head_dim_v};
-  // Window / causal: only the query tiles that see a key of this tile.
-  ring.init(var.query_begin(n_start) / BLOCK_M,
-            fc_ceil_div(var.query_end(n_start + BLOCK_N), BLOCK_M), p.n_group);
-  ring.prologue(smem, p.k.batch(bi.b0, bi.b1, bi.b2) + n_start * p.k.sr, p.k.sr,
-                p.v.batch(bi.b0, bi.b1, bi.b2) + n_start * p.v.sr, p.v.sr, n_rows);
+  DkdvRing<T, C, HD, HDV, BLOCK_M, BLOCK_N, STAGES, ATOMIC_DQ> ring;
+  ring.start(p, bi, var, n_start, n_rows, smem);
 
   const u32 sK_u = smem0 + C::K_OFF, sV_u = smem0 + C::V_OFF;
   const u32 sP_u = smem0 + C::P_OFF, sdS_u = smem0 + C::DS_OFF;
