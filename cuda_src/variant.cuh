@@ -132,7 +132,7 @@ struct Variant {
   // visible, for fragments that walk a row), and the queries that see key j.
   __device__ __forceinline__ int row_lo(int i) const { return LEFT ? i + lo : -0x7fffffff; }
   __device__ __forceinline__ int row_hi(int i) const {
-    return RIGHT ? fc_min(seqlen_k - 1, i + hi) : seqlen_k - 1;
+    return RIGHT ? fc_min(seqlen_k, i + hi + 1) - 1 : seqlen_k - 1;  // (this form: no spill in sm80 fwd D=128)
   }
   __device__ __forceinline__ int col_lo(int j) const {
     return j >= seqlen_k ? 0x7fffffff : RIGHT ? j - hi : -0x7fffffff;
