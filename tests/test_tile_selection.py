@@ -79,3 +79,16 @@ def test_every_table_row_has_a_kernel_and_smem():
     for mod in (sm80, sm90):
         for s in mod.shipped_specs((0, VF_LOCAL)):
             assert _config.name_expression(s) and _config.smem_bytes(s) >= 0
+
+
+@pytest.mark.parametrize("kernel", ["bwd_dkdvq", "bwd_dkdv"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_softcap_with_alibi_backward_leaves_the_wgmma_tiles(kernel, d):
+    """Softcap and ALiBi together spill in the 255-register wgmma dK/dV bodies:
+    that backward takes the sm80 table's tile; either alone keeps the wgmma one."""
+    from flashcupy._spec import VF_ALIBI, VF_SOFTCAP
+    both = sm90.pick(kernel, "bf16", d, d, VF_SOFTCAP | VF_ALIBI, H100_SMEM, cc=90)
+    assert both is not None and both.family == "sm80", both
+    for vf in (VF_SOFTCAP, VF_ALIBI):
+        assert sm90.pick(kernel, "bf16", d, d, vf, H100_SMEM, cc=90).family == "sm90"
+    assert sm90.pick("fwd", "bf16", d, d, VF_SOFTCAP | VF_ALIBI, H100_SMEM, cc=90).family == "sm90"

@@ -25,18 +25,23 @@ FWD_TILES = {
     128: [(64, 64, 4, 2)],  # 329/425/413, causal 253/353/444 vs 128x128x8w 321/399/433,
                             # 242/344/431 and mma.sync 128x64x4w 267/332/357
 }
+# "no-softcap+alibi": softcap together with ALiBi adds enough per-score terms that
+# these 255-register bodies spill (4-60 bytes, kernel check); such calls take the
+# sm80 table's tile.
 DKDV_TILES = {  # deterministic dK/dV: whole deterministic backward at 4k / 16k
-    64: [(64, 128, 8, 2)],   # 238/234, causal 209/237 vs mma.sync 207/218, 187/204
-    128: [(64, 128, 8, 2)],  # 279/275, causal 259/284 vs 263/268, 230/262
+    64: [(64, 128, 8, 2, "no-softcap+alibi")],   # 238/234, causal 209/237 vs mma.sync
+                                                 # 207/218, 187/204
+    128: [(64, 128, 8, 2, "no-softcap+alibi")],  # 279/275, causal 259/284 vs 263/268,
+                                                 # 230/262
 }
 DKDVQ_TILES = {  # dK/dV + atomic dQ (the default backward), 4k / 16k
-    64: [(128, 128, 8, 2)],  # S / dP in two 64-key passes (no spill): 320/338, causal
+    64: [(128, 128, 8, 2, "no-softcap+alibi")],
+                             # S / dP in two 64-key passes (no spill): 320/338, causal
                              # 273/333 vs 307/328, 263/321 for 64x128; 162 KB
     128: [(64, 128, 8, 2, "no-softcap+alibi")],
                              # 408/418, causal 331/406 vs 353/379, 306/364 (mma.sync 2-D);
                              # with the bulk dQ 371/396: its staging barrier stalls the
-                             # asynchronous products.  Softcap with ALiBi spills 52 bytes
-                             # here (255 registers): such calls take the sm80 tile
+                             # asynchronous products
 }
 TABLES = {"fwd": FWD_TILES, "bwd_dkdv": DKDV_TILES, "bwd_dkdvq": DKDVQ_TILES}
 _KERNEL_NAMES = {"fwd": "fc_sm90_fwd", "bwd_dkdv": "fc_sm90_bwd_dkdv",
