@@ -555,7 +555,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
       // P, masked only where the tile crosses the key end or the causal diagonal.
       // P goes to shared memory before the dP product (flash-attn 2's order), so
       // its stores drain under the dP mma: +1-3 % over computing dP first
-      // (benchmarks/dev/sm80/NOTES.md, section 7).
+      // (benchmarks/dev/NOTES.md, section 7).
       const bool need_mask = var.needs_mask(m0, m0 + BLOCK_M, n_start, n_start + BLOCK_N);
       auto lse2 = [&](int mt, int h) { return lse_to_log2(sLse[s_m0 + mt * 16 + g + 8 * h]); };
       probs_from_scores(var, s, lse2, m0 + s_m0, n_start + s_n0, need_mask, p.scale_log2, lane);
