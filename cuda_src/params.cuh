@@ -75,6 +75,17 @@ struct VariantArgs {
   // dK/dV kernels' loop over the query heads that share a KV head
   TensorView<const float> alibi, sink;
   fc_index_t alibi_sg, sink_sg;
+  // Bias, mask and the bias's gradient: views over (batch, Sq, Sk) with a
+  // column stride (0 where broadcast over keys; a row stride of 0 broadcasts
+  // over queries).  The bias is stored as the kernel's T, or as Acc with
+  // FC_VF_BIAS_ACC (variant.cuh); the mask holds one byte per element; dbias
+  // is an Acc buffer of the bias's own shape that the dK/dV kernels add into.
+  TensorView<const void> bias;
+  fc_index_t bias_sc, bias_sg;
+  TensorView<const unsigned char> mask;
+  fc_index_t mask_sc, mask_sg;
+  TensorView<Acc> dbias;
+  fc_index_t dbias_sc, dbias_sg;
 };
 
 template <typename T, typename Acc>

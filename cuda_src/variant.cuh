@@ -10,7 +10,10 @@
 //     (visible);
 //   * the score of a pair in log2 units (score2: softcap, ALiBi) and the
 //     derivative the backward multiplies dS by (softcap's 1 - tanh^2);
-//   * the softmax's extra sink logit (init_max / sink_term).
+//   * the softmax's extra sink logit (init_max / sink_term);
+//   * a pair's additive offset (offset_u / offset2: an arbitrary bias read from
+//     memory, -inf where a boolean mask removes the pair) and where its
+//     gradient goes (dbias_add).
 // A new variant is a flag, fields of VariantArgs (params.cuh) and members here
 // (and its statement in flashcupy/reference.py), not an edit of every body.
 // Compare flash-attn's Mask<Is_causal, Is_local, Has_alibi> (csrc/flash_attn/src/
@@ -22,6 +25,8 @@
 //   score          s = scale q.k;  softcap c: s -> c tanh(s / c);
 //                  ALiBi slope m: s -> s - m |i + Sk - Sq - j|
 //   sink logit z   joins the softmax denominator: p_ij = e^s_ij / (e^z + sum_j e^s_ij)
+//   bias b, mask m s -> s + b(i, j) after softcap and ALiBi; m(i, j) = 0 removes
+//                  the pair (as a bias of -inf does); dbias = dS = P o (dP - delta)
 // Units: kernels work in log2 units (softmax.cuh), so score2 = score * log2(e).
 #pragma once
 #include "params.cuh"
@@ -36,6 +41,14 @@
 #define FC_VF_ALIBI 4    // ALiBi linear bias
 #define FC_VF_SINK 8     // attention sink (forward only: the backward sees it through the LSE)
 #define FC_VF_LEFT 16    // keys j >= i + lo (a sliding window's left side)
+#define FC_VF_BIAS 32    // additive bias b(i, j), in the kernel's storage type T ...
+#define FC_VF_BIAS_ACC 256  // ... or in the accumulator type (float32 / float64)
+#define FC_VF_MASK 64    // boolean mask (one byte per element; 0 removes the pair)
+#define FC_VF_DBIAS 128  // backward: dS added into the bias's gradient (atomics)
+
+// The storage type of the bias a kernel with storage type T reads.
+template <typename T, typename Acc, bool ACC> struct fc_bias_type { typedef T type; };
+template <typename T, typename Acc> struct fc_bias_type<T, Acc, true> { typedef Acc type; };
 
 // exp2 / log2 / reciprocal at the accumulator's precision: MUFU approximations
 // (relative error ~2^-22) in float, exact-rounded library calls in double.
@@ -62,7 +75,7 @@ __device__ __forceinline__ double fc_fast_rcp(double x) { return 1.0 / x; }
 // instruction tanh.approx.f32 (relative error ~2^-11, below the 16-bit rounding
 // of the scores a same-dtype reference makes) instead of exp2 + reciprocal: the
 // forward's MUFU work per score goes from 3 ops to 2.
-template <typename Acc, int VF, bool FAST = false>
+template <typename Acc, int VF, bool FAST = false, typename TB = Acc>
 struct Variant {
   static constexpr bool RIGHT = (VF & FC_VF_RIGHT) != 0;
   static constexpr bool LEFT = (VF & FC_VF_LEFT) != 0;
@@ -72,6 +85,14 @@ struct Variant {
   // Scores need an element-wise transform into log2 units (otherwise a body may
   // take the max over raw scores and fold the scale into one FMA per element).
   static constexpr bool TRANSFORM = SOFTCAP || ALIBI;
+  static constexpr bool BIAS = (VF & (FC_VF_BIAS | FC_VF_BIAS_ACC)) != 0;
+  static constexpr bool MASK = (VF & FC_VF_MASK) != 0;
+  static constexpr bool DBIAS = (VF & FC_VF_DBIAS) != 0;
+  // A per-pair offset read from memory (bias, mask).  It adds in whatever units
+  // the body keeps scores in (offset_u), so it needs no transform of its own.
+  static constexpr bool OFFSET = BIAS || MASK;
+  // The generic family converts every score to log2 units one by one (score2).
+  static constexpr bool ELEMENTWISE = TRANSFORM || OFFSET;
 
   int seqlen_q, seqlen_k;
   int lo, hi;    // key j is visible from query i iff lo <= j - i (LEFT) and j - i <= hi (RIGHT)
@@ -81,6 +102,13 @@ struct Variant {
   Acc umul;      // score units -> log2 units (see score_u)
   Acc slope_u;   // slope2 in score units
   Acc sink2;     // sink * log2(e) of the bound batch element
+  Acc bias_umul; // log2(e) / umul: a bias in score units
+  // Bias, mask and the bias's gradient of the bound batch element (and group):
+  // row strides, column strides (0 where broadcast over keys), base pointers.
+  fc_index_t bias_sr, bias_sc, mask_sr, mask_sc, dbias_sr, dbias_sc;
+  const TB *bias_b;
+  const unsigned char *mask_b;
+  Acc *dbias_b;
 
   __device__ __forceinline__ Variant(const VariantArgs<Acc> &a, int sq, int sk, Acc scale_log2_)
       : seqlen_q(sq), seqlen_k(sk), diag(sk - sq), scale_log2(scale_log2_), slope2(0),
@@ -92,6 +120,10 @@ struct Variant {
     cap_log2 = a.softcap_log2;
     cap_log2_inv = SOFTCAP ? Acc(1) / a.softcap_log2 : Acc(0);
     umul = SOFTCAP ? cap_log2 : scale_log2;
+    bias_umul = BIAS ? Acc(FC_LOG2E) / umul : Acc(0);  // (the host refuses a bias with scale 0)
+    bias_sr = a.bias.sr, bias_sc = a.bias_sc;
+    mask_sr = a.mask.sr, mask_sc = a.mask_sc;
+    dbias_sr = a.dbias.sr, dbias_sc = a.dbias_sc;
   }
 
   // The per-(batch element, group) values: ALiBi slope and sink logit.
@@ -103,6 +135,11 @@ struct Variant {
     }
     if constexpr (SINK)
       sink2 = Acc(a.sink.batch(bi.b0, bi.b1, bi.b2)[grp * a.sink_sg]) * Acc(FC_LOG2E);
+    if constexpr (BIAS)
+      bias_b = static_cast<const TB *>(a.bias.ptr) + bi.b0 * a.bias.sb0 + bi.b1 * a.bias.sb1 +
+               bi.b2 * a.bias.sb2 + grp * a.bias_sg;
+    if constexpr (MASK) mask_b = a.mask.batch(bi.b0, bi.b1, bi.b2) + grp * a.mask_sg;
+    if constexpr (DBIAS) dbias_b = a.dbias.batch(bi.b0, bi.b1, bi.b2) + grp * a.dbias_sg;
   }
 
   // ---- loop ranges ---------------------------------------------------------
@@ -163,6 +200,7 @@ struct Variant {
   __device__ __forceinline__ Acc score2(Acc raw, int i, int j) const {
     Acc x = SOFTCAP ? cap_log2 * tanh_of(raw) : raw * scale_log2;
     if constexpr (ALIBI) x += alibi2(i, j);
+    if constexpr (OFFSET) x += offset2(i, j);
     return x;
   }
   // The same for fragments that walk a row at compile-time offsets k from a
@@ -193,22 +231,67 @@ struct Variant {
     return Acc(1) - t * t;
   }
   // The same from P = 2^(score2 - lse2) when the raw score is gone (the
-  // tensor-core backward overwrites it with P): tanh = (log2 P + lse2 - alibi2) /
-  // cap_log2.  P = 0 (masked or underflowed) gives 0, never 0 * -inf.
-  // (alibi_uij: the pair's ALiBi term in score units, alibi_u.)
-  __device__ __forceinline__ Acc dcap_from_prob(Acc p, Acc lse2, Acc alibi_uij) const {
+  // tensor-core backward overwrites it with P): tanh = (log2 P + lse2) /
+  // cap_log2 - extra_u.  P = 0 (masked or underflowed) gives 0, never 0 * -inf.
+  // (extra_u: the pair's ALiBi and offset terms in score units, alibi_u +
+  // offset_u.)
+  __device__ __forceinline__ Acc dcap_from_prob(Acc p, Acc lse2, Acc extra_u) const {
     if constexpr (!SOFTCAP) return Acc(1);
     if (!(p > Acc(0))) return Acc(0);
-    const Acc t = (fc_fast_log2(p) + lse2) * cap_log2_inv - alibi_uij;
+    const Acc t = (fc_fast_log2(p) + lse2) * cap_log2_inv - extra_u;
     return Acc(1) - t * t;
   }
 
   // P of a visible pair from its raw score and the row's natural-log LSE (the
   // generic backward; softmax.cuh's one-FMA form when there is no transform).
   __device__ __forceinline__ Acc prob_from_lse(Acc raw, Acc scale, Acc lse, int i, int j) const {
-    if constexpr (!TRANSFORM) return OnlineSoftmax<Acc>::prob_from_lse(raw, scale, lse);
+    if constexpr (!ELEMENTWISE) return OnlineSoftmax<Acc>::prob_from_lse(raw, scale, lse);
     return lse == fc_neg_inf<Acc>::value() ? Acc(0)
                                            : fc_exp2(score2(raw, i, j) - lse * Acc(FC_LOG2E));
+  }
+
+  // ---- bias and mask ------------------------------------------------------
+  // The pair's additive offset in score units (offset_u; log2 units: offset2):
+  // the bias, and -inf where the mask removes the pair.  A row's pointers are
+  // formed once (offset_row) and a key adds a 32-bit column offset (the host
+  // makes the column stride 1, or 0 for a broadcast over keys).  Rows past Sq
+  // and keys past Sk (tile padding, whose results are discarded) read a valid
+  // element.
+  struct OffsetRow {
+    const TB *bias;
+    const unsigned char *mask;
+  };
+  __device__ __forceinline__ OffsetRow offset_row(int i) const {
+    const fc_index_t ic = fc_min(i, seqlen_q - 1);
+    OffsetRow r;
+    if constexpr (BIAS) r.bias = bias_b + ic * bias_sr;
+    if constexpr (MASK) r.mask = mask_b + ic * mask_sr;
+    return r;
+  }
+  __device__ __forceinline__ Acc offset_u(const OffsetRow &r, int j, Acc mul) const {
+    Acc x = Acc(0);
+    const int jc = fc_min(j, seqlen_k - 1);
+    if constexpr (BIAS) x = to_acc<Acc>(r.bias[jc * int(bias_sc)]) * mul;
+    if constexpr (MASK)
+      if (!r.mask[jc * int(mask_sc)]) x = fc_neg_inf<Acc>::value();
+    return x;
+  }
+  __device__ __forceinline__ Acc offset_u(const OffsetRow &r, int j) const {
+    return offset_u(r, j, bias_umul);
+  }
+  __device__ __forceinline__ Acc offset_u(int i, int j) const {
+    return offset_u(offset_row(i), j, bias_umul);
+  }
+  __device__ __forceinline__ Acc offset2(int i, int j) const {
+    return offset_u(offset_row(i), j, Acc(FC_LOG2E));
+  }
+  // dbias(i, j) += dS(i, j) (natural units: the gradient of the logit the bias
+  // joins).  Atomic: a bias broadcast over batch or group axes has several
+  // writers; a full bias has one per element, so its sum stays deterministic.
+  __device__ __forceinline__ void dbias_add(int i, int j, Acc ds) const {
+    if constexpr (DBIAS)
+      if (i < seqlen_q && j < seqlen_k)
+        atomicAdd(dbias_b + (fc_index_t)i * dbias_sr + (fc_index_t)j * dbias_sc, ds);
   }
 
   // ---- sink ----------------------------------------------------------------
@@ -222,3 +305,8 @@ struct Variant {
     return SINK ? fc_fast_exp2(sink2 - m) : Acc(0);
   }
 };
+
+// The Variant a kernel with storage type T and accumulator Acc instantiates.
+template <typename T, typename Acc, int VF, bool FAST = false>
+using VariantFor =
+    Variant<Acc, VF, FAST, typename fc_bias_type<T, Acc, (VF & FC_VF_BIAS_ACC) != 0>::type>;

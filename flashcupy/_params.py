@@ -26,6 +26,9 @@ VARIANT_FIELDS = (
     ("softcap_inv2", "acc"), ("softcap_log2", "acc"),
     ("alibi", TENSOR), ("sink", TENSOR),
     ("alibi_sg", "i64"), ("sink_sg", "i64"),
+    ("bias", TENSOR), ("bias_sc", "i64"), ("bias_sg", "i64"),
+    ("mask", TENSOR), ("mask_sc", "i64"), ("mask_sg", "i64"),
+    ("dbias", TENSOR), ("dbias_sc", "i64"), ("dbias_sg", "i64"),
 )
 FWD_FIELDS = (
     ("q", TENSOR), ("k", TENSOR), ("v", TENSOR), ("o", TENSOR), ("lse", TENSOR),

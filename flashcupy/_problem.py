@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _dtypes
-from ._spec import VF_ALIBI, VF_LEFT, VF_RIGHT, VF_SINK, VF_SOFTCAP
+from ._spec import (VF_ALIBI, VF_BIAS, VF_BIAS_ACC, VF_DBIAS, VF_LEFT, VF_MASK, VF_RIGHT,
+                    VF_SINK, VF_SOFTCAP)
 
 LOG2E = 1.4426950408889634
 
@@ -29,6 +30,10 @@ class Features:
     softcap: c > 0 or None: s -> c * tanh(s / c).
     alibi: slopes are given (an array travels beside the features).
     sink: a sink logit per batch element is given.
+    bias: None, "t" (an additive bias in the inputs' dtype) or "acc" (in the
+        accumulator's dtype, float32 beside 16-bit inputs).
+    mask: a boolean mask is given.
+    bias_grad: the backward also returns the bias's gradient.
     """
 
     window_left: int | None = None
@@ -36,6 +41,9 @@ class Features:
     softcap: float | None = None
     alibi: bool = False
     sink: bool = False
+    bias: str | None = None
+    mask: bool = False
+    bias_grad: bool = False
 
     @property
     def local(self) -> bool:
@@ -46,7 +54,10 @@ class Features:
         return ((VF_RIGHT if self.window_right is not None else 0)
                 | (VF_LEFT if self.window_left is not None else 0)
                 | (VF_SOFTCAP if self.softcap else 0)
-                | (VF_ALIBI if self.alibi else 0) | (VF_SINK if self.sink and forward else 0))
+                | (VF_ALIBI if self.alibi else 0) | (VF_SINK if self.sink and forward else 0)
+                | (VF_BIAS if self.bias == "t" else VF_BIAS_ACC if self.bias else 0)
+                | (VF_MASK if self.mask else 0)
+                | (VF_DBIAS if self.bias_grad and not forward else 0))
 
     def kernel_args(self, seqlen_q: int, seqlen_k: int, scale: float) -> dict:
         """The scalar fields of the kernels' VariantArgs (params.cuh).  An

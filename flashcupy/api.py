@@ -189,7 +189,7 @@ def _check_head_vector(fn, name, x, bshape, dev):
 
 
 def _prepare(fn, q, k, v, causal, scale, window=None, softcap=None, alibi_slopes=None,
-             sink=None):
+             sink=None, bias=None, mask=None, bias_grad=False):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_array(fn, name, x)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -227,6 +227,20 @@ def _prepare(fn, q, k, v, causal, scale, window=None, softcap=None, alibi_slopes
         # the kernels keep ALiBi in units of the scaled score (cuda_src/variant.cuh)
         raise ValueError(f"{fn}: alibi_slopes needs scale != 0 (got scale=0.0)")
     _check_head_vector(fn, "sink", sink, bshape, dev)
+    sq, sk = q.shape[-2], k.shape[-2]
+    bias_kind = None if bias is None else _check_pair_array(fn, "bias", bias, q, bshape, sq, sk,
+                                                             dev)
+    if bias_kind == "convert":
+        bias_kind = "t"  # float32 beside float64 inputs: converted per call (_forward)
+    if mask is not None:
+        _check_pair_array(fn, "mask", mask, q, bshape, sq, sk, dev)
+    if not isinstance(bias_grad, (bool, np.bool_)):
+        raise TypeError(f"{fn}: bias_grad must be a bool, got {bias_grad!r}")
+    if bias_grad and bias is None:
+        raise ValueError(f"{fn}: bias_grad=True needs a bias (got bias=None)")
+    if bias is not None and scale == 0.0 and softcap is None:
+        # the kernels keep the bias in units of the scaled score (cuda_src/variant.cuh)
+        raise ValueError(f"{fn}: bias needs scale != 0 (got scale=0.0)")
     cc = _compute_capability(dev)
     info = _dtypes.info(q.dtype)
     try:
@@ -234,7 +248,8 @@ def _prepare(fn, q, k, v, causal, scale, window=None, softcap=None, alibi_slopes
     except ValueError as e:
         raise ValueError(f"{fn}: {e}") from None
     feats = Features(window_left=left, window_right=right, softcap=softcap,
-                     alibi=alibi_slopes is not None, sink=sink is not None)
+                     alibi=alibi_slopes is not None, sink=sink is not None, bias=bias_kind,
+                     mask=mask is not None, bias_grad=bool(bias_grad))
     return Problem(bshape=bshape, seqlen_q=q.shape[-2], seqlen_k=k.shape[-2], head_dim=d,
                    head_dim_v=v.shape[-1], scale=scale, features=feats, dtype=q.dtype,
                    acc_dtype=info.acc_dtype, device_id=dev, cc=cc, family=family)
@@ -254,6 +269,55 @@ def _check_output(fn, name, x, shape, dtype, dev):
     _check_given(fn, name, x, shape, dtype, dev)
     if not x.flags.c_contiguous:
         raise ValueError(f"{fn}: the preallocated {name} must be C-contiguous")
+
+
+def _check_pair_array(fn, name, x, q, bshape, sq, sk, dev):
+    """bias / mask: cupy arrays broadcastable to ``bshape + (Sq, Sk)``.
+    Returns the bias kind for Features ("t" / "acc") or True for a mask."""
+    _check_array(fn, name, x)
+    target = tuple(bshape) + (sq, sk)
+    if name == "mask":
+        if x.dtype != np.bool_:
+            raise TypeError(f"{fn}: mask has {_fmt(x)}; expected a bool array (True = may "
+                            f"attend), broadcastable to {target}")
+    else:
+        # (bfloat16 is an ml_dtypes type, numpy kind "V": compare dtypes, not kinds)
+        if x.dtype != q.dtype and x.dtype != np.float32:
+            raise TypeError(f"{fn}: bias has {_fmt(x)}; expected a floating array of q's dtype "
+                            f"({q.dtype}) or float32, broadcastable to {target}")
+    try:
+        ok = np.broadcast_shapes(x.shape, target) == target
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{fn}: {name} has {_fmt(x)}, which does not broadcast to "
+                         f"{target} (the batch dims of q, k, v, then (Sq, Sk))")
+    if x.device.id != dev:
+        raise ValueError(f"{fn}: {name} is on device {x.device.id}, the inputs on device {dev}")
+    if name == "mask":
+        return True
+    acc = _dtypes.info(q.dtype).acc_dtype
+    return "t" if x.dtype == q.dtype else "acc" if x.dtype == acc else "convert"
+
+
+def _pair_view(x, sq, sk):
+    """A bias / mask as the kernels read it: (batch shape, batch strides, row
+    stride, column stride) in elements, broadcast axes at stride 0.  The column
+    stride must be 0 or 1 (variant.cuh): anything else is copied first."""
+    shape = (1,) * max(0, 2 - x.ndim) + tuple(x.shape)
+    strides = (0,) * max(0, 2 - x.ndim) + tuple(st // x.itemsize for st in x.strides)
+    rs = 0 if shape[-2] == 1 else strides[-2]
+    cs = 0 if shape[-1] == 1 else strides[-1]
+    return shape[:-2], list(strides[:-2]), rs, cs
+
+
+def _pair_contiguous(x):
+    """The array itself when its last axis is contiguous or broadcast, else a copy."""
+    if x.ndim and x.shape[-1] != 1 and x.strides[-1] != x.itemsize:
+        return cupy.ascontiguousarray(x)
+    if any(st % x.itemsize for st in x.strides):
+        return cupy.ascontiguousarray(x)
+    return x
 
 
 # ---------------------------------------------------------------------------
@@ -276,11 +340,21 @@ _VARIANT_DOC = """
         Broadcastable to the batch dims: one logit per (batch,) head that joins
         the softmax denominator and carries no value (gpt-oss):
         ``p_ij = exp(s_ij) / (exp(sink) + sum_j exp(s_ij))``; ``lse`` includes it.
+    bias : cupy.ndarray, optional
+        Broadcastable to ``batch + (Sq, Sk)`` (numpy rules; e.g. ``(B, H, Sq, Sk)``,
+        ``(1, H, Sq, Sk)``, ``(B, 1, 1, Sk)``, ``(Sq, Sk)``), q's dtype or float32:
+        added to the (softcapped, ALiBi) scaled score before the softmax.
+        Broadcast axes are read at stride 0, never materialized.  ``-inf``
+        removes a pair.
+    mask : cupy.ndarray of bool, optional
+        Same broadcasting; False removes the pair (PyTorch SDPA's convention),
+        exactly as a ``-inf`` bias does.  A row with every key removed gets
+        out = 0 and lse = -inf.
 """
 
 
 def attention(q, k, v, *, causal=False, scale=None, return_lse=False, window=None,
-              softcap=None, alibi_slopes=None, sink=None):
+              softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None):
     """Exact attention ``softmax(q @ k^T * scale) @ v``, FlashAttention-style.
 
     Parameters
@@ -309,7 +383,7 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, window=Non
         lse = -inf (lse = sink with a sink).
     """
     out, lse = _forward(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                        alibi_slopes=alibi_slopes, sink=sink)
+                        alibi_slopes=alibi_slopes, sink=sink, bias=bias, mask=mask)
     return (out, lse) if return_lse else out
 
 
@@ -343,23 +417,36 @@ def _signature(kind, arrays, causal, scale, window, softcap, extras):
     return tuple(sig)
 
 
-def cached_plan(kind, arrays, causal, scale, window=None, softcap=None, extras=(None, None)):
+def cached_plan(kind, arrays, causal, scale, window=None, softcap=None,
+                extras=(None, None, None, None)):
     """The plan a call with these arguments replays, or None (for
-    flashcupy.torch, which keys plans on tensor metadata)."""
+    flashcupy.torch, which keys plans on tensor metadata).  ``extras``: alibi
+    slopes, sink, bias, mask (missing trailing ones are None)."""
+    extras = tuple(extras) + (None,) * (4 - len(extras))
     return _PLANS.get(_signature(kind, arrays, causal, scale, window, softcap, extras))
 
 
+def _convert_bias(q, bias):
+    """A float32 bias beside float64 inputs is read as float64 (a copy of its
+    own, unbroadcast shape): the float64 kernels read the bias in their dtype."""
+    if (bias is not None and isinstance(bias, cupy.ndarray) and isinstance(q, cupy.ndarray)
+            and q.dtype == np.float64 and bias.dtype == np.float32):
+        return bias.astype(np.float64)
+    return bias
+
+
 def _forward(q, k, v, *, causal, scale, window=None, softcap=None, alibi_slopes=None,
-             sink=None, out=None, lse=None):
+             sink=None, bias=None, mask=None, out=None, lse=None):
     """``attention`` with optional preallocated, C-contiguous ``out``/``lse``."""
     fn = "flashcupy.attention"
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_array(fn, name, x)
-    extras = (alibi_slopes, sink)
+    bias = _convert_bias(q, bias)
+    extras = (alibi_slopes, sink, bias, mask)
     key = _signature("fwd", (q, k, v), causal, scale, window, softcap, extras)
     plan = _PLANS.get(key)
     prob = plan.prob if plan is not None else _prepare(fn, q, k, v, causal, scale, window,
-                                                       softcap, alibi_slopes, sink)
+                                                       softcap, alibi_slopes, sink, bias, mask)
     out_shape = prob.bshape + (prob.seqlen_q, prob.head_dim_v)
     lse_shape = prob.bshape + (prob.seqlen_q,)
     if out is not None:
@@ -376,6 +463,7 @@ def _forward(q, k, v, *, causal, scale, window=None, softcap=None, alibi_slopes=
             env["alibi"] = alibi_slopes
         if sink is not None:
             env["sink"] = sink
+        pair_copied = _add_pairs(env, bias, mask)
         if plan is not None:
             plan.run(env)
             return out, lse
@@ -389,7 +477,8 @@ def _forward(q, k, v, *, causal, scale, window=None, softcap=None, alibi_slopes=
                 lse.fill(-np.inf)
             return out, lse
         qc, kc, vc = (_last_axis_contiguous(x) for x in (q, k, v))
-        cacheable = qc is q and kc is k and vc is v  # a copy is made per call: no plan
+        # a copy is made per call: no plan
+        cacheable = qc is q and kc is k and vc is v and not pair_copied
         env.update(q=qc, k=kc, v=vc)
         plan = _plan.Plan(prob)
         _plan_forward(plan, env)
@@ -455,15 +544,35 @@ def _spec(prob, kernel, grad_dtype=""):
     return s
 
 
-def _variant_tensors(env, bs, st):
-    """The variant's per-batch-element arrays as launch operands (and their
-    strides into ``st``)."""
-    ops = []
+def _add_pairs(env, bias, mask) -> bool:
+    """Puts bias / mask into the environment (copied when their last axis is
+    strided); returns whether a copy was made (then the call has no plan)."""
+    copied = False
+    for name, x in (("bias", bias), ("mask", mask)):
+        if x is not None:
+            xc = _pair_contiguous(x)
+            copied |= xc is not x
+            env[name] = xc
+    return copied
+
+
+def _variant_tensors(env, bs, st, pairs=("bias", "mask")):
+    """The variant's arrays as launch operands (their batch strides into
+    ``st``): per-batch-element vectors (ALiBi slopes, sink) and the (Sq, Sk)
+    pair arrays (bias, mask, dbias).  Returns (operands, scalars)."""
+    ops, scalars = [], {}
     for name in ("alibi", "sink"):
         if name in env:
             st[name] = _head_strides(env[name], bs)
             ops.append((f"var.{name}", name, env[name], 0))
-    return ops
+    for name in pairs:
+        if name in env:
+            x = env[name]
+            bshape_x, bstr, rs, cs = _pair_view(x, 1, 1)
+            st[name] = _batch.batch_strides(bshape_x, bstr, bs)
+            ops.append((f"var.{name}", name, x, rs))
+            scalars[f"var.{name}_sc"] = cs
+    return ops, scalars
 
 
 def _plan_forward(plan, env):
@@ -471,22 +580,23 @@ def _plan_forward(plan, env):
     q, k, v, out, lse = (env[n] for n in ("q", "k", "v", "o", "lse"))
     st = {"q": _strides(q, bs), "k": _strides(k, bs), "v": _strides(v, bs),
           "o": _strides(out, bs), "lse": _vec_strides(lse, bs)}
-    extra = _variant_tensors(env, bs, st)
+    extra, scalars = _variant_tensors(env, bs, st)
     layout = _batch.Layout.build(bs, range(len(bs)), st)
     rs = _launch.row_stride
     plan.launches(_launch.launch(
         _spec(prob, "fwd"), prob, "fwd", layout,
         [("q", "q", q, rs(q)), ("k", "k", k, rs(k)), ("v", "v", v, rs(v)), ("o", "o", out, rs(out)),
          ("lse", "lse", lse, _launch.vec_stride(lse))] + extra,
-        n_rows=prob.seqlen_q))
+        n_rows=prob.seqlen_q, scalars=scalars))
 
 
 # ---------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, deterministic=False,
-                       window=None, softcap=None, alibi_slopes=None, sink=None):
-    """Gradients of ``attention`` with respect to q, k, v (and the sink).
+                       window=None, softcap=None, alibi_slopes=None, sink=None, bias=None,
+                       mask=None, bias_grad=False):
+    """Gradients of ``attention`` with respect to q, k, v (and the sink, the bias).
 
     Parameters
     ----------
@@ -496,7 +606,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, det
         The forward inputs.
     out, lse : cupy.ndarray
         The forward outputs (``attention(..., return_lse=True)``).
-    causal, scale, window, softcap, alibi_slopes, sink : as in the forward call.
+    causal, scale, window, softcap, alibi_slopes, sink, bias, mask : as in the forward call.
+    bias_grad : bool
+        Also return ``dbias``.
     deterministic : bool
         Bit-identical results run to run.  The generic kernels are always
         deterministic; the tensor-core kernels then compute dQ in a separate
@@ -509,29 +621,45 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, det
     dsink : cupy.ndarray, float32, the shape of ``sink`` (only with a sink)
         ``-sum_i exp(sink - lse_i) * delta_i`` with ``delta_i = dout_i . out_i``,
         summed over the axes the sink was broadcast along.
+    dbias : cupy.ndarray, the shape and dtype of ``bias`` (only with ``bias_grad``)
+        The gradient of the logit the bias joins, dS = P o (dP - delta),
+        summed over the bias's broadcast axes in the kernel (float32 atomics,
+        so run-to-run bit-identical only for a bias of the full
+        ``batch + (Sq, Sk)`` shape).
     """
     return _backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
                      deterministic=deterministic, window=window, softcap=softcap,
-                     alibi_slopes=alibi_slopes, sink=sink)
+                     alibi_slopes=alibi_slopes, sink=sink, bias=bias, mask=mask,
+                     bias_grad=bias_grad)
 
 
 def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, window=None,
-              softcap=None, alibi_slopes=None, sink=None, dq=None, dk=None, dv=None, dsink=None):
+              softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None, bias_grad=False,
+              dq=None, dk=None, dv=None, dsink=None, dbias=None):
     fn = "flashcupy.attention_backward"
     for name, x in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)):
         _check_array(fn, name, x)
+    bias_in = bias
+    bias = _convert_bias(q, bias)
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"{fn}: deterministic must be a bool, got {deterministic!r}")
     # deterministic=False lets the tensor-core family add dQ with float32
     # atomics (run-dependent summation order); every other path has one writer
     # per gradient element and sums in a fixed order.
     # deterministic picks the kernels: it is part of the plan's key
-    extras = (alibi_slopes, sink)
-    key = _signature("bwd-det" if deterministic else "bwd", (dout, q, k, v, out, lse), causal,
-                     scale, window, softcap, extras)
+    extras = (alibi_slopes, sink, bias, mask)
+    kind = ("bwd-det" if deterministic else "bwd") + ("-dbias" if bias_grad is True else "")
+    key = _signature(kind, (dout, q, k, v, out, lse), causal, scale, window, softcap, extras)
     plan = _PLANS.get(key)
     if plan is None:
-        prob = _prepare(fn, q, k, v, causal, scale, window, softcap, alibi_slopes, sink)
+        prob = _prepare(fn, q, k, v, causal, scale, window, softcap, alibi_slopes, sink, bias,
+                        mask, bias_grad)
+        if bias_grad and deterministic and tuple(bias.shape) != prob.bshape + (
+                prob.seqlen_q, prob.seqlen_k):
+            raise NotImplementedError(
+                f"{fn}: deterministic=True with bias_grad=True needs a bias of the full shape "
+                f"{prob.bshape + (prob.seqlen_q, prob.seqlen_k)} (got {tuple(bias.shape)}): a "
+                f"broadcast bias's gradient is summed with float32 atomics")
         out_shape, lse_shape = broadcast_shapes(q.shape, k.shape, v.shape)
         dev = prob.device_id
         _check_given(fn, "dout", dout, out_shape, prob.dtype, dev)
@@ -557,7 +685,13 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, wi
             env["alibi"] = alibi_slopes
         if sink is not None:
             env.update(sink=sink, dsink_out=dsink)
+        pair_copied = _add_pairs(env, bias, mask)
         grads = (dq, dk, dv) if sink is None else (dq, dk, dv, dsink)
+        if bias_grad:
+            if dbias is None:
+                dbias = cupy.empty(bias_in.shape, bias_in.dtype)
+            env["dbias_out"] = dbias
+            grads = grads + (dbias,)
         if plan is not None:
             plan.run(env)
             return grads
@@ -567,7 +701,7 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, wi
                 g.fill(0)
             return grads
         copies = {n: _last_axis_contiguous(env[n]) for n in ("q", "k", "v", "o", "dout")}
-        cacheable = all(copies[n] is env[n] for n in copies)
+        cacheable = all(copies[n] is env[n] for n in copies) and not pair_copied
         env.update(copies)
         plan = _plan.Plan(prob)
         _plan_backward(plan, env, deterministic)
@@ -585,7 +719,8 @@ def _group_axes(bshape, k, v, strides):
     {name: group stride})."""
     kb = _batch.is_broadcast(k.shape[:-2], bshape)
     vb = _batch.is_broadcast(v.shape[:-2], bshape)
-    names = ("q", "dout", "lse", "delta") + (("alibi",) if "alibi" in strides else ())
+    names = ("q", "dout", "lse", "delta") + tuple(
+        n for n in ("alibi", "bias", "mask", "dbias") if n in strides)
     best, run = [], []
     for i in range(len(bshape)):
         if kb[i] and vb[i]:
@@ -665,6 +800,18 @@ def _plan_backward(plan, env, deterministic):
           "delta": _vec_strides(delta, bs)}
     if "alibi" in env:
         st["alibi"] = _head_strides(env["alibi"], bs)
+    if "dbias_out" in env:
+        # dS is added into an accumulator of the bias's own shape (zeroed here),
+        # then cast into dbias when the two dtypes differ.
+        out_b = env["dbias_out"]
+        if out_b.dtype == prob.acc_dtype and out_b.flags.c_contiguous:
+            plan.alias(env, "dbias", "dbias_out")
+        else:
+            plan.alloc(env, "dbias", out_b.shape, prob.acc_dtype)
+        plan.zero("dbias")
+    pair_ops, pair_scalars = _variant_tensors({n: env[n] for n in ("bias", "mask", "dbias")
+                                               if n in env}, bs, st,
+                                              pairs=("bias", "mask", "dbias"))
 
     dq_buf, dq_red = _grad_target(plan, env, q, "dq", bs)
 
@@ -675,7 +822,7 @@ def _plan_backward(plan, env, deterministic):
     #    dependent order, so dQ's last bits may differ between runs.
     if not deterministic and not dq_red and prob.family != "generic":
         dq_spec = _spec(prob, "bwd_dkdvq")
-        if dq_spec is not None and _plan_dkdv(plan, env, st, dq_spec):
+        if dq_spec is not None and _plan_dkdv(plan, env, st, dq_spec, pair_ops, pair_scalars):
             dqa = env["dq_accum"]
             layout = _batch.Layout.build(bs, all_axes, {
                 "dq_accum": _strides(dqa, bs), "dq": _strides(dq_buf, bs)})
@@ -683,6 +830,7 @@ def _plan_backward(plan, env, deterministic):
                 _spec(prob, "bwd_dq_convert"), prob, "bwd", layout,
                 [("dq_accum", "dq_accum", dqa, rs(dqa)), ("dq", "dq", dq_buf, rs(dq_buf))],
                 n_rows=prob.seqlen_q))
+            _finish_dbias(plan, env)
             return
 
     # 2'. dQ: one writer per element; q broadcast over a batch axis needs a sum.
@@ -690,9 +838,12 @@ def _plan_backward(plan, env, deterministic):
     ops = _qkv_ops(env) + [("dq", "dq", dq_buf, rs(dq_buf))]
     if "alibi" in env:
         ops.append(("var.alibi", "alibi", env["alibi"], 0))
+    ops += [op for op in pair_ops if op[1] != "dbias"]  # dQ reads bias / mask; dK/dV owns dbias
     layout = _batch.Layout.build(bs, all_axes, st_dq)
     plan.launches(_launch.launch(_spec(prob, "bwd_dq", acc_name if dq_red else ""), prob, "bwd",
-                                 layout, ops, n_rows=prob.seqlen_q))
+                                 layout, ops, n_rows=prob.seqlen_q,
+                                 scalars={k_: v_ for k_, v_ in pair_scalars.items()
+                                          if "dbias" not in k_}))
     if dq_red:
         _finish(plan, "dq_out", "dq", dq_red)
 
@@ -700,7 +851,18 @@ def _plan_backward(plan, env, deterministic):
     #    a KV head (GQA/MQA) in registers; larger groups are split over CTAs along
     #    an extra "chunk" axis, and every other broadcast of k or v is summed
     #    afterwards by a (pairwise, so accurate) CuPy reduction.
-    _plan_dkdv(plan, env, st)
+    _plan_dkdv(plan, env, st, None, pair_ops, pair_scalars)
+    _finish_dbias(plan, env)
+
+
+def _finish_dbias(plan, env):
+    """dbias = its accumulator, cast (nothing when the kernels added into dbias)."""
+    if "dbias_out" not in env or env.get("dbias") is env["dbias_out"]:
+        return
+
+    def step(env_):
+        env_["dbias_out"][...] = env_["dbias"].astype(env_["dbias_out"].dtype)
+    plan.host(step)
 
 
 def _qkv_ops(env):
@@ -717,7 +879,7 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, cap + 1) if n % d == 0)
 
 
-def _plan_dkdv(plan, env, st, dq_spec=None):
+def _plan_dkdv(plan, env, st, dq_spec=None, pair_ops=(), pair_scalars=None):
     """Plans dK, dV.  With ``dq_spec`` (the atomic-dQ kernel), plans that kernel
     and its zeroed workspace env["dq_accum"] instead, and returns False without
     planning anything when dK/dV would need float32 buffers (a broadcast the
@@ -743,9 +905,13 @@ def _plan_dkdv(plan, env, st, dq_spec=None):
     ops = _qkv_ops(env)
     if "alibi" in env:
         ops.append(("var.alibi", "alibi", env["alibi"], 0))
+    ops += list(pair_ops)
     scalars = {"n_group": in_kernel, "q_sg": g_strides["q"], "dout_sg": g_strides["dout"],
                "lse_sg": g_strides["lse"], "delta_sg": g_strides["delta"],
-               "var.alibi_sg": g_strides.get("alibi", 0)}
+               "var.alibi_sg": g_strides.get("alibi", 0), **(pair_scalars or {})}
+    for n in ("bias", "mask", "dbias"):
+        if n in st:
+            scalars[f"var.{n}_sg"] = g_strides.get(n, 0)
     if dq_spec is not None:
         if k_red or v_red:
             return False

@@ -68,10 +68,65 @@ broadcast batch dims and with ``Dv != D``).  With ``diag = Sk - Sq``:
         delta_i = sum_d dO_id * O_id.
 
     ``sink = -inf`` is the same as no sink.
+``bias``
+    Real floating array (any float dtype, bfloat16 included; computed in
+    float64) whose shape broadcasts to ``batch + (Sq, Sk)`` under NumPy rules,
+    e.g. ``(Sq, Sk)``, ``(H, 1, Sk)``, ``(B, 1, 1, Sk)``: ``bias[..., i, j]``
+    is added to the score of the pair (i, j) after the softcap and ALiBi.  A
+    ``-inf`` entry removes the pair (like ``mask`` False); a NaN or ``+inf``
+    entry on a pair that is not removed makes its row's ``out`` and ``lse``
+    NaN (values are not scanned).  The backward returns
+    ``dbias`` when called with ``bias_grad=True``: the gradient with respect
+    to the bias as added, ``dS`` (before the softcap's ``1 - tanh**2``, which
+    applies to the dq/dk path only), summed over the axes the bias was
+    broadcast along, so it has the bias's shape, in float64.  A removed pair
+    contributes 0.
+``mask``
+    Boolean array broadcastable to ``batch + (Sq, Sk)`` like ``bias``; True
+    where query i may attend to key j (PyTorch SDPA's convention), False
+    removes the pair.
+``dropout_p``, ``seed``, ``offset``
+    Dropout on the attention probabilities: ``dropout_p`` a real in [0, 1)
+    (0: off), ``seed`` an int in [0, 2**64) (required when ``dropout_p > 0``),
+    ``offset`` an int in [0, 2**32) (default 0).  The pair (i, j) of batch
+    element ``b`` is kept or dropped by the Philox4x32-10 rule of
+    ``flashcupy._philox`` (counter ``(j // 4, i, bh, offset)`` with ``bh`` the
+    C-order flat index of ``b`` in ``batch``, key ``seed``; the kernels draw
+    the same bits).  With ``K_ij`` in {0, 1} that decision and ``p_ij`` the
+    softmax probability without dropout::
 
-A row that sees no key (``Sq > Sk`` under causal, a window, or ``Sk == 0``)
-gets ``out = 0``, ``lse = -inf`` (``lse = sink`` with a sink), zero gradients
-and ``dsink`` contribution 0, never NaN.
+        out_i = sum_j p_ij K_ij / (1 - dropout_p) v_j
+
+    ``lse`` is the logsumexp without dropout (dropout does not change it).
+    The backward, given the same ``dropout_p``, ``seed`` and ``offset``,
+    regenerates K and returns the exact gradient of that function::
+
+        dV      = (P o K / (1 - dropout_p))^T dO
+        dP      = (dO V^T) o K / (1 - dropout_p)
+        delta_i = dO_i . out_i
+        dS      = P o (dP - delta)
+
+    and ``dsink = -sum_i p_sink,i delta_i`` as without dropout.
+
+The score of a pair (i, j) of batch element ``b``, in order::
+
+    s = scale * q_i . k_j
+    s = c * tanh(s / c)                       softcap c, if given
+    s = s - slope_b * |i + diag - j|          ALiBi, if given
+    s = s + bias[b, i, j]                     bias, if given
+
+The pair is removed (its score is -inf) if the window (or causal) hides it,
+or ``mask[b, i, j]`` is False, or the biased score is -inf.  The softmax
+(with the sink logit, if any, in its denominator) runs over the remaining
+pairs.
+
+A row that sees no pair (``Sq > Sk`` under causal, a window, a mask or
+``-inf`` bias that removes the whole row, or ``Sk == 0``) gets ``out = 0``,
+``lse = -inf`` (``lse = sink`` with a sink), zero gradients (dq row 0, no
+contribution to dk, dv, dbias or dsink), never NaN.
+
+The backward functions return ``(dq, dk, dv)``, then ``dsink`` if a sink was
+given, then ``dbias`` if ``bias_grad=True`` (which needs a bias).
 """
 from __future__ import annotations
 
@@ -80,6 +135,8 @@ import numbers
 from dataclasses import dataclass
 
 import numpy as np
+
+from . import _philox
 
 __all__ = [
     "attention_naive",
@@ -206,6 +263,59 @@ def _batch_param(x, batch: tuple, name: str):
     return np.broadcast_to(_f64(a), batch), a.shape
 
 
+def _is_float_dtype(dtype: np.dtype) -> bool:
+    """NumPy's floats, and ml_dtypes' (bfloat16, float8_*, ...), which NumPy
+    sees as opaque 'V' dtypes."""
+    return dtype.kind == "f" or (dtype.kind == "V" and dtype.name.startswith(
+        ("bfloat16", "float8_", "float6_", "float4_")))
+
+
+def _pair_param(x, batch: tuple, seqlen_q: int, seqlen_k: int, name: str):
+    """A per-pair array (bias, mask), broadcast (as a view, nothing copied) to
+    ``batch + (Sq, Sk)``, and its own shape.  ``bias``: a real float dtype,
+    converted to float64 at its own shape; ``mask``: bool."""
+    if x is None:
+        return None, None
+    a = np.asarray(x)
+    if name == "mask":
+        if a.dtype != np.bool_:
+            raise TypeError(f"mask must be a bool array (True = may attend), got dtype {a.dtype}")
+    elif not _is_float_dtype(a.dtype):
+        raise TypeError(f"{name} must be a real floating-point array, got dtype {a.dtype}")
+    target = tuple(batch) + (seqlen_q, seqlen_k)
+    try:
+        ok = np.broadcast_shapes(a.shape, target) == target
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {a.shape} does not broadcast to {target} "
+                         f"(batch + (Sq, Sk))")
+    return np.broadcast_to(a if name == "mask" else _f64(a), target), a.shape
+
+
+@dataclass(frozen=True)
+class _Dropout:
+    """Validated dropout of one problem: the keep bits come from ``_philox``."""
+
+    p: float
+    seed: int
+    offset: int
+    batch: tuple
+    seqlen_q: int
+    seqlen_k: int
+
+    @property
+    def rescale(self) -> float:
+        """1 / (1 - p): a kept probability's factor."""
+        return 1.0 / (1.0 - self.p)
+
+    def keep(self, rows=None, cols=None, b=None) -> np.ndarray:
+        """Keep bits of the whole batch, (batch..., rows, cols), or with ``b``
+        (a batch coordinate tuple) of that element only, (rows, cols)."""
+        return _philox.keep_mask(self.seed, self.offset, self.batch, self.seqlen_q,
+                                 self.seqlen_k, self.p, rows, cols, batch_index=b)
+
+
 @dataclass(frozen=True)
 class _Variant:
     """Everything that changes which scores exist and what they are, validated."""
@@ -216,6 +326,10 @@ class _Variant:
     slopes: np.ndarray | None     # (batch...) float64 ALiBi slopes
     sink: np.ndarray | None       # (batch...) float64 sink logits
     sink_shape: tuple | None      # the sink's own shape (dsink has it)
+    bias: np.ndarray | None = None        # (batch..., Sq, Sk) float64 view
+    bias_shape: tuple | None = None       # the bias's own shape (dbias has it)
+    mask: np.ndarray | None = None        # (batch..., Sq, Sk) bool view
+    dropout: _Dropout | None = None       # None: dropout_p == 0
 
     def element(self, b):
         """(slope, sink) of batch element ``b`` as floats, None where absent."""
@@ -223,11 +337,26 @@ class _Variant:
                 None if self.sink is None else float(self.sink[b]))
 
 
-def _variant(batch, causal, window, softcap, alibi_slopes, sink) -> _Variant:
+def _variant(batch, causal, window, softcap, alibi_slopes, sink, seqlen_q=0, seqlen_k=0,
+             bias=None, mask=None, dropout_p=0.0, seed=None, offset=0) -> _Variant:
     left, right = _effective_window(window, causal)
     slopes, _ = _batch_param(alibi_slopes, batch, "alibi_slopes")
     sinks, sink_shape = _batch_param(sink, batch, "sink")
-    return _Variant(left, right, _check_softcap(softcap), slopes, sinks, sink_shape)
+    bias_b, bias_shape = _pair_param(bias, batch, seqlen_q, seqlen_k, "bias")
+    mask_b, _ = _pair_param(mask, batch, seqlen_q, seqlen_k, "mask")
+    p, seed, offset = _philox.check_dropout(dropout_p, seed, offset)
+    drop = (None if p == 0 else
+            _Dropout(p, seed, offset, tuple(batch), seqlen_q, seqlen_k))
+    return _Variant(left, right, _check_softcap(softcap), slopes, sinks, sink_shape,
+                    bias_b, bias_shape, mask_b, drop)
+
+
+def _check_bias_grad(bias_grad, var: _Variant) -> bool:
+    if not isinstance(bias_grad, (bool, np.bool_)):
+        raise TypeError(f"bias_grad must be a bool, got {bias_grad!r}")
+    if bias_grad and var.bias is None:
+        raise ValueError("bias_grad=True needs a bias (got bias=None)")
+    return bool(bias_grad)
 
 
 class _Window:
@@ -325,8 +454,8 @@ def _alibi_distance(seqlen_q: int, seqlen_k: int) -> np.ndarray:
 
 def _scores(q, k, scale, var: _Variant):
     """Scores, shape (..., Sq, Sk): ``scale * Q K^T``, softcapped, plus ALiBi,
-    -inf where not visible.  Also returns ``tanh(s / c)`` (None without softcap)
-    for the backward's chain rule."""
+    plus the bias, -inf where not visible or masked.  Also returns ``tanh(s /
+    c)`` (None without softcap) for the backward's chain rule."""
     sq, sk = q.shape[-2], k.shape[-2]
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
     t = None
@@ -335,10 +464,21 @@ def _scores(q, k, scale, var: _Variant):
         s = var.softcap * t
     if var.slopes is not None:
         s = s - var.slopes[..., None, None] * _alibi_distance(sq, sk)
+    if var.bias is not None:
+        s = s + var.bias                              # a -inf entry removes the pair
     if var.left is not None or var.right is not None:
         s = np.where(_Window(sq, sk, var.left, var.right).visible(
             np.arange(sq)[:, None], np.arange(sk)[None, :]), s, -np.inf)
+    if var.mask is not None:
+        s = np.where(var.mask, s, -np.inf)
     return s, t
+
+
+def _pair_variant(batch, q, k, causal, window, softcap, alibi_slopes, sink, bias, mask,
+                  dropout_p, seed, offset) -> _Variant:
+    """``_variant`` with the problem's lengths (q, k already broadcast)."""
+    return _variant(batch, causal, window, softcap, alibi_slopes, sink, q.shape[-2],
+                    k.shape[-2], bias, mask, dropout_p, seed, offset)
 
 
 def _operands(q, k, v, scale):
@@ -364,7 +504,8 @@ def _backward_operands(dout, q, k, v, out, lse, scale):
 
 
 def attention_naive(q, k, v, causal: bool = False, scale=None, *, window=None, softcap=None,
-                    alibi_slopes=None, sink=None):
+                    alibi_slopes=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=None,
+                    offset=0):
     """Exact attention in float64.
 
     Parameters
@@ -385,17 +526,29 @@ def attention_naive(q, k, v, causal: bool = False, scale=None, *, window=None, s
         Adds ``-slope * |i + Sk - Sq - j|`` to the (softcapped) score.
     sink : array_like, broadcastable to ``batch``, optional
         A logit per batch element in the softmax denominator (no value).
+    bias : floating array_like, broadcastable to ``batch + (Sq, Sk)``, optional
+        Added to the score of each pair after softcap and ALiBi; ``-inf``
+        removes the pair.
+    mask : bool array_like, broadcastable to ``batch + (Sq, Sk)``, optional
+        True where query i may attend to key j.
+    dropout_p : float in [0, 1)
+        Dropout probability on the attention probabilities (0: off).
+    seed : int in [0, 2**64), optional
+        The dropout seed; required when ``dropout_p > 0``.
+    offset : int in [0, 2**32)
+        The dropout counter's fourth word (a second stream under one seed).
 
     Returns
     -------
     out : numpy.ndarray, shape (batch..., Sq, Dv), float64
     lse : numpy.ndarray, shape (batch..., Sq), float64
-        Natural-log row logsumexp of the scores (and the sink): ``-inf`` for a
-        row that sees no key (the sink with one).  ``batch`` is the broadcast
-        of the three batch shapes.
+        Natural-log row logsumexp of the scores (and the sink), not changed by
+        dropout: ``-inf`` for a row that sees no pair (the sink with one).
+        ``batch`` is the broadcast of the three batch shapes.
     """
     q, k, v, batch, scale = _operands(q, k, v, scale)
-    var = _variant(batch, causal, window, softcap, alibi_slopes, sink)
+    var = _pair_variant(batch, q, k, causal, window, softcap, alibi_slopes, sink, bias, mask,
+                        dropout_p, seed, offset)
     s, _ = _scores(q, k, scale, var)
     m = np.max(s, axis=-1, initial=-np.inf)          # -inf for an empty row
     if var.sink is not None:
@@ -405,20 +558,27 @@ def attention_naive(q, k, v, causal: bool = False, scale=None, *, window=None, s
     if var.sink is not None:
         l = l + np.exp(var.sink[..., None] - m_safe)
     with np.errstate(divide="ignore"):
-        lse = np.where(l > 0, m_safe + np.log(l), -np.inf)
+        # l = 0: the row saw nothing (-inf); l NaN (a NaN or +inf score) stays NaN
+        lse = np.where(l > 0, m_safe + np.log(l), np.where(np.isnan(l), np.nan, -np.inf))
     p = _probabilities(s, lse)
+    if var.dropout is not None:   # P o K / (1 - p): the kept probabilities, rescaled
+        p = np.where(var.dropout.keep(), p * var.dropout.rescale, 0.0)
     out = np.matmul(p, v)
     return out, lse
 
 
 def attention_backward_naive(dout, q, k, v, out, lse, causal: bool = False, scale=None, *,
-                             window=None, softcap=None, alibi_slopes=None, sink=None):
+                             window=None, softcap=None, alibi_slopes=None, sink=None, bias=None,
+                             mask=None, dropout_p=0.0, seed=None, offset=0, bias_grad=False):
     """Exact gradients of ``attention_naive`` in float64.
 
     ``out`` and ``lse`` are the forward results (as the kernels get them); P is
     recomputed from ``lse`` and ``delta = rowsum(dout * out)`` uses ``out``.
-    The variant keywords must be the forward's.  With a softcap, dS is
-    multiplied by ``1 - tanh(s / c)**2`` before it meets Q and K.
+    The variant keywords (bias, mask and the dropout's ``dropout_p``, ``seed``
+    and ``offset`` included) must be the forward's.  With dropout, dV and dP
+    carry the keep mask and the ``1 / (1 - dropout_p)`` factor.  With a
+    softcap, dS is multiplied by ``1 - tanh(s / c)**2`` before it meets Q and
+    K (dbias is dS before that factor).
 
     Returns
     -------
@@ -426,26 +586,38 @@ def attention_backward_naive(dout, q, k, v, out, lse, causal: bool = False, scal
         Shaped like ``q``, ``k`` and ``v``: summed over broadcast batch axes.
     dsink : numpy.ndarray, float64, only when ``sink`` is given
         ``-sum_i exp(sink - lse_i) * delta_i``, shaped like ``sink``.
+    dbias : numpy.ndarray, float64, only when ``bias_grad=True``
+        dS summed over the bias's broadcast axes, shaped like ``bias``.
     """
     (q_shape, k_shape, v_shape), batch, scale, (dout, q, k, v, out, lse) = _backward_operands(
         dout, q, k, v, out, lse, scale)
-    var = _variant(batch, causal, window, softcap, alibi_slopes, sink)
+    var = _pair_variant(batch, q, k, causal, window, softcap, alibi_slopes, sink, bias, mask,
+                        dropout_p, seed, offset)
+    want_dbias = _check_bias_grad(bias_grad, var)
 
     s, t = _scores(q, k, scale, var)
     p = _probabilities(s, lse)                               # (..., Sq, Sk)
-    dv = np.matmul(np.swapaxes(p, -1, -2), dout)
     dp = np.matmul(dout, np.swapaxes(v, -1, -2))
+    if var.dropout is None:
+        dv = np.matmul(np.swapaxes(p, -1, -2), dout)
+    else:
+        keep, rescale = var.dropout.keep(), var.dropout.rescale
+        dv = np.matmul(np.swapaxes(np.where(keep, p * rescale, 0.0), -1, -2), dout)
+        dp = np.where(keep, dp * rescale, 0.0)               # d loss / d P (undropped)
     delta = np.sum(dout * out, axis=-1)                      # = rowsum(P * dP)
     ds = p * (dp - delta[..., None])                         # d loss / d score
+    dbias = _sum_to_shape(ds, var.bias_shape) if want_dbias else None
     if t is not None:
         ds = ds * (1.0 - t * t)                              # d(c tanh(s/c)) / ds
     dq = np.matmul(ds, k) * scale
     dk = np.matmul(np.swapaxes(ds, -1, -2), q) * scale
     grads = (_sum_to_shape(dq, q_shape), _sum_to_shape(dk, k_shape), _sum_to_shape(dv, v_shape))
-    if var.sink is None:
-        return grads
-    dsink = -np.sum(_sink_probability(var.sink[..., None], lse) * delta, axis=-1)
-    return grads + (_sum_to_shape(dsink, var.sink_shape),)
+    if var.sink is not None:
+        dsink = -np.sum(_sink_probability(var.sink[..., None], lse) * delta, axis=-1)
+        grads += (_sum_to_shape(dsink, var.sink_shape),)
+    if want_dbias:
+        grads += (dbias,)
+    return grads
 
 
 # ----------------------------------------------------------------------------
@@ -455,13 +627,19 @@ def attention_backward_naive(dout, q, k, v, out, lse, causal: bool = False, scal
 @dataclass(frozen=True)
 class _Element:
     """The variant as one batch element's kernel sees it (``Variant`` after
-    ``bind``): the window band, the score transform in log2 units, the sink."""
+    ``bind``): the window band, the score transform in log2 units, the sink,
+    the element's bias and mask (views of the broadcast arrays; a tile reads
+    its own slice) and the dropout."""
 
     win: _Window
     scale: float
     softcap: float | None
     slope: float | None     # ALiBi slope, natural units
     sink: float | None      # sink logit, natural units
+    bias: np.ndarray | None = None      # (Sq, Sk) float64 view, natural units
+    mask: np.ndarray | None = None      # (Sq, Sk) bool view
+    dropout: _Dropout | None = None
+    index: tuple = ()                   # the batch coordinates (the dropout's bh)
 
     @property
     def sink2(self) -> float:
@@ -473,10 +651,12 @@ class _Element:
 
         softcap:  s2 = (c log2 e) tanh(raw * scale / c);  else s2 = raw * scale log2 e
         ALiBi:    s2 -= slope log2 e |i + Sk - Sq - j|
-        The element mask is applied only when ``needs_mask`` says the tile has an
-        invisible pair.  Tiles at the sequence end are simply shorter here; the
-        kernels predicate the out-of-range rows/columns instead, which is the
-        same thing.
+        bias:     s2 += bias[i, j] log2 e     (the tile's slice only)
+        The window's element test is applied only when ``needs_mask`` says the
+        tile has an invisible pair; the mask (``-inf`` where False) in every
+        tile.  Tiles at the sequence end are simply shorter here; the kernels
+        predicate the out-of-range rows/columns instead, which is the same
+        thing.
         """
         raw = q_tile @ k_tile.T
         m_end, n_end = m_start + q_tile.shape[0], n_start + k_tile.shape[0]
@@ -491,9 +671,24 @@ class _Element:
         if self.slope is not None:
             diag = self.win.seqlen_k - self.win.seqlen_q
             s2 = s2 - (self.slope * LOG2E) * np.abs(i + diag - j)
+        if self.bias is not None:
+            s2 = s2 + self.bias[m_start:m_end, n_start:n_end] * LOG2E
         if self.win.needs_mask(m_start, m_end, n_start, n_end):
             s2 = np.where(self.win.visible(i, j), s2, -np.inf)
+        if self.mask is not None:
+            s2 = np.where(self.mask[m_start:m_end, n_start:n_end], s2, -np.inf)
         return s2, t
+
+    def tile_keep(self, m_start, m_end, n_start, n_end):
+        """The tile's dropout keep bits, (rows, cols) bool; None without dropout."""
+        if self.dropout is None:
+            return None
+        return self.dropout.keep(range(m_start, m_end), range(n_start, n_end), self.index)
+
+    @property
+    def rescale(self) -> float:
+        """1 / (1 - dropout_p); 1 without dropout."""
+        return 1.0 if self.dropout is None else self.dropout.rescale
 
 
 def _elements(batch, seqlen_q, seqlen_k, scale, var: _Variant):
@@ -501,7 +696,35 @@ def _elements(batch, seqlen_q, seqlen_k, scale, var: _Variant):
     win = _Window(seqlen_q, seqlen_k, var.left, var.right)
     for b in np.ndindex(*batch):
         slope, sink = var.element(b)
-        yield b, _Element(win, scale, var.softcap, slope, sink)
+        yield b, _Element(win, scale, var.softcap, slope, sink,
+                          None if var.bias is None else var.bias[b],
+                          None if var.mask is None else var.mask[b], var.dropout, b)
+
+
+class _BiasGrad:
+    """dbias accumulated tile by tile straight into the bias's own shape: a
+    tile's dS is summed over the axes the bias is broadcast along (size-1 row
+    or column axes, size-1 or missing batch axes) and added to its slot."""
+
+    def __init__(self, bias_shape: tuple, batch: tuple):
+        self.shape = bias_shape
+        self.full = (1,) * (len(batch) + 2 - len(bias_shape)) + tuple(bias_shape)
+        self.grad = np.zeros(self.full)
+
+    def add(self, b: tuple, m_start: int, n_start: int, ds: np.ndarray):
+        slot = tuple(0 if n == 1 else bi for bi, n in zip(b, self.full[:-2]))
+        if self.full[-2] == 1:
+            ds, rows = ds.sum(axis=0, keepdims=True), slice(0, 1)
+        else:
+            rows = slice(m_start, m_start + ds.shape[0])
+        if self.full[-1] == 1:
+            ds, cols = ds.sum(axis=1, keepdims=True), slice(0, 1)
+        else:
+            cols = slice(n_start, n_start + ds.shape[1])
+        self.grad[slot + (rows, cols)] += ds
+
+    def result(self) -> np.ndarray:
+        return self.grad.reshape(self.shape)
 
 
 def _fwd_one(q, k, v, el: _Element, BLOCK_M, BLOCK_N):
@@ -532,7 +755,10 @@ def _fwd_one(q, k, v, el: _Element, BLOCK_M, BLOCK_N):
             m_safe = np.where(np.isneginf(m_new), 0.0, m_new)
             alpha = np.exp2(m_i - m_safe)                   # rescales the old state; 0 when m_i = -inf
             p = np.exp2(s2 - m_safe[:, None])               # (BLOCK_M, BLOCK_N), masked -> 0
-            l_i = l_i * alpha + p.sum(axis=1)
+            l_i = l_i * alpha + p.sum(axis=1)               # the undropped sum
+            keep = el.tile_keep(m_start, m_end, n_start, n_end)
+            if keep is not None:                            # dropout: only kept P meets V
+                p = np.where(keep, p, 0.0)
             acc_o = acc_o * alpha[:, None] + p @ v_tile     # O += P V
             m_i = m_new
 
@@ -543,18 +769,21 @@ def _fwd_one(q, k, v, el: _Element, BLOCK_M, BLOCK_N):
             l_i = l_i + np.exp2(el.sink2 - m_safe)
         # Finalize: O / l, and the LSE in natural-log units.  A row that saw
         # no key (and no sink) has l_i = 0: its output is 0 (not 0/0), its LSE -inf.
+        # Dropout's 1 / (1 - p) joins the normalization.
         seen = l_i > 0
         inv_l = np.divide(1.0, l_i, out=np.zeros_like(l_i), where=seen)
-        out[m_start:m_end] = acc_o * inv_l[:, None]
+        out[m_start:m_end] = acc_o * (inv_l * el.rescale)[:, None]
         log2_l = np.log2(l_i, out=np.full_like(l_i, -np.inf), where=seen)
-        lse[m_start:m_end] = np.where(seen, (m_i + log2_l) * LN2, -np.inf)
+        lse[m_start:m_end] = np.where(seen, (m_i + log2_l) * LN2,
+                                      np.where(np.isnan(l_i), np.nan, -np.inf))
     return out, lse
 
 
-def _bwd_one(dout, q, k, v, out, lse, el: _Element, BLOCK_M, BLOCK_N):
+def _bwd_one(dout, q, k, v, out, lse, el: _Element, BLOCK_M, BLOCK_N, dbias=None):
     """Backward for one batch element, in the three steps of the kernels.
 
-    Returns dq, dk, dv and dsink (None without a sink) of this element."""
+    Returns dq, dk, dv and dsink (None without a sink) of this element; adds
+    its dS to ``dbias`` (a ``_BiasGrad``) when given."""
     seqlen_q, seqlen_k = q.shape[0], k.shape[0]
 
     # Step 1, preprocess: delta_i = rowsum(dO_i * O_i), which equals
@@ -578,6 +807,12 @@ def _bwd_one(dout, q, k, v, out, lse, el: _Element, BLOCK_M, BLOCK_N):
         dcap = 1.0 if t is None else 1.0 - t * t
         return np.where(empty[m_start:m_end, None], 0.0, p), dcap
 
+    def dprobs(do_tile, v_tile, keep):
+        """dP = dO V^T, with dropout times K / (1 - p) (the gradient reaching
+        the undropped P)."""
+        dp = do_tile @ v_tile.T
+        return dp if keep is None else np.where(keep, dp * el.rescale, 0.0)
+
     # Step 2: dK, dV.  One CTA per key tile; it holds K_j, V_j and accumulators
     # dK_j, dV_j, and loops over the query tiles that can see it.  No atomics:
     # each key tile is owned by one CTA.
@@ -593,12 +828,16 @@ def _bwd_one(dout, q, k, v, out, lse, el: _Element, BLOCK_M, BLOCK_N):
             m_end = min(m_start + BLOCK_M, seqlen_q)
             q_tile, do_tile = q[m_start:m_end], dout[m_start:m_end]
             p, dcap = probs(q_tile, k_tile, m_start, m_end, n_start)   # (BLOCK_M, BLOCK_N)
-            acc_dv += p.T @ do_tile                              # dV += P^T dO
-            dp = do_tile @ v_tile.T                              # dP = dO V^T
-            ds = p * (dp - delta[m_start:m_end, None]) * dcap    # dS = P (dP - delta) tanh'
+            keep = el.tile_keep(m_start, m_end, n_start, n_end)
+            acc_dv += (p if keep is None else np.where(keep, p, 0.0)).T @ do_tile  # dV += P^T dO
+            dp = dprobs(do_tile, v_tile, keep)                   # dP = dO V^T
+            ds = p * (dp - delta[m_start:m_end, None])           # dS = P (dP - delta)
+            if dbias is not None:
+                dbias.add(el.index, m_start, n_start, ds)        # dbias: dS before tanh'
+            ds = ds * dcap                                       # softcap: times tanh'
             acc_dk += ds.T @ q_tile                              # dK += dS^T Q
         dk[n_start:n_end] = acc_dk * el.scale                    # d(scale * QK^T)/dK
-        dv[n_start:n_end] = acc_dv
+        dv[n_start:n_end] = acc_dv * el.rescale                  # dropout's 1 / (1 - p)
 
     # Step 3: dQ.  One CTA per query tile, looping over the key tiles it sees
     # (the same loop bounds as the forward pass).
@@ -611,7 +850,8 @@ def _bwd_one(dout, q, k, v, out, lse, el: _Element, BLOCK_M, BLOCK_N):
             n_end = min(n_start + BLOCK_N, seqlen_k)
             k_tile, v_tile = k[n_start:n_end], v[n_start:n_end]
             p, dcap = probs(q_tile, k_tile, m_start, m_end, n_start)
-            ds = p * (do_tile @ v_tile.T - delta[m_start:m_end, None]) * dcap
+            dp = dprobs(do_tile, v_tile, el.tile_keep(m_start, m_end, n_start, n_end))
+            ds = p * (dp - delta[m_start:m_end, None]) * dcap
             acc_dq += ds @ k_tile                                # dQ += dS K
         dq[m_start:m_end] = acc_dq * el.scale
     return dq, dk, dv, dsink
@@ -619,7 +859,7 @@ def _bwd_one(dout, q, k, v, out, lse, el: _Element, BLOCK_M, BLOCK_N):
 
 def attention_tiled(q, k, v, causal: bool = False, scale=None, block_m: int = 64,
                     block_n: int = 64, *, window=None, softcap=None, alibi_slopes=None,
-                    sink=None):
+                    sink=None, bias=None, mask=None, dropout_p=0.0, seed=None, offset=0):
     """FlashAttention-2 forward, tile by tile, in float64.
 
     Same arguments and results as :func:`attention_naive`; ``block_m`` and
@@ -629,21 +869,24 @@ def attention_tiled(q, k, v, causal: bool = False, scale=None, block_m: int = 64
     cover [key_begin(m0, m1), key_end(m0, m1)) (floored to a tile start), per
     key tile (K_j, V_j stream)::
 
-        s2    = score2(Q_i K_j^T)      scale * log2(e), softcap, ALiBi; -inf if masked
+        s2    = score2(Q_i K_j^T)      scale * log2(e), softcap, ALiBi, bias;
+                                       -inf if hidden or masked
         m_new = max(m_i, rowmax(s2))
         alpha = exp2(m_i - m_new)      rescale factor for the old state
         P     = exp2(s2 - m_new)
         l_i   = l_i * alpha + rowsum(P)
-        O_i   = O_i * alpha + P V_j
+        O_i   = O_i * alpha + (P o K_ij) V_j     K_ij: the tile's dropout keep bits
         m_i   = m_new
 
     The state starts at ``m_i = -inf, l_i = 0``; with a sink at ``m_i =
     sink * log2(e), l_i = 0``, and ``exp2(sink2 - m_i)`` is added to ``l_i``
-    once after the loop.  At the end ``O_i / l_i`` and ``lse = (m_i + log2
-    l_i) * ln 2``.
+    once after the loop.  At the end ``O_i / ((1 - dropout_p) l_i)`` and
+    ``lse = (m_i + log2 l_i) * ln 2``.  A tile reads only its slice of the
+    bias and the mask and draws only its own keep bits.
     """
     q, k, v, batch, scale = _operands(q, k, v, scale)
-    var = _variant(batch, causal, window, softcap, alibi_slopes, sink)
+    var = _pair_variant(batch, q, k, causal, window, softcap, alibi_slopes, sink, bias, mask,
+                        dropout_p, seed, offset)
     out = np.zeros(batch + (q.shape[-2], v.shape[-1]))
     lse = np.zeros(batch + (q.shape[-2],))
     for b, el in _elements(batch, q.shape[-2], k.shape[-2], scale, var):
@@ -653,7 +896,8 @@ def attention_tiled(q, k, v, causal: bool = False, scale=None, block_m: int = 64
 
 def attention_backward_tiled(dout, q, k, v, out, lse, causal: bool = False, scale=None,
                              block_m: int = 64, block_n: int = 64, *, window=None, softcap=None,
-                             alibi_slopes=None, sink=None):
+                             alibi_slopes=None, sink=None, bias=None, mask=None, dropout_p=0.0,
+                             seed=None, offset=0, bias_grad=False):
     """FlashAttention-2 backward, tile by tile, in float64.
 
     Same arguments and results as :func:`attention_backward_naive`.  The three
@@ -664,24 +908,32 @@ def attention_backward_tiled(dout, q, k, v, out, lse, causal: bool = False, scal
     2. per key tile [n0, n1), over the query tiles that cover
        [query_begin(n0, n1), query_end(n0, n1)), recompute
        ``P_ij = exp2(s2_ij - lse2_i)`` from the saved LSE and accumulate
-       ``dV_j += P^T dO_i``, ``dS = P * (dO_i V_j^T - delta_i) * (1 - tanh^2)``
-       (the last factor with a softcap only), ``dK_j += dS^T Q_i``;
+       ``dV_j += (P o K)^T dO_i``, ``dP = (dO_i V_j^T) o K / (1 - dropout_p)``
+       (K: the tile's dropout keep bits, all ones without dropout),
+       ``dS = P * (dP - delta_i)``, dbias's share ``dS`` (into the bias's own
+       shape), then ``dS *= 1 - tanh^2`` (with a softcap only) and
+       ``dK_j += dS^T Q_i``; at the end ``dV_j /= 1 - dropout_p``;
     3. per query tile i, over the key tiles it sees (the forward's range),
        ``dQ_i += dS K_j``.
 
-    dQ and dK carry the softmax scale.  Nothing of size Sq x Sk is stored.
+    dQ and dK carry the softmax scale.  Nothing of size Sq x Sk is stored
+    (dbias has the bias's shape).
     """
     (q_shape, k_shape, v_shape), batch, scale, (dout, q, k, v, out, lse) = _backward_operands(
         dout, q, k, v, out, lse, scale)
-    var = _variant(batch, causal, window, softcap, alibi_slopes, sink)
+    var = _pair_variant(batch, q, k, causal, window, softcap, alibi_slopes, sink, bias, mask,
+                        dropout_p, seed, offset)
+    dbias = _BiasGrad(var.bias_shape, batch) if _check_bias_grad(bias_grad, var) else None
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
     dsink = np.zeros(batch)
     for b, el in _elements(batch, q.shape[-2], k.shape[-2], scale, var):
         dq[b], dk[b], dv[b], ds_b = _bwd_one(dout[b], q[b], k[b], v[b], out[b], lse[b], el,
-                                             block_m, block_n)
+                                             block_m, block_n, dbias)
         if ds_b is not None:
             dsink[b] = ds_b
     grads = (_sum_to_shape(dq, q_shape), _sum_to_shape(dk, k_shape), _sum_to_shape(dv, v_shape))
-    if var.sink is None:
-        return grads
-    return grads + (_sum_to_shape(dsink, var.sink_shape),)
+    if var.sink is not None:
+        grads += (_sum_to_shape(dsink, var.sink_shape),)
+    if dbias is not None:
+        grads += (dbias.result(),)
+    return grads

@@ -40,7 +40,8 @@ def family(name, dtype):
 
 
 def _variant_ids(variant):
-    unknown = set(variant) - {"window", "softcap", "alibi_slopes", "sink"}
+    unknown = set(variant) - {"window", "softcap", "alibi_slopes", "sink", "bias", "mask",
+                              "bias_grad"}
     if unknown:
         raise TypeError(f"unknown variant keywords {sorted(unknown)}")
     return variant.get("window"), variant.get("sink")
@@ -112,8 +113,8 @@ def check_backward(dout, q, k, v, grads, causal, scale=None, *, fwd=None, **vari
     the rule, and dsink (a fourth gradient) when ``variant`` has a sink; that
     needs ``fwd``, the (out, lse) the backward was given (see check_dsink)."""
     window, sink = _variant_ids(variant)
-    assert len(grads) == (3 if sink is None else 4), (
-        f"{len(grads)} gradients, expected {3 if sink is None else 4}")
+    n_expected = 3 + (sink is not None) + bool(variant.get("bias_grad"))
+    assert len(grads) == n_expected, f"{len(grads)} gradients, expected {n_expected}"
     refs = nv.attention_backward(dout, q, k, v, causal, scale, dtype=np.float64, **variant)
     naive = nv.attention_backward(dout, q, k, v, causal, scale, **variant)
     magnitude = max(float(abs(nv.to_f64(r)).max()) if r.size else 0.0 for r in refs[:3])
@@ -126,4 +127,11 @@ def check_backward(dout, q, k, v, grads, causal, scale=None, *, fwd=None, **vari
         if fwd is None:
             raise TypeError("check_backward: a sink needs fwd=(out, lse), the backward's inputs")
         check_dsink(grads[3], dout, fwd[0], fwd[1], sink, q.dtype)
+    if variant.get("bias_grad"):
+        bias = variant["bias"]
+        db = grads[-1]
+        assert db.dtype == bias.dtype and db.shape == bias.shape, (
+            f"dbias {db.dtype} {db.shape}, expected the bias's {bias.dtype} {bias.shape}")
+        A.assert_close("dbias", db, refs[-1], naive[-1], grad=True,
+                       magnitude=max(magnitude, float(abs(nv.to_f64(refs[-1])).max())))
     A.assert_empty_rows(q.shape[-2], k.shape[-2], causal, dq=grads[0], window=window)

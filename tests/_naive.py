@@ -181,7 +181,7 @@ def _per_batch(x, batch, cdt):
 
 
 def _probs(q, k, causal, scale, dtype, batch, window=None, softcap=None, alibi_slopes=None,
-           sink=None):
+           sink=None, bias=None, mask=None):
     """Forward up to P, batch-broadcast, in the compute dtype.
 
     Returns ``(qs, p, lse, t, p_sink)``: q * scale, the softmax P, the LSE, the
@@ -193,7 +193,8 @@ def _probs(q, k, causal, scale, dtype, batch, window=None, softcap=None, alibi_s
     * ALiBi: the bias ``-slope |i + Sk - Sq - j|`` is a tensor in the dtype,
       added to S (rounded);
     * sink (the gpt-oss recipe): the sink logit, in the dtype, is appended as
-      one more column of S before the softmax and dropped after it.
+      one more column of S before the softmax and dropped after it;
+    * bias: added to S in the dtype (rounded); mask: False pairs become -inf.
     """
     xp = xp_of(q)
     cdt = compute_dtype(dtype)
@@ -213,6 +214,10 @@ def _probs(q, k, causal, scale, dtype, batch, window=None, softcap=None, alibi_s
     if alibi_slopes is not None:
         dist = xp.abs(i + (sk - sq) - j).astype(cdt)
         s = rnd(s + rnd(-_per_batch(alibi_slopes, batch, cdt) * dist))
+    if bias is not None:
+        s = rnd(s + xp.broadcast_to(upcast(bias, dtype), s.shape))
+    if mask is not None:
+        s = xp.where(xp.broadcast_to(mask, s.shape), s, cdt.type(-np.inf))
     left = None if window is None else window[0]
     right = effective_right(causal, window)
     if left is not None or right is not None:
@@ -242,7 +247,7 @@ def _probs(q, k, causal, scale, dtype, batch, window=None, softcap=None, alibi_s
 
 
 def attention(q, k, v, causal=False, scale=None, dtype=None, *, window=None, softcap=None,
-              alibi_slopes=None, sink=None):
+              alibi_slopes=None, sink=None, bias=None, mask=None):
     """Naive attention in ``dtype`` (default q's dtype).
 
     Returns ``(out, lse)`` in the compute dtype (float32, or float64 for
@@ -265,14 +270,15 @@ def attention(q, k, v, causal=False, scale=None, dtype=None, *, window=None, sof
             lse = xp.ascontiguousarray(xp.broadcast_to(z, lse.shape))
         return xp.zeros(batch + (sq, dv), cdt), lse
     _, p, lse, _, _ = _probs(q, k, causal, scale, dtype, batch, window, softcap, alibi_slopes,
-                             sink)
+                             sink, bias, mask)
     vc = xp.broadcast_to(upcast(v, dtype), batch + v.shape[-2:])
     out = rounder(dtype)(xp.matmul(p, vc))
     return out, lse
 
 
 def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None, *, window=None,
-                       softcap=None, alibi_slopes=None, sink=None):
+                       softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None,
+                       bias_grad=False):
     """Naive gradients in ``dtype`` (default q's dtype), from a naive forward.
 
     Returns ``(dq, dk, dv)``, and ``dsink`` as a fourth when ``sink`` is given,
@@ -291,9 +297,10 @@ def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None, *, w
     sq, sk = q.shape[-2], k.shape[-2]
     if sq == 0 or sk == 0:
         grads = (xp.zeros(q.shape, cdt), xp.zeros(k.shape, cdt), xp.zeros(v.shape, cdt))
-        return grads if sink is None else grads + (xp.zeros(sink.shape, cdt),)
+        grads = grads if sink is None else grads + (xp.zeros(sink.shape, cdt),)
+        return grads if not bias_grad else grads + (xp.zeros(bias.shape, cdt),)
     qs, p, _, t, p_sink = _probs(q, k, causal, scale, dtype, batch, window, softcap,
-                                 alibi_slopes, sink)
+                                 alibi_slopes, sink, bias, mask)
     kc = xp.broadcast_to(upcast(k, dtype), batch + k.shape[-2:])
     vc = xp.broadcast_to(upcast(v, dtype), batch + v.shape[-2:])
     do = xp.broadcast_to(upcast(dout, dtype), batch + (sq, v.shape[-1]))
@@ -302,6 +309,7 @@ def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None, *, w
     dp = rnd(xp.matmul(do, xp.swapaxes(vc, -1, -2)))                  # dP = dO V^T
     delta = (dp * p).sum(axis=-1, keepdims=True)                      # the sink's dP is 0
     ds = rnd(p * (dp - delta))                                        # softmax backward
+    dbias = rnd(sum_to_shape(ds, bias.shape)) if bias_grad else None  # the bias joins here
     if t is not None:                                                 # S = c tanh(S_raw / c)
         c = cdt.type(softcap)
         ds = rnd(rnd(rnd(ds * c) * (1 - t * t)) / c)
@@ -310,7 +318,7 @@ def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None, *, w
     dk = xp.matmul(xp.swapaxes(ds, -1, -2), qs)
     grads = (rnd(sum_to_shape(dq, q.shape)), rnd(sum_to_shape(dk, k.shape)),
              rnd(sum_to_shape(dv, v.shape)))
-    if sink is None:
-        return grads
-    ds_sink = rnd(p_sink * -delta)[..., 0]                            # the sink column of dS
-    return grads + (rnd(sum_to_shape(ds_sink.sum(axis=-1), sink.shape)),)
+    if sink is not None:
+        ds_sink = rnd(p_sink * -delta)[..., 0]                        # the sink column of dS
+        grads = grads + (rnd(sum_to_shape(ds_sink.sum(axis=-1), sink.shape)),)
+    return grads if dbias is None else grads + (dbias,)

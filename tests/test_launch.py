@@ -25,7 +25,10 @@ def test_layout_natural_alignment():
     # starting on its 8-byte alignment
     assert offs["nb0"][0] == 200 and offs["scale"][0] == 228 and offs["scale_log2"][0] == 232
     assert offs["var.window_left"][0] == 240
-    assert size % 8 == 0 and size == offs["var.sink_sg"][0] + 8
+    assert size % 8 == 0 and size == offs["var.dbias_sg"][0] + 8
+    # the pair arrays (bias, mask, dbias) follow the sink: a view and two strides each
+    assert offs["var.bias.ptr"][0] == offs["var.sink_sg"][0] + 8
+    assert offs["var.dbias_sg"][0] - offs["var.bias.ptr"][0] == 3 * (40 + 16) - 8
     offs64, size64 = _params.layout("fwd", 8)
     assert offs64["scale"][0] == 232 and offs64["var.softcap_inv2"][0] == 256
 

@@ -93,7 +93,7 @@ fc_generic_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
   const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
 
-  Variant<Acc, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  VariantFor<T, Acc, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = blockIdx.x * BLOCK_M;
   const int m_end = fc_min(m_start + BLOCK_M, p.seqlen_q);
@@ -208,7 +208,7 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   BatchIndex bi;
   if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
 
-  Variant<Acc, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  VariantFor<T, Acc, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_KEYS;
   const int n_valid = fc_min(BLOCK_KEYS, p.seqlen_k - n_start);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -261,7 +261,9 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
         const int j = key0 + r;
         pr[r] = (i < p.seqlen_q && var.visible(i, j)) ? var.prob_from_lse(s[r], p.scale, lse_i, i, j)
                                                      : Acc(0);
-        ds[r] = pr[r] * (dp[r] - delta_i) * var.dcap_from_raw(s[r]);
+        ds[r] = pr[r] * (dp[r] - delta_i);
+        var.dbias_add(i, j, ds[r]);  // (with FC_VF_DBIAS: this kernel owns each pair once)
+        ds[r] *= var.dcap_from_raw(s[r]);
       }
       // dV += P^T dO, dK += dS^T Q (scale applied once at the end), summed in
       // two levels like dQ: per 32-query step, then into the running sums.

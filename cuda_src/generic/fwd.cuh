@@ -51,7 +51,8 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
   const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
   const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
 
-  Variant<Acc, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  using V = VariantFor<T, Acc, VF>;
+  V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = blockIdx.x * BLOCK_M;
   const int m_end = fc_min(m_start + BLOCK_M, p.seqlen_q);
@@ -92,7 +93,7 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
     for (int r = 0; r < ROWS; ++r) {
       const bool ok = var.visible(row0 + r, j);
       const Acc s2 = !ok ? fc_neg_inf<Acc>::value()
-                         : Variant<Acc, VF>::TRANSFORM ? var.score2(s[r], row0 + r, j)
+                         : V::ELEMENTWISE ? var.score2(s[r], row0 + r, j)
                                                        : s[r] * p.scale_log2;
       const Acc m_new = fmax(sm[r].m_i, warp_max(s2));
       const Acc alpha = sm[r].rescale(m_new);
@@ -104,7 +105,7 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
       // (a transformed score is already in log2 units: one subtraction)
       const Acc sub = OnlineSoftmax<Acc>::safe_max(m_new);
       pr[r] = !ok ? Acc(0)
-                  : Variant<Acc, VF>::TRANSFORM ? fc_exp2(s2 - sub)
+                  : V::ELEMENTWISE ? fc_exp2(s2 - sub)
                                                 : fc_exp2(fma(s[r], p.scale_log2, -sub));
       sm[r].l_i += pr[r];
       alpha_r[r] = alpha;

@@ -291,7 +291,7 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
   BatchIndex bi;
   if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
 
-  using V = Variant<float, VF, true>;
+  using V = VariantFor<T, float, VF, true>;
   V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
   const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);
@@ -355,14 +355,17 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
         for (int r = 0; r < 4; ++r) {
           const int j = key0 + nt * 16 + 8 * (r >> 1), i = m0 + mq * 8 + 2 * c4 + (r & 1);
           const float k = float(nt * 16 + 8 * (r >> 1) - mq * 8 - (r & 1));
+          const float off = V::OFFSET ? var.offset_u(i, j) : 0.f;  // bias / mask
           float pe = V::TRANSFORM
-                         ? ex2(fmaf(var.score_u(st[nt][mq][r], base, k), var.umul, -lse2[r & 1]))
-                         : ex2(st[nt][mq][r] * p.scale_log2 - lse2[r & 1]);
+                         ? ex2(fmaf(var.score_u(st[nt][mq][r], base, k) + off, var.umul,
+                                    -lse2[r & 1]))
+                         : ex2((st[nt][mq][r] + off) * p.scale_log2 - lse2[r & 1]);
           if (need_mask && (i < var.col_lo(j) || i > var.col_hi(j))) pe = 0.f;
           st[nt][mq][r] = pe;
           float ds = pe * (dpt[nt][mq][r] - ((r & 1) ? d2.y : d2.x));
+          var.dbias_add(i, j, ds);  // (with FC_VF_DBIAS; before softcap's factor)
           if constexpr (V::SOFTCAP)
-            ds *= var.dcap_from_prob(pe, lse2[r & 1], var.alibi_u(base, k));
+            ds *= var.dcap_from_prob(pe, lse2[r & 1], var.alibi_u(base, k) + off);
           dpt[nt][mq][r] = ds;
         }
     }
@@ -488,7 +491,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
   BatchIndex bi;
   if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
 
-  using V = Variant<float, VF, true>;
+  using V = VariantFor<T, float, VF, true>;
   V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
   const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);
@@ -566,7 +569,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
           dp, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4(a, doS_a + mt * 16 * 128 + swz_k(kk)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4(b, vS_b + 2 * (n2 * 16 * LDV + kk * 16)); });
       auto delta = [&](int mt, int h) { return sDelta[s_m0 + mt * 16 + g + 8 * h]; };
-      ds_from_dp(var, dp, s, delta, lse2, m0 + s_m0, n_start + s_n0, lane);  // dS = P o (dP - delta)
+      ds_from_dp<V, true>(var, dp, s, delta, lse2, m0 + s_m0, n_start + s_n0, lane);  // dS = P o (dP - delta)
       frag_to_smem<T, S_MT, S_N / 8, LDP>(sdS + s_n0, s_m0, dp, 1.f, lane);
     }
     // (the bulk dQ reduction of step t - 1 has read its staging tile before anyone
@@ -681,7 +684,7 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
   const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
   const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
 
-  using V = Variant<float, VF, true>;
+  using V = VariantFor<T, float, VF, true>;
   V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;

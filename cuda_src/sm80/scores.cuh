@@ -35,6 +35,19 @@ __device__ __forceinline__ float fwd_scores(const V &var, float (&s)[MT][NT][4],
             s[mt][nt][2 * h + e] = var.score_u(s[mt][nt][2 * h + e], base, float(nt * 8 + e));
       }
   }
+  if constexpr (V::OFFSET) {  // bias / mask: the same units as the scores (variant.cuh)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const auto row = var.offset_row(row0 + mt * 16 + g + 8 * h);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            s[mt][nt][2 * h + e] += var.offset_u(row, col0 + nt * 8 + 2 * c4 + e);
+      }
+  }
   if (need_mask) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -97,8 +110,10 @@ __device__ __forceinline__ void probs_from_scores(const V &var, float (&s)[MT][N
         for (int e = 0; e < 2; ++e) {
           const int j = col0 + nt * 8 + 2 * c4 + e;
           float &x = s[mt][nt][2 * h + e];
-          float p = V::TRANSFORM ? ex2(fmaf(var.score_u(x, base, float(nt * 8 + e)), var.umul, -l2))
-                                 : ex2(fmaf(x, scale_log2, -l2));
+          const float off = V::OFFSET ? var.offset_u(i, j) : 0.f;
+          float p = V::TRANSFORM
+                        ? ex2(fmaf(var.score_u(x, base, float(nt * 8 + e)) + off, var.umul, -l2))
+                        : ex2(fmaf(x + off, scale_log2, -l2));
           if (need_mask && (j < jlo || j > jhi)) p = 0.f;
           x = p;
         }
@@ -106,8 +121,10 @@ __device__ __forceinline__ void probs_from_scores(const V &var, float (&s)[MT][N
 }
 
 // dS = P o (dP - delta) in place in dp (times softcap's 1 - tanh^2, recovered
-// from P and the LSE).  delta(mt, h), lse2(mt, h): the row's values.
-template <class V, int MT, int NT, class Delta, class Lse2>
+// from P and the LSE).  delta(mt, h), lse2(mt, h): the row's values.  DBIAS:
+// the body that owns each pair once (dK/dV) also adds dS into the bias's
+// gradient (before softcap's factor: the bias joins after the cap).
+template <class V, bool DBIAS = false, int MT, int NT, class Delta, class Lse2>
 __device__ __forceinline__ void ds_from_dp(const V &var, float (&dp)[MT][NT][4],
                                            const float (&p)[MT][NT][4], const Delta &delta,
                                            const Lse2 &lse2, int row0, int col0, int lane) {
@@ -127,8 +144,12 @@ __device__ __forceinline__ void ds_from_dp(const V &var, float (&dp)[MT][NT][4],
         for (int e = 0; e < 2; ++e) {
           const float pe = p[mt][nt][2 * h + e];
           float d = pe * (dp[mt][nt][2 * h + e] - dl);
+          const int i = row0 + mt * 16 + g + 8 * h, j = col0 + nt * 8 + 2 * c4 + e;
+          if constexpr (DBIAS && V::DBIAS) var.dbias_add(i, j, d);
           if constexpr (V::SOFTCAP)
-            d *= var.dcap_from_prob(pe, l2, var.alibi_u(base, float(nt * 8 + e)));
+            d *= var.dcap_from_prob(pe, l2,
+                                    var.alibi_u(base, float(nt * 8 + e)) +
+                                        (V::OFFSET ? var.offset_u(i, j) : 0.f));
           dp[mt][nt][2 * h + e] = d;
         }
     }

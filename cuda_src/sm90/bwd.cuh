@@ -99,7 +99,7 @@ __device__ __forceinline__ void frag_to_swz(u32 base, int panel, int row0, int c
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES,
           int VF, bool ATOMIC_DQ, bool BULK>
 __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p) {
-  using V = Variant<float, VF, true>;
+  using V = VariantFor<T, float, VF, true>;
   using C = DkdvWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, STAGES, ATOMIC_DQ, BULK>;
   constexpr int NTHREADS = C::NTHREADS, S_N = C::S_N, QN = C::QN;
 
@@ -169,7 +169,7 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p
       wg_wait<0>();
       wg_fence_regs(dp[0]);
       auto delta = [&](int mt, int h) { return sDelta[s_m0 + mt * 16 + g + 8 * h]; };
-      ds_from_dp(var, dp, s, delta, lse2, m0 + s_m0, n_start + n0, lane);  // dS = P o (dP - delta)
+      ds_from_dp<V, true>(var, dp, s, delta, lse2, m0 + s_m0, n_start + n0, lane);  // dS = P o (dP - delta)
       frag_to_swz<T, SUB_N / 8>(sdS_u, C::PANEL_P, s_m0, n0, dp[0], lane);
     }
     fence_proxy_async();  // P, dS (generic stores) -> visible to wgmma

@@ -85,7 +85,7 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
   const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
 
-  Variant<float, VF, true> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  VariantFor<T, float, VF, true> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
   const int m_rows = fc_min(BLOCK_M, p.seqlen_q - m_start);

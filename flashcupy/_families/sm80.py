@@ -13,22 +13,28 @@ benchmarks/dev/NOTES.md describes.
 """
 from __future__ import annotations
 
-from .._spec import VF_SINK, KernelSpec, SMEM_LIMIT_SM80, SMEM_LIMIT_SM90, head_dim_bucket
+from .._spec import (VF_BIAS, VF_BIAS_ACC, VF_MASK, VF_SINK, KernelSpec, SMEM_LIMIT_SM80,
+                     SMEM_LIMIT_SM90, head_dim_bucket)
 
 NAME = "sm80"
 PAD = 8  # smem row padding in elements (16 bytes): conflict-free ldmatrix / cp.async
 
 # (BLOCK_M, BLOCK_N, NWARPS, STAGES[, flags]).  "qs": Q is re-read from shared
 # memory at every K tile (Q_IN_REGS = false) instead of held in registers.
+# "no-offset": a bias or mask (one more load and add per score, and their row
+# pointers) makes this tile spill (16-64 bytes, kernel check): such calls take
+# the next row.
 FWD_TILES = {
     32: [(128, 128, 4, 2, "qs")],  # 186/219/230, 7-16 % over 128x64x4w (Q in registers)
-    64: [(128, 64, 4, 2)],   # 4 warps x 32 rows: each K/V fragment feeds two m16 tiles;
-                             # 189/272/295; 128x128x8w 221/251 at 4k/16k; 128x128x4w "qs" spills
-    128: [(128, 64, 4, 2),   # flash-attn's tile, 4 warps x 32 rows, Q re-read from smem:
+    64: [(128, 64, 4, 2, "no-offset"),  # 4 warps x 32 rows: each K/V fragment feeds two m16
+                             # tiles; 189/272/295; 128x128x8w 221/251 at 4k/16k; 128x128x4w
+                             # "qs" spills
+         (64, 64, 4, 2)],    # bias / mask: 197 registers, no spill
+    128: [(128, 64, 4, 2, "no-offset"),  # flash-attn's tile, 4 warps x 32 rows, Q re-read:
                              # 260/334/350 vs 128x128x8w 202/244/263 and 128x32x4w 231/296/315;
                              # spill-free (255 regs) since the conditional O rescale
                              # (NOTES.md); 104 KB: H100 and A100
-          (64, 64, 4, 2)],   # 87 KB: sm_86/89
+          (64, 64, 4, 2)],   # 87 KB: sm_86/89; bias / mask (241 registers, no spill)
     256: [(128, 64, 8, 2),   # 226/271/291, 8-21 % over 64x32x4w; 198 KB: H100 only
           (64, 32, 4, 2)],   # the largest tile within 163 KB and 255 registers: A100
 }
@@ -143,12 +149,21 @@ def smem_expression(s: KernelSpec):
     return None
 
 
+# Table tags that are not kernel flags: which variants a tile must not take.
+TAGS = {"no-offset": lambda vf: bool(vf & (VF_BIAS | VF_BIAS_ACC | VF_MASK))}
+
+
+def refuses(tile, variant) -> bool:
+    return any(t in tile and rule(variant) for t, rule in TAGS.items())
+
+
 def tile_spec(kernel, dtype, hd, hdv, tile, variant, family=NAME) -> KernelSpec:
     bm, bn, nw, st = tile[:4]
     if kernel != "fwd":
         variant &= ~VF_SINK  # the backward sees the sink through the LSE
     return KernelSpec(family, kernel, dtype, hd, hdv, nwarps=nw, block_m=bm, block_n=bn,
-                      stages=st, variant=variant, extra=tuple(tile[4:]))
+                      stages=st, variant=variant,
+                      extra=tuple(f for f in tile[4:] if f not in TAGS))
 
 
 def pick(kernel, dtype, head_dim, head_dim_v, variant, smem_limit, cc=80):
@@ -159,6 +174,8 @@ def pick(kernel, dtype, head_dim, head_dim_v, variant, smem_limit, cc=80):
             continue  # the 2-D split tiles head dims in 64-column warp slices
         if "bulk" in tile and cc < 90:
             continue  # cp.reduce.async.bulk is sm_90+
+        if refuses(tile, variant):
+            continue
         s = tile_spec(kernel, dtype, hd, hdv, tile, variant)
         if smem_bytes(s) <= smem_limit:
             return s

@@ -1,0 +1,164 @@
+"""GPU tests of the additive bias (with its gradient) and the boolean mask.
+
+The grid: bias and mask shapes (full, broadcast over batch or head axes, key
+padding, a plain (Sq, Sk) matrix), the bias in q's dtype or float32, each
+combined with the earlier variants (causal, window, softcap, ALiBi, sink) and
+with GQA, x the four dtypes x every kernel family that runs the dtype; forward
+(out, lse) and backward (dq, dk, dv, dbias) against the float64 reference of
+_naive.py by the tolerance rule of _assert.py.  Beside it: rows that every key
+is masked from (out = 0, lse = -inf, zero gradients), a mask equal to a -inf
+bias bit for bit, a deterministic dbias, and the bad-input errors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import _naive as nv
+from _grid import DTYPES, check_backward, check_forward, dtype_id, family
+from test_variants import FAMILY_DTYPES, HEADS, HEADS_SM90, fd_id
+
+cp = pytest.importorskip("cupy")
+import flashcupy as fc  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+B, HKV, G = 2, 2, 2
+SEQLENS = [(97, 200), (200, 97), (130, 257), (64, 64)]
+# (name, q batch dims, kv batch dims, bias shape or None, bias dtype ("q" | "f32"),
+#  mask shape or None, extra keywords)
+CASES = [
+    ("bias-full", (B, HKV), (B, HKV), "full", "q", None, {}),
+    ("bias-heads-f32", (B, HKV), (B, HKV), (1, HKV, "Sq", "Sk"), "f32", None, {}),
+    ("bias-keypad", (B, HKV), (B, HKV), (B, 1, 1, "Sk"), "q", None, {}),
+    ("bias-2d-f32-causal", (B, HKV), (B, HKV), ("Sq", "Sk"), "f32", None, {"causal": True}),
+    ("bias-softcap", (B, HKV), (B, HKV), "full", "q", None, {"softcap": 2.0}),
+    ("mask-full", (B, HKV), (B, HKV), None, None, (B, 1, "Sq", "Sk"), {}),
+    ("mask-keypad-window", (B, HKV), (B, HKV), None, None, (B, 1, 1, "Sk"),
+     {"window": (40, 8)}),
+    ("bias-mask-gqa", (B, HKV, G), (B, HKV, 1), (1, HKV, G, "Sq", "Sk"), "q",
+     (B, 1, 1, "Sq", "Sk"), {}),
+    ("bias-mask-all", (B, HKV), (B, HKV), (HKV, 1, "Sk"), "f32", (B, HKV, "Sq", "Sk"),
+     {"causal": True, "softcap": 3.0, "alibi": True, "sink": True}),
+]
+
+
+def _shape(spec, batch, sq, sk):
+    if spec == "full":
+        return tuple(batch) + (sq, sk)
+    return tuple(sq if x == "Sq" else sk if x == "Sk" else x for x in spec)
+
+
+def make_case(name, qb, kb, bias_spec, bias_dt, mask_spec, extra, dtype, sq, sk, d, dv, seed):
+    batch = tuple(np.broadcast_shapes(qb, kb))
+    q, k, v, dout = nv.randn_many(cp, seed, [qb + (sq, d), kb + (sk, d), kb + (sk, dv),
+                                             batch + (sq, dv)], dtype)
+    rng = np.random.default_rng(seed ^ 0xB1A5)
+    kw = {k_: v_ for k_, v_ in extra.items() if k_ in ("window", "softcap")}
+    causal = bool(extra.get("causal", False))
+    if extra.get("alibi"):
+        kw["alibi_slopes"] = cp.asarray(rng.uniform(0.01, 0.2, batch), np.float32)
+    if extra.get("sink"):
+        kw["sink"] = cp.asarray(np.log(sk) + rng.standard_normal(batch), np.float32)
+    if bias_spec is not None:
+        bdt = dtype if bias_dt == "q" else np.float32
+        shape = _shape(bias_spec, batch, sq, sk)
+        kw["bias"] = cp.asarray(rng.standard_normal(shape) * 2.0).astype(bdt)
+    if mask_spec is not None:
+        shape = _shape(mask_spec, batch, sq, sk)
+        m = rng.random(shape) > 0.3
+        if shape[-2] > 1 and shape[-2] == sq:
+            m[..., 3, :] = False  # a row that sees no key
+        kw["mask"] = cp.asarray(m)
+    return q, k, v, dout, causal, kw
+
+
+def _grid():
+    out = []
+    for ci, case in enumerate(CASES):
+        for fi, fd in enumerate(FAMILY_DTYPES):
+            heads = (HEADS_SM90[(ci + fi) % len(HEADS_SM90)] if fd[0] == "sm90"
+                     else HEADS[(ci + 2 * fi) % len(HEADS)])
+            out.append(pytest.param(fd, case, SEQLENS[(ci + fi) % len(SEQLENS)], heads,
+                                    (ci + fi) % 2 == 1, id=f"{fd_id(fd)}-{case[0]}"))
+    return out
+
+
+@pytest.mark.parametrize("fd, case, seqlens, heads, det", _grid())
+def test_bias_mask_grid(fd, case, seqlens, heads, det, seed, poison_pool):
+    fam, dtype = fd
+    name, qb, kb, bias_spec, bias_dt, mask_spec, extra = case
+    (sq, sk), (d, dv) = seqlens, heads
+    q, k, v, dout, causal, kw = make_case(name, qb, kb, bias_spec, bias_dt, mask_spec, extra,
+                                          dtype, sq, sk, d, dv, seed)
+    full = "bias" in kw and tuple(kw["bias"].shape) == tuple(
+        np.broadcast_shapes(qb, kb)) + (sq, sk)
+    det = det and (full or "bias" not in kw)  # a broadcast dbias is summed by atomics
+    with family(fam, dtype):
+        with poison_pool():
+            out, lse = fc.attention(q, k, v, causal=causal, return_lse=True, **kw)
+        check_forward(q, k, v, out, lse, causal, **kw)
+        bkw = dict(kw, bias_grad=True) if "bias" in kw else kw
+        with poison_pool():
+            grads = fc.attention_backward(dout, q, k, v, out, lse, causal=causal,
+                                          deterministic=det, **bkw)
+    check_backward(dout, q, k, v, grads, causal, fwd=(out, lse), **bkw)
+    if mask_spec is not None and "sink" not in kw and _shape(mask_spec, (1,), sq, sk)[-2] == sq:
+        # row 3 sees no key: exactly 0 out, -inf lse, 0 dq
+        assert bool((out[..., 3, :].astype(np.float32) == 0).all())
+        assert bool(cp.isneginf(lse[..., 3]).all())
+        assert bool((grads[0][..., 3, :].astype(np.float32) == 0).all())
+
+
+@pytest.mark.parametrize("fd", FAMILY_DTYPES, ids=fd_id)
+def test_mask_is_a_neg_inf_bias(fd, seed):
+    fam, dtype = fd
+    q, k, v = nv.randn_many(cp, seed, [(2, 2, 77, 64), (2, 2, 131, 64), (2, 2, 131, 64)], dtype)
+    m = cp.asarray(np.random.default_rng(seed).random((2, 1, 77, 131)) > 0.5)
+    bias = cp.where(m, 0.0, -np.inf).astype(dtype)
+    with family(fam, dtype):
+        o1, l1 = fc.attention(q, k, v, mask=m, return_lse=True)
+        o2, l2 = fc.attention(q, k, v, bias=bias, return_lse=True)
+    assert bool((o1.view(np.uint8) == o2.view(np.uint8)).all())
+    assert bool((l1 == l2).all())
+
+
+@pytest.mark.parametrize("fd", FAMILY_DTYPES, ids=fd_id)
+def test_dbias_deterministic(fd, seed):
+    fam, dtype = fd
+    q, k, v, do = nv.randn_many(cp, seed, [(1, 2, 150, 64), (1, 2, 150, 64), (1, 2, 150, 64),
+                                           (1, 2, 150, 64)], dtype)
+    bias = nv.randn(cp, seed + 1, (1, 2, 150, 150), dtype)
+    with family(fam, dtype):
+        out, lse = fc.attention(q, k, v, bias=bias, return_lse=True)
+        g1 = fc.attention_backward(do, q, k, v, out, lse, bias=bias, bias_grad=True,
+                                   deterministic=True)
+        g2 = fc.attention_backward(do, q, k, v, out, lse, bias=bias, bias_grad=True,
+                                   deterministic=True)
+    for a, b in zip(g1, g2):
+        assert bool((a.view(np.uint8) == b.view(np.uint8)).all())
+
+
+def test_bias_mask_bad_input():
+    q = cp.zeros((2, 3, 16, 32), np.float16) + 1
+    k = v = q
+    fn = fc.attention
+    with pytest.raises(ValueError, match="bias"):
+        fn(q, k, v, bias=cp.zeros((3, 3, 16, 16), np.float16))
+    with pytest.raises(TypeError, match="bias"):
+        fn(q, k, v, bias=cp.zeros((16, 16), np.int32))
+    with pytest.raises(TypeError, match="bias"):
+        fn(q, k, v, bias=cp.zeros((16, 16), np.float64))  # neither q's dtype nor float32
+    with pytest.raises(TypeError, match="mask"):
+        fn(q, k, v, mask=cp.zeros((16, 16), np.float16))
+    with pytest.raises(ValueError, match="mask"):
+        fn(q, k, v, mask=cp.zeros((16, 15), bool))
+    out, lse = fn(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match="bias_grad"):
+        fc.attention_backward(q, q, k, v, out, lse, bias_grad=True)
+    with pytest.raises(TypeError, match="bias_grad"):
+        fc.attention_backward(q, q, k, v, out, lse, bias=cp.zeros((16, 16), np.float16),
+                              bias_grad=1)
+    with pytest.raises(NotImplementedError, match="full shape"):
+        fc.attention_backward(q, q, k, v, out, lse, bias=cp.zeros((16, 16), np.float16),
+                              bias_grad=True, deterministic=True)
