@@ -356,16 +356,21 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
           const int j = key0 + nt * 16 + 8 * (r >> 1), i = m0 + mq * 8 + 2 * c4 + (r & 1);
           const float k = float(nt * 16 + 8 * (r >> 1) - mq * 8 - (r & 1));
           const float off = V::OFFSET ? var.offset_u(i, j) : 0.f;  // bias / mask
-          float pe = V::TRANSFORM
-                         ? ex2(fmaf(var.score_u(st[nt][mq][r], base, k) + off, var.umul,
-                                    -lse2[r & 1]))
-                         : ex2((st[nt][mq][r] + off) * p.scale_log2 - lse2[r & 1]);
+          float pe;
+          if constexpr (V::TRANSFORM) {
+            const float u = var.score_u(st[nt][mq][r], base, k);
+            pe = ex2(fmaf(V::OFFSET ? u + off : u, var.umul, -lse2[r & 1]));
+          } else {
+            const float u = st[nt][mq][r];
+            pe = ex2((V::OFFSET ? u + off : u) * p.scale_log2 - lse2[r & 1]);
+          }
           if (need_mask && (i < var.col_lo(j) || i > var.col_hi(j))) pe = 0.f;
           st[nt][mq][r] = pe;
           float ds = pe * (dpt[nt][mq][r] - ((r & 1) ? d2.y : d2.x));
           var.dbias_add(i, j, ds);  // (with FC_VF_DBIAS; before softcap's factor)
           if constexpr (V::SOFTCAP)
-            ds *= var.dcap_from_prob(pe, lse2[r & 1], var.alibi_u(base, k) + off);
+            ds *= var.dcap_from_prob(pe, lse2[r & 1],
+                                     V::OFFSET ? var.alibi_u(base, k) + off : var.alibi_u(base, k));
           dpt[nt][mq][r] = ds;
         }
     }

@@ -110,10 +110,10 @@ __device__ __forceinline__ void probs_from_scores(const V &var, float (&s)[MT][N
         for (int e = 0; e < 2; ++e) {
           const int j = col0 + nt * 8 + 2 * c4 + e;
           float &x = s[mt][nt][2 * h + e];
-          const float off = V::OFFSET ? var.offset_u(i, j) : 0.f;
-          float p = V::TRANSFORM
-                        ? ex2(fmaf(var.score_u(x, base, float(nt * 8 + e)) + off, var.umul, -l2))
-                        : ex2(fmaf(x + off, scale_log2, -l2));
+          // (x + 0 is not x for x = -0: add the offset only where there is one)
+          const float u = V::TRANSFORM ? var.score_u(x, base, float(nt * 8 + e)) : x;
+          const float uo = V::OFFSET ? u + var.offset_u(i, j) : u;
+          float p = ex2(fmaf(uo, V::TRANSFORM ? var.umul : scale_log2, -l2));
           if (need_mask && (j < jlo || j > jhi)) p = 0.f;
           x = p;
         }
@@ -148,8 +148,9 @@ __device__ __forceinline__ void ds_from_dp(const V &var, float (&dp)[MT][NT][4],
           if constexpr (DBIAS && V::DBIAS) var.dbias_add(i, j, d);
           if constexpr (V::SOFTCAP)
             d *= var.dcap_from_prob(pe, l2,
-                                    var.alibi_u(base, float(nt * 8 + e)) +
-                                        (V::OFFSET ? var.offset_u(i, j) : 0.f));
+                                    V::OFFSET ? var.alibi_u(base, float(nt * 8 + e)) +
+                                                    var.offset_u(i, j)
+                                              : var.alibi_u(base, float(nt * 8 + e)));
           dp[mt][nt][2 * h + e] = d;
         }
     }
