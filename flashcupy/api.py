@@ -169,6 +169,19 @@ def _check_softcap(fn, softcap):
     return c
 
 
+def _check_broadcast_and_device(fn, name, x, target, dev, what):
+    """``x`` broadcasts to ``target`` (numpy rules; ``what`` names the target in
+    the message) and lives on device ``dev``."""
+    try:
+        ok = np.broadcast_shapes(x.shape, target) == target
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{fn}: {name} has {_fmt(x)}, which does not broadcast to {what}")
+    if x.device.id != dev:
+        raise ValueError(f"{fn}: {name} is on device {x.device.id}, the inputs on device {dev}")
+
+
 def _check_head_vector(fn, name, x, bshape, dev):
     """alibi_slopes / sink: float32 cupy arrays broadcastable to the batch dims."""
     if x is None:
@@ -177,15 +190,9 @@ def _check_head_vector(fn, name, x, bshape, dev):
     if x.dtype != np.float32:
         raise TypeError(f"{fn}: {name} has {_fmt(x)}; expected float32 (one value per batch "
                         f"element, broadcastable to the batch dims {tuple(bshape)})")
-    try:
-        ok = np.broadcast_shapes(x.shape, bshape) == tuple(bshape)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{fn}: {name} has {_fmt(x)}, which does not broadcast to the batch "
-                         f"dims {tuple(bshape)} of q, k, v (e.g. shape (H,) or (B, H))")
-    if x.device.id != dev:
-        raise ValueError(f"{fn}: {name} is on device {x.device.id}, the inputs on device {dev}")
+    _check_broadcast_and_device(fn, name, x, tuple(bshape), dev,
+                                f"the batch dims {tuple(bshape)} of q, k, v (e.g. shape (H,) "
+                                f"or (B, H))")
 
 
 def _prepare(fn, q, k, v, causal, scale, window=None, softcap=None, alibi_slopes=None,
@@ -285,22 +292,15 @@ def _check_pair_array(fn, name, x, q, bshape, sq, sk, dev):
         if x.dtype != q.dtype and x.dtype != np.float32:
             raise TypeError(f"{fn}: bias has {_fmt(x)}; expected a floating array of q's dtype "
                             f"({q.dtype}) or float32, broadcastable to {target}")
-    try:
-        ok = np.broadcast_shapes(x.shape, target) == target
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{fn}: {name} has {_fmt(x)}, which does not broadcast to "
-                         f"{target} (the batch dims of q, k, v, then (Sq, Sk))")
-    if x.device.id != dev:
-        raise ValueError(f"{fn}: {name} is on device {x.device.id}, the inputs on device {dev}")
+    _check_broadcast_and_device(fn, name, x, target, dev,
+                                f"{target} (the batch dims of q, k, v, then (Sq, Sk))")
     if name == "mask":
         return True
     acc = _dtypes.info(q.dtype).acc_dtype
     return "t" if x.dtype == q.dtype else "acc" if x.dtype == acc else "convert"
 
 
-def _pair_view(x, sq, sk):
+def _pair_view(x):
     """A bias / mask as the kernels read it: (batch shape, batch strides, row
     stride, column stride) in elements, broadcast axes at stride 0.  The column
     stride must be 0 or 1 (variant.cuh): anything else is copied first."""
@@ -568,7 +568,7 @@ def _variant_tensors(env, bs, st, pairs=("bias", "mask")):
     for name in pairs:
         if name in env:
             x = env[name]
-            bshape_x, bstr, rs, cs = _pair_view(x, 1, 1)
+            bshape_x, bstr, rs, cs = _pair_view(x)
             st[name] = _batch.batch_strides(bshape_x, bstr, bs)
             ops.append((f"var.{name}", name, x, rs))
             scalars[f"var.{name}_sc"] = cs
