@@ -86,6 +86,18 @@ struct VariantArgs {
   fc_index_t mask_sc, mask_sg;
   TensorView<Acc> dbias;
   fc_index_t dbias_sc, dbias_sg;
+  // Dropout (flashcupy/_philox.py's bit layout): the Philox key (the seed) and
+  // the counter's fourth word are written at every launch, not baked into a
+  // plan (they change from call to call); dropout_index is no tensor: its
+  // "pointer" plus the batch and group strides is the flat C-order index bh of
+  // the query-side batch element (the host's batch coalescing and chunking
+  // then apply to it as to any operand).  keep iff 16 bits >= threshold;
+  // survivors are scaled by rp = 1 / (1 - p), and keep = 1 - p.
+  unsigned long long dropout_seed, dropout_offset;
+  TensorView<const unsigned char> dropout_index;
+  fc_index_t dropout_index_sg;
+  int dropout_threshold;
+  Acc dropout_rp, dropout_keep;
 };
 
 template <typename T, typename Acc>

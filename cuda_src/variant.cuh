@@ -13,7 +13,9 @@
 //   * the softmax's extra sink logit (init_max / sink_term);
 //   * a pair's additive offset (offset_u / offset2: an arbitrary bias read from
 //     memory, -inf where a boolean mask removes the pair) and where its
-//     gradient goes (dbias_add).
+//     gradient goes (dbias_add);
+//   * whether dropout keeps a pair (dropout_call / dropout_kept: Philox
+//     bits that are a function of the pair's coordinates only).
 // A new variant is a flag, fields of VariantArgs (params.cuh) and members here
 // (and its statement in flashcupy/reference.py), not an edit of every body.
 // Compare flash-attn's Mask<Is_causal, Is_local, Has_alibi> (csrc/flash_attn/src/
@@ -27,6 +29,10 @@
 //   sink logit z   joins the softmax denominator: p_ij = e^s_ij / (e^z + sum_j e^s_ij)
 //   bias b, mask m s -> s + b(i, j) after softcap and ALiBi; m(i, j) = 0 removes
 //                  the pair (as a bias of -inf does); dbias = dS = P o (dP - delta)
+//   dropout p      O = (P o Z / (1 - p)) V with Z the keep bits; the LSE is
+//                  dropout-free; dV = (P o Z / (1 - p))^T dO,
+//                  dS = P o (dP o Z / (1 - p) - delta) (FlashAttention-2's backward;
+//                  delta = rowsum(dO o O) holds unchanged)
 // Units: kernels work in log2 units (softmax.cuh), so score2 = score * log2(e).
 #pragma once
 #include "params.cuh"
@@ -45,6 +51,27 @@
 #define FC_VF_BIAS_ACC 256  // ... or in the accumulator type (float32 / float64)
 #define FC_VF_MASK 64    // boolean mask (one byte per element; 0 removes the pair)
 #define FC_VF_DBIAS 128  // backward: dS added into the bias's gradient (atomics)
+#define FC_VF_DROPOUT 512  // dropout on P (Philox4x32-10, flashcupy/_philox.py)
+
+// Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as
+// easy as 1, 2, 3", SC 2011), as flashcupy/_philox.py states it: ten rounds of
+// two 32 x 32 -> 64-bit products and xors, the key bumped by the Weyl constants
+// between rounds.  One call: 128 bits for 8 pairs of one query row.
+__device__ __forceinline__ uint4 fc_philox(unsigned c0, unsigned c1, unsigned c2, unsigned c3,
+                                           unsigned k0, unsigned k1) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const unsigned long long p0 = (unsigned long long)c0 * 0xD2511F53u;
+    const unsigned long long p1 = (unsigned long long)c2 * 0xCD9E8D57u;
+    c0 = (unsigned)(p1 >> 32) ^ c1 ^ k0;  // (uses the old c1)
+    c1 = (unsigned)p1;
+    c2 = (unsigned)(p0 >> 32) ^ c3 ^ k1;  // (uses the old c3)
+    c3 = (unsigned)p0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return make_uint4(c0, c1, c2, c3);
+}
 
 // The storage type of the bias a kernel with storage type T reads.
 template <typename T, typename Acc, bool ACC> struct fc_bias_type { typedef T type; };
@@ -88,6 +115,7 @@ struct Variant {
   static constexpr bool BIAS = (VF & (FC_VF_BIAS | FC_VF_BIAS_ACC)) != 0;
   static constexpr bool MASK = (VF & FC_VF_MASK) != 0;
   static constexpr bool DBIAS = (VF & FC_VF_DBIAS) != 0;
+  static constexpr bool DROPOUT = (VF & FC_VF_DROPOUT) != 0;
   // A per-pair offset read from memory (bias, mask).  It adds in whatever units
   // the body keeps scores in (offset_u), so it needs no transform of its own.
   static constexpr bool OFFSET = BIAS || MASK;
@@ -109,6 +137,10 @@ struct Variant {
   const TB *bias_b;
   const unsigned char *mask_b;
   Acc *dbias_b;
+  // Dropout: the Philox key and counter words of the bound batch element, the
+  // 16-bit keep threshold, 1 / (1 - p) and 1 - p.
+  unsigned drop_k0, drop_k1, drop_c3, drop_thr, drop_bh;
+  Acc drop_rp, drop_keep;
 
   __device__ __forceinline__ Variant(const VariantArgs<Acc> &a, int sq, int sk, Acc scale_log2_)
       : seqlen_q(sq), seqlen_k(sk), diag(sk - sq), scale_log2(scale_log2_), slope2(0),
@@ -124,6 +156,14 @@ struct Variant {
     bias_sr = a.bias.sr, bias_sc = a.bias_sc;
     mask_sr = a.mask.sr, mask_sc = a.mask_sc;
     dbias_sr = a.dbias.sr, dbias_sc = a.dbias_sc;
+    if constexpr (DROPOUT) {
+      drop_k0 = (unsigned)a.dropout_seed;
+      drop_k1 = (unsigned)(a.dropout_seed >> 32);
+      drop_c3 = (unsigned)a.dropout_offset;
+      drop_thr = (unsigned)a.dropout_threshold;
+      drop_rp = a.dropout_rp;
+      drop_keep = a.dropout_keep;
+    }
   }
 
   // The per-(batch element, group) values: ALiBi slope and sink logit.
@@ -140,6 +180,10 @@ struct Variant {
                bi.b2 * a.bias.sb2 + grp * a.bias_sg;
     if constexpr (MASK) mask_b = a.mask.batch(bi.b0, bi.b1, bi.b2) + grp * a.mask_sg;
     if constexpr (DBIAS) dbias_b = a.dbias.batch(bi.b0, bi.b1, bi.b2) + grp * a.dbias_sg;
+    if constexpr (DROPOUT)
+      drop_bh = (unsigned)((fc_index_t) reinterpret_cast<unsigned long long>(a.dropout_index.ptr) +
+                           bi.b0 * a.dropout_index.sb0 + bi.b1 * a.dropout_index.sb1 +
+                           bi.b2 * a.dropout_index.sb2 + grp * a.dropout_index_sg);
   }
 
   // ---- loop ranges ---------------------------------------------------------
@@ -292,6 +336,38 @@ struct Variant {
     if constexpr (DBIAS)
       if (i < seqlen_q && j < seqlen_k)
         atomicAdd(dbias_b + (fc_index_t)i * dbias_sr + (fc_index_t)j * dbias_sc, ds);
+  }
+
+  // ---- dropout -------------------------------------------------------------
+  // The Philox call that holds the bits of pair (i, j): counter (4 (j / 32) +
+  // (j / 2) % 4, i, bh, offset).  It serves the 8 keys j' of row i in the same
+  // 32-key block with the same (j' / 2) % 4: in the C-fragment layout, the
+  // keys one lane holds in that block (sm80/scores.cuh, dropout_frag).
+  __device__ __forceinline__ uint4 dropout_call(int i, int j) const {
+    return fc_philox(4u * ((unsigned)j >> 5) + (((unsigned)j >> 1) & 3u), (unsigned)i, drop_bh,
+                     drop_c3, drop_k0, drop_k1);
+  }
+  // Whether the pair whose bits are word w (= (j / 8) % 4), half e (= j % 2)
+  // of its call's output r survives.
+  __device__ __forceinline__ bool dropout_kept(const uint4 &r, int w, int e) const {
+    const unsigned x = w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w;
+    return (e ? x >> 16 : x & 0xFFFFu) >= drop_thr;
+  }
+  __device__ __forceinline__ bool dropout_keep(int i, int j) const {
+    return dropout_kept(dropout_call(i, j), (j >> 3) & 3, j & 1);
+  }
+  // The backward's P of a pair in one register that also says whether dropout
+  // kept it: P / (1 - p) (>= 0: what dV multiplies) if kept, -P if dropped.
+  // dS = P o (dP o Z / (1 - p) - delta) from it (ds_dropout), and the true P
+  // (softcap's derivative) from it (prob_dropout).  A P of 0 (masked) gives 0.
+  __device__ __forceinline__ Acc encode_dropout(Acc p, bool kept) const {
+    return kept ? p * drop_rp : -p;
+  }
+  __device__ __forceinline__ Acc ds_dropout(Acc pe, Acc dp, Acc delta) const {
+    return pe >= Acc(0) ? pe * (dp - delta * drop_keep) : pe * delta;
+  }
+  __device__ __forceinline__ Acc prob_dropout(Acc pe) const {
+    return pe >= Acc(0) ? pe * drop_keep : -pe;
   }
 
   // ---- sink ----------------------------------------------------------------

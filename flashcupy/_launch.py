@@ -84,7 +84,8 @@ def launch(spec, prob, kind, layout, tensors, n_rows, scalars=None):
 
     kind: "fwd" | "bwd" (the parameter struct).  tensors: [(field, env name,
     array, row stride)]; the env names index ``layout.strides`` and the
-    environment the launches run with.  ``n_rows`` is the length of the tiled
+    environment the launches run with; a row stride of None marks a per-call
+    WORD field (no array, no strides).  ``n_rows`` is the length of the tiled
     sequence axis (queries, or keys for dK/dV).  scalars: {field: value} beyond
     the problem's own (Problem.scalars).
     """
@@ -98,6 +99,9 @@ def launch(spec, prob, kind, layout, tensors, n_rows, scalars=None):
         values = dict(values0, nb0=nb0, nb1=nb1, nb2=nb2)
         offsets = []
         for field, env_name, arr, rs in tensors:
+            if rs is None:  # a per-call WORD (_params.py): no strides, no offset
+                offsets.append((field, env_name, 0))
+                continue
             off, s0, s1, s2 = entries[env_name]
             values.update({f"{field}.sb0": s0, f"{field}.sb1": s1, f"{field}.sb2": s2,
                            f"{field}.sr": rs})

@@ -20,6 +20,10 @@ import numpy as np
 
 TENSOR = "tensor"  # TensorView<T>: ptr, sb0, sb1, sb2, sr
 NESTED = "nested"  # a nested struct: (name, NESTED, fields)
+# A 64-bit word written at each launch like a tensor pointer (from the
+# environment: ``env[name].data.ptr``), for per-call values such as the dropout
+# seed that a replayed plan must not bake in.
+WORD = "word"
 
 VARIANT_FIELDS = (
     ("window_left", "i32"), ("window_right", "i32"),
@@ -29,6 +33,9 @@ VARIANT_FIELDS = (
     ("bias", TENSOR), ("bias_sc", "i64"), ("bias_sg", "i64"),
     ("mask", TENSOR), ("mask_sc", "i64"), ("mask_sg", "i64"),
     ("dbias", TENSOR), ("dbias_sc", "i64"), ("dbias_sg", "i64"),
+    ("dropout_seed", WORD), ("dropout_offset", WORD),
+    ("dropout_index", TENSOR), ("dropout_index_sg", "i64"),
+    ("dropout_threshold", "i32"), ("dropout_rp", "acc"), ("dropout_keep", "acc"),
 )
 FWD_FIELDS = (
     ("q", TENSOR), ("k", TENSOR), ("v", TENSOR), ("o", TENSOR), ("lse", TENSOR),
@@ -57,7 +64,9 @@ def _flat(fields, acc, prefix=""):
     out = []
     for f in fields:
         name, kind = f[0], f[1]
-        if kind == TENSOR:
+        if kind == WORD:
+            out.append((f"{prefix}{name}", None, 8))
+        elif kind == TENSOR:
             out.append((f"{prefix}{name}.ptr", None, 8))
             out.extend((f"{prefix}{name}.{s}", np.int64, 0) for s in ("sb0", "sb1", "sb2", "sr"))
         elif kind == NESTED:
@@ -73,7 +82,7 @@ def _struct_align(fields, acc) -> int:
     al = 1
     for f in fields:
         kind = f[1]
-        al = max(al, 8 if kind in (TENSOR, "i64") else _struct_align(f[2], acc) if kind == NESTED
+        al = max(al, 8 if kind in (TENSOR, WORD, "i64") else _struct_align(f[2], acc) if kind == NESTED
                  else np.dtype(acc if kind == "acc" else _SCALAR[kind]).itemsize)
     return al
 
@@ -103,8 +112,8 @@ def pack(kind: str, acc_bytes: int, values: dict):
     buf = np.zeros(size, np.uint8)
     ptrs = {}
     for name, (off, typ) in offs.items():
-        if typ is None:
-            ptrs[name[:-len(".ptr")]] = off
+        if typ is None:  # a tensor's pointer ("x.ptr": key "x") or a WORD
+            ptrs[name[:-len(".ptr")] if name.endswith(".ptr") else name] = off
             continue
         v = values.get(name, 0)
         buf[off:off + np.dtype(typ).itemsize] = np.frombuffer(typ(v).tobytes(), np.uint8)

@@ -37,19 +37,28 @@ key length Sk, with a ``seed`` in [0, 2**64) and an ``offset`` in [0, 2**32):
 * element (b, i, j), where ``b`` is a batch coordinate tuple, query row ``i``
   and key column ``j``, has the flat batch index ``bh`` = the row-major
   (C order) index of ``b`` within ``batch``;
-* its counter is ``(c0, c1, c2, c3) = (j // 4, i, bh, offset)``, its key
-  ``(k0, k1) = (seed & 0xFFFFFFFF, seed >> 32)``;
-* of the four output words, word ``x[j % 4]`` belongs to column ``j`` (one
-  Philox call serves four consecutive key columns of a row);
-* the pair is kept iff ``x[j % 4] >= threshold``, where
-  ``threshold = min(2**32 - 1, round(dropout_p * 2**32))`` is an integer
+* its counter is ``(c0, c1, c2, c3) = (4 * (j // 32) + (j // 2) % 4, i, bh,
+  offset)``, its key ``(k0, k1) = (seed & 0xFFFFFFFF, seed >> 32)``;
+* of the four output words it takes word ``x[(j // 8) % 4]``, and of that
+  word the 16-bit half ``j % 2``: bits 0-15 for an even ``j``, bits 16-31 for
+  an odd one;
+* the pair is kept iff that half ``>= threshold``, where
+  ``threshold = min(2**16 - 1, round(dropout_p * 2**16))`` is an integer
   (Python's ``round`` of the exact float64 product: halves to even).
 
+So one Philox call serves 8 elements of a row: within each block of 32 key
+columns, the columns ``8 w + 2 t + e`` (w = 0..3, e = 0, 1) of one ``t`` in
+0..3.  Those are exactly the elements of a row that one thread holds in the
+m16n8 accumulator layout of the tensor-core kernels (lane ``4 g + t``), so a
+thread draws every bit it needs from its own calls and uses all 128 of them
+(FlashAttention-2 likewise draws 16 8-bit values per call; 16 bits keep the
+keep probability within 2**-17 of ``1 - dropout_p``).
+
 ``dropout_p = 0`` gives threshold 0 and keeps every pair.  A kept pair is
-scaled by ``1 / (1 - dropout_p)``; the keep probability is ``1 -
-threshold / 2**32``, which is ``1 - dropout_p`` up to 2**-33.  The bits of an
-element depend only on (seed, offset, bh, i, j), never on Sq, Sk, the tiling
-or the order of evaluation.
+scaled by ``1 / (1 - dropout_p)`` (as PyTorch's SDPA does); the keep
+probability is ``1 - threshold / 2**16``.  The bits of an element depend only
+on (seed, offset, bh, i, j), never on Sq, Sk, the tiling or the order of
+evaluation.
 
 Functions
 ---------
@@ -71,7 +80,7 @@ import numbers
 import numpy as np
 
 __all__ = ["M0", "M1", "W0", "W1", "philox4x32_10", "dropout_threshold", "keep_mask",
-           "check_dropout"]
+           "check_dropout", "counter_c0"]
 
 M0 = 0xD2511F53
 M1 = 0xCD9E8D57
@@ -162,12 +171,15 @@ def check_dropout(dropout_p, seed, offset):
     return p, seed, offset
 
 
+THRESHOLD_BITS = 16
+
+
 def dropout_threshold(p) -> int:
-    """``min(2**32 - 1, round(p * 2**32))``: a pair is kept iff its word >= this."""
+    """``min(2**16 - 1, round(p * 2**16))``: a pair is kept iff its 16 bits >= this."""
     p = _real(p, "dropout_p")
     if not (0.0 <= p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {p!r}")
-    return min(2**32 - 1, int(round(p * 2.0**32)))
+    return min(2**THRESHOLD_BITS - 1, int(round(p * 2.0**THRESHOLD_BITS)))
 
 
 def _index_range(idx, length: int, name: str) -> np.ndarray:
@@ -240,17 +252,23 @@ def keep_mask(seed, offset, batch_shape, seqlen_q, seqlen_k, dropout_p, rows=Non
     threshold = dropout_threshold(p)
     if threshold == 0 or not (i.size and j.size and bh.size):
         return np.ones(out_shape, dtype=bool)
-    # One Philox call per (bh, i, group of four columns): the groups from the
-    # first to the last requested column, then each column picks word j % 4 of
-    # its group.
-    g0 = int(j.min()) // 4
-    groups = np.arange(g0, int(j.max()) // 4 + 1, dtype=np.uint64)
-    shape = (bh.size, i.size, groups.size)
+    # One Philox call per (bh, i, c0): the counters the requested columns use,
+    # then each column picks its word and its 16-bit half.
+    c0 = counter_c0(j)
+    calls, which = np.unique(c0, return_inverse=True)
+    shape = (bh.size, i.size, calls.size)
     u64 = np.uint64
-    words = _rounds(np.broadcast_to(groups, shape).copy(),
+    words = _rounds(np.broadcast_to(calls.astype(u64), shape).copy(),
                     np.broadcast_to(i.astype(u64)[:, None], shape).copy(),
                     np.broadcast_to(bh.astype(u64).reshape(-1, 1, 1), shape).copy(),
                     np.full(shape, offset, dtype=u64), u64(seed & 0xFFFFFFFF), u64(seed >> 32))
-    words = np.stack(words, axis=-1)                # (n_bh, rows, groups, 4)
-    picked = words[:, :, j // 4 - g0, j % 4]        # (n_bh, rows, cols)
-    return (picked >= np.uint64(threshold)).reshape(out_shape)
+    words = np.stack(words, axis=-1)                       # (n_bh, rows, calls, 4)
+    picked = words[:, :, which.reshape(-1), (j // 8) % 4]  # (n_bh, rows, cols)
+    half = (picked >> (u64(16) * (j % 2).astype(u64))) & u64(0xFFFF)
+    return (half >= u64(threshold)).reshape(out_shape)
+
+
+def counter_c0(j):
+    """The first counter word of key column(s) ``j``: ``4 * (j // 32) + (j // 2) % 4``."""
+    j = np.asarray(j, dtype=np.int64)
+    return 4 * (j // 32) + (j // 2) % 4

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _dtypes
-from ._spec import (VF_ALIBI, VF_BIAS, VF_BIAS_ACC, VF_DBIAS, VF_LEFT, VF_MASK, VF_RIGHT,
-                    VF_SINK, VF_SOFTCAP)
+from . import _philox
+from ._spec import (VF_ALIBI, VF_BIAS, VF_BIAS_ACC, VF_DBIAS, VF_DROPOUT, VF_LEFT, VF_MASK,
+                    VF_RIGHT, VF_SINK, VF_SOFTCAP)
 
 LOG2E = 1.4426950408889634
 
@@ -34,6 +35,9 @@ class Features:
         accumulator's dtype, float32 beside 16-bit inputs).
     mask: a boolean mask is given.
     bias_grad: the backward also returns the bias's gradient.
+    dropout: the dropout probability p (0: off); the seed and offset are
+        per-call values, not features (a plan replays them from its
+        environment).
     """
 
     window_left: int | None = None
@@ -44,6 +48,7 @@ class Features:
     bias: str | None = None
     mask: bool = False
     bias_grad: bool = False
+    dropout: float = 0.0
 
     @property
     def local(self) -> bool:
@@ -57,7 +62,8 @@ class Features:
                 | (VF_ALIBI if self.alibi else 0) | (VF_SINK if self.sink and forward else 0)
                 | (VF_BIAS if self.bias == "t" else VF_BIAS_ACC if self.bias else 0)
                 | (VF_MASK if self.mask else 0)
-                | (VF_DBIAS if self.bias_grad and not forward else 0))
+                | (VF_DBIAS if self.bias_grad and not forward else 0)
+                | (VF_DROPOUT if self.dropout > 0 else 0))
 
     def kernel_args(self, seqlen_q: int, seqlen_k: int, scale: float) -> dict:
         """The scalar fields of the kernels' VariantArgs (params.cuh).  An
@@ -69,6 +75,10 @@ class Features:
         if self.softcap:
             args["var.softcap_inv2"] = 2.0 * LOG2E * scale / self.softcap
             args["var.softcap_log2"] = self.softcap * LOG2E
+        if self.dropout > 0:
+            args["var.dropout_threshold"] = _philox.dropout_threshold(self.dropout)
+            args["var.dropout_rp"] = 1.0 / (1.0 - self.dropout)
+            args["var.dropout_keep"] = 1.0 - self.dropout
         return args
 
 

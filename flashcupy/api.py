@@ -11,7 +11,7 @@ import functools
 import math
 import numpy as np
 
-from . import _batch, _config, _dtypes, _launch, _plan
+from . import _batch, _config, _dtypes, _launch, _philox, _plan
 from ._problem import Features, Problem
 
 try:
@@ -140,7 +140,7 @@ def _check_window(fn, window):
     if window is None:
         return None, None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"{fn}: window must be None or a pair (left, right) of ints >= 0 or "
+        raise TypeError(f"{fn}: window must be None or a pair (left, right) of ints or "
                         f"None, got {window!r}")
     sides = []
     for side, w in zip(("left", "right"), window):
@@ -148,10 +148,9 @@ def _check_window(fn, window):
             sides.append(None)
             continue
         if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, np.integer)):
-            raise TypeError(f"{fn}: window {side} side must be an int >= 0 or None, got {w!r}")
-        if w < 0:
-            raise ValueError(f"{fn}: window {side} side must be >= 0 (or None for unbounded), "
-                             f"got {int(w)}")
+            raise TypeError(f"{fn}: window {side} side must be an int or None, got {w!r}")
+        # (a negative side is a band that excludes the diagonal: PyTorch's top-left
+        # causal mask for Sq != Sk is window (None, Sq - Sk))
         sides.append(int(w))
     return tuple(sides)
 
@@ -196,7 +195,7 @@ def _check_head_vector(fn, name, x, bshape, dev):
 
 
 def _prepare(fn, q, k, v, causal, scale, window=None, softcap=None, alibi_slopes=None,
-             sink=None, bias=None, mask=None, bias_grad=False):
+             sink=None, bias=None, mask=None, bias_grad=False, dropout_p=0.0):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_array(fn, name, x)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -226,7 +225,8 @@ def _prepare(fn, q, k, v, causal, scale, window=None, softcap=None, alibi_slopes
             raise ValueError(f"{fn}: scale must be finite, got {scale}")
     left, right = _check_window(fn, window)
     if causal:
-        right = 0  # causal is the window's right side 0; it composes with any left side
+        # causal is the window's right side 0; it composes with any left side
+        right = 0 if right is None else min(right, 0)
     softcap = _check_softcap(fn, softcap)
     bshape = tuple(np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
     _check_head_vector(fn, "alibi_slopes", alibi_slopes, bshape, dev)
@@ -248,6 +248,7 @@ def _prepare(fn, q, k, v, causal, scale, window=None, softcap=None, alibi_slopes
     if bias is not None and scale == 0.0 and softcap is None:
         # the kernels keep the bias in units of the scaled score (cuda_src/variant.cuh)
         raise ValueError(f"{fn}: bias needs scale != 0 (got scale=0.0)")
+    p_drop = _check_dropout_p(fn, dropout_p)
     cc = _compute_capability(dev)
     info = _dtypes.info(q.dtype)
     try:
@@ -256,10 +257,58 @@ def _prepare(fn, q, k, v, causal, scale, window=None, softcap=None, alibi_slopes
         raise ValueError(f"{fn}: {e}") from None
     feats = Features(window_left=left, window_right=right, softcap=softcap,
                      alibi=alibi_slopes is not None, sink=sink is not None, bias=bias_kind,
-                     mask=mask is not None, bias_grad=bool(bias_grad))
+                     mask=mask is not None, bias_grad=bool(bias_grad), dropout=p_drop)
     return Problem(bshape=bshape, seqlen_q=q.shape[-2], seqlen_k=k.shape[-2], head_dim=d,
                    head_dim_v=v.shape[-1], scale=scale, features=feats, dtype=q.dtype,
                    acc_dtype=info.acc_dtype, device_id=dev, cc=cc, family=family)
+
+
+def _check_dropout_p(fn, dropout_p) -> float:
+    try:
+        return _philox.check_dropout(dropout_p, 0, 0)[0]  # (the seed is checked per call)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{fn}: {e}") from None
+
+
+def _check_seed(fn, dropout_p, seed, offset):
+    """(seed, offset) validated (errors name them); (0, 0) without dropout."""
+    try:
+        p, seed, offset = _philox.check_dropout(dropout_p, seed, offset)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{fn}: {e}") from None
+    return (seed, offset) if p > 0 else (0, 0)
+
+
+class _Word:
+    """A per-call 64-bit kernel parameter in a plan's environment (the dropout
+    seed and counter offset): the launches write ``data.ptr`` like a tensor's
+    address (flashcupy/_params.py, WORD), so a replayed plan takes this call's
+    value.  ``dropout_index`` is one with value 0 and an item size of 1: the
+    launches add the batch chunk's offset to it, which makes it the flat
+    batch index the kernels key the dropout bits with (cuda_src/params.cuh)."""
+
+    __slots__ = ("ptr",)
+    itemsize = 1
+    nbytes = 0
+
+    def __init__(self, value: int):
+        self.ptr = int(value)
+
+    @property
+    def data(self):
+        return self
+
+    def data_ptr(self) -> int:  # (flashcupy.torch wraps environment values by this)
+        return self.ptr
+
+
+def dropout_env(env, dropout_p, seed, offset) -> None:
+    """Puts the per-call dropout words a plan reads into ``env`` (nothing
+    without dropout).  ``seed`` and ``offset`` must be validated."""
+    if dropout_p:
+        env["dropout_seed"] = _Word(seed)
+        env["dropout_offset"] = _Word(offset)
+        env["dropout_index"] = _Word(0)
 
 
 def _check_given(fn, name, x, shape, dtype, dev):
@@ -350,11 +399,23 @@ _VARIANT_DOC = """
         Same broadcasting; False removes the pair (PyTorch SDPA's convention),
         exactly as a ``-inf`` bias does.  A row with every key removed gets
         out = 0 and lse = -inf.
+    dropout_p : float in [0, 1)
+        Dropout on the attention probabilities; survivors are scaled by
+        ``1 / (1 - dropout_p)`` (as PyTorch's SDPA).  ``lse`` stays the
+        dropout-free logsumexp.
+    seed : int in [0, 2**64), required with ``dropout_p > 0``
+    offset : int in [0, 2**32)
+        The dropout's Philox key and the counter's stream word: the keep bit of
+        pair (i, j) of batch element b is a function of (seed, offset, b, i, j)
+        only (flashcupy/_philox.py states it bit for bit), so the backward,
+        given the same three values, regenerates the forward's pattern, and
+        every family and tile size draws the same one.
 """
 
 
 def attention(q, k, v, *, causal=False, scale=None, return_lse=False, window=None,
-              softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None):
+              softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None, dropout_p=0.0,
+              seed=None, offset=0):
     """Exact attention ``softmax(q @ k^T * scale) @ v``, FlashAttention-style.
 
     Parameters
@@ -383,7 +444,8 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, window=Non
         lse = -inf (lse = sink with a sink).
     """
     out, lse = _forward(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                        alibi_slopes=alibi_slopes, sink=sink, bias=bias, mask=mask)
+                        alibi_slopes=alibi_slopes, sink=sink, bias=bias, mask=mask,
+                        dropout_p=dropout_p, seed=seed, offset=offset)
     return (out, lse) if return_lse else out
 
 
@@ -392,7 +454,7 @@ attention.__doc__ = attention.__doc__.replace("    {variants}", _VARIANT_DOC.str
 _PLANS = _plan.CACHE
 
 
-def _signature(kind, arrays, causal, scale, window, softcap, extras):
+def _signature(kind, arrays, causal, scale, window, softcap, extras, dropout_p=0.0):
     """The plan key: everything validation and planning depend on; None (no
     plan) for arguments of unusual types, which the full validation then
     judges (an unhashable ``scale=[0.5]`` must fail with a message naming it).
@@ -404,7 +466,9 @@ def _signature(kind, arrays, causal, scale, window, softcap, extras):
         return None
     if not (softcap is None or type(softcap) in (float, int)):
         return None
-    sig = [kind, causal, scale, window, softcap, _config.current_family()]
+    if type(dropout_p) not in (float, int):
+        return None
+    sig = [kind, causal, scale, window, softcap, dropout_p, _config.current_family()]
     for x in arrays:
         sig.extend((x.shape, x.strides, x.dtype, x.data.device_id))
     for x in extras:
@@ -418,12 +482,13 @@ def _signature(kind, arrays, causal, scale, window, softcap, extras):
 
 
 def cached_plan(kind, arrays, causal, scale, window=None, softcap=None,
-                extras=(None, None, None, None)):
+                extras=(None, None, None, None), dropout_p=0.0):
     """The plan a call with these arguments replays, or None (for
     flashcupy.torch, which keys plans on tensor metadata).  ``extras``: alibi
     slopes, sink, bias, mask (missing trailing ones are None)."""
     extras = tuple(extras) + (None,) * (4 - len(extras))
-    return _PLANS.get(_signature(kind, arrays, causal, scale, window, softcap, extras))
+    return _PLANS.get(_signature(kind, arrays, causal, scale, window, softcap, extras,
+                                 dropout_p))
 
 
 def _convert_bias(q, bias):
@@ -436,17 +501,20 @@ def _convert_bias(q, bias):
 
 
 def _forward(q, k, v, *, causal, scale, window=None, softcap=None, alibi_slopes=None,
-             sink=None, bias=None, mask=None, out=None, lse=None):
+             sink=None, bias=None, mask=None, dropout_p=0.0, seed=None, offset=0, out=None,
+             lse=None):
     """``attention`` with optional preallocated, C-contiguous ``out``/``lse``."""
     fn = "flashcupy.attention"
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_array(fn, name, x)
     bias = _convert_bias(q, bias)
     extras = (alibi_slopes, sink, bias, mask)
-    key = _signature("fwd", (q, k, v), causal, scale, window, softcap, extras)
+    key = _signature("fwd", (q, k, v), causal, scale, window, softcap, extras, dropout_p)
     plan = _PLANS.get(key)
     prob = plan.prob if plan is not None else _prepare(fn, q, k, v, causal, scale, window,
-                                                       softcap, alibi_slopes, sink, bias, mask)
+                                                       softcap, alibi_slopes, sink, bias, mask,
+                                                       dropout_p=dropout_p)
+    seed, offset = _check_seed(fn, prob.features.dropout, seed, offset)
     out_shape = prob.bshape + (prob.seqlen_q, prob.head_dim_v)
     lse_shape = prob.bshape + (prob.seqlen_q,)
     if out is not None:
@@ -464,6 +532,7 @@ def _forward(q, k, v, *, causal, scale, window=None, softcap=None, alibi_slopes=
         if sink is not None:
             env["sink"] = sink
         pair_copied = _add_pairs(env, bias, mask)
+        dropout_env(env, prob.features.dropout, seed, offset)
         if plan is not None:
             plan.run(env)
             return out, lse
@@ -572,6 +641,13 @@ def _variant_tensors(env, bs, st, pairs=("bias", "mask")):
             st[name] = _batch.batch_strides(bshape_x, bstr, bs)
             ops.append((f"var.{name}", name, x, rs))
             scalars[f"var.{name}_sc"] = cs
+    if "dropout_index" in env:
+        # the flat C-order batch index: "strides" of a contiguous array over bs
+        c_strides = [math.prod(bs[i + 1:]) for i in range(len(bs))]
+        st["dropout_index"] = _batch.batch_strides(bs, c_strides, bs)
+        ops += [("var.dropout_index", "dropout_index", env["dropout_index"], 0),
+                ("var.dropout_seed", "dropout_seed", None, None),
+                ("var.dropout_offset", "dropout_offset", None, None)]
     return ops, scalars
 
 
@@ -595,7 +671,7 @@ def _plan_forward(plan, env):
 # ---------------------------------------------------------------------------
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, deterministic=False,
                        window=None, softcap=None, alibi_slopes=None, sink=None, bias=None,
-                       mask=None, bias_grad=False):
+                       mask=None, bias_grad=False, dropout_p=0.0, seed=None, offset=0):
     """Gradients of ``attention`` with respect to q, k, v (and the sink, the bias).
 
     Parameters
@@ -607,6 +683,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, det
     out, lse : cupy.ndarray
         The forward outputs (``attention(..., return_lse=True)``).
     causal, scale, window, softcap, alibi_slopes, sink, bias, mask : as in the forward call.
+    dropout_p, seed, offset : as in the forward call (the same three values
+        regenerate its dropout pattern).
     bias_grad : bool
         Also return ``dbias``.
     deterministic : bool
@@ -630,12 +708,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, det
     return _backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
                      deterministic=deterministic, window=window, softcap=softcap,
                      alibi_slopes=alibi_slopes, sink=sink, bias=bias, mask=mask,
-                     bias_grad=bias_grad)
+                     bias_grad=bias_grad, dropout_p=dropout_p, seed=seed, offset=offset)
 
 
 def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, window=None,
               softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None, bias_grad=False,
-              dq=None, dk=None, dv=None, dsink=None, dbias=None):
+              dropout_p=0.0, seed=None, offset=0, dq=None, dk=None, dv=None, dsink=None,
+              dbias=None):
     fn = "flashcupy.attention_backward"
     for name, x in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)):
         _check_array(fn, name, x)
@@ -649,11 +728,12 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, wi
     # deterministic picks the kernels: it is part of the plan's key
     extras = (alibi_slopes, sink, bias, mask)
     kind = ("bwd-det" if deterministic else "bwd") + ("-dbias" if bias_grad is True else "")
-    key = _signature(kind, (dout, q, k, v, out, lse), causal, scale, window, softcap, extras)
+    key = _signature(kind, (dout, q, k, v, out, lse), causal, scale, window, softcap, extras,
+                     dropout_p)
     plan = _PLANS.get(key)
     if plan is None:
         prob = _prepare(fn, q, k, v, causal, scale, window, softcap, alibi_slopes, sink, bias,
-                        mask, bias_grad)
+                        mask, bias_grad, dropout_p)
         if bias_grad and deterministic and tuple(bias.shape) != prob.bshape + (
                 prob.seqlen_q, prob.seqlen_k):
             raise NotImplementedError(
@@ -667,6 +747,7 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, wi
         _check_given(fn, "lse", lse, lse_shape, prob.acc_dtype, dev)
     else:
         prob = plan.prob
+    seed, offset = _check_seed(fn, prob.features.dropout, seed, offset)
     for name, x, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if x is not None:
             _check_output(fn, name, x, ref.shape, prob.dtype, prob.device_id)
@@ -686,6 +767,7 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, wi
         if sink is not None:
             env.update(sink=sink, dsink_out=dsink)
         pair_copied = _add_pairs(env, bias, mask)
+        dropout_env(env, prob.features.dropout, seed, offset)
         grads = (dq, dk, dv) if sink is None else (dq, dk, dv, dsink)
         if bias_grad:
             if dbias is None:
@@ -720,7 +802,7 @@ def _group_axes(bshape, k, v, strides):
     kb = _batch.is_broadcast(k.shape[:-2], bshape)
     vb = _batch.is_broadcast(v.shape[:-2], bshape)
     names = ("q", "dout", "lse", "delta") + tuple(
-        n for n in ("alibi", "bias", "mask", "dbias") if n in strides)
+        n for n in ("alibi", "bias", "mask", "dbias", "dropout_index") if n in strides)
     best, run = [], []
     for i in range(len(bshape)):
         if kb[i] and vb[i]:
@@ -809,9 +891,9 @@ def _plan_backward(plan, env, deterministic):
         else:
             plan.alloc(env, "dbias", out_b.shape, prob.acc_dtype)
         plan.zero("dbias")
-    pair_ops, pair_scalars = _variant_tensors({n: env[n] for n in ("bias", "mask", "dbias")
-                                               if n in env}, bs, st,
-                                              pairs=("bias", "mask", "dbias"))
+    pair_ops, pair_scalars = _variant_tensors(
+        {n: env[n] for n in ("bias", "mask", "dbias", "dropout_index") if n in env}, bs, st,
+        pairs=("bias", "mask", "dbias"))
 
     dq_buf, dq_red = _grad_target(plan, env, q, "dq", bs)
 
@@ -909,7 +991,7 @@ def _plan_dkdv(plan, env, st, dq_spec=None, pair_ops=(), pair_scalars=None):
     scalars = {"n_group": in_kernel, "q_sg": g_strides["q"], "dout_sg": g_strides["dout"],
                "lse_sg": g_strides["lse"], "delta_sg": g_strides["delta"],
                "var.alibi_sg": g_strides.get("alibi", 0), **(pair_scalars or {})}
-    for n in ("bias", "mask", "dbias"):
+    for n in ("bias", "mask", "dbias", "dropout_index"):
         if n in st:
             scalars[f"var.{n}_sg"] = g_strides.get(n, 0)
     if dq_spec is not None:

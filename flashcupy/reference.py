@@ -90,7 +90,7 @@ broadcast batch dims and with ``Dv != D``).  With ``diag = Sk - Sq``:
     (0: off), ``seed`` an int in [0, 2**64) (required when ``dropout_p > 0``),
     ``offset`` an int in [0, 2**32) (default 0).  The pair (i, j) of batch
     element ``b`` is kept or dropped by the Philox4x32-10 rule of
-    ``flashcupy._philox`` (counter ``(j // 4, i, bh, offset)`` with ``bh`` the
+    ``flashcupy._philox`` (16 bits per pair; 8 pairs of a row per Philox call, ``bh`` the
     C-order flat index of ``b`` in ``batch``, key ``seed``; the kernels draw
     the same bits).  With ``K_ij`` in {0, 1} that decision and ``p_ij`` the
     softmax probability without dropout::

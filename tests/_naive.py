@@ -246,15 +246,27 @@ def _probs(q, k, causal, scale, dtype, batch, window=None, softcap=None, alibi_s
     return qs, p, lse, t, p_sink
 
 
+def _keep(batch, sq, sk, dropout_p, seed, offset, xp):
+    """The dropout keep mask of flashcupy._philox (None without dropout), on xp."""
+    if not dropout_p:
+        return None
+    from flashcupy import _philox
+
+    return xp.asarray(_philox.keep_mask(seed, offset, batch, sq, sk, dropout_p))
+
+
 def attention(q, k, v, causal=False, scale=None, dtype=None, *, window=None, softcap=None,
-              alibi_slopes=None, sink=None, bias=None, mask=None):
+              alibi_slopes=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=None,
+              offset=0):
     """Naive attention in ``dtype`` (default q's dtype).
 
     Returns ``(out, lse)`` in the compute dtype (float32, or float64 for
     float64), out rounded to ``dtype``, with the broadcast batch shape.
     A row that sees no key gets out = 0 and lse = -inf (lse = sink with a sink).
     The variant keywords have flashcupy.reference's semantics; ``alibi_slopes``
-    and ``sink`` are arrays of the same module (cupy or numpy) as q.
+    and ``sink`` are arrays of the same module (cupy or numpy) as q.  Dropout
+    (the keep bits of flashcupy._philox) as a framework applies it: P o Z times
+    1 / (1 - p), rounded in the dtype.
     """
     xp = xp_of(q)
     dtype = np.dtype(q.dtype if dtype is None else dtype)
@@ -271,6 +283,9 @@ def attention(q, k, v, causal=False, scale=None, dtype=None, *, window=None, sof
         return xp.zeros(batch + (sq, dv), cdt), lse
     _, p, lse, _, _ = _probs(q, k, causal, scale, dtype, batch, window, softcap, alibi_slopes,
                              sink, bias, mask)
+    keep = _keep(batch, sq, sk, dropout_p, seed, offset, xp)
+    if keep is not None:
+        p = rounder(dtype)(xp.where(keep, p * cdt.type(1.0 / (1.0 - dropout_p)), cdt.type(0)))
     vc = xp.broadcast_to(upcast(v, dtype), batch + v.shape[-2:])
     out = rounder(dtype)(xp.matmul(p, vc))
     return out, lse
@@ -278,7 +293,7 @@ def attention(q, k, v, causal=False, scale=None, dtype=None, *, window=None, sof
 
 def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None, *, window=None,
                        softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None,
-                       bias_grad=False):
+                       bias_grad=False, dropout_p=0.0, seed=None, offset=0):
     """Naive gradients in ``dtype`` (default q's dtype), from a naive forward.
 
     Returns ``(dq, dk, dv)``, and ``dsink`` as a fourth when ``sink`` is given,
@@ -305,8 +320,13 @@ def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None, *, w
     vc = xp.broadcast_to(upcast(v, dtype), batch + v.shape[-2:])
     do = xp.broadcast_to(upcast(dout, dtype), batch + (sq, v.shape[-1]))
 
-    dv = xp.matmul(xp.swapaxes(p, -1, -2), do)                        # P^T dO
+    keep = _keep(batch, sq, sk, dropout_p, seed, offset, xp)
+    rp = cdt.type(1.0 / (1.0 - dropout_p)) if keep is not None else None
+    pd = p if keep is None else rnd(xp.where(keep, p * rp, cdt.type(0)))  # what O used
+    dv = xp.matmul(xp.swapaxes(pd, -1, -2), do)                       # P^T dO
     dp = rnd(xp.matmul(do, xp.swapaxes(vc, -1, -2)))                  # dP = dO V^T
+    if keep is not None:                                              # through the dropout
+        dp = rnd(xp.where(keep, dp * rp, cdt.type(0)))
     delta = (dp * p).sum(axis=-1, keepdims=True)                      # the sink's dP is 0
     ds = rnd(p * (dp - delta))                                        # softmax backward
     dbias = rnd(sum_to_shape(ds, bias.shape)) if bias_grad else None  # the bias joins here

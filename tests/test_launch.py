@@ -25,10 +25,19 @@ def test_layout_natural_alignment():
     # starting on its 8-byte alignment
     assert offs["nb0"][0] == 200 and offs["scale"][0] == 228 and offs["scale_log2"][0] == 232
     assert offs["var.window_left"][0] == 240
-    assert size % 8 == 0 and size == offs["var.dbias_sg"][0] + 8
     # the pair arrays (bias, mask, dbias) follow the sink: a view and two strides each
     assert offs["var.bias.ptr"][0] == offs["var.sink_sg"][0] + 8
     assert offs["var.dbias_sg"][0] - offs["var.bias.ptr"][0] == 3 * (40 + 16) - 8
+    # then dropout: two per-call words (pointer-like slots), the index view and its
+    # group stride, the int32 threshold and two accumulator-typed scalars
+    assert offs["var.dropout_seed"] == (offs["var.dbias_sg"][0] + 8, None)
+    assert offs["var.dropout_offset"] == (offs["var.dropout_seed"][0] + 8, None)
+    assert offs["var.dropout_index.ptr"][0] == offs["var.dropout_offset"][0] + 8
+    assert offs["var.dropout_threshold"][0] == offs["var.dropout_index_sg"][0] + 8
+    assert offs["var.dropout_keep"][0] == offs["var.dropout_threshold"][0] + 8
+    assert size % 8 == 0 and size == offs["var.dropout_keep"][0] + 8
+    offs64_, size64_ = _params.layout("fwd", 8)  # float64: rp on its 8-byte alignment
+    assert offs64_["var.dropout_rp"][0] == offs64_["var.dropout_threshold"][0] + 8
     offs64, size64 = _params.layout("fwd", 8)
     assert offs64["scale"][0] == 232 and offs64["var.softcap_inv2"][0] == 256
 
@@ -42,7 +51,8 @@ def test_pack_writes_fields():
     assert buf[offs["scale"][0]:][:4].view(np.float32)[0] == 0.5
     assert buf[offs["var.window_right"][0]:][:4].view(np.int32)[0] == 7
     assert buf[offs["q_sg"][0]:][:8].view(np.int64)[0] == -5
-    assert set(ptrs) >= {"q", "dq_accum", "var.alibi", "var.sink"}
+    assert set(ptrs) >= {"q", "dq_accum", "var.alibi", "var.sink", "var.dropout_seed",
+                         "var.dropout_offset", "var.dropout_index"}
     with pytest.raises(KeyError, match="not fields"):
         _params.pack("fwd", 4, {"n_group": 1})  # a backward-only field
 

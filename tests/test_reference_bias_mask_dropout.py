@@ -109,19 +109,25 @@ def test_philox_vectorized_matches_scalar(seed):
 
 def test_dropout_threshold():
     rng = _rng(11)
-    for p in [0.0, 0.5, 2.0**-33, 3 * 2.0**-34, 0.1, 1 - 2.0**-40, np.float32(0.3)] + list(
+    for p in [0.0, 0.5, 2.0**-17, 3 * 2.0**-18, 0.1, 1 - 2.0**-40, np.float32(0.3)] + list(
             rng.random(20)):
         t = ph.dropout_threshold(p)
-        assert isinstance(t, int) and t == min(2**32 - 1, round(float(p) * 2**32)), p
+        assert isinstance(t, int) and t == min(2**16 - 1, round(float(p) * 2**16)), p
     assert ph.dropout_threshold(0.0) == 0
-    assert ph.dropout_threshold(1 - 2.0**-40) == 2**32 - 1
+    assert ph.dropout_threshold(1 - 2.0**-40) == 2**16 - 1
+
+
+def _half(key, offset, bh, i, j):
+    """The 16 bits of element (bh, i, j), written out from the documented layout."""
+    word = _philox_scalar((4 * (j // 32) + (j // 2) % 4, i, bh, offset), key)[(j // 8) % 4]
+    return (word >> (16 * (j % 2))) & 0xFFFF
 
 
 def test_keep_mask_is_the_documented_counter_layout(seed):
-    """Element (bh, i, j): counter (j // 4, i, bh, offset), key (seed lo, seed hi),
-    word j % 4, kept iff word >= threshold."""
+    """Element (bh, i, j): counter (4 (j // 32) + (j // 2) % 4, i, bh, offset), key
+    (seed lo, seed hi), word (j // 8) % 4, half j % 2, kept iff half >= threshold."""
     rng = _rng(seed)
-    batch, sq, sk, p = (2, 3), 7, 13, 0.37
+    batch, sq, sk, p = (2, 3), 5, 70, 0.37
     key_seed = int(rng.integers(0, 2**63)) * 2 + 1
     offset = int(rng.integers(0, 2**32))
     keep = ph.keep_mask(key_seed, offset, batch, sq, sk, p)
@@ -131,16 +137,18 @@ def test_keep_mask_is_the_documented_counter_layout(seed):
     for bh, b in enumerate(np.ndindex(*batch)):
         for i in range(sq):
             for j in range(sk):
-                word = _philox_scalar((j // 4, i, bh, offset), key)[j % 4]
-                assert keep[b + (i, j)] == (word >= t), (b, i, j)
-    # the edge: a word equal to the threshold is kept, one below it is dropped
-    for b, i, j in [((0, 0), 0, 0), ((1, 2), 6, 12), ((1, 0), 3, 5)]:
+                assert keep[b + (i, j)] == (_half(key, offset, bh, i, j) >= t), (b, i, j)
+    # the 8 elements of one call are the ones a tensor-core lane holds in a row
+    assert sorted(ph.counter_c0(np.arange(32)).tolist()) == sorted(list(range(4)) * 8)
+    assert set(ph.counter_c0([8 * w + 2 * 3 + e for w in range(4) for e in (0, 1)])) == {3}
+    # the edge: a half equal to the threshold is kept, one below it is dropped
+    for b, i, j in [((0, 0), 0, 0), ((1, 2), 4, 69), ((1, 0), 3, 37)]:
         bh = int(np.ravel_multi_index(b, batch))
-        word = _philox_scalar((j // 4, i, bh, offset), key)[j % 4]
-        if 0 < word < 2**32 - 1:
-            at = ph.keep_mask(key_seed, offset, batch, sq, sk, word / 2**32)
-            above = ph.keep_mask(key_seed, offset, batch, sq, sk, (word + 1) / 2**32)
-            assert ph.dropout_threshold(word / 2**32) == word
+        h = _half(key, offset, bh, i, j)
+        if 0 < h < 2**16 - 1:
+            at = ph.keep_mask(key_seed, offset, batch, sq, sk, h / 2**16)
+            above = ph.keep_mask(key_seed, offset, batch, sq, sk, (h + 1) / 2**16)
+            assert ph.dropout_threshold(h / 2**16) == h
             assert at[b + (i, j)] and not above[b + (i, j)]
 
 
@@ -178,18 +186,20 @@ def test_keep_mask_tiles_are_slices_of_the_whole(seed):
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
 def test_keep_rate(p, seed):
-    """The kept fraction of 2**18 pairs is 1 - threshold / 2**32 within 5 standard
-    deviations, overall and for each of the four words (j % 4) of a counter."""
+    """The kept fraction of 2**18 pairs is 1 - threshold / 2**16 within 5 standard
+    deviations, overall and for each of the 8 (word, half) slots of a call
+    (columns j % 8) and each counter c0 of a 32-column block (j % 32 // 2 % 4)."""
     keep = ph.keep_mask(seed, 3, (4,), 256, 256, p)
-    rate = 1 - ph.dropout_threshold(p) / 2**32
+    rate = 1 - ph.dropout_threshold(p) / 2**16
     if p == 0:
         assert keep.all()
         return
-    for sub in [keep] + [keep[..., r::4] for r in range(4)]:
+    by_c0 = [keep[..., [j for j in range(256) if (j // 2) % 4 == t]] for t in range(4)]
+    for sub in [keep] + [keep[..., r::8] for r in range(8)] + by_c0:
         sd = math.sqrt(rate * (1 - rate) / sub.size)
         assert abs(sub.mean() - rate) < 5 * sd, (p, sub.mean(), rate)
-    # a threshold of 2**32 - 1 keeps (almost) nothing
-    assert ph.keep_mask(seed, 0, (2,), 64, 64, 1 - 2.0**-40).sum() <= 1
+    # a threshold of 2**16 - 1 keeps only halves equal to 0xFFFF (2**-16 of them)
+    assert ph.keep_mask(seed, 0, (2,), 64, 64, 1 - 2.0**-40).sum() <= 3
 
 
 def test_keep_mask_depends_on_seed_and_offset(seed):
@@ -739,7 +749,7 @@ def test_dropout_mean_over_seeds(seed):
     want, _ = ref.attention_naive(q, k, v, **kw)
     draws = np.stack([ref.attention_naive(q, k, v, **kw, dropout_p=p, seed=s, offset=s % 3)[0]
                       for s in range(seed, seed + n)])
-    keep_q = 1 - ph.dropout_threshold(p) / 2**32
+    keep_q = 1 - ph.dropout_threshold(p) / 2**16
     probs, _ = ref.attention_naive(q, k, np.eye(16), **kw)     # out with V = I is P
     var = (probs**2) @ (v**2) * keep_q * (1 - keep_q) / (1 - p) ** 2
     stderr = np.sqrt(var / n)

@@ -138,7 +138,9 @@ fc_generic_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
     for (int r = 0; r < ROWS; ++r) {
       const int i = row0 + r;
       const Acc pr = var.visible(i, j) ? var.prob_from_lse(s[r], p.scale, lse_i[r], i, j) : Acc(0);
-      ds[r] = pr * (dp[r] - dlt[r]) * var.dcap_from_raw(s[r]);  // softcap: times 1 - tanh^2
+      Acc dpr = dp[r];  // dropout: dP o Z / (1 - p)
+      if constexpr (decltype(var)::DROPOUT) dpr = var.dropout_keep(i, j) ? dpr * var.drop_rp : Acc(0);
+      ds[r] = pr * (dpr - dlt[r]) * var.dcap_from_raw(s[r]);  // softcap: times 1 - tanh^2
     }
     // dQ += dS K.  The tile's 32 terms are summed into a partial first and the
     // partial is added to the running sum: two-level summation, so the rounding
@@ -261,7 +263,16 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
         const int j = key0 + r;
         pr[r] = (i < p.seqlen_q && var.visible(i, j)) ? var.prob_from_lse(s[r], p.scale, lse_i, i, j)
                                                      : Acc(0);
-        ds[r] = pr[r] * (dp[r] - delta_i);
+        Acc dpr = dp[r];
+        if constexpr (decltype(var)::DROPOUT) {
+          // dS = P o (dP o Z / (1 - p) - delta);  dV multiplies P o Z / (1 - p)
+          const bool kept = var.dropout_keep(i, j);
+          dpr = kept ? dpr * var.drop_rp : Acc(0);
+          ds[r] = pr[r] * (dpr - delta_i);
+          pr[r] = kept ? pr[r] * var.drop_rp : Acc(0);
+        } else {
+          ds[r] = pr[r] * (dpr - delta_i);
+        }
         var.dbias_add(i, j, ds[r]);  // (with FC_VF_DBIAS: this kernel owns each pair once)
         ds[r] *= var.dcap_from_raw(s[r]);
       }

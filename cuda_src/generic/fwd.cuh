@@ -107,7 +107,9 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
       pr[r] = !ok ? Acc(0)
                   : V::ELEMENTWISE ? fc_exp2(s2 - sub)
                                                 : fc_exp2(fma(s[r], p.scale_log2, -sub));
-      sm[r].l_i += pr[r];
+      sm[r].l_i += pr[r];  // (dropout-free: the LSE has no dropout)
+      if constexpr (V::DROPOUT)
+        if (!var.dropout_keep(row0 + r, j)) pr[r] = Acc(0);
       alpha_r[r] = alpha;
     }
 
@@ -147,7 +149,7 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
     const int row = row0 + r;
     const Acc l = warp_sum(sm[r].l_i) + var.sink_term(sm[r].m_i);
     if (row >= p.seqlen_q) continue;
-    const Acc inv_l = OnlineSoftmax<Acc>::inv_sum(l);
+    const Acc inv_l = OnlineSoftmax<Acc>::inv_sum(l) * (V::DROPOUT ? var.drop_rp : Acc(1));
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
       const int col = lane + 32 * c;

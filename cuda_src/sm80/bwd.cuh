@@ -350,7 +350,8 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
       const float2 d2 = *reinterpret_cast<const float2 *>(sDelta + mq * 8 + 2 * c4);
       const float lse2[2] = {lse_to_log2(l2.x), lse_to_log2(l2.y)};
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt) {
+        uint4 drop[2];  // (dropout: the calls of the two queries)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int j = key0 + nt * 16 + 8 * (r >> 1), i = m0 + mq * 8 + 2 * c4 + (r & 1);
@@ -365,14 +366,25 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
             pe = ex2((V::OFFSET ? u + off : u) * p.scale_log2 - lse2[r & 1]);
           }
           if (need_mask && (i < var.col_lo(j) || i > var.col_hi(j))) pe = 0.f;
-          st[nt][mq][r] = pe;
-          float ds = pe * (dpt[nt][mq][r] - ((r & 1) ? d2.y : d2.x));
+          float dpe = dpt[nt][mq][r];
+          if constexpr (V::DROPOUT) {
+            // keys j and j + 8 of query i share a Philox call (variant.cuh): one per
+            // (mq, nt, query), drawn at r = 0, 1 and used again at r = 2, 3
+            if (r < 2) drop[r] = var.dropout_call(i, j);
+            const bool kept = var.dropout_kept(drop[r & 1], (j >> 3) & 3, j & 1);
+            st[nt][mq][r] = kept ? pe * var.drop_rp : 0.f;  // what dV multiplies
+            dpe = kept ? dpe * var.drop_rp : 0.f;
+          } else {
+            st[nt][mq][r] = pe;
+          }
+          float ds = pe * (dpe - ((r & 1) ? d2.y : d2.x));
           var.dbias_add(i, j, ds);  // (with FC_VF_DBIAS; before softcap's factor)
           if constexpr (V::SOFTCAP)
             ds *= var.dcap_from_prob(pe, lse2[r & 1],
                                      V::OFFSET ? var.alibi_u(base, k) + off : var.alibi_u(base, k));
           dpt[nt][mq][r] = ds;
         }
+      }
     }
 
     // dV += P^T dO,  dK += dS^T Q   (k = queries)
@@ -567,7 +579,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
       const bool need_mask = var.needs_mask(m0, m0 + BLOCK_M, n_start, n_start + BLOCK_N);
       auto lse2 = [&](int mt, int h) { return lse_to_log2(sLse[s_m0 + mt * 16 + g + 8 * h]); };
       probs_from_scores(var, s, lse2, m0 + s_m0, n_start + s_n0, need_mask, p.scale_log2, lane);
-      frag_to_smem<T, S_MT, S_N / 8, LDP>(sP + s_n0, s_m0, s, 1.f, lane);
+      frag_to_smem<T, S_MT, S_N / 8, LDP, V::DROPOUT>(sP + s_n0, s_m0, s, 1.f, lane);
       float dp[S_MT][S_N / 8][4];
       zero(dp);
       gemm_ab<T, S_MT, S_N, HDV>(

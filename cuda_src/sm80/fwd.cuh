@@ -175,6 +175,7 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
           }
         sm[mt][h].l_i += lsum;
       }
+    dropout_fwd(var, s, m_start + wrow, n0, lane);  // (after the row sums: l is dropout-free)
     // O *= alpha.  Once a row's running max settles (most tiles of a long row)
     // alpha = exp2(0) = 1 exactly; when that holds for every row of the warp, a
     // warp-uniform vote skips the MT * HDV / 2 multiplies per lane.  Scaling by
@@ -208,7 +209,8 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
       l += shfl_xor(l, 1);
       l += shfl_xor(l, 2);
       l += var.sink_term(sm[mt][h].m_i);
-      inv_l[mt][h] = OnlineSoftmax<float>::inv_sum(l);  // 0 for a row that saw no key
+      // 0 for a row that saw no key; dropout's 1 / (1 - p) joins here, once per row
+      inv_l[mt][h] = OnlineSoftmax<float>::inv_sum(l) * (decltype(var)::DROPOUT ? var.drop_rp : 1.f);
       const int row = m_start + wrow + mt * 16 + g + 8 * h;
       if (c4 == 0 && row < p.seqlen_q)
         lse_b[row * p.lse.sr] = OnlineSoftmax<float>::lse_natural(sm[mt][h].m_i, l);

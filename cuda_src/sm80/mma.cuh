@@ -54,6 +54,12 @@ struct Mma<fc_half> {
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
   }
+  // the same, negative values as 0 (dropout's encoded P, variant.cuh)
+  static __device__ __forceinline__ u32 pack_relu(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.relu.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
 };
 template <>
 struct Mma<fc_bf16> {
@@ -66,6 +72,12 @@ struct Mma<fc_bf16> {
   static __device__ __forceinline__ u32 pack(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  // the same, negative values as 0 (dropout's encoded P, variant.cuh)
+  static __device__ __forceinline__ u32 pack_relu(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.relu.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
   }
 };
@@ -343,8 +355,8 @@ __device__ __forceinline__ void store_tile(T *gmem, fc_index_t row_stride, const
 }
 
 // Writes one warp's fp32 C fragments (MT m16 tiles x NT n8 tiles), times `mul`,
-// as T into a shared tile of pitch LD at (row0, 0).
-template <typename T, int MT, int NT, int LD>
+// as T into a shared tile of pitch LD at (row0, 0); RELU: negative values as 0.
+template <typename T, int MT, int NT, int LD, bool RELU = false>
 __device__ __forceinline__ void frag_to_smem(T *smem, int row0, const float (&acc)[MT][NT][4],
                                              float mul, int lane) {
   const u32 s0 = smem_u32(smem);
@@ -356,8 +368,9 @@ __device__ __forceinline__ void frag_to_smem(T *smem, int row0, const float (&ac
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = row0 + mt * 16 + g + 8 * h;
+        const float lo = acc[mt][nt][2 * h] * mul, hi = acc[mt][nt][2 * h + 1] * mul;
         st_shared_b32(s0 + 2 * (r * LD + nt * 8 + 2 * c),
-                      Mma<T>::pack(acc[mt][nt][2 * h] * mul, acc[mt][nt][2 * h + 1] * mul));
+                      RELU ? Mma<T>::pack_relu(lo, hi) : Mma<T>::pack(lo, hi));
       }
 }
 

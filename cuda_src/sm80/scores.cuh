@@ -79,6 +79,43 @@ __device__ __forceinline__ float fwd_scores(const V &var, float (&s)[MT][NT][4],
   return fold ? mul : 1.f;
 }
 
+// Dropout of a fragment of probabilities in place: x -> f(x, kept).  Every
+// Philox call is one lane's: its 8 pairs are row i's keys col0 + 32 q + 8 w +
+// 2 c + e (w = 0..3, e = 0, 1), which this lane holds as n8 tiles 4 q + w
+// (variant.cuh, dropout_call).  col0 must be a multiple of 32 (every key tile
+// and warp offset of the tensor-core tables is).
+template <class V, int MT, int NT, class F>
+__device__ __forceinline__ void dropout_frag(const V &var, float (&s)[MT][NT][4], int row0,
+                                             int col0, int lane, F f) {
+  const int g = lane >> 2, c4 = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int i = row0 + mt * 16 + g + 8 * h;
+#pragma unroll
+      for (int q = 0; q < (NT + 3) / 4; ++q) {
+        const uint4 r = var.dropout_call(i, col0 + 32 * q + 2 * c4);
+#pragma unroll
+        for (int w = 0; w < 4; ++w)
+          if (4 * q + w < NT)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float &x = s[mt][4 * q + w][2 * h + e];
+              x = f(x, var.dropout_kept(r, w, e));
+            }
+      }
+    }
+}
+
+// The forward's dropout: P o Z (the 1 / (1 - p) goes into the epilogue's 1 / l).
+template <class V, int MT, int NT>
+__device__ __forceinline__ void dropout_fwd(const V &var, float (&s)[MT][NT][4], int row0,
+                                            int col0, int lane) {
+  if constexpr (V::DROPOUT)
+    dropout_frag(var, s, row0, col0, lane, [](float x, bool kept) { return kept ? x : 0.f; });
+}
+
 // LSE (natural log) -> log2 units for exp2(s2 - lse2).  A row that saw no key
 // (lse = -inf) gets +inf, so exp2(s2 - lse2) = 0 without a test per element
 // (and never exp2(-inf + inf) = NaN).
@@ -88,7 +125,8 @@ __device__ __forceinline__ float lse_to_log2(float lse) {
 }
 
 // Backward: P = exp2(score2 - lse2) in place, from raw scores (one FMA without a
-// transform), 0 for invisible pairs where `need_mask`.  lse2(mt, h): the row's
+// transform), 0 for invisible pairs where `need_mask`; with dropout, P in
+// encode_dropout's form.  lse2(mt, h): the row's
 // LSE in log2 units.  Query rows past Sq are zero-filled (Q = dO = 0, lse =
 // delta = 0): P = 1 there but dO = 0 and dS = 0, so they add nothing.
 template <class V, int MT, int NT, class Lse2>
@@ -118,6 +156,11 @@ __device__ __forceinline__ void probs_from_scores(const V &var, float (&s)[MT][N
           x = p;
         }
     }
+  // dropout: P encoded with its keep bit (variant.cuh, encode_dropout); the
+  // tile's P for dV is then max(x, 0) (frag_to_smem<..., true>)
+  if constexpr (V::DROPOUT)
+    dropout_frag(var, s, row0, col0, lane,
+                 [&](float x, bool kept) { return var.encode_dropout(x, kept); });
 }
 
 // dS = P o (dP - delta) in place in dp (times softcap's 1 - tanh^2, recovered
@@ -142,8 +185,11 @@ __device__ __forceinline__ void ds_from_dp(const V &var, float (&dp)[MT][NT][4],
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pe = p[mt][nt][2 * h + e];
-          float d = pe * (dp[mt][nt][2 * h + e] - dl);
+          // (with dropout, p holds encode_dropout's form and pe is the true P)
+          const float pc = p[mt][nt][2 * h + e];
+          const float pe = V::DROPOUT ? var.prob_dropout(pc) : pc;
+          float d = V::DROPOUT ? var.ds_dropout(pc, dp[mt][nt][2 * h + e], dl)
+                               : pe * (dp[mt][nt][2 * h + e] - dl);
           const int i = row0 + mt * 16 + g + 8 * h, j = col0 + nt * 8 + 2 * c4 + e;
           if constexpr (DBIAS && V::DBIAS) var.dbias_add(i, j, d);
           if constexpr (V::SOFTCAP)

@@ -81,7 +81,7 @@ struct DkdvWgCfg {
 // (swz_off) of pitch-128-byte rows, panels `panel` bytes apart, at (row0, col0);
 // row0 a multiple of 8, col0 of 64.  A warp's 32 stores of one n8 tile hit 8
 // different 16-byte chunks (chunk ^ g): no bank conflict.
-template <typename T, int NT>
+template <typename T, int NT, bool RELU = false>
 __device__ __forceinline__ void frag_to_swz(u32 base, int panel, int row0, int col0,
                                             const float (&acc)[NT][4], int lane) {
   const int g = lane >> 2, c4 = lane & 3;
@@ -92,7 +92,8 @@ __device__ __forceinline__ void frag_to_swz(u32 base, int panel, int row0, int c
     for (int h = 0; h < 2; ++h) {
       const int r = row0 + g + 8 * h;
       st_shared_b32(b0 + (nt / 8) * panel + r * 128 + 16 * ((nt % 8) ^ (r & 7)),
-                    Mma<T>::pack(acc[nt][2 * h], acc[nt][2 * h + 1]));
+                    RELU ? Mma<T>::pack_relu(acc[nt][2 * h], acc[nt][2 * h + 1])
+                         : Mma<T>::pack(acc[nt][2 * h], acc[nt][2 * h + 1]));
     }
 }
 
@@ -165,7 +166,7 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p
       const bool need_mask = var.needs_mask(m0, m0 + BLOCK_M, n_start, n_start + BLOCK_N);
       auto lse2 = [&](int mt, int h) { return lse_to_log2(sLse[s_m0 + mt * 16 + g + 8 * h]); };
       probs_from_scores(var, s, lse2, m0 + s_m0, n_start + n0, need_mask, p.scale_log2, lane);
-      frag_to_swz<T, SUB_N / 8>(sP_u, C::PANEL_P, s_m0, n0, s[0], lane);
+      frag_to_swz<T, SUB_N / 8, V::DROPOUT>(sP_u, C::PANEL_P, s_m0, n0, s[0], lane);
       wg_wait<0>();
       wg_fence_regs(dp[0]);
       auto delta = [&](int mt, int h) { return sDelta[s_m0 + mt * 16 + g + 8 * h]; };

@@ -176,6 +176,7 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
         }
       sm[h].l_i += lsum;
     }
+    dropout_fwd(var, s, m_start + wrow, n0, lane);  // (after the row sums: l is dropout-free)
   };
   auto pack_p = [&](const float (&s)[1][NS][4]) {
 #pragma unroll
@@ -236,7 +237,8 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
     l += shfl_xor(l, 1);
     l += shfl_xor(l, 2);
     l += var.sink_term(sm[h].m_i);
-    inv_l[0][h] = OnlineSoftmax<float>::inv_sum(l);  // 0 for a row that saw no key
+    // 0 for a row that saw no key; dropout's 1 / (1 - p) joins here, once per row
+    inv_l[0][h] = OnlineSoftmax<float>::inv_sum(l) * (decltype(var)::DROPOUT ? var.drop_rp : 1.f);
     const int row = m_start + wrow + g + 8 * h;
     if (c4 == 0 && row < p.seqlen_q)
       lse_b[row * p.lse.sr] = OnlineSoftmax<float>::lse_natural(sm[h].m_i, l);
