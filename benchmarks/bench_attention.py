@@ -26,17 +26,25 @@ Providers:
 sdpa-math and naive-cupy-fp16 are skipped when B*H*S*S*4 bytes exceeds --max-score-gib,
 naive-cupy-fp16 also above --naive-max-s.
 
-Variants (--variants window softcap alibi sink): extra flashcupy rows, non-causal
-(the window: window=(--window-left, 0)), softcap 30, ALiBi slopes 2^(-8 h / H)
-(BLOOM's), one float32 sink per head; beside them the same run's plain and
-causal rows give the baselines.  SDPA has none of these natively (only through
-a materialized mask), so those rows are flashcupy's alone.
+Variants (--variants window softcap alibi sink bias keypad dropout): extra rows,
+non-causal (the window: window=(--window-left, 0)), softcap 30, ALiBi slopes
+2^(-8 h / H) (BLOOM's), one float32 sink per head; beside them the same run's
+plain and causal rows give the baselines.  SDPA has none of these four natively
+(only through a materialized mask), so those rows are flashcupy's alone.  The
+last three run beside SDPA's backends that accept them:
+  bias      a full (B, H, S, S) additive bias in the dtype (SDPA: a float attn_mask);
+            the bwd rows also compute its gradient (flashcupy bias_grad=True; SDPA
+            with the mask requiring grad)
+  keypad    a (B, 1, 1, S) bool key-padding mask, batch element b keeping its first
+            S - (b % 4) * S / 16 keys (SDPA: a bool attn_mask)
+  dropout   dropout_p = 0.1 on the probabilities
 
 FLOPs: forward 4 * B * H * (visible (query, key) pairs) * D, backward 2.5 x that.
 Visible pairs are Sq * Sk for full attention, Sq * Sk / 2 for causal (the
 papers' convention), and for a window exactly the pairs inside it (query i of
 window=(left, 0) sees min(i, left) + 1 keys), so window rows compare throughput
-on the work that exists.
+on the work that exists.  Bias, keypad and dropout rows count S * S pairs, as full
+attention (every pair is computed; the keypad's removed keys included).
 """
 from __future__ import annotations
 
@@ -60,6 +68,9 @@ SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION
                  "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH",
                  "sdpa-default": None}
 FC_FAMILIES = {"flashcupy": "auto", "flashcupy-generic": "generic", "flashcupy-sm80": "sm80"}
+# variant rows that SDPA's backends run too (as an attn_mask, or dropout_p)
+SDPA_VARIANTS = ("bias", "keypad", "dropout")
+DROPOUT_P = 0.1
 SHORT = {"flashcupy": "fc", "flashcupy-generic": "fc-gen", "flashcupy-sm80": "fc-sm80",
          "sdpa-flash": "flash", "sdpa-cudnn": "cudnn", "sdpa-efficient": "effic",
          "sdpa-math": "math", "sdpa-default": "sdpa", "naive-cupy-fp16": "naive16"}
@@ -77,7 +88,7 @@ class Case:
     S: int
     D: int
     causal: bool
-    variant: str = ""  # "" | "window" | "softcap" | "alibi" | "sink" (flashcupy only)
+    variant: str = ""  # "" | "window" | "softcap" | "alibi" | "sink" | "bias" | "keypad" | "dropout"
     window_left: int = 1024
 
     @property
@@ -109,9 +120,23 @@ class Case:
 # ctx is entered around timing and the memory measurement.
 
 
+def keypad_mask(case: Case, xp):
+    """The keypad row's (B, 1, 1, S) bool mask (see the module docstring)."""
+    keep = [case.S - (b % 4) * case.S // 16 for b in range(case.B)]
+    return xp.arange(case.S)[None, None, None, :] < xp.asarray(keep)[:, None, None, None]
+
+
 def variant_kwargs(case: Case) -> dict:
     """flashcupy keywords of a variant row (see the module docstring)."""
     import cupy
+
+    if case.variant == "bias":
+        dt = T.dtype_from_name(case.dtype)
+        return {"bias": T.randn((case.B, case.H, case.S, case.S), dt)}
+    if case.variant == "keypad":
+        return {"mask": keypad_mask(case, cupy)}
+    if case.variant == "dropout":
+        return {"dropout_p": DROPOUT_P, "seed": 1234}
 
     if case.variant == "window":
         return {"window": (case.window_left, 0)}
@@ -148,8 +173,10 @@ def make_flashcupy(case: Case, fc, family: str, n_sets: int):
             bwd_sets.append((dout, q, k, v, out, lse))
     cupy.cuda.get_current_stream().synchronize()
 
+    bkw = dict(kw, bias_grad=True) if "bias" in kw else kw
+
     def body(dout, q, k, v, out, lse):
-        return fc.attention_backward(dout, q, k, v, out, lse, **kw)
+        return fc.attention_backward(dout, q, k, v, out, lse, **bkw)
     return T.Rotate(body, bwd_sets), ctx
 
 
@@ -169,26 +196,36 @@ def make_sdpa(case: Case, torch, backend_name, n_sets: int):
                 s.enter_context(torch.no_grad())
             yield
 
+    grad = case.mode == "bwd"
+    kw = {"is_causal": case.causal}
+    if case.variant == "bias":
+        kw["attn_mask"] = torch.randn((case.B, case.H, case.S, case.S), device="cuda", dtype=dt,
+                                      requires_grad=grad)
+    elif case.variant == "keypad":
+        kw["attn_mask"] = keypad_mask(case, torch).cuda()
+    elif case.variant == "dropout":
+        kw["dropout_p"] = DROPOUT_P
+    wrt = ("attn_mask",) if case.variant == "bias" and grad else ()
     with ctx():
         sets = []
         for _ in range(n_sets):
-            grad = case.mode == "bwd"
             q, k, v = (torch.randn(case.shape, device="cuda", dtype=dt, requires_grad=grad)
                        for _ in range(3))
             if case.mode == "fwd":
                 sets.append((q, k, v))
             else:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+                out = F.scaled_dot_product_attention(q, k, v, **kw)
                 dout = torch.randn_like(out)
                 sets.append((q, k, v, out, dout))
         torch.cuda.synchronize()
 
     if case.mode == "fwd":
         def body(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+            return F.scaled_dot_product_attention(q, k, v, **kw)
     else:
         def body(q, k, v, out, dout):
-            return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+            return torch.autograd.grad(out, (q, k, v) + tuple(kw[n] for n in wrt), dout,
+                                       retain_graph=True)
     return T.Rotate(body, sets), ctx()
 
 
@@ -249,7 +286,8 @@ def run_one(provider, case, args, libs):
            "H": case.H, "S": case.S, "D": case.D, "causal": case.causal,
            "variant": case.variant_label().strip(), "ms": None,
            "tflops": None, "peak_extra_bytes": None, "status": "ok"}
-    if case.variant and provider not in FC_FAMILIES:
+    if case.variant and provider not in FC_FAMILIES and not (
+            case.variant in SDPA_VARIANTS and provider in SDPA_BACKENDS):
         row["status"] = "n/a: flashcupy-only variant row"
         return row
     limit = args.max_score_gib * 2**30
@@ -511,7 +549,8 @@ def parse_args(argv=None):
     p.add_argument("--generic", action="store_true", help="also time flashcupy-generic")
     p.add_argument("--quick", action="store_true",
                    help="D 64 128; S 1024 4096 16384; bf16 (explicit axis flags still win)")
-    p.add_argument("--variants", nargs="+", choices=["window", "softcap", "alibi", "sink"],
+    p.add_argument("--variants", nargs="+",
+                   choices=["window", "softcap", "alibi", "sink", "bias", "keypad", "dropout"],
                    default=[], help="add flashcupy rows with these variants (see above)")
     p.add_argument("--window-left", type=int, default=1024, help="window=(LEFT, 0) rows")
     p.add_argument("--variant-s", nargs="+", type=int, default=None,

@@ -3,9 +3,13 @@
 of any tile, for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py generic sm80 sm90
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py sm90 with=bias,mask,dropout
 
 The arguments name kernel families (default: generic); a family that cannot run
-a dtype on this GPU is skipped.  Prints one line per call, "finite" or
+a dtype on this GPU is skipped.  ``with=`` adds variants to every call: ``bias``
+(a full (1, 2, Sq, Sk) bias in the dtype, its gradient too), ``mask`` (a random
+(1, 1, Sq, Sk) bool mask with one row that sees no key), ``dropout``
+(dropout_p = 0.2).  Prints one line per call, "finite" or
 "NON-FINITE"; compute-sanitizer reports the errors.  Exit status 2 when no GPU
 is available.
 """
@@ -26,8 +30,27 @@ import numpy as np  # noqa: E402
 
 import flashcupy as fc  # noqa: E402
 
-families = sys.argv[1:] or ["generic"]
+families = [a for a in sys.argv[1:] if "=" not in a] or ["generic"]
+variants = [v for a in sys.argv[1:] if a.startswith("with=") for v in a[5:].split(",") if v]
+unknown = set(variants) - {"bias", "mask", "dropout"}
+if unknown:
+    sys.exit(f"sanitize_case.py: unknown variants {sorted(unknown)} (with=bias,mask,dropout)")
 rng = cp.random.default_rng(0)
+
+
+def variant_kwargs(dt, sq, sk):
+    kw = {}
+    if "bias" in variants:
+        kw["bias"] = rng.standard_normal((1, 2, sq, sk)).astype(dt)
+    if "mask" in variants:
+        m = rng.random((1, 1, sq, sk)) > 0.3
+        m[..., 5, :] = False
+        kw["mask"] = m
+    if "dropout" in variants:
+        kw.update(dropout_p=0.2, seed=12345, offset=7)
+    return kw
+
+
 for fam in families:
     for dt in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
         if fam not in fc.families_for(dt):
@@ -35,19 +58,24 @@ for fam in families:
         # sm80: both backward paths (atomic dQ by default, the kernel pair when
         # deterministic) and two head-dim buckets (their tiles differ)
         dets = (False, True) if fam != "generic" else (False,)
-        dims = (72, 40) if fam != "generic" else (72,)
+        # (sm90: one head dim on wgmma tiles, one that falls back to the sm80 tiles)
+        dims = (128, 72) if fam == "sm90" else (72, 40) if fam != "generic" else (72,)
         for causal in (False, True):
             for d in dims:
                 for det in dets:
                     q = rng.standard_normal((1, 2, 131, d)).astype(dt)
                     k = rng.standard_normal((1, 2, 197, d)).astype(dt)
                     v = rng.standard_normal((1, 2, 197, d)).astype(dt)
+                    kw = variant_kwargs(dt, 131, 197)
+                    bkw = dict(kw, bias_grad=True) if "bias" in kw else kw
                     with fc.kernel_family(fam):
-                        out, lse = fc.attention(q, k, v, causal=causal, return_lse=True)
+                        out, lse = fc.attention(q, k, v, causal=causal, return_lse=True, **kw)
                         do = rng.standard_normal(out.shape).astype(dt)
                         grads = fc.attention_backward(do, q, k, v, out, lse, causal=causal,
-                                                      deterministic=det)
+                                                      deterministic=det and "bias" not in kw,
+                                                      **bkw)
                     cp.cuda.get_current_stream().synchronize()
                     ok = all(bool(cp.isfinite(g.astype(np.float32)).all()) for g in (out, *grads))
-                    print(f"{fam} {np.dtype(dt).name} d={d} causal={causal} deterministic={det}: "
+                    print(f"{fam} {np.dtype(dt).name} d={d} causal={causal} deterministic={det} "
+                          f"{'+'.join(variants)}: "
                           f"{'finite' if ok else 'NON-FINITE'}")

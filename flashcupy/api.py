@@ -507,8 +507,11 @@ def _forward(q, k, v, *, causal, scale, window=None, softcap=None, alibi_slopes=
     fn = "flashcupy.attention"
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_array(fn, name, x)
+    bias_in = bias
     bias = _convert_bias(q, bias)
-    extras = (alibi_slopes, sink, bias, mask)
+    # (keyed on the bias as given: a converted one must not meet the plan of a
+    # float64 bias of the same shape, whose backward writes dbias in place)
+    extras = (alibi_slopes, sink, bias_in, mask)
     key = _signature("fwd", (q, k, v), causal, scale, window, softcap, extras, dropout_p)
     plan = _PLANS.get(key)
     prob = plan.prob if plan is not None else _prepare(fn, q, k, v, causal, scale, window,
@@ -547,7 +550,7 @@ def _forward(q, k, v, *, causal, scale, window=None, softcap=None, alibi_slopes=
             return out, lse
         qc, kc, vc = (_last_axis_contiguous(x) for x in (q, k, v))
         # a copy is made per call: no plan
-        cacheable = qc is q and kc is k and vc is v and not pair_copied
+        cacheable = qc is q and kc is k and vc is v and not pair_copied and bias is bias_in
         env.update(q=qc, k=kc, v=vc)
         plan = _plan.Plan(prob)
         _plan_forward(plan, env)
@@ -726,7 +729,7 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, wi
     # atomics (run-dependent summation order); every other path has one writer
     # per gradient element and sums in a fixed order.
     # deterministic picks the kernels: it is part of the plan's key
-    extras = (alibi_slopes, sink, bias, mask)
+    extras = (alibi_slopes, sink, bias_in, mask)  # (as in _forward)
     kind = ("bwd-det" if deterministic else "bwd") + ("-dbias" if bias_grad is True else "")
     key = _signature(kind, (dout, q, k, v, out, lse), causal, scale, window, softcap, extras,
                      dropout_p)
@@ -783,7 +786,9 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, wi
                 g.fill(0)
             return grads
         copies = {n: _last_axis_contiguous(env[n]) for n in ("q", "k", "v", "o", "dout")}
-        cacheable = all(copies[n] is env[n] for n in copies) and not pair_copied
+        # (a converted bias is a per-call copy, as a copied pair array is: no plan)
+        cacheable = (all(copies[n] is env[n] for n in copies) and not pair_copied
+                     and bias is bias_in)
         env.update(copies)
         plan = _plan.Plan(prob)
         _plan_backward(plan, env, deterministic)

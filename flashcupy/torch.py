@@ -7,21 +7,48 @@ and binds the real PyTorch, not this module.)
 Public functions
 ----------------
 attention(q, k, v, *, causal=False, scale=None, return_lse=False, window=None,
-          softcap=None, alibi_slopes=None, sink=None)
+          softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None,
+          dropout_p=0.0)
     flashcupy's own convention: leading dims broadcast like ``torch.matmul``
     (MQA/GQA), causal masking and windows are bottom-right aligned; the
-    variants (sliding window, softcap, ALiBi, attention sinks) as in
-    ``flashcupy.attention``.  ``sink`` is differentiable, ``alibi_slopes`` not.
+    variants (sliding window, softcap, ALiBi, attention sinks, an additive
+    bias, a boolean mask, dropout) as in ``flashcupy.attention``.
 scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                              is_causal=False, *, scale=None, enable_gqa=False)
-    a drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on the
-    subset it supports (no mask tensor, no dropout).
+    a drop-in for ``torch.nn.functional.scaled_dot_product_attention``: boolean
+    and additive ``attn_mask``, ``dropout_p``, top-left ``is_causal`` for any
+    query and key lengths, ``enable_gqa``.
+
+What is differentiable
+----------------------
+``q``, ``k``, ``v``; ``sink`` (its gradient float32, in the sink's shape);
+``bias`` (and SDPA's floating ``attn_mask``): its gradient has the bias's own
+shape and dtype, summed over the axes it broadcasts along, and is computed
+only when the bias requires grad.  ``alibi_slopes`` and the boolean ``mask``
+are not (their gradient is None).  The LSE output is not differentiable:
+``attention(..., return_lse=True)`` returns it with ``requires_grad=False``.
+
+Dropout
+-------
+``dropout_p > 0`` drops attention probabilities (the survivors scaled by
+``1 / (1 - dropout_p)``), with the bits of ``flashcupy._philox`` keyed by a
+``seed`` and an ``offset`` drawn from PyTorch's CUDA generator of the tensors'
+device (``_draw_dropout_seed``): ``seed`` is the generator's seed, so
+``torch.manual_seed`` / ``torch.cuda.manual_seed`` make runs reproducible;
+``offset`` is its Philox offset (in PyTorch's steps of 4, modulo 2**32),
+advanced by one step per call, so consecutive calls draw new patterns.  The
+backward regenerates the forward's pattern from the seed and offset saved with
+the graph.  Dropout applies whenever ``dropout_p > 0``, under ``no_grad`` and
+in eval mode too (as SDPA's, it is the caller's choice).  The draw is a host
+operation: it cannot be captured in a CUDA graph (an error says so), and
+under ``torch.compile`` it is a graph break (with ``fullgraph=True``, an
+error naming it); eager calls need nothing special.
 
 How a call reaches the kernels
 ------------------------------
-1. Validation in Python (types, devices, dtypes, unsupported arguments), so a
-   bad call raises before anything is allocated or launched.  Under
-   ``torch.compile`` these checks run once, at trace time.
+1. Validation in Python (types, devices, dtypes, shapes, unsupported
+   arguments), so a bad call raises before anything is allocated or launched.
+   Under ``torch.compile`` these checks run once, at trace time.
 2. ``torch.ops.flashcupy.attention_fwd`` / ``attention_bwd``: custom operators
    (``torch.library.custom_op``) with fake (meta) implementations, so autograd,
    ``torch.compile(fullgraph=True)`` and ``opcheck`` treat them like any ATen op.
@@ -29,17 +56,24 @@ How a call reaches the kernels
 
        attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? scale,
                      int? window_left=None, int? window_right=None,
-                     float? softcap=None, Tensor? alibi=None, Tensor? sink=None)
+                     float? softcap=None, Tensor? alibi=None, Tensor? sink=None,
+                     Tensor? bias=None, Tensor? mask=None, float dropout_p=0.0,
+                     int seed=0, int offset=0)
            -> (Tensor out, Tensor lse)
        attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
                      Tensor lse, bool causal, float? scale, bool deterministic,
-                     <the same five variant arguments>)
-           -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink)
+                     <the same ten variant arguments>, bool bias_grad=False)
+           -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink, Tensor dbias)
 
    ``dsink`` is float32 with the sink's shape, or an empty float32 tensor of
-   shape (0,) when there is no sink.  A window side of None is unbounded
-   (both None: no window); ``causal`` stays its own flag (it sets the right
-   side to 0, as in ``flashcupy.attention``).
+   shape (0,) when there is no sink; ``dbias`` has the bias's shape and dtype
+   with ``bias_grad=True``, else it is an empty float32 tensor of shape (0,)
+   (an operator returns tensors, never None).  A window side of None is
+   unbounded (both None: no window); ``causal`` stays its own flag (it sets
+   the right side to 0, as in ``flashcupy.attention``).  ``seed`` is the
+   64-bit dropout seed as a signed int64 (two's complement: an operator's int
+   is 64-bit signed), ``offset`` the counter word in [0, 2**32); both are
+   ignored when ``dropout_p`` is 0.
    Eager calls (not under ``torch.compile``) run the same implementation and
    autograd rule through a plain ``torch.autograd.Function``, whose dispatch
    costs a fraction of a custom operator's.
@@ -54,25 +88,30 @@ How a call reaches the kernels
    PyTorch's allocator.  Plans live in flashcupy's one plan cache
    (``flashcupy._plan.CACHE``, shared with ``flashcupy.api``) under keys that
    start with "torch" and hold every argument the plan depends on (the
-   variant's window, softcap and the ALiBi/sink tensors' metadata included).
-   A plan with a CuPy host step (the sink's gradient, gradient reductions
-   over broadcast axes) is not replayed on raw pointers: such calls go
+   variant's window, softcap, dropout probability and the ALiBi / sink / bias
+   / mask tensors' metadata included; the dropout seed and offset are read
+   from the environment at each replay).  A plan with a CuPy host step (the
+   sink's gradient, gradient reductions over broadcast axes, a bias gradient
+   cast to a 16-bit dtype) is not replayed on raw pointers, nor is a call
+   whose bias or mask the core copies (a strided last axis): such calls go
    through CuPy views every time.
-
-The LSE output is not differentiable: ``attention(..., return_lse=True)``
-returns it with ``requires_grad=False``.
 """
 from __future__ import annotations
 
 import contextlib
+import numbers
+import warnings
 
 import cupy
 import numpy as np
 import torch  # the real PyTorch (absolute import), not this module
 
 from flashcupy import _config, _plan, api
+# Hugging Face transformers: registers flashcupy as an attn_implementation
+# (flashcupy/hf.py; it imports transformers only when called)
+from flashcupy.hf import register_transformers
 
-__all__ = ["attention", "scaled_dot_product_attention"]
+__all__ = ["attention", "scaled_dot_product_attention", "register_transformers"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPE = "cuda"
@@ -196,16 +235,106 @@ def _check_head_tensor(fn: str, name: str, x, batch_shape, device: torch.device)
             f"for grouped heads)")
 
 
-def _check_variants(fn: str, q, k, v, alibi_slopes, sink) -> None:
+def _batch_shape(fn: str, q, k, v) -> tuple:
+    """The broadcast batch dims of q, k, v (SymInt-safe); a mismatch raises
+    flashcupy.api's ValueError (it names the three shapes)."""
+    try:
+        return tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    except RuntimeError:
+        try:
+            api.broadcast_shapes(q.shape, k.shape, v.shape)
+        except ValueError as e:
+            raise ValueError(f"{fn}(): {e}") from None
+        raise
+
+
+def _check_pair_tensor(fn: str, name: str, x, q, target: tuple, kind: str) -> str:
+    """bias / mask (SDPA: attn_mask): a tensor on q's device whose shape
+    broadcasts to ``target`` (the batch dims, then (Sq, Sk)).  ``kind``: "bias"
+    (a floating tensor of q's dtype or float32), "mask" (bool) or "attn_mask"
+    (either).  Returns "bias" or "mask".  Pure Python on metadata."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{fn}(): {name} must be a torch.Tensor (on the device of the inputs, broadcastable "
+            f"to {target}) or None, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{fn}(): {name} must be a dense (strided) tensor, got layout {x.layout}")
+    qd = _dtype_name(q.dtype)
+    if kind == "mask":
+        if x.dtype != torch.bool:
+            raise TypeError(
+                f"{fn}(): mask has dtype {_dtype_name(x.dtype)} and shape {tuple(x.shape)}; "
+                f"expected a bool tensor (True = the pair takes part, False = removed), "
+                f"broadcastable to {target}; an additive mask goes in bias")
+        got = "mask"
+    elif x.dtype == torch.bool and kind == "attn_mask":
+        got = "mask"
+    else:
+        if x.dtype not in (q.dtype, torch.float32):
+            hint = ("; a boolean mask goes in mask" if x.dtype == torch.bool
+                    and kind == "bias" else "")
+            expected = ("bool (True = take part in attention) or a floating tensor of the "
+                        "query's dtype" if kind == "attn_mask"
+                        else "a floating tensor of q's dtype")
+            raise TypeError(
+                f"{fn}(): {name} has dtype {_dtype_name(x.dtype)} and shape {tuple(x.shape)}; "
+                f"expected {expected} ({qd}) or float32, broadcastable to {target}{hint}")
+        got = "bias"
+    if x.device != q.device:
+        raise ValueError(
+            f"{fn}(): {name} is on {x.device} but the inputs are on {q.device}; pass {name} "
+            f"on {q.device}")
+    if not _broadcasts_to(x.shape, target):
+        raise ValueError(
+            f"{fn}(): {name} has shape {tuple(x.shape)} (dtype {_dtype_name(x.dtype)}), which "
+            f"does not broadcast to {target} (the batch dims of the inputs, then (Sq, Sk) = "
+            f"({target[-2]}, {target[-1]}); numpy rules: e.g. (Sq, Sk), (B, 1, 1, Sk) or the "
+            f"full shape)")
+    return got
+
+
+def _check_variants(fn: str, q, k, v, alibi_slopes, sink, bias=None, mask=None) -> None:
     """The variant tensors against the (already checked) q, k, v: pure Python
     on metadata, so it runs at trace time under torch.compile."""
-    if alibi_slopes is None and sink is None:
+    if alibi_slopes is None and sink is None and bias is None and mask is None:
         return
     # (not _output_shapes: its memo dict would be written while torch.compile
     # traces, which fails dynamo's guards)
-    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    batch = _batch_shape(fn, q, k, v)
     _check_head_tensor(fn, "alibi_slopes", alibi_slopes, batch, q.device)
     _check_head_tensor(fn, "sink", sink, batch, q.device)
+    target = batch + (q.shape[-2], k.shape[-2])
+    if bias is not None:
+        _check_pair_tensor(fn, "bias", bias, q, target, "bias")
+    if mask is not None:
+        _check_pair_tensor(fn, "mask", mask, q, target, "mask")
+
+
+def _autocast_bias(bias, q):
+    """Under ``torch.autocast("cuda")`` a floating bias is cast with the inputs,
+    as PyTorch does for SDPA's attn_mask, unless it is already q's dtype, float32
+    (the kernels add the bias in float32: no cast needed) or float64 (which
+    autocast leaves alone)."""
+    if (bias is None or bias.dtype in (q.dtype, torch.float32, torch.float64)
+            or not bias.is_floating_point()
+            or not torch.is_autocast_enabled(bias.device.type)):
+        return bias
+    return bias.to(q.dtype)
+
+
+def _check_dropout_p(fn: str, dropout_p) -> float:
+    """A real number in [0, 1), as a Python float (0.0 is off)."""
+    if type(dropout_p) is float and dropout_p == 0.0:
+        return 0.0  # the common call, without the checks below
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(
+            f"{fn}(): dropout_p must be a real number in [0, 1), got {type(dropout_p).__name__} "
+            f"{dropout_p!r}")
+    p = float(dropout_p)
+    if not (0.0 <= p < 1.0):  # also rejects NaN
+        raise ValueError(
+            f"{fn}(): dropout_p must be in [0, 1) (0 turns dropout off), got {p!r}")
+    return p
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -355,22 +484,27 @@ def _meta(t: torch.Tensor) -> tuple:
 
 
 def _plan_key(kind: str, tensors, causal: bool, scale, window_left=None, window_right=None,
-              softcap=None, extras=(None, None)):
+              softcap=None, extras=(), dropout_p=0.0):
     """Everything the plan depends on, from tensor metadata: the kind, causal,
-    scale, the variant (window sides, softcap, the metadata of the ALiBi
-    slopes and the sink, ``extras``, None where absent) and the kernel family.
-    Starts with "torch" (flashcupy.api's keys in the shared cache never do).
-    None if a scalar is of a type the API would judge (then there is no replay)."""
+    scale, the variant (window sides, softcap, the dropout probability, the
+    metadata of the ALiBi slopes, sink, bias and mask, ``extras``, None where
+    absent) and the kernel family.  Not the dropout seed and offset: the plan
+    reads them from the environment at each run.  Starts with "torch"
+    (flashcupy.api's keys in the shared cache never do).  None if a scalar is
+    of a type the API would judge (then there is no replay)."""
     if not (scale is None or type(scale) is float):
         return None
     if not (softcap is None or type(softcap) is float):
         return None
     if not all(w is None or type(w) is int for w in (window_left, window_right)):
         return None
-    sig = ["torch", kind, causal, scale, window_left, window_right, softcap,
+    if type(dropout_p) is not float:
+        return None
+    sig = ["torch", kind, causal, scale, window_left, window_right, softcap, dropout_p,
            _config.current_family()]
     for t in tensors:
         sig.extend(_meta(t))
+    extras = tuple(extras) + (None,) * (4 - len(extras))
     for t in extras:
         sig.append(None if t is None else _meta(t))
     return tuple(sig)
@@ -384,9 +518,10 @@ def _remember(key, plan) -> None:
     _PLANS.put(key, plan)
 
 
-def _replay(key, device_index: int, env: dict) -> bool:
+def _replay(key, device_index: int, env: dict, dropout=None) -> bool:
     """Runs the remembered plan of ``key`` on the tensors of ``env`` on PyTorch's
-    current stream; False (nothing launched) when there is none to replay."""
+    current stream; False (nothing launched) when there is none to replay.
+    ``dropout``: this call's dropout keywords of flashcupy.api (``_dropout_kwargs``)."""
     plan = _PLANS.get(key)
     if plan is None or torch.cuda.current_device() != device_index:
         return False
@@ -395,21 +530,43 @@ def _replay(key, device_index: int, env: dict) -> bool:
     def alloc(shape, dtype):
         return _Ptr(torch.empty(shape, dtype=_WORKSPACE_DTYPES[dtype], device=device))
 
-    plan.run({n: _Ptr(t) for n, t in env.items()}, _raw_stream(device_index), alloc)
+    run_env = {n: _Ptr(t) for n, t in env.items()}
+    if dropout is not None and dropout["dropout_p"]:
+        # the seed and offset are not part of the plan: it reads them from the environment
+        api.dropout_env(run_env, dropout["dropout_p"], dropout["seed"], dropout["offset"])
+    plan.run(run_env, _raw_stream(device_index), alloc)
     return True
 
 
 # ----------------------------------------------------------------------------
 # custom operators
 # ----------------------------------------------------------------------------
-# The variant travels as five trailing arguments with defaults (so a call
-# without them, like the SDPA drop-in's, is unchanged): window_left,
+# The variant travels as ten trailing arguments with defaults (so a call
+# without them, like the plain SDPA drop-in's, is unchanged): window_left,
 # window_right (None: unbounded), softcap (None: off), alibi and sink (float32
-# tensors broadcastable to the batch dims, or None).
+# tensors broadcastable to the batch dims, or None), bias and mask (tensors
+# broadcastable to batch + (Sq, Sk), or None), dropout_p (0: off) and the
+# dropout's seed (signed int64) and offset.
 
 _VARIANT_SCHEMA = ("int? window_left=None, int? window_right=None, float? softcap=None, "
-                   "Tensor? alibi=None, Tensor? sink=None")
-_N_FWD_INPUTS = 10  # q, k, v, causal, scale, and the five variant arguments
+                   "Tensor? alibi=None, Tensor? sink=None, Tensor? bias=None, Tensor? mask=None, "
+                   "float dropout_p=0.0, int seed=0, int offset=0")
+_N_FWD_INPUTS = 15  # q, k, v, causal, scale, and the ten variant arguments
+# the defaults of the forward's arguments 5.. (the variant)
+_FWD_DEFAULTS = (None, None, None, None, None, None, None, 0.0, 0, 0)
+_BIAS_INPUT = 10  # the position of ``bias`` among the forward's inputs
+
+_U64 = 2**64 - 1
+
+
+def _seed_u64(seed: int) -> int:
+    """The operators' signed int64 seed as the unsigned 64-bit seed of flashcupy.api."""
+    return int(seed) & _U64
+
+
+def _seed_i64(seed: int) -> int:
+    """An unsigned 64-bit seed as the operators' signed int64 (two's complement)."""
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def _window_arg(window_left, window_right):
@@ -423,30 +580,47 @@ def _as_cupy_opt(t):
     return None if t is None else _as_cupy(t)
 
 
+def _dropout_kwargs(dropout_p, seed, offset) -> dict:
+    """flashcupy.api's dropout keywords (the seed unsigned; none needed at p = 0)."""
+    if dropout_p == 0.0:
+        return dict(dropout_p=0.0, seed=None, offset=0)
+    return dict(dropout_p=dropout_p, seed=_seed_u64(seed), offset=int(offset))
+
+
+def _pairs_env(env: dict, bias, mask) -> None:
+    if bias is not None:
+        env["bias"] = bias
+    if mask is not None:
+        env["mask"] = mask
+
+
 def _fwd_impl(q, k, v, causal, scale, window_left=None, window_right=None, softcap=None,
-              alibi=None, sink=None):
+              alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=0, offset=0):
     # shapes validated (ValueError) before anything is allocated
     out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
     # outputs from PyTorch's caching allocator: the kernels write into them in place
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=q.device)
     key = _plan_key("fwd", (q, k, v), causal, scale, window_left, window_right, softcap,
-                    (alibi, sink))
+                    (alibi, sink, bias, mask), dropout_p)
     env = {"q": q, "k": k, "v": v, "o": out, "lse": lse}
     if alibi is not None:
         env["alibi"] = alibi
     if sink is not None:
         env["sink"] = sink
-    if _replay(key, q.get_device(), env):
+    _pairs_env(env, bias, mask)
+    drop = _dropout_kwargs(dropout_p, seed, offset)
+    if _replay(key, q.get_device(), env, drop):
         return out, lse
     window = _window_arg(window_left, window_right)
     with _cupy_on_torch(q.device):
         cq, ck, cv = _as_cupy(q), _as_cupy(k), _as_cupy(v)
-        ca, cs = _as_cupy_opt(alibi), _as_cupy_opt(sink)
+        ca, cs, cb, cm = (_as_cupy_opt(t) for t in (alibi, sink, bias, mask))
         api._forward(cq, ck, cv, causal=causal, scale=scale, window=window, softcap=softcap,
-                     alibi_slopes=ca, sink=cs, out=_as_cupy(out), lse=_as_cupy(lse))
+                     alibi_slopes=ca, sink=cs, bias=cb, mask=cm, **drop, out=_as_cupy(out),
+                     lse=_as_cupy(lse))
         _remember(key, api.cached_plan("fwd", (cq, ck, cv), causal, scale, window, softcap,
-                                       (ca, cs)))
+                                       (ca, cs, cb, cm), dropout_p=drop["dropout_p"]))
     return out, lse
 
 
@@ -455,13 +629,16 @@ def _fwd_impl(q, k, v, causal, scale, window_left=None, window_right=None, softc
     schema=f"(Tensor q, Tensor k, Tensor v, bool causal, float? scale, {_VARIANT_SCHEMA}) "
            f"-> (Tensor, Tensor)")
 def _attention_fwd(q, k, v, causal, scale, window_left=None, window_right=None, softcap=None,
-                   alibi=None, sink=None):
-    return _fwd_impl(q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink)
+                   alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=0,
+                   offset=0):
+    return _fwd_impl(q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink,
+                     bias, mask, dropout_p, seed, offset)
 
 
 @_attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, causal, scale, window_left=None, window_right=None,
-                        softcap=None, alibi=None, sink=None):
+                        softcap=None, alibi=None, sink=None, bias=None, mask=None,
+                        dropout_p=0.0, seed=0, offset=0):
     out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
     return (q.new_empty(out_shape),
             q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype)))
@@ -476,88 +653,151 @@ def _dsink_buffer(q, sink, fake=False):
     return torch.empty(shape, dtype=torch.float32, device=q.device)
 
 
+def _dbias_buffer(q, bias, bias_grad, fake=False):
+    """dbias: the bias's shape and dtype (C-contiguous) with ``bias_grad``, else an
+    empty float32 (0,) tensor, as dsink."""
+    shape, dtype = (bias.shape, bias.dtype) if bias_grad else ((0,), torch.float32)
+    if fake:
+        return q.new_empty(shape, dtype=dtype)
+    return torch.empty(shape, dtype=dtype, device=q.device)
+
+
 def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
-              window_right=None, softcap=None, alibi=None, sink=None):
+              window_right=None, softcap=None, alibi=None, sink=None, bias=None, mask=None,
+              dropout_p=0.0, seed=0, offset=0, bias_grad=False):
+    bias_grad = bool(bias_grad) and bias is not None
     # gradients have their inputs' shapes (summed over broadcast axes), C-contiguous
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dsink = _dsink_buffer(q, sink)
-    kind = "bwd-det" if deterministic else "bwd"
+    dbias = _dbias_buffer(q, bias, bias_grad)
+    kind = ("bwd-det" if deterministic else "bwd") + ("-dbias" if bias_grad else "")
     inputs = (dout, q, k, v, out, lse)
     key = _plan_key(kind, inputs, causal, scale, window_left, window_right, softcap,
-                    (alibi, sink))
+                    (alibi, sink, bias, mask), dropout_p)
     env = {"dout": dout, "q": q, "k": k, "v": v, "o": out, "lse": lse,
            "dq_out": dq, "dk_out": dk, "dv_out": dv}
     if alibi is not None:
         env["alibi"] = alibi
     if sink is not None:
         env.update(sink=sink, dsink_out=dsink)
+    _pairs_env(env, bias, mask)
+    if bias_grad:
+        env["dbias_out"] = dbias
+    drop = _dropout_kwargs(dropout_p, seed, offset)
     # (with a sink the plan has a host step, dsink, and is never remembered:
     # such calls always take the CuPy route below)
-    if _replay(key, q.get_device(), env):
-        return dq, dk, dv, dsink
+    if _replay(key, q.get_device(), env, drop):
+        return dq, dk, dv, dsink, dbias
     window = _window_arg(window_left, window_right)
     with _cupy_on_torch(q.device):
         cin = tuple(_as_cupy(t) for t in inputs)
-        ca, cs = _as_cupy_opt(alibi), _as_cupy_opt(sink)
+        ca, cs, cb, cm = (_as_cupy_opt(t) for t in (alibi, sink, bias, mask))
         api._backward(*cin, causal=causal, scale=scale, deterministic=deterministic,
-                      window=window, softcap=softcap, alibi_slopes=ca, sink=cs,
+                      window=window, softcap=softcap, alibi_slopes=ca, sink=cs, bias=cb,
+                      mask=cm, bias_grad=bias_grad, **drop,
                       dq=_as_cupy(dq), dk=_as_cupy(dk), dv=_as_cupy(dv),
-                      dsink=None if sink is None else _as_cupy(dsink))
-        _remember(key, api.cached_plan(kind, cin, causal, scale, window, softcap, (ca, cs)))
-    return dq, dk, dv, dsink
+                      dsink=None if sink is None else _as_cupy(dsink),
+                      dbias=_as_cupy(dbias) if bias_grad else None)
+        _remember(key, api.cached_plan(kind, cin, causal, scale, window, softcap,
+                                       (ca, cs, cb, cm), dropout_p=drop["dropout_p"]))
+    return dq, dk, dv, dsink, dbias
 
 
 @torch.library.custom_op(
     "flashcupy::attention_bwd", mutates_args=(), device_types="cuda",
     schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
-           f"float? scale, bool deterministic, {_VARIANT_SCHEMA}) "
-           f"-> (Tensor, Tensor, Tensor, Tensor)")
+           f"float? scale, bool deterministic, {_VARIANT_SCHEMA}, bool bias_grad=False) "
+           f"-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _attention_bwd(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
-                   window_right=None, softcap=None, alibi=None, sink=None):
+                   window_right=None, softcap=None, alibi=None, sink=None, bias=None, mask=None,
+                   dropout_p=0.0, seed=0, offset=0, bias_grad=False):
     return _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left,
-                     window_right, softcap, alibi, sink)
+                     window_right, softcap, alibi, sink, bias, mask, dropout_p, seed, offset,
+                     bias_grad)
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
-                        window_right=None, softcap=None, alibi=None, sink=None):
+                        window_right=None, softcap=None, alibi=None, sink=None, bias=None,
+                        mask=None, dropout_p=0.0, seed=0, offset=0, bias_grad=False):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            _dsink_buffer(q, sink, fake=True))
+            _dsink_buffer(q, sink, fake=True),
+            _dbias_buffer(q, bias, bool(bias_grad) and bias is not None, fake=True))
 
 
 def _setup_context(ctx, inputs, output):
     # the dispatcher drops trailing arguments equal to their defaults: pad them back
-    inputs = tuple(inputs) + (None,) * (_N_FWD_INPUTS - len(inputs))
-    q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink = inputs
+    inputs = tuple(inputs)
+    inputs = inputs + _FWD_DEFAULTS[len(inputs) - 5:]
+    (q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink, bias, mask,
+     dropout_p, seed, offset) = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, alibi, sink)
+    ctx.save_for_backward(q, k, v, out, lse, alibi, sink, bias, mask)
     ctx.causal = causal
     ctx.scale = scale
     ctx.variant = (window_left, window_right, softcap)
+    # the backward regenerates the forward's dropout pattern from these
+    ctx.dropout = (dropout_p, seed, offset)
 
 
-def _grads(ctx, dq, dk, dv, dsink, sink):
+def _grads(ctx, dq, dk, dv, dsink, dbias, sink, bias):
     """One gradient per forward input: q, k, v, then None for the flags and
-    scalars and for the ALiBi slopes (not differentiable), dsink for the sink."""
+    scalars and for the ALiBi slopes (not differentiable), dsink for the sink,
+    dbias for the bias, None for the mask and the dropout's scalars."""
     need = tuple(ctx.needs_input_grad) + (False,) * _N_FWD_INPUTS
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             None, None, None, None, None, None,
-            dsink if sink is not None and need[9] else None)
+            dsink if sink is not None and need[9] else None,
+            dbias if bias is not None and need[_BIAS_INPUT] else None,
+            None, None, None, None)
+
+
+def _deterministic_dbias(q, k, v, bias) -> bool:
+    """Whether the backward with a bias gradient may run deterministic kernels.
+
+    The core sums the gradient of a *broadcast* bias over its broadcast axes
+    with float32 atomics and has no deterministic kernel for it; that case
+    follows PyTorch's rule for an operator without one under
+    ``torch.use_deterministic_algorithms(True)``: an error, or with
+    ``warn_only=True`` a warning and the nondeterministic kernels (False).
+    A bias of the full shape (a stride-0 ``expand`` view too) has one writer
+    per gradient element."""
+    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    full = batch + (q.shape[-2], k.shape[-2])
+    if tuple(bias.shape) == full:
+        return True
+    msg = (f"flashcupy.torch attention backward with the gradient of a broadcast bias (bias "
+           f"shape {tuple(bias.shape)}, broadcast to {full}) does not have a deterministic "
+           f"implementation, but you set 'torch.use_deterministic_algorithms(True)'. You can "
+           f"turn off determinism just for this operation, or you can use the 'warn_only=True' "
+           f"option, if that's acceptable for your application. A bias of the full shape has "
+           f"a deterministic gradient: pass bias.expand({', '.join(map(str, full))}) (a view, "
+           f"no copy; PyTorch then sums its gradient over the broadcast axes)")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        return False
+    raise RuntimeError(msg)
 
 
 def _run_backward(ctx, dout, bwd):
-    q, k, v, out, lse, alibi, sink = ctx.saved_tensors
+    q, k, v, out, lse, alibi, sink, bias, mask = ctx.saved_tensors
     if dout.stride(-1) != 1:
         # e.g. the fully expanded (all strides 0) gradient of out.sum(); the core
         # wants a unit-stride last axis, so make that one copy here, in PyTorch
         dout = dout.contiguous()
-    dq, dk, dv, dsink = bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
-                            torch.are_deterministic_algorithms_enabled(), *ctx.variant,
-                            alibi, sink)
-    return _grads(ctx, dq, dk, dv, dsink, sink)
+    need = tuple(ctx.needs_input_grad) + (False,) * _N_FWD_INPUTS
+    # dbias only when the bias requires grad: it costs atomics (or stores) per score
+    bias_grad = bias is not None and bool(need[_BIAS_INPUT])
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic and bias_grad:
+        deterministic = _deterministic_dbias(q, k, v, bias)
+    dq, dk, dv, dsink, dbias = bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
+                                   deterministic, *ctx.variant, alibi, sink, bias, mask,
+                                   *ctx.dropout, bias_grad)
+    return _grads(ctx, dq, dk, dv, dsink, dbias, sink, bias)
 
 
 def _backward(ctx, dout, dlse):
@@ -576,11 +816,12 @@ class _EagerAttention(torch.autograd.Function):
     operators are used (``_attention``), so tracing sees an opaque op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink):
-        out, lse = _fwd_impl(q, k, v, causal, scale, window_left, window_right, softcap, alibi,
-                             sink)
-        _setup_context(ctx, (q, k, v, causal, scale, window_left, window_right, softcap, alibi,
-                             sink), (out, lse))
+    def forward(ctx, q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink,
+                bias, mask, dropout_p, seed, offset):
+        args = (q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink, bias,
+                mask, dropout_p, seed, offset)
+        out, lse = _fwd_impl(*args)
+        _setup_context(ctx, args, (out, lse))
         return out, lse
 
     @staticmethod
@@ -593,12 +834,55 @@ _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def _attention(q, k, v, causal: bool, scale, window_left=None, window_right=None, softcap=None,
-               alibi=None, sink=None):
+               alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=0, offset=0):
+    args = (q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink, bias, mask,
+            dropout_p, seed, offset)
     if _is_compiling():
-        return torch.ops.flashcupy.attention_fwd(q, k, v, causal, scale, window_left,
-                                                 window_right, softcap, alibi, sink)
-    return _EagerAttention.apply(q, k, v, causal, scale, window_left, window_right, softcap,
-                                 alibi, sink)
+        return torch.ops.flashcupy.attention_fwd(*args)
+    return _EagerAttention.apply(*args)
+
+
+# ----------------------------------------------------------------------------
+# dropout's seed and offset, from PyTorch's CUDA generator
+# ----------------------------------------------------------------------------
+
+def _draw_dropout_seed(device: torch.device) -> tuple:
+    """(seed, offset) for one dropout call on ``device``, from PyTorch's default
+    CUDA generator of that device, which it advances: ``seed`` in [0, 2**64) is
+    the generator's seed (``torch.manual_seed`` sets it and resets the offset),
+    ``offset`` in [0, 2**32) its Philox offset in PyTorch's steps of 4 (mod
+    2**32).  One call takes one step, as PyTorch's own ops take whole steps,
+    so consecutive calls, and the random ops between them, draw apart."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not torch.cuda.default_generators:
+        torch.cuda.init()  # the generators exist once CUDA is initialized
+    gen = torch.cuda.default_generators[index]
+    if torch.cuda.is_current_stream_capturing():
+        # (PyTorch's generator refuses get_offset / set_offset while capturing)
+        raise RuntimeError(
+            "dropout_p > 0 cannot be captured in a CUDA graph: flashcupy draws the dropout "
+            "seed and offset from PyTorch's CUDA generator on the host, and a replay of the "
+            "graph would repeat one pattern; capture with dropout_p=0.0 or run dropout eagerly")
+    seed = int(gen.initial_seed())
+    step = int(gen.get_offset()) // 4
+    gen.set_offset((step + 1) * 4)  # set_offset takes multiples of 4 only
+    return seed, step % 2**32
+
+
+def _dropout_args_eager(device: torch.device) -> tuple:
+    seed, offset = _draw_dropout_seed(device)
+    return _seed_i64(seed), offset
+
+
+try:
+    # under torch.compile the draw (a host call on the generator) is a graph
+    # break, and under fullgraph=True an error that says why
+    _dropout_args = torch.compiler.disable(
+        _dropout_args_eager,
+        reason="flashcupy draws the dropout seed and offset from PyTorch's CUDA generator on "
+               "the host (dropout_p > 0); pass dropout_p=0.0 for one graph")
+except TypeError:  # pragma: no cover - a PyTorch without disable(reason=...)
+    _dropout_args = torch.compiler.disable(_dropout_args_eager)
 
 
 # ----------------------------------------------------------------------------
@@ -608,8 +892,10 @@ def _attention(q, k, v, causal: bool, scale, window_left=None, window_right=None
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, return_lse: bool = False,
               window: tuple | None = None, softcap: float | None = None,
-              alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None):
-    """FlashAttention on CUDA tensors, differentiable w.r.t. ``q``, ``k``, ``v`` (and ``sink``).
+              alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0):
+    """FlashAttention on CUDA tensors, differentiable w.r.t. q, k, v (and ``sink``, ``bias``).
 
     Parameters
     ----------
@@ -632,8 +918,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     window : (left, right), optional
         Sliding-window (local) attention, bottom-right aligned like ``causal``:
         query ``i`` sees key ``j`` iff ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``.
-        Each side is an int >= 0 or None (unbounded); ``causal=True`` sets
-        ``right = 0``.
+        Each side is an int or None (unbounded); a negative side moves the
+        bound past the diagonal (``(None, Sq - Sk)`` is PyTorch's top-left
+        causal mask).  ``causal=True`` sets ``right = 0``.
     softcap : float, optional
         ``c > 0``: the scaled score ``s`` becomes ``c * tanh(s / c)`` before any
         mask, ALiBi or softmax.
@@ -647,6 +934,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         (batch,) head that joins the softmax denominator and carries no value;
         ``lse`` includes it.  Differentiable: its gradient has the sink's shape
         (summed over the axes it was broadcast along).
+    bias : torch.Tensor, optional
+        q's dtype or float32, on the inputs' device, broadcastable to
+        ``batch + (Sq, Sk)`` (numpy rules: ``(Sq, Sk)``, ``(B, 1, 1, Sk)``,
+        ``(1, H, Sq, Sk)``, ...; stride-0 ``expand`` views are read in place):
+        added to the scaled score after softcap and ALiBi.  ``-inf`` removes a
+        pair.  Differentiable: its gradient has the bias's own shape and dtype
+        (summed over its broadcast axes), computed only when the bias requires
+        grad.  The gradient of a broadcast bias is summed with atomics: under
+        ``torch.use_deterministic_algorithms(True)`` pass it expanded to the
+        full shape (``bias.expand(...)``) or the backward raises.
+    mask : torch.Tensor of bool, optional
+        Same broadcasting; False removes the pair (like a ``-inf`` bias).  A
+        row with every pair removed gets ``out = 0``, ``lse = -inf`` and zero
+        gradients.  Not differentiable.
+    dropout_p : float in [0, 1)
+        Dropout on the attention probabilities (survivors scaled by
+        ``1 / (1 - dropout_p)``; ``lse`` is the dropout-free one), with the
+        seed and offset of PyTorch's CUDA generator of the device (see the
+        module docstring): reproducible under ``torch.manual_seed``.  Applied
+        whenever ``dropout_p > 0``, in ``no_grad`` and eval mode too.
 
     Returns
     -------
@@ -654,66 +961,98 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     lse : torch.Tensor, shape (*batch, Sq), float32 (float64 for float64 input)
         Only with ``return_lse=True``; not differentiable.
 
-    Any subset of ``q``, ``k``, ``v`` (and ``sink``) may require grad.  The kernels run on
-    ``torch.cuda.current_stream()`` of the tensors' device.  Under
-    ``torch.autocast("cuda")`` inputs are cast to the autocast dtype, as for
-    PyTorch's SDPA.
+    Any subset of ``q``, ``k``, ``v`` (and ``sink``, ``bias``) may require grad.
+    The kernels run on ``torch.cuda.current_stream()`` of the tensors' device.
+    Under ``torch.autocast("cuda")`` inputs are cast to the autocast dtype, as
+    for PyTorch's SDPA (a float32 bias is kept: the kernels add it in float32).
     """
     fn = "attention"
     window_left, window_right = _check_window(fn, window)
     softcap = _check_softcap(fn, softcap)
+    dropout_p = _check_dropout_p(fn, dropout_p)
     _check_tensors(fn, q=q, k=k, v=v)
     q, k, v = _autocast(q, k, v)  # the variant tensors stay float32
     _check_dtypes(fn, q=q, k=k, v=v)
     scale = _check_scale(fn, scale)
-    _check_variants(fn, q, k, v, alibi_slopes, sink)
+    if bias is not None and isinstance(bias, torch.Tensor):
+        bias = _autocast_bias(bias, q)
+    _check_variants(fn, q, k, v, alibi_slopes, sink, bias, mask)
+    seed = offset = 0
+    if dropout_p > 0.0:
+        seed, offset = _dropout_args(q.device)
     out, lse = _attention(q, k, v, bool(causal), scale, window_left, window_right, softcap,
-                          alibi_slopes, sink)
+                          alibi_slopes, sink, bias, mask, dropout_p, seed, offset)
     return (out, lse) if return_lse else out
+
+
+def _split_heads(x, n_kv: int, group: int):
+    """A pair tensor (mask / bias) in SDPA's head layout ``(..., Hq, L, S)`` as
+    the grouped query ``(..., Hkv, G, L, S)``: a head axis of size Hq is split
+    (a view), one of size 1 gets an extra size-1 axis; fewer than 3 dims have
+    no head axis and broadcast as they are."""
+    if x.dim() < 3:
+        return x
+    if x.size(-3) == 1:
+        return x.unsqueeze(-3)
+    return x.unflatten(-3, (n_kv, group))
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, *, scale: float | None = None,
                                  enable_gqa: bool = False) -> torch.Tensor:
-    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (a subset).
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
-    Same signature and results as PyTorch's for what it supports:
+    Same signature and results as PyTorch's:
 
-    * ``attn_mask`` must be ``None`` and ``dropout_p`` 0 (else NotImplementedError);
-    * ``is_causal=True`` needs ``L == S`` (query and key lengths): PyTorch's
-      causal mask is top-left aligned and flashcupy's bottom-right, which agree
-      only for square masks (else NotImplementedError; for the bottom-right
-      mask call ``flashcupy.torch.attention(..., causal=True)``);
+    * ``attn_mask``: bool (True = takes part in attention) or floating
+      (added to the scaled scores; query's dtype or float32, differentiable
+      when it requires grad), broadcastable to ``(..., Hq, L, S)`` as in
+      PyTorch (``(L, S)``, ``(B, 1, 1, S)`` key padding, ``(B, H, L, S)``, ...);
+      read in place, broadcast axes at stride 0.  Together with
+      ``is_causal=True`` it is an error (ValueError), as in PyTorch's math
+      backend (a RuntimeError there; its CPU flash kernel combines the two).
+    * ``is_causal=True``: PyTorch's top-left aligned mask (query ``i`` sees
+      keys ``j <= i``) for any L and S (query and key lengths); for
+      flashcupy's bottom-right mask call ``flashcupy.torch.attention(...,
+      causal=True)``.
+    * ``dropout_p``: in [0, 1) (PyTorch also takes 1.0, which flashcupy
+      rejects), applied whenever > 0, with the seed and offset of PyTorch's
+      CUDA generator (reproducible under ``torch.manual_seed``; the bits are
+      flashcupy's, not PyTorch's, so the pattern differs from PyTorch's own
+      SDPA at the same seed).
     * ``enable_gqa=True``: query ``(..., Hq, L, E)``, key/value ``(..., Hkv, S, E)``
       with ``Hq = G * Hkv``, query head ``h`` uses key/value head ``h // G``;
-      mapped onto broadcasting with views, no copies.
+      mapped onto broadcasting with views (the mask's head axis too), no copies.
 
     Leading dims broadcast as in ``torch.matmul`` (as PyTorch's math backend does).
+
+    Rows that see no key (every key False in a boolean mask, or -inf in a
+    floating one): flashcupy returns ``out = 0`` there with zero gradients.
+    PyTorch's backends have not always agreed on this.  With PyTorch 2.13 on
+    CPU its math backend and its flash kernel give 0 as well (float16 to
+    float64), with zero gradients (float64, both mask kinds); the math
+    backend of older releases gave NaN (a softmax over an all -inf row), and
+    the fused CUDA kernels have varied between releases.  A finite large
+    negative value (``torch.finfo(dtype).min``, as Hugging Face masks use) is
+    an ordinary score: such a row averages over all keys, in every
+    implementation.
     """
     fn = "scaled_dot_product_attention"
-    if attn_mask is not None:
-        raise NotImplementedError(
-            f"{fn}(): attn_mask is not supported by flashcupy (got a mask tensor); for a causal "
-            f"mask pass is_causal=True, for other masks use torch's own SDPA")
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            f"{fn}(): dropout_p={dropout_p} is not supported: flashcupy does not implement "
-            f"attention dropout yet; pass dropout_p=0.0 (in training too), or use "
-            f"torch.nn.functional.scaled_dot_product_attention where dropout is needed")
+    if attn_mask is not None and is_causal:
+        raise ValueError(
+            f"{fn}(): attn_mask and is_causal=True cannot be combined (torch's SDPA raises too: "
+            f"'Explicit attn_mask should not be set when is_causal=True'); fold the causal mask "
+            f"into attn_mask (e.g. attn_mask & torch.ones(L, S, dtype=torch.bool).tril()) or "
+            f"pass only one of them")
+    dropout_p = _check_dropout_p(fn, dropout_p)
     _check_tensors(fn, query=query, key=key, value=value)
     query, key, value = _autocast(query, key, value)
     _check_dtypes(fn, query=query, key=key, value=value)
     scale = _check_scale(fn, scale)
     L, S = query.size(-2), key.size(-2)
-    if is_causal and L != S:
-        raise NotImplementedError(
-            f"{fn}(): is_causal=True with query length L={L} != key length S={S} is not "
-            f"supported: torch's causal mask is top-left aligned (query i sees keys j <= i) "
-            f"while flashcupy's is bottom-right aligned (j <= i + S - L); they agree only when "
-            f"L == S. For the bottom-right mask use flashcupy.torch.attention(q, k, v, causal=True)")
     q, k, v = query, key, value
-    grouped = False
+    n_kv = group = 0
     if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and value.dim() >= 3:
         hq, hk, hv = query.size(-3), key.size(-3), value.size(-3)
         if hk != hv:
@@ -727,11 +1066,32 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                     f"multiple of the key/value heads ({hk})")
             # query head h = j * G + g uses kv head j = h // G: split the query head axis
             # into (Hkv, G) (a view: splitting a dim never copies) and broadcast k/v over G
-            q = query.unflatten(-3, (hk, hq // hk))
+            n_kv, group = hk, hq // hk
+            q = query.unflatten(-3, (n_kv, group))
             k = key.unsqueeze(-3)
             v = value.unsqueeze(-3)
-            grouped = True
-    out, _ = _attention(q, k, v, bool(is_causal), scale)
-    if grouped:
+    bias = mask = None
+    if attn_mask is not None:
+        batch = _batch_shape(fn, q, k, v)
+        if group:  # PyTorch's target has the query heads: (..., Hkv, G) -> (..., Hq)
+            batch = batch[:-2] + (batch[-2] * batch[-1],)
+        m = _autocast_bias(attn_mask, query) if isinstance(attn_mask, torch.Tensor) else attn_mask
+        kind = _check_pair_tensor(fn, "attn_mask", m, query, batch + (L, S), "attn_mask")
+        if group:
+            m = _split_heads(m, n_kv, group)
+        if kind == "mask":
+            mask = m
+        else:
+            bias = m
+    # top-left causal (query i sees keys j <= i) is the bottom-right window
+    # j <= i + (S - L) + right with right = L - S; for L == S that is causal
+    causal = bool(is_causal) and L == S
+    window_right = L - S if is_causal and L != S else None
+    seed = offset = 0
+    if dropout_p > 0.0:
+        seed, offset = _dropout_args(query.device)
+    out, _ = _attention(q, k, v, causal, scale, None, window_right, None, None, None, bias, mask,
+                        dropout_p, seed, offset)
+    if group:
         out = out.flatten(-4, -3)  # (..., Hkv, G, L, Ev) -> (..., Hq, L, Ev): a view
     return out

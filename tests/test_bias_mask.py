@@ -162,3 +162,25 @@ def test_bias_mask_bad_input():
     with pytest.raises(NotImplementedError, match="full shape"):
         fc.attention_backward(q, q, k, v, out, lse, bias=cp.zeros((16, 16), np.float16),
                               bias_grad=True, deterministic=True)
+
+
+def test_float32_bias_beside_float64_after_a_float64_bias(seed):
+    """A float32 bias beside float64 inputs is converted per call; its plan key
+    is the bias as given, so it never replays the plan of a float64 bias of
+    the same shape (whose backward writes a float64 dbias in place: replayed
+    into a float32 dbias it wrote out of bounds)."""
+    q, k, v, do = nv.randn_many(cp, seed, [(2, 3, 70, 64), (2, 3, 90, 64), (2, 3, 90, 64),
+                                           (2, 3, 70, 64)], np.float64)
+    b32 = nv.randn(cp, seed + 1, (2, 3, 70, 90), np.float32)
+    got = {}
+    for b in (b32.astype(np.float64), b32, b32):  # the float64 call caches its plans first
+        out, lse = fc.attention(q, k, v, bias=b, return_lse=True)
+        grads = fc.attention_backward(do, q, k, v, out, lse, bias=b, bias_grad=True)
+        assert grads[-1].dtype == b.dtype and grads[-1].shape == b.shape
+        got.setdefault(b.dtype, []).append((out,) + tuple(grads))
+    ref = got[np.dtype(np.float64)][0]
+    for run in got[np.dtype(np.float32)]:
+        for x, r in zip(run[:4], ref[:4]):  # out, dq, dk, dv: the same float64 arithmetic
+            assert bool((x == r).all())
+        # dbias: the float64 result rounded once to float32
+        assert bool((run[4] == ref[4].astype(np.float32)).all())

@@ -24,7 +24,17 @@ What is checked, and against what
   per-head sink; bad variant arguments.  GPU-free: the operators' schemas,
   fake implementations, autograd wiring and compile tracing, through CPU
   kernels that the tests register for the duration of a test
-  (``cpu_kernels``: the float64 reference as the kernel).
+  (``cpu_kernels``: the float64 reference as the kernel);
+* bias, mask and dropout, GPU-free: bad arguments (each names the argument),
+  the fake shapes of dbias, the keywords the operators hand flashcupy.api
+  (bound to its real signatures), and through the CPU kernels (which apply
+  flashcupy's keep mask): opcheck, gradcheck of the bias, dbias only when the
+  bias requires grad, the dropout seed and offset reaching both passes,
+  deterministic mode with a broadcast bias, torch.compile (the dropout draw a
+  graph break); ``scaled_dot_product_attention``'s mapping (attn_mask shapes,
+  top-left is_causal, GQA mask views, fully masked rows, dropout) against
+  PyTorch's own math backend.  The GPU tests of these are in
+  ``test_torch_sdpa.py``.
 
 Tests marked ``gpu`` skip without a CUDA GPU; the rest (import hygiene, fake
 shapes on meta tensors, errors on CPU tensors) run anywhere PyTorch does.
@@ -76,7 +86,7 @@ def randn(shape, dtype, seed, device="cuda", requires_grad=False):
 
 
 def naive_attention(q, k, v, causal=False, scale=None, window=None, softcap=None,
-                    alibi_slopes=None, sink=None):
+                    alibi_slopes=None, sink=None, bias=None, mask=None, keep=None, dropout_p=0.0):
     """Attention written out in PyTorch ops, in the inputs' dtype; differentiable.
 
     Bottom-right causal like flashcupy; a row that sees no key gets out = 0 and
@@ -90,6 +100,10 @@ def naive_attention(q, k, v, causal=False, scale=None, window=None, softcap=None
     i + Sk - Sq + right`` are masked (causal: right = 0); the sink is an extra
     logit in each row's softmax (in lse, no value).  ``alibi_slopes`` and
     ``sink`` broadcast to the batch dims and are cast to the inputs' dtype.
+    ``bias`` (cast to the inputs' dtype) is added after ALiBi, pairs where the
+    bool ``mask`` is False are removed; with dropout, ``keep`` is the bool keep
+    mask (broadcast to batch + (Sq, Sk)) and the kept probabilities are scaled
+    by 1 / (1 - dropout_p); lse stays the dropout-free one.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -105,6 +119,10 @@ def naive_attention(q, k, v, causal=False, scale=None, window=None, softcap=None
     rel = j - (i + (sk - sq))  # the key's offset from the query's diagonal
     if alibi_slopes is not None:
         s = s - alibi_slopes.to(s.dtype)[..., None, None] * rel.abs().to(s.dtype)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
     if left is not None or right is not None:
         visible = torch.ones_like(rel, dtype=torch.bool)
         if left is not None:
@@ -123,6 +141,8 @@ def naive_attention(q, k, v, causal=False, scale=None, window=None, softcap=None
         l = l + torch.exp(sink_col - m)
     seen = l > 0
     p = e / torch.where(seen, l, torch.ones_like(l))
+    if keep is not None:
+        p = torch.where(keep, p / (1.0 - dropout_p), torch.zeros_like(p))
     out = p @ v
     lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))),
                       torch.full_like(l, float("-inf")))
@@ -134,7 +154,7 @@ FWD_ULPS = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 8, torch.float64
 GRAD_ULPS = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 16, torch.float64: 2**18}
 
 
-def assert_close(name, actual, ref, naive=None, *, grad=False):
+def assert_close(name, actual, ref, naive=None, *, grad=False, magnitude=0.0):
     """``max|actual - ref| <= 2 * max|naive - ref| + floor`` on the finite entries.
 
     ``ref`` is float64; ``naive`` is the same-dtype naive result (None for
@@ -156,7 +176,9 @@ def assert_close(name, actual, ref, naive=None, *, grad=False):
     if naive is not None:
         n = naive.detach().double().expand(ref.shape)[fin]
         naive_err = (n - r).abs().max().item() if n.numel() else 0.0
-    ref_max = r.abs().max().item() if r.numel() else 0.0
+    # (magnitude: the size of the problem's gradients, for a gradient whose own
+    # reference is ~0 by cancellation, as tests/_assert.py takes it)
+    ref_max = max(r.abs().max().item() if r.numel() else 0.0, magnitude)
     ulps = (GRAD_ULPS if grad else FWD_ULPS)[actual.dtype]
     floor = ulps * torch.finfo(actual.dtype).eps * (ref_max + 0.3)
     tol = 2.0 * naive_err + floor
@@ -165,30 +187,35 @@ def assert_close(name, actual, ref, naive=None, *, grad=False):
 
 
 def reference(q, k, v, causal=False, scale=None, dout=None, *, window=None, softcap=None,
-              alibi_slopes=None, sink=None):
+              alibi_slopes=None, sink=None, bias=None, mask=None, keep=None, dropout_p=0.0):
     """float64 (out, lse) and, with ``dout``, float64 (dq, dk, dv), plus dsink
-    (float64, the sink's shape) when a sink is given."""
+    (float64, the sink's shape) when a sink is given and dbias (float64, the
+    bias's shape) when a bias is given."""
     grad = dout is not None
     q64, k64, v64 = (t.detach().double().requires_grad_(grad) for t in (q, k, v))
     a64 = None if alibi_slopes is None else alibi_slopes.detach().double()
     s64 = None if sink is None else sink.detach().double().requires_grad_(grad)
-    out, lse = naive_attention(q64, k64, v64, causal, scale, window, softcap, a64, s64)
+    b64 = None if bias is None else bias.detach().double().requires_grad_(grad)
+    out, lse = naive_attention(q64, k64, v64, causal, scale, window, softcap, a64, s64, b64,
+                               mask, keep, dropout_p)
     if dout is None:
         return out, lse
-    wrt = (q64, k64, v64) if sink is None else (q64, k64, v64, s64)
+    wrt = (q64, k64, v64) + tuple(t for t in (s64, b64) if t is not None)
     return out, lse, torch.autograd.grad(out, wrt, dout.double())
 
 
 def naive_in_dtype(q, k, v, causal=False, scale=None, dout=None, *, window=None, softcap=None,
-                   alibi_slopes=None, sink=None):
+                   alibi_slopes=None, sink=None, bias=None, mask=None, keep=None, dropout_p=0.0):
     grad = dout is not None
     qd, kd, vd = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
     sd = None if sink is None else sink.detach().clone().requires_grad_(grad)
+    bd = None if bias is None else bias.detach().clone().requires_grad_(grad)
     al = None if alibi_slopes is None else alibi_slopes.detach()
-    out, lse = naive_attention(qd, kd, vd, causal, scale, window, softcap, al, sd)
+    out, lse = naive_attention(qd, kd, vd, causal, scale, window, softcap, al, sd, bd, mask,
+                               keep, dropout_p)
     if dout is None:
         return out, lse
-    wrt = (qd, kd, vd) if sink is None else (qd, kd, vd, sd)
+    wrt = (qd, kd, vd) + tuple(t for t in (sd, bd) if t is not None)
     return out, lse, torch.autograd.grad(out, wrt, dout)
 
 
@@ -289,11 +316,12 @@ def test_fake_shapes_on_meta(dtype):
     assert out.shape == (2, 3, 5, 6) and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == (2, 3, 5)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    dq, dk, dv, dsink = torch.ops.flashcupy.attention_bwd(out, q, k, v, out, lse, True, None,
-                                                          False)
+    dq, dk, dv, dsink, dbias = torch.ops.flashcupy.attention_bwd(out, q, k, v, out, lse, True,
+                                                                 None, False)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
     assert dsink.shape == (0,) and dsink.dtype == torch.float32  # no sink: empty
+    assert dbias.shape == (0,) and dbias.dtype == torch.float32  # no bias gradient: empty
 
 
 def test_cpu_tensors_rejected(no_launch):
@@ -304,12 +332,42 @@ def test_cpu_tensors_rejected(no_launch):
         fct.scaled_dot_product_attention(q, q, q)
 
 
-def test_sdpa_unsupported_arguments(no_launch):
+def test_sdpa_mask_with_is_causal_rejected(no_launch):
+    """As torch's SDPA (its math backend raises), before anything else."""
     q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        fct.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        fct.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"attn_mask and is_causal=True cannot be combined"):
+        fct.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool),
+                                         is_causal=True)
+
+
+BAD_DROPOUT = {
+    "one": (1.0, ValueError, r"dropout_p must be in \[0, 1\)"),
+    "negative": (-0.1, ValueError, r"dropout_p must be in \[0, 1\)"),
+    "nan": (float("nan"), ValueError, r"dropout_p must be in \[0, 1\)"),
+    "str": ("0.1", TypeError, r"dropout_p must be a real number"),
+    "bool": (True, TypeError, r"dropout_p must be a real number"),
+    "tensor": (torch.tensor(0.1), TypeError, r"dropout_p must be a real number"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_DROPOUT))
+@pytest.mark.parametrize("fn", ["attention", "scaled_dot_product_attention"])
+def test_error_dropout_p(fn, bad, no_launch):
+    """dropout_p is judged before the tensors (like window and softcap)."""
+    p, exc, match = BAD_DROPOUT[bad]
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(exc, match=rf"{fn}\(\): " + match):
+        getattr(fct, fn)(q, q, q, dropout_p=p)
+
+
+def test_dropout_p_accepts_real_numbers(no_launch):
+    """numpy floats and ints pass the check (then the CPU tensors are refused)."""
+    import numpy as np
+
+    q = torch.randn(1, 2, 4, 8)
+    for p in (np.float32(0.25), 0, np.float64(0.0)):
+        with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+            fct.attention(q, q, q, dropout_p=p)
 
 
 def test_non_tensor_rejected(no_launch):
@@ -346,16 +404,47 @@ def test_fake_shapes_with_variants_on_meta():
     sink = torch.empty(3, device="meta")
     out, lse = torch.ops.flashcupy.attention_fwd(q, k, v, False, None, 4, 0, 30.0, alibi, sink)
     assert out.shape == (2, 3, 5, 6) and lse.shape == (2, 3, 5) and lse.dtype == torch.float32
-    dq, dk, dv, dsink = torch.ops.flashcupy.attention_bwd(
+    dq, dk, dv, dsink, dbias = torch.ops.flashcupy.attention_bwd(
         out, q, k, v, out, lse, False, None, False, 4, 0, 30.0, alibi, sink)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
     assert dsink.shape == (3,) and dsink.dtype == torch.float32 and dsink.is_contiguous()
+    assert dbias.shape == (0,)
     schema = str(torch.ops.flashcupy.attention_fwd.default._schema)
     for arg in ("int? window_left=None", "int? window_right=None", "float? softcap=None",
-                "Tensor? alibi=None", "Tensor? sink=None"):
+                "Tensor? alibi=None", "Tensor? sink=None", "Tensor? bias=None",
+                "Tensor? mask=None", "float dropout_p=0.", "int seed=0", "int offset=0"):
         assert arg in schema
-    assert str(torch.ops.flashcupy.attention_bwd.default._schema).endswith(
-        "-> (Tensor, Tensor, Tensor, Tensor)")
+    bwd_schema = str(torch.ops.flashcupy.attention_bwd.default._schema)
+    assert "bool bias_grad=False" in bwd_schema
+    assert bwd_schema.endswith("-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fake_shapes_with_bias_mask_dropout_on_meta(bias_dtype):
+    """dbias has the bias's own shape and dtype (bias_grad=True), else it is empty."""
+    q = torch.empty(2, 3, 5, 8, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(2, 1, 7, 8, dtype=torch.bfloat16, device="meta")
+    v = torch.empty(1, 1, 7, 6, dtype=torch.bfloat16, device="meta")
+    bias = torch.empty(1, 3, 1, 7, dtype=bias_dtype, device="meta")
+    mask = torch.empty(5, 7, dtype=torch.bool, device="meta")
+    var = (None, None, None, None, None, bias, mask, 0.1, -5, 7)
+    out, lse = torch.ops.flashcupy.attention_fwd(q, k, v, False, None, *var)
+    assert out.shape == (2, 3, 5, 6) and lse.shape == (2, 3, 5)
+    for bias_grad in (False, True):
+        *_, dbias = torch.ops.flashcupy.attention_bwd(out, q, k, v, out, lse, False, None, False,
+                                                      *var, bias_grad)
+        if bias_grad:
+            assert dbias.shape == bias.shape and dbias.dtype == bias_dtype
+            assert dbias.is_contiguous()
+        else:
+            assert dbias.shape == (0,) and dbias.dtype == torch.float32
+
+
+def test_seed_round_trip():
+    """The operators take the 64-bit seed as a signed int64 and give it back whole."""
+    for seed in (0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x1234_5678_9ABC_DEF0):
+        s64 = fct._seed_i64(seed)
+        assert -2**63 <= s64 < 2**63 and fct._seed_u64(s64) == seed
 
 
 def test_one_plan_cache():
@@ -372,32 +461,48 @@ def test_plan_key_holds_the_variant():
     def key(**kw):
         return fct._plan_key("fwd", (q, q, q), False, None, **kw)
 
+    b1, b2 = torch.empty(8, 8), torch.empty(8, 8, dtype=torch.float16)
+    m1 = torch.empty(8, 8, dtype=torch.bool)
     keys = [key(), key(window_left=8, window_right=0), key(window_left=16, window_right=0),
             key(window_left=8), key(window_right=0), key(window_left=0, window_right=8),
-            key(softcap=5.0), key(softcap=6.0), key(extras=(a, None)), key(extras=(None, s1)),
-            key(extras=(a, s1)), key(extras=(None, s2)), key(extras=(None, s1.expand(2, 3))),
+            key(window_right=-3), key(softcap=5.0), key(softcap=6.0), key(extras=(a, None)),
+            key(extras=(None, s1)), key(extras=(a, s1)), key(extras=(None, s2)),
+            key(extras=(None, s1.expand(2, 3))), key(extras=(None, None, b1)),
+            key(extras=(None, None, b2)), key(extras=(None, None, b1.t())),
+            key(extras=(None, None, None, m1)), key(extras=(None, None, b1, m1)),
+            key(dropout_p=0.1), key(dropout_p=0.2),
             fct._plan_key("fwd", (q, q, q), True, None, window_left=8)]
     assert len(set(keys)) == len(keys)
     assert all(kk[0] == "torch" for kk in keys)
     assert key(window_left=8, window_right=0, softcap=5.0, extras=(a, s1)) == key(
         window_left=8, window_right=0, softcap=5.0, extras=(torch.empty(3), torch.empty(3)))
+    # the extras pad with None; the dropout's seed and offset are not in the key
+    assert key(extras=(a, None)) == key(extras=(a, None, None, None))
     # a scalar of a type the API would judge: no key, so no replay
     assert key(softcap=5) is None and key(window_left=True) is None
+    assert key(dropout_p=1) is None
 
 
 @pytest.mark.parametrize("window, exc, match", [
-    ((-1, 0), ValueError, r"window left side must be >= 0"),
-    ((0, -3), ValueError, r"window right side must be >= 0"),
     ((1.5, 0), TypeError, r"window left side must be an int"),
     ((0, "4"), TypeError, r"window right side must be an int"),
     ((True, 0), TypeError, r"window left side must be an int"),
     ((4,), TypeError, r"window must be None or a pair"),
     ((1, 2, 3), TypeError, r"window must be None or a pair"),
     (8, TypeError, r"window must be None or a pair"),
-], ids=["neg-left", "neg-right", "float", "str", "bool", "single", "triple", "int"])
+], ids=["float", "str", "bool", "single", "triple", "int"])
 def test_error_window(window, exc, match, no_launch):
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(exc, match=r"attention\(\): " + match):
+        fct.attention(q, q, q, window=window)
+
+
+@pytest.mark.parametrize("window", [(-1, 3), (2, -1), (None, -4)])
+def test_negative_window_sides_pass(window, no_launch):
+    """A negative side is a window past the diagonal (SDPA's top-left causal
+    mask is (None, L - S)): the check passes, then the CPU tensors are refused."""
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
         fct.attention(q, q, q, window=window)
 
 
@@ -451,20 +556,40 @@ def _sum_to(x, shape):
     return (x.sum(dim=dims, keepdim=True) if dims else x).reshape(shape)
 
 
+def keep_mask(seed, offset, batch, sq, sk, dropout_p, device="cpu"):
+    """flashcupy's dropout keep mask (``flashcupy._philox``, the kernels' bit
+    contract) as a bool tensor of shape batch + (Sq, Sk)."""
+    from flashcupy import _philox
+
+    keep = _philox.keep_mask(seed, offset, tuple(batch), sq, sk, dropout_p)
+    return torch.from_numpy(keep).to(device)
+
+
+def _cpu_keep(q, k, v, dropout_p, seed, offset):
+    """The keep mask of an operator call (its seed is the signed int64), or None."""
+    if dropout_p == 0.0:
+        return None
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    return keep_mask(fct._seed_u64(seed), offset, batch, q.shape[-2], k.shape[-2], dropout_p)
+
+
 def _cpu_fwd(q, k, v, causal, scale, window_left=None, window_right=None, softcap=None,
-             alibi=None, sink=None):
+             alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=0, offset=0):
     """The forward operator as a CPU kernel: the float64 reference."""
     window = None if window_left is None and window_right is None else (window_left, window_right)
     out, lse = reference(q, k, v, causal, scale, window=window, softcap=softcap,
-                         alibi_slopes=alibi, sink=sink)
+                         alibi_slopes=alibi, sink=sink, bias=bias, mask=mask,
+                         keep=_cpu_keep(q, k, v, dropout_p, seed, offset), dropout_p=dropout_p)
     return out.to(q.dtype).contiguous(), lse.to(fct._lse_dtype(q.dtype)).contiguous()
 
 
 def _cpu_bwd(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
-             window_right=None, softcap=None, alibi=None, sink=None):
+             window_right=None, softcap=None, alibi=None, sink=None, bias=None, mask=None,
+             dropout_p=0.0, seed=0, offset=0, bias_grad=False):
     """The backward operator as a CPU kernel, written out (a kernel runs below
-    autograd): P = exp(s - lse), dV = P^T dO, dS = P (dO V^T - delta), times
-    1 - tanh^2 under a softcap, dQ = scale dS K, dK = scale dS^T Q,
+    autograd): P = exp(s - lse), dropout's Z = keep / (1 - p) (1 without),
+    dV = (P Z)^T dO, dS = P (Z dO V^T - delta), dbias = dS, times 1 - tanh^2
+    under a softcap, dQ = scale dS K, dK = scale dS^T Q,
     dsink = -sum_i exp(sink - lse_i) delta_i; broadcast axes summed."""
     q64, k64, v64, do, o = (t.double() for t in (q, k, v, dout, out))
     if scale is None:
@@ -477,26 +602,36 @@ def _cpu_bwd(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=
     rel = torch.arange(sk)[None, :] - (torch.arange(sq)[:, None] + sk - sq)
     if alibi is not None:
         s = s - alibi.double()[..., None, None] * rel.abs()
+    if bias is not None:
+        s = s + bias.double()
     right = 0 if causal else window_right
     visible = torch.ones_like(rel, dtype=torch.bool)
     if window_left is not None:
         visible &= rel >= -window_left
     if right is not None:
         visible &= rel <= right
+    if mask is not None:
+        visible = visible & mask
     l = lse.double()[..., None]
     seen = torch.isfinite(l)
     p = torch.where(visible & seen, torch.exp(s - torch.where(seen, l, 0)), 0)
+    keep = _cpu_keep(q, k, v, dropout_p, seed, offset)
+    z = 1.0 if keep is None else keep.double() / (1.0 - dropout_p)
     delta = (do * o).sum(-1)
-    ds = p * (do @ v64.transpose(-1, -2) - delta[..., None])
+    ds = p * (z * (do @ v64.transpose(-1, -2)) - delta[..., None])
+    if bias_grad:
+        dbias = _sum_to(ds, bias.shape).to(bias.dtype)
+    else:
+        dbias = torch.empty((0,), dtype=torch.float32)
     if softcap is not None:
         ds = ds * (1 - t * t)
     dq = _sum_to(scale * ds @ k64, q.shape).to(q.dtype)
     dk = _sum_to(scale * ds.transpose(-1, -2) @ q64, k.shape).to(k.dtype)
-    dv = _sum_to(p.transpose(-1, -2) @ do, v.shape).to(v.dtype)
+    dv = _sum_to((p * z).transpose(-1, -2) @ do, v.shape).to(v.dtype)
     if sink is None:
-        return dq, dk, dv, torch.empty((0,), dtype=torch.float32)
+        return dq, dk, dv, torch.empty((0,), dtype=torch.float32), dbias
     p_sink = torch.exp(sink.double()[..., None] - lse.double())
-    return dq, dk, dv, _sum_to(-(p_sink * delta).sum(-1), sink.shape).float()
+    return dq, dk, dv, _sum_to(-(p_sink * delta).sum(-1), sink.shape).float(), dbias
 
 
 @pytest.fixture
@@ -591,6 +726,459 @@ def test_wiring_compile_fullgraph_variants(cpu_kernels, seed):
     torch.testing.assert_close(loss_c, loss_e)
     for gc, ge in zip(grads_c, grads_e):
         torch.testing.assert_close(gc, ge)
+
+
+# ----------------------------------------------------------------------------
+# bias, mask, dropout, no GPU needed: bad arguments, and the wiring through
+# the CPU kernels (the float64 reference with flashcupy's keep mask)
+# ----------------------------------------------------------------------------
+
+# q, k, v of shape (1, 2, 16, 32) float32: target (1, 2, 16, 16)
+BAD_PAIR_TENSORS = {
+    "bias-int": (dict(bias=lambda: torch.zeros(16, 16, dtype=torch.int32)), TypeError,
+                 r"bias has dtype int32 and shape \(16, 16\); expected a floating tensor of "
+                 r"q's dtype \(float32\) or float32"),
+    "bias-complex": (dict(bias=lambda: torch.zeros(16, 16, dtype=torch.complex64)), TypeError,
+                     r"bias has dtype complex64"),
+    "bias-bool": (dict(bias=lambda: torch.ones(16, 16, dtype=torch.bool)), TypeError,
+                  r"bias has dtype bool .*; a boolean mask goes in mask"),
+    "bias-fp16": (dict(bias=lambda: torch.zeros(16, 16, dtype=torch.float16)), TypeError,
+                  r"bias has dtype float16"),
+    "bias-fp64": (dict(bias=lambda: torch.zeros(16, 16, dtype=torch.float64)), TypeError,
+                  r"bias has dtype float64"),
+    "bias-shape": (dict(bias=lambda: torch.zeros(3, 16)), ValueError,
+                   r"bias has shape \(3, 16\) \(dtype float32\), which does not broadcast to "
+                   r"\(1, 2, 16, 16\)"),
+    "bias-batch": (dict(bias=lambda: torch.zeros(3, 16, 16)), ValueError,
+                   r"bias has shape \(3, 16, 16\)"),
+    "bias-ndim": (dict(bias=lambda: torch.zeros(1, 1, 2, 16, 16)), ValueError,
+                  r"bias has shape \(1, 1, 2, 16, 16\)"),
+    "bias-list": (dict(bias=lambda: [[0.0] * 16] * 16), TypeError,
+                  r"bias must be a torch.Tensor"),
+    "bias-device": (dict(bias=lambda: torch.zeros(16, 16, device="meta")), ValueError,
+                    r"bias is on meta but the inputs are on cpu"),
+    "mask-float": (dict(mask=lambda: torch.ones(16, 16)), TypeError,
+                   r"mask has dtype float32 and shape \(16, 16\); expected a bool tensor"),
+    "mask-int": (dict(mask=lambda: torch.ones(16, 16, dtype=torch.uint8)), TypeError,
+                 r"mask has dtype uint8"),
+    "mask-shape": (dict(mask=lambda: torch.ones(2, 1, 16, 16, dtype=torch.bool)), ValueError,
+                   r"mask has shape \(2, 1, 16, 16\) \(dtype bool\), which does not broadcast"),
+    "mask-device": (dict(mask=lambda: torch.ones(16, 16, dtype=torch.bool, device="meta")),
+                    ValueError, r"mask is on meta but the inputs are on cpu"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_PAIR_TENSORS))
+def test_error_bias_mask_cpu(bad, cpu_device, no_launch):
+    kw, exc, match = BAD_PAIR_TENSORS[bad]
+    q = torch.randn(1, 2, 16, 32)
+    with pytest.raises(exc, match=r"attention\(\): " + match):
+        fct.attention(q, q, q, **{n: make() for n, make in kw.items()})
+
+
+# query (2, 4, 8, 32) against key/value (2, 4 or 2, 12, 32): target (2, 4, 8, 12)
+BAD_ATTN_MASKS = {
+    "int": (lambda: torch.ones(8, 12, dtype=torch.int64), {}, TypeError,
+            r"attn_mask has dtype int64 and shape \(8, 12\); expected bool \(True = take part "
+            r"in attention\) or a floating tensor of the query's dtype \(float32\) or float32"),
+    "fp16": (lambda: torch.zeros(8, 12, dtype=torch.float16), {}, TypeError,
+             r"attn_mask has dtype float16"),
+    "shape": (lambda: torch.ones(8, 8, dtype=torch.bool), {}, ValueError,
+              r"attn_mask has shape \(8, 8\) \(dtype bool\), which does not broadcast to "
+              r"\(2, 4, 8, 12\)"),
+    "heads": (lambda: torch.ones(2, 3, 8, 12, dtype=torch.bool), {}, ValueError,
+              r"attn_mask has shape \(2, 3, 8, 12\)"),
+    # with enable_gqa the target has the query's 4 heads, not the key's 2
+    "gqa-kv-heads": (lambda: torch.zeros(2, 2, 8, 12), dict(enable_gqa=True), ValueError,
+                     r"attn_mask has shape \(2, 2, 8, 12\) \(dtype float32\), which does not "
+                     r"broadcast to \(2, 4, 8, 12\)"),
+    "device": (lambda: torch.ones(8, 12, dtype=torch.bool, device="meta"), {}, ValueError,
+               r"attn_mask is on meta but the inputs are on cpu"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ATTN_MASKS))
+def test_error_sdpa_attn_mask_cpu(bad, cpu_device, no_launch):
+    make, kw, exc, match = BAD_ATTN_MASKS[bad]
+    q = torch.randn(2, 4, 8, 32)
+    kv = torch.randn(2, 2 if kw.get("enable_gqa") else 4, 12, 32)
+    with pytest.raises(exc, match=r"scaled_dot_product_attention\(\): " + match):
+        fct.scaled_dot_product_attention(q, kv, kv, attn_mask=make(), **kw)
+
+
+def _bias_mask_inputs(seed, bias_shape=(1, 3, 6, 9), mask_shape=(2, 1, 1, 9)):
+    """A float64 bias (requires grad) and a bool mask (one masked key per batch
+    element, never a whole row) for _cpu_inputs' (2, 3, 6, 9) problem."""
+    bias = randn(bias_shape, torch.float64, seed + 6, device="cpu", requires_grad=True)
+    gen = torch.Generator().manual_seed(seed + 7)
+    mask = torch.rand(mask_shape, generator=gen) > 0.25
+    mask[..., 0] = True  # every row keeps a key
+    return bias, mask
+
+
+def test_wiring_opcheck_bias_mask_dropout(cpu_kernels, seed):
+    q, k, v = _cpu_inputs(seed)
+    bias, mask = _bias_mask_inputs(seed)
+    var = (None, None, None, None, None, bias, mask, 0.25, fct._seed_i64(2**63 + seed), 3)
+    args = (q, k, v, False, None, *var)
+    torch.library.opcheck(torch.ops.flashcupy.attention_fwd.default, args)
+    with torch.no_grad():
+        out, lse = torch.ops.flashcupy.attention_fwd(*args)
+    dout = randn(out.shape, torch.float64, seed + 5, device="cpu")
+    for bias_grad in (False, True):
+        torch.library.opcheck(torch.ops.flashcupy.attention_bwd.default,
+                              (dout, q.detach(), k.detach(), v.detach(), out, lse, False, None,
+                               False, *var[:5], bias.detach(), *var[6:], bias_grad))
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_wiring_gradcheck_bias_mask(path, cpu_kernels, seed):
+    """The bias's gradient reaches the bias (its own shape, summed over the
+    axes it broadcasts along) with a mask, on the eager autograd.Function and
+    on the operator's register_autograd; with dropout (the operator, at a
+    fixed seed and offset) the backward regenerates the forward's pattern."""
+    q, k, v = _cpu_inputs(seed)
+    bias, mask = _bias_mask_inputs(seed)
+    if path == "eager":
+        def f(q, k, v, bias):
+            return fct.attention(q, k, v, causal=True, window=(4, None), softcap=2.0, bias=bias,
+                                 mask=mask)
+    else:
+        def f(q, k, v, bias):
+            return torch.ops.flashcupy.attention_fwd(q, k, v, False, 0.3, None, None, None, None,
+                                                     None, bias, mask, 0.3, -12345, 9)[0]
+    assert torch.autograd.gradcheck(f, (q, k, v, bias), fast_mode=True)
+
+
+@pytest.fixture
+def record_bwd(monkeypatch, cpu_kernels):
+    """Records the arguments the backward operator receives."""
+    calls = []
+    inner = fct._bwd_impl
+
+    def bwd(*args):
+        calls.append(args)
+        return inner(*args)
+
+    monkeypatch.setattr(fct, "_bwd_impl", bwd)
+    return calls
+
+
+def test_wiring_bias_grad_only_when_required(record_bwd, seed):
+    """bias_grad=True reaches the kernels only when the bias requires grad;
+    a bool mask and a bias that does not require grad get None."""
+    q, k, v = _cpu_inputs(seed)
+    bias, mask = _bias_mask_inputs(seed)
+    for requires in (False, True):
+        b = bias.detach().requires_grad_(requires)
+        fct.attention(q, k, v, bias=b, mask=mask).sum().backward()
+        assert record_bwd[-1][-1] is requires  # bias_grad, the last argument
+        assert (b.grad is not None) == requires
+        if requires:
+            assert b.grad.shape == b.shape and b.grad.dtype == b.dtype
+    assert mask.grad is None
+
+
+def test_wiring_float32_bias_beside_float64(cpu_kernels, seed):
+    """A float32 bias with float64 inputs is allowed; its gradient is float32."""
+    q, k, v = _cpu_inputs(seed)
+    bias = randn((6, 9), torch.float32, seed + 6, device="cpu", requires_grad=True)
+    fct.attention(q, k, v, bias=bias).sum().backward()
+    assert bias.grad.dtype == torch.float32 and bias.grad.shape == (6, 9)
+
+
+class _FakeGenerator:
+    """Stands in for PyTorch's CUDA generator in CPU tests: seed, offset steps."""
+
+    def __init__(self, seed):
+        self.seed, self.step, self.draws = seed, 0, []
+
+    def draw(self, device):
+        out = (self.seed, self.step % 2**32)
+        self.step += 1
+        self.draws.append(out)
+        return out
+
+
+@pytest.fixture
+def fake_generator(monkeypatch):
+    gen = _FakeGenerator(2**64 - 7)  # a seed past 2**63: the operators' signed int64
+    monkeypatch.setattr(fct, "_draw_dropout_seed", gen.draw)
+    return gen
+
+
+def test_wiring_dropout_seed_reaches_both_passes(record_bwd, fake_generator, seed):
+    """attention(dropout_p=...) draws one (seed, offset) per call, the forward
+    uses it and the backward gets the same; values match the reference with
+    flashcupy's keep mask of that seed and offset."""
+    q, k, v = _cpu_inputs(seed)
+    bias, mask = _bias_mask_inputs(seed)
+    p = 0.3
+    outs = []
+    for call in range(2):
+        out = fct.attention(q, k, v, bias=bias, mask=mask, dropout_p=p)
+        dout = randn(out.shape, torch.float64, seed + 10 + call, device="cpu")
+        grads = torch.autograd.grad(out, (q, k, v, bias), dout)
+        s, off = fake_generator.draws[call]
+        args = record_bwd[-1]
+        assert args[-4:-1] == (p, fct._seed_i64(s), off)  # dropout_p, seed, offset
+        keep = keep_mask(s, off, (2, 3), 6, 9, p)
+        ref_out, _, ref_grads = reference(q, k, v, dout=dout, bias=bias, mask=mask, keep=keep,
+                                          dropout_p=p)
+        assert_close("out", out, ref_out)
+        for name, g, r in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+            assert_close(name, g, r, grad=True)
+        outs.append(out)
+    assert fake_generator.draws[0][1] != fake_generator.draws[1][1]  # a new offset per call
+    assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.fixture
+def core_calls(monkeypatch, cpu_device):
+    """Runs the operators' implementations on CPU tensors with the core
+    replaced by a recorder that binds every call to flashcupy.api's real
+    signature (so a keyword the core does not take fails here) and zero-fills
+    the outputs; CuPy views are the tensors themselves."""
+    import contextlib
+    import inspect
+
+    calls = []
+
+    def recorder(name, real, fill):
+        sig = inspect.signature(real)
+
+        def call(*args, **kw):
+            sig.bind(*args, **kw)
+            calls.append((name, args, kw))
+            for out in fill:
+                if kw.get(out) is not None:
+                    kw[out].zero_()
+
+        return call
+
+    monkeypatch.setattr(fct, "_as_cupy", lambda t: t)
+    monkeypatch.setattr(fct, "_cupy_on_torch", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(fct, "_PLANS", _plan.PlanCache())
+    monkeypatch.setattr(api, "_forward", recorder("fwd", api._forward, ("out", "lse")))
+    monkeypatch.setattr(api, "_backward", recorder(
+        "bwd", api._backward, ("dq", "dk", "dv", "dsink", "dbias")))
+    monkeypatch.setattr(api, "cached_plan", recorder("plan", api.cached_plan, ()))
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no-dropout", "dropout"])
+def test_impl_hands_the_core_its_keywords(dropout, core_calls, fake_generator, seed):
+    """What the operators pass flashcupy.api: bias, mask, bias_grad, a
+    preallocated dbias of the bias's shape and dtype, the dropout's
+    probability, unsigned seed and offset (the same in both passes), and the
+    cached_plan lookups with the bias and mask and dropout_p."""
+    q, k, v = _cpu_inputs(seed)
+    bias, mask = _bias_mask_inputs(seed)
+    p = 0.2 if dropout else 0.0
+    out = fct.attention(q, k, v, bias=bias, mask=mask, dropout_p=p)
+    out.sum().backward()
+    (f, _, fkw), (pf, pfa, pfkw), (b, _, bkw), (pb, pba, pbkw) = core_calls
+    assert (f, pf, b, pb) == ("fwd", "plan", "bwd", "plan")
+    assert pfa[0] == "fwd" and pba[0] == "bwd-dbias"
+    assert pfa[-1][2:] == (bias, mask) and pba[-1][2:] == (bias, mask)  # extras: ..., bias, mask
+    seed_u64, offset = fake_generator.draws[0] if dropout else (None, 0)
+    for kw in (fkw, bkw):
+        assert kw["bias"] is bias and kw["mask"] is mask
+        assert (kw["dropout_p"], kw["seed"], kw["offset"]) == (p, seed_u64, offset)
+    assert bkw["bias_grad"] is True
+    assert bkw["dbias"].shape == bias.shape and bkw["dbias"].dtype == bias.dtype
+    assert bias.grad.shape == bias.shape
+    for kw in (pfkw, pbkw):
+        assert kw["dropout_p"] == p
+
+
+def test_wiring_dropout_under_no_grad(cpu_kernels, fake_generator, seed):
+    """Dropout applies whenever dropout_p > 0 (no_grad, eval): the caller's choice."""
+    q, k, v = _cpu_inputs(seed)
+    with torch.no_grad():
+        out = fct.attention(q, k, v, dropout_p=0.5)
+        plain = fct.attention(q, k, v)
+    assert len(fake_generator.draws) == 1
+    assert not torch.equal(out, plain)
+
+
+def test_wiring_deterministic_broadcast_bias(record_bwd, seed):
+    """Under torch.use_deterministic_algorithms(True) the gradient of a
+    broadcast bias raises (torch's message); warn_only warns and runs the
+    nondeterministic kernels; a bias expanded to the full shape is fine."""
+    q, k, v = _cpu_inputs(seed)
+    bias, _ = _bias_mask_inputs(seed)
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        out = fct.attention(q, k, v, bias=bias)
+        with pytest.raises(RuntimeError, match=r"does not have a deterministic implementation, "
+                                               r"but you set 'torch.use_deterministic_algorithms"):
+            out.sum().backward()
+        fct.attention(q, k, v, bias=bias.expand(2, 3, 6, 9)).sum().backward()
+        assert record_bwd[-1][8] is True  # deterministic
+        bias.grad = None
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        out = fct.attention(q, k, v, bias=bias)
+        with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+            out.sum().backward()
+        assert record_bwd[-1][8] is False and bias.grad.shape == bias.shape
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def test_wiring_compile_fullgraph_bias_mask(cpu_kernels, seed):
+    """torch.compile(fullgraph=True) traces the bias / mask checks and the
+    operators, the bias's gradient included."""
+    mask = _bias_mask_inputs(seed)[1]
+
+    def loss_fn(q, k, v, bias):
+        return fct.attention(q, k, v, causal=True, bias=bias, mask=mask).sum()
+
+    q, k, v = _cpu_inputs(seed)
+    bias = _bias_mask_inputs(seed)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        grads_c = torch.autograd.grad(compiled(q, k, v, bias), (q, k, v, bias))
+    grads_e = torch.autograd.grad(loss_fn(q, k, v, bias), (q, k, v, bias))
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+
+
+def test_wiring_compile_dropout(cpu_kernels, fake_generator, seed):
+    """Under torch.compile the generator draw is a graph break (each call draws
+    anew, the backward gets the forward's seed and offset); with
+    fullgraph=True an error that names it."""
+    def loss_fn(q, k, v):
+        return fct.attention(q, k, v, dropout_p=0.25).sum()
+
+    q, k, v = _cpu_inputs(seed)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager")
+    for call in range(3):
+        loss_c = compiled(q, k, v)
+        grads_c = torch.autograd.grad(loss_c, (q, k, v))
+        s, off = fake_generator.draws[-1]
+        keep = keep_mask(s, off, (2, 3), 6, 9, 0.25)
+        ref_out, _, ref_grads = reference(q, k, v, dout=torch.ones(2, 3, 6, 4, dtype=torch.float64),
+                                          keep=keep, dropout_p=0.25)
+        torch.testing.assert_close(loss_c, ref_out.sum())
+        for gc, r in zip(grads_c, ref_grads):
+            torch.testing.assert_close(gc, r)
+    assert len({d[1] for d in fake_generator.draws}) == len(fake_generator.draws) == 3
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="dropout seed and offset"):
+        torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(q, k, v)
+
+
+# ----------------------------------------------------------------------------
+# scaled_dot_product_attention's mapping (attn_mask, top-left is_causal, GQA
+# views, dropout) against PyTorch's own math backend, through the CPU kernels
+# ----------------------------------------------------------------------------
+
+def _sdpa_math(*args, **kw):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(*args, **kw)
+
+
+# (query, key/value shapes, attn_mask: None, ("bool" | "float", shape), keywords)
+SDPA_MAP_CASES = {
+    "bool-LS": ((2, 3, 6, 8), (2, 3, 9, 8), ("bool", (6, 9)), {}),
+    "bool-keypad": ((2, 3, 6, 8), (2, 3, 9, 8), ("bool", (2, 1, 1, 9)), {}),
+    "bool-full": ((2, 3, 6, 8), (2, 3, 9, 8), ("bool", (2, 3, 6, 9)), {}),
+    "float-LS": ((2, 3, 6, 8), (2, 3, 9, 8), ("float", (6, 9)), {}),
+    "float-keypad": ((2, 3, 6, 8), (2, 3, 9, 8), ("float", (2, 1, 1, 9)), {}),
+    "float-full": ((2, 3, 6, 8), (2, 3, 9, 8), ("float", (2, 3, 6, 9)), dict(scale=0.4)),
+    "causal-L<S": ((2, 3, 6, 8), (2, 3, 9, 8), None, dict(is_causal=True)),
+    "causal-L>S": ((2, 3, 9, 8), (2, 3, 6, 8), None, dict(is_causal=True)),
+    "causal-square": ((2, 3, 7, 8), (2, 3, 7, 8), None, dict(is_causal=True)),
+    "gqa-bool-full": ((2, 4, 6, 8), (2, 2, 9, 8), ("bool", (2, 4, 6, 9)), dict(enable_gqa=True)),
+    "gqa-float-heads": ((2, 4, 6, 8), (2, 2, 9, 8), ("float", (4, 6, 9)), dict(enable_gqa=True)),
+    "gqa-float-keypad": ((2, 4, 6, 8), (2, 2, 9, 8), ("float", (2, 1, 1, 9)),
+                         dict(enable_gqa=True)),
+    "gqa-causal-L<S": ((2, 4, 6, 8), (2, 2, 9, 8), None, dict(enable_gqa=True, is_causal=True)),
+    "3d-bool": ((3, 6, 8), (3, 9, 8), ("bool", (3, 6, 9)), {}),
+}
+
+
+def make_attn_mask(spec, seed, device="cpu", dtype=torch.float64, requires_grad=False):
+    """A bool mask (True = attend; every row keeps its first key) or a float
+    mask (a normal draw with a few -inf), of ``spec`` = (kind, shape)."""
+    kind, shape = spec
+    gen = torch.Generator(device=device).manual_seed(seed % 2**63)
+    keep = torch.rand(shape, generator=gen, device=device) > 0.3
+    keep[..., 0] = True
+    if kind == "bool":
+        return keep
+    x = randn(shape, dtype, seed + 1, device=device)
+    return x.masked_fill(~keep, float("-inf")).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("case", list(SDPA_MAP_CASES))
+def test_wiring_sdpa_matches_torch_math(case, cpu_kernels, seed):
+    qs, kvs, spec, kw = SDPA_MAP_CASES[case]
+    q = randn(qs, torch.float64, seed, device="cpu", requires_grad=True)
+    k = randn(kvs, torch.float64, seed + 1, device="cpu", requires_grad=True)
+    v = randn(kvs, torch.float64, seed + 2, device="cpu", requires_grad=True)
+    m = None if spec is None else make_attn_mask(spec, seed + 3, requires_grad=True)
+    wrt = (q, k, v) + ((m,) if m is not None and m.requires_grad else ())
+    out = fct.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw)
+    ref = _sdpa_math(q, k, v, attn_mask=m, **kw)
+    assert out.shape == ref.shape
+    assert_close("out", out, ref)
+    dout = randn(out.shape, torch.float64, seed + 4, device="cpu")
+    for name, g, r in zip(("dq", "dk", "dv", "dmask"), torch.autograd.grad(out, wrt, dout),
+                          torch.autograd.grad(ref, wrt, dout)):
+        assert g.shape == r.shape, name
+        assert_close(name, g, r, grad=True)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_wiring_sdpa_fully_masked_row(kind, cpu_kernels, seed):
+    """A row with every key masked: out = 0 and zero gradients, as PyTorch's
+    math backend gives (the flashcupy convention, documented in the docstring)."""
+    q = randn((1, 2, 5, 8), torch.float64, seed, device="cpu", requires_grad=True)
+    k = randn((1, 2, 7, 8), torch.float64, seed + 1, device="cpu", requires_grad=True)
+    v = randn((1, 2, 7, 8), torch.float64, seed + 2, device="cpu", requires_grad=True)
+    keep = torch.ones(5, 7, dtype=torch.bool)
+    keep[2] = False
+    m = keep if kind == "bool" else torch.zeros(5, 7, dtype=torch.float64).masked_fill(
+        ~keep, float("-inf"))
+    out = fct.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    ref = _sdpa_math(q, k, v, attn_mask=m)
+    assert torch.equal(out[..., 2, :], torch.zeros_like(out[..., 2, :]))
+    assert torch.equal(ref[..., 2, :], torch.zeros_like(ref[..., 2, :]))
+    assert_close("out", out, ref)
+    dout = randn(out.shape, torch.float64, seed + 3, device="cpu")
+    dq = torch.autograd.grad(out, q, dout)[0]
+    assert torch.equal(dq[..., 2, :], torch.zeros_like(dq[..., 2, :]))
+    assert_close("dq", dq, torch.autograd.grad(ref, q, dout)[0], grad=True)
+
+
+def test_wiring_sdpa_dropout(record_bwd, fake_generator, seed):
+    """SDPA's dropout_p: one draw per call, the backward gets the forward's
+    seed and offset; with GQA the keep mask's batch is (B, Hq) (the flat
+    index of (B, Hkv, G) is the query head's)."""
+    q = randn((2, 4, 6, 8), torch.float64, seed, device="cpu", requires_grad=True)
+    k = randn((2, 2, 9, 8), torch.float64, seed + 1, device="cpu", requires_grad=True)
+    v = randn((2, 2, 9, 8), torch.float64, seed + 2, device="cpu", requires_grad=True)
+    m = make_attn_mask(("bool", (2, 1, 1, 9)), seed + 3)
+    out = fct.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.2, enable_gqa=True)
+    dout = randn(out.shape, torch.float64, seed + 4, device="cpu")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    (s, off), = fake_generator.draws
+    assert record_bwd[-1][-4:-1] == (0.2, fct._seed_i64(s), off)
+    keep = keep_mask(s, off, (2, 4), 6, 9, 0.2)
+    rk, rv = (t.repeat_interleave(2, dim=1) for t in (k, v))
+    ref_out, _, ref_grads = reference(q, rk, rv, dout=dout, mask=m, keep=keep, dropout_p=0.2)
+    assert_close("out", out, ref_out)
+    rdk, rdv = (g.unflatten(1, (2, 2)).sum(2) for g in ref_grads[1:3])
+    for name, g, r in zip(("dq", "dk", "dv"), grads, (ref_grads[0], rdk, rdv)):
+        assert_close(name, g, r, grad=True)
 
 
 # ----------------------------------------------------------------------------
@@ -738,8 +1326,8 @@ def test_zero_copy_backward(spy, seed):
     q, k, v = make_inputs("mqa-128x200-d40", torch.bfloat16, seed)
     out, lse = torch.ops.flashcupy.attention_fwd(q, k, v, False, None)
     dout = randn(out.shape, torch.bfloat16, seed + 3)
-    dq, dk, dv, _ = torch.ops.flashcupy.attention_bwd(dout, q, k, v, out, lse, False, None,
-                                                      False)
+    dq, dk, dv, _, _ = torch.ops.flashcupy.attention_bwd(dout, q, k, v, out, lse, False, None,
+                                                         False)
     call = spy[-1]
     assert call["kind"] == "bwd"
     a = call["arrays"]
@@ -1358,13 +1946,6 @@ def test_error_bad_scale(no_launch):
 
 
 @gpu
-def test_error_sdpa_causal_rectangular(no_launch):
-    q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match="top-left"):
-        fct.scaled_dot_product_attention(q[..., :8, :], k, v, is_causal=True)
-
-
-@gpu
 def test_error_sdpa_gqa_heads(no_launch):
     q = torch.randn(1, 6, 16, 32, device="cuda").half()
     k = torch.randn(1, 4, 16, 32, device="cuda").half()
@@ -1396,7 +1977,5 @@ def test_error_variant_tensors(bad, no_launch):
 @gpu
 def test_error_variant_scalars_on_gpu(no_launch):
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match=r"window left side must be >= 0"):
-        fct.attention(q, k, v, window=(-1, 0))
     with pytest.raises(ValueError, match=r"softcap must be a finite number > 0"):
         fct.attention(q, k, v, softcap=float("nan"))
