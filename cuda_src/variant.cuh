@@ -52,6 +52,9 @@
 #define FC_VF_MASK 64    // boolean mask (one byte per element; 0 removes the pair)
 #define FC_VF_DBIAS 128  // backward: dS added into the bias's gradient (atomics)
 #define FC_VF_DROPOUT 512  // dropout on P (Philox4x32-10, flashcupy/_philox.py)
+#define FC_VF_DBIAS_STORE 1024  // with FC_VF_DBIAS: dS stored into dbias (in the bias's
+                                // storage type), not added: each pair has its own dbias
+                                // element (a bias of the full shape), so no atomics
 
 // Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as
 // easy as 1, 2, 3", SC 2011), as flashcupy/_philox.py states it: ten rounds of
@@ -116,6 +119,7 @@ struct Variant {
   static constexpr bool MASK = (VF & FC_VF_MASK) != 0;
   static constexpr bool DBIAS = (VF & FC_VF_DBIAS) != 0;
   static constexpr bool DROPOUT = (VF & FC_VF_DROPOUT) != 0;
+  static constexpr bool DBIAS_STORE = DBIAS && (VF & FC_VF_DBIAS_STORE) != 0;
   // A per-pair offset read from memory (bias, mask).  It adds in whatever units
   // the body keeps scores in (offset_u), so it needs no transform of its own.
   static constexpr bool OFFSET = BIAS || MASK;
@@ -179,7 +183,12 @@ struct Variant {
       bias_b = static_cast<const TB *>(a.bias.ptr) + bi.b0 * a.bias.sb0 + bi.b1 * a.bias.sb1 +
                bi.b2 * a.bias.sb2 + grp * a.bias_sg;
     if constexpr (MASK) mask_b = a.mask.batch(bi.b0, bi.b1, bi.b2) + grp * a.mask_sg;
-    if constexpr (DBIAS) dbias_b = a.dbias.batch(bi.b0, bi.b1, bi.b2) + grp * a.dbias_sg;
+    if constexpr (DBIAS_STORE)  // (strides in elements of the bias's type)
+      dbias_b = reinterpret_cast<Acc *>(reinterpret_cast<TB *>(a.dbias.ptr) + bi.b0 * a.dbias.sb0 +
+                                        bi.b1 * a.dbias.sb1 + bi.b2 * a.dbias.sb2 +
+                                        grp * a.dbias_sg);
+    else if constexpr (DBIAS)
+      dbias_b = a.dbias.batch(bi.b0, bi.b1, bi.b2) + grp * a.dbias_sg;
     if constexpr (DROPOUT)
       drop_bh = (unsigned)((fc_index_t) reinterpret_cast<unsigned long long>(a.dropout_index.ptr) +
                            bi.b0 * a.dropout_index.sb0 + bi.b1 * a.dropout_index.sb1 +
@@ -331,11 +340,17 @@ struct Variant {
   }
   // dbias(i, j) += dS(i, j) (natural units: the gradient of the logit the bias
   // joins).  Atomic: a bias broadcast over batch or group axes has several
-  // writers; a full bias has one per element, so its sum stays deterministic.
+  // writers.  A full bias has one per element: DBIAS_STORE stores dS in the
+  // bias's own type (no float32 buffer, no atomics, no cast afterwards).
   __device__ __forceinline__ void dbias_add(int i, int j, Acc ds) const {
     if constexpr (DBIAS)
-      if (i < seqlen_q && j < seqlen_k)
-        atomicAdd(dbias_b + (fc_index_t)i * dbias_sr + (fc_index_t)j * dbias_sc, ds);
+      if (i < seqlen_q && j < seqlen_k) {
+        const fc_index_t off = (fc_index_t)i * dbias_sr + (fc_index_t)j * dbias_sc;
+        if constexpr (DBIAS_STORE)
+          reinterpret_cast<TB *>(dbias_b)[off] = from_acc<TB>(ds);
+        else
+          atomicAdd(dbias_b + off, ds);
+      }
   }
 
   // ---- dropout -------------------------------------------------------------

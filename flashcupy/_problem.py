@@ -15,8 +15,8 @@ import numpy as np
 
 from . import _dtypes
 from . import _philox
-from ._spec import (VF_ALIBI, VF_BIAS, VF_BIAS_ACC, VF_DBIAS, VF_DROPOUT, VF_LEFT, VF_MASK,
-                    VF_RIGHT, VF_SINK, VF_SOFTCAP)
+from ._spec import (VF_ALIBI, VF_BIAS, VF_BIAS_ACC, VF_DBIAS, VF_DBIAS_STORE, VF_DROPOUT,
+                    VF_LEFT, VF_MASK, VF_RIGHT, VF_SINK, VF_SOFTCAP)
 
 LOG2E = 1.4426950408889634
 
@@ -35,6 +35,8 @@ class Features:
         accumulator's dtype, float32 beside 16-bit inputs).
     mask: a boolean mask is given.
     bias_grad: the backward also returns the bias's gradient.
+    dbias_store: ... and stores it, one writer per element (a full-shape bias
+        whose gradient has the kernels' bias type), instead of adding it.
     dropout: the dropout probability p (0: off); the seed and offset are
         per-call values, not features (a plan replays them from its
         environment).
@@ -48,6 +50,7 @@ class Features:
     bias: str | None = None
     mask: bool = False
     bias_grad: bool = False
+    dbias_store: bool = False
     dropout: float = 0.0
 
     @property
@@ -63,6 +66,7 @@ class Features:
                 | (VF_BIAS if self.bias == "t" else VF_BIAS_ACC if self.bias else 0)
                 | (VF_MASK if self.mask else 0)
                 | (VF_DBIAS if self.bias_grad and not forward else 0)
+                | (VF_DBIAS_STORE if self.bias_grad and self.dbias_store and not forward else 0)
                 | (VF_DROPOUT if self.dropout > 0 else 0))
 
     def kernel_args(self, seqlen_q: int, seqlen_k: int, scale: float) -> dict:

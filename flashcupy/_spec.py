@@ -31,11 +31,14 @@ VF_RIGHT, VF_SOFTCAP, VF_ALIBI, VF_SINK, VF_LEFT = 1, 2, 4, 8, 16
 VF_BIAS, VF_MASK, VF_DBIAS, VF_BIAS_ACC = 32, 64, 128, 256
 # Dropout on the probabilities (Philox bits, flashcupy/_philox.py).
 VF_DROPOUT = 512
+# With VF_DBIAS: dS stored into a full-shape bias's gradient, not added (one
+# writer per element).
+VF_DBIAS_STORE = 1024
 VF_LOCAL = VF_LEFT | VF_RIGHT  # a two-sided sliding window
 _VF_NAMES = ((VF_RIGHT, "right"), (VF_LEFT, "left"), (VF_SOFTCAP, "softcap"),
              (VF_ALIBI, "alibi"), (VF_SINK, "sink"), (VF_BIAS, "bias"),
              (VF_BIAS_ACC, "bias32"), (VF_MASK, "mask"), (VF_DBIAS, "dbias"),
-             (VF_DROPOUT, "dropout"))
+             (VF_DROPOUT, "dropout"), (VF_DBIAS_STORE, "dbias-store"))
 
 
 def variant_names(vf: int) -> list:

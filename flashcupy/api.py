@@ -7,6 +7,7 @@ and what was expected.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numpy as np
@@ -743,6 +744,12 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, wi
                 f"{fn}: deterministic=True with bias_grad=True needs a bias of the full shape "
                 f"{prob.bshape + (prob.seqlen_q, prob.seqlen_k)} (got {tuple(bias.shape)}): a "
                 f"broadcast bias's gradient is summed with float32 atomics")
+        if bias_grad and bias is bias_in and tuple(bias.shape) == prob.bshape + (
+                prob.seqlen_q, prob.seqlen_k):
+            # a full-shape bias (in the kernels' bias type): each dbias element has
+            # one writer, which stores dS into it (no float32 buffer, no atomics)
+            prob = dataclasses.replace(
+                prob, features=dataclasses.replace(prob.features, dbias_store=True))
         out_shape, lse_shape = broadcast_shapes(q.shape, k.shape, v.shape)
         dev = prob.device_id
         _check_given(fn, "dout", dout, out_shape, prob.dtype, dev)
@@ -891,11 +898,22 @@ def _plan_backward(plan, env, deterministic):
         # dS is added into an accumulator of the bias's own shape (zeroed here),
         # then cast into dbias when the two dtypes differ.
         out_b = env["dbias_out"]
-        if out_b.dtype == prob.acc_dtype and out_b.flags.c_contiguous:
-            plan.alias(env, "dbias", "dbias_out")
+        if prob.features.dbias_store:
+            # stored into dbias itself (a C-contiguous one; else a buffer of its dtype,
+            # copied into it afterwards); only pairs no tile visits (outside a window
+            # or the causal band) need the zero fill
+            if out_b.flags.c_contiguous:
+                plan.alias(env, "dbias", "dbias_out")
+            else:
+                plan.alloc(env, "dbias", out_b.shape, out_b.dtype)
+            if prob.features.local:
+                plan.zero("dbias")
         else:
-            plan.alloc(env, "dbias", out_b.shape, prob.acc_dtype)
-        plan.zero("dbias")
+            if out_b.dtype == prob.acc_dtype and out_b.flags.c_contiguous:
+                plan.alias(env, "dbias", "dbias_out")
+            else:
+                plan.alloc(env, "dbias", out_b.shape, prob.acc_dtype)
+            plan.zero("dbias")
     pair_ops, pair_scalars = _variant_tensors(
         {n: env[n] for n in ("bias", "mask", "dbias", "dropout_index") if n in env}, bs, st,
         pairs=("bias", "mask", "dbias"))

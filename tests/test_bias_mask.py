@@ -33,6 +33,9 @@ CASES = [
     ("bias-keypad", (B, HKV), (B, HKV), (B, 1, 1, "Sk"), "q", None, {}),
     ("bias-2d-f32-causal", (B, HKV), (B, HKV), ("Sq", "Sk"), "f32", None, {"causal": True}),
     ("bias-softcap", (B, HKV), (B, HKV), "full", "q", None, {"softcap": 2.0}),
+    # a full bias's gradient is stored, not added: pairs outside the band are zero-filled
+    ("bias-full-causal-window", (B, HKV), (B, HKV), "full", "f32", None,
+     {"causal": True, "window": (30, None)}),
     ("mask-full", (B, HKV), (B, HKV), None, None, (B, 1, "Sq", "Sk"), {}),
     ("mask-keypad-window", (B, HKV), (B, HKV), None, None, (B, 1, 1, "Sk"),
      {"window": (40, 8)}),
