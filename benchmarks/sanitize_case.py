@@ -76,6 +76,7 @@ for fam in families:
                                                       **bkw)
                     cp.cuda.get_current_stream().synchronize()
                     ok = all(bool(cp.isfinite(g.astype(np.float32)).all()) for g in (out, *grads))
+                    det = det and "bias" not in kw  # (as passed above)
                     print(f"{fam} {np.dtype(dt).name} d={d} causal={causal} deterministic={det} "
                           f"{'+'.join(variants)}: "
                           f"{'finite' if ok else 'NON-FINITE'}")

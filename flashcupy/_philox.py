@@ -155,13 +155,24 @@ def _integer(x, name: str, bound_bits: int) -> int:
     return x
 
 
+# The largest dropout_p accepted: the keep rate's 16-bit quantization error
+# (<= 2**-17) stays below 0.08 % of 1 - p, and 1 / (1 - p) <= 100 keeps the
+# rescaled probabilities far inside float16's range.
+MAX_DROPOUT_P = 0.99
+
+
 def check_dropout(dropout_p, seed, offset):
-    """``(dropout_p, seed, offset)`` validated: a float in [0, 1), an int in
+    """``(dropout_p, seed, offset)`` validated: a float in [0, 0.99], an int in
     [0, 2**64) or None, an int in [0, 2**32).  ``seed`` may be None only when
     ``dropout_p == 0``.  TypeError / ValueError name the argument."""
     p = _real(dropout_p, "dropout_p")
     if not (0.0 <= p < 1.0):   # also rejects NaN
         raise ValueError(f"dropout_p must be in [0, 1), got {p!r}")
+    if p > MAX_DROPOUT_P:
+        raise ValueError(
+            f"dropout_p must be <= {MAX_DROPOUT_P}, got {p!r}: the keep decision draws 16 "
+            f"bits per pair, so the keep rate 1 - dropout_p is exact only to 2**-17, "
+            f"more than 0.08 % of it above {MAX_DROPOUT_P}")
     if seed is not None:
         seed = _integer(seed, "seed", 64)
     elif p > 0:
@@ -210,7 +221,7 @@ def keep_mask(seed, offset, batch_shape, seqlen_q, seqlen_k, dropout_p, rows=Non
         The broadcast batch dims of q, k, v (flat index ``bh`` in C order).
     seqlen_q, seqlen_k : int
         Sq and Sk (the index bounds of ``rows`` and ``cols``).
-    dropout_p : float in [0, 1)
+    dropout_p : float in [0, 0.99]
     rows, cols : range, slice or 1-D integer indices, optional
         The query rows and key columns to generate (default: all), so that a
         tiled computation can draw one tile; the bits of an element depend on

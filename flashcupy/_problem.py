@@ -72,9 +72,14 @@ class Features:
     def kernel_args(self, seqlen_q: int, seqlen_k: int, scale: float) -> dict:
         """The scalar fields of the kernels' VariantArgs (params.cuh).  An
         unbounded side is clamped to the whole row (left Sk, right Sq), which
-        admits every key and keeps the bounds far from int overflow."""
-        left = seqlen_k if self.window_left is None else min(self.window_left, seqlen_k)
-        right = seqlen_q if self.window_right is None else min(self.window_right, seqlen_q)
+        admits every key and keeps the bounds far from int overflow; a negative
+        side is clamped where it empties every row."""
+        # (a side below -Sq (left) or -Sk (right) already empties every row: clamped
+        # there, any int keeps its meaning and the kernels' bounds stay in int range)
+        left = seqlen_k if self.window_left is None else max(-seqlen_q,
+                                                             min(self.window_left, seqlen_k))
+        right = seqlen_q if self.window_right is None else max(-seqlen_k,
+                                                               min(self.window_right, seqlen_q))
         args = {"var.window_left": left, "var.window_right": right}
         if self.softcap:
             args["var.softcap_inv2"] = 2.0 * LOG2E * scale / self.softcap

@@ -299,8 +299,6 @@ class _Word:
     def data(self):
         return self
 
-    def data_ptr(self) -> int:  # (flashcupy.torch wraps environment values by this)
-        return self.ptr
 
 
 def dropout_env(env, dropout_p, seed, offset) -> None:
@@ -377,9 +375,10 @@ _VARIANT_DOC = """
     window : (left, right), optional
         Sliding-window (local) attention, bottom-right aligned like ``causal``:
         query i sees key j iff ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``.
-        Each side is an int >= 0 or None (unbounded).  ``causal=True`` sets
-        ``right = 0``; ``window=(None, 0)`` is ``causal=True``.  Work is
-        proportional to the window.
+        Each side is an int or None (unbounded); a negative side moves the
+        band off the diagonal (``(None, Sq - Sk)``: PyTorch's top-left causal
+        mask).  ``causal=True`` sets ``right = 0``; ``window=(None, 0)`` is
+        ``causal=True``.  Work is proportional to the window.
     softcap : float, optional
         ``c > 0``: the scaled score s becomes ``c * tanh(s / c)`` before any
         mask, ALiBi or softmax (Gemma 2, Grok).
@@ -400,7 +399,7 @@ _VARIANT_DOC = """
         Same broadcasting; False removes the pair (PyTorch SDPA's convention),
         exactly as a ``-inf`` bias does.  A row with every key removed gets
         out = 0 and lse = -inf.
-    dropout_p : float in [0, 1)
+    dropout_p : float in [0, 0.99]
         Dropout on the attention probabilities; survivors are scaled by
         ``1 / (1 - dropout_p)`` (as PyTorch's SDPA).  ``lse`` stays the
         dropout-free logsumexp.

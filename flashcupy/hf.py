@@ -243,6 +243,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         kw["dropout_p"] = float(dropout)
     if s_aux is not None:
         # one sink logit per query head, unscaled, in the softmax denominator (gpt-oss)
+        if not isinstance(s_aux, torch.Tensor) or s_aux.numel() != heads:
+            raise ValueError(
+                f"flashcupy attention: s_aux must hold one sink logit per query head "
+                f"({heads}), got "
+                f"{tuple(s_aux.shape) if isinstance(s_aux, torch.Tensor) else type(s_aux).__name__}")
         kw["sink"] = s_aux.float().reshape(kv_heads, groups)
 
     out = _flashcupy_attention(q, k, v, **kw)  # (B, Hkv, G, L, Dv)

@@ -35,7 +35,8 @@ Variants (keyword-only, all composable with each other, with ``causal``, with
 broadcast batch dims and with ``Dv != D``).  With ``diag = Sk - Sq``:
 
 ``window=(left, right)``
-    Each side an int >= 0, or None for unbounded; ``window=None`` is
+    Each side an int (negative: a band off the diagonal), or None for
+    unbounded; ``window=None`` is
     ``(None, None)``.  Query ``i`` sees key ``j`` iff
     ``i + diag - left <= j <= i + diag + right`` (bottom-right aligned, like
     flash-attn's ``window_size``).  ``causal=True`` intersects the window with
@@ -86,7 +87,7 @@ broadcast batch dims and with ``Dv != D``).  With ``diag = Sk - Sq``:
     where query i may attend to key j (PyTorch SDPA's convention), False
     removes the pair.
 ``dropout_p``, ``seed``, ``offset``
-    Dropout on the attention probabilities: ``dropout_p`` a real in [0, 1)
+    Dropout on the attention probabilities: ``dropout_p`` a real in [0, 0.99]
     (0: off), ``seed`` an int in [0, 2**64) (required when ``dropout_p > 0``),
     ``offset`` an int in [0, 2**32) (default 0).  The pair (i, j) of batch
     element ``b`` is kept or dropped by the Philox4x32-10 rule of
@@ -206,11 +207,13 @@ def _sink_probability(sink: np.ndarray, lse: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 def _check_window(window) -> tuple:
-    """``window`` as a pair (left, right) of int >= 0 or None; errors name it."""
+    """``window`` as a pair (left, right) of ints or None; errors name it.  A
+    negative side moves the band off the diagonal (``(None, Sq - Sk)`` is the
+    top-left causal mask)."""
     if window is None:
         return (None, None)
     if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window must be None or a pair (left, right) of ints >= 0 or None, "
+        raise TypeError(f"window must be None or a pair (left, right) of ints or None, "
                         f"got {window!r}")
     sides = []
     for name, w in zip(("left", "right"), window):
@@ -218,10 +221,8 @@ def _check_window(window) -> tuple:
             sides.append(None)
             continue
         if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Integral):
-            raise TypeError(f"window {name} side must be an int >= 0 or None (unbounded), "
+            raise TypeError(f"window {name} side must be an int or None (unbounded), "
                             f"got {w!r}")
-        if w < 0:
-            raise ValueError(f"window {name} side must be >= 0 or None (unbounded), got {w!r}")
         sides.append(int(w))
     return tuple(sides)
 
@@ -518,7 +519,7 @@ def attention_naive(q, k, v, causal: bool = False, scale=None, *, window=None, s
     scale : float, optional
         Softmax scale; ``1 / sqrt(D)`` by default.
     window : (left, right), optional
-        Sliding window, each side int >= 0 or None (unbounded): query i sees
+        Sliding window, each side an int or None (unbounded): query i sees
         key j iff ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``.
     softcap : float > 0, optional
         ``s -> softcap * tanh(s / softcap)`` on the scaled score, first.
@@ -531,7 +532,7 @@ def attention_naive(q, k, v, causal: bool = False, scale=None, *, window=None, s
         removes the pair.
     mask : bool array_like, broadcastable to ``batch + (Sq, Sk)``, optional
         True where query i may attend to key j.
-    dropout_p : float in [0, 1)
+    dropout_p : float in [0, 0.99]
         Dropout probability on the attention probabilities (0: off).
     seed : int in [0, 2**64), optional
         The dropout seed; required when ``dropout_p > 0``.

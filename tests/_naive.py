@@ -163,8 +163,9 @@ def empty_rows(seqlen_q, seqlen_k, causal, window=None):
     """Number of leading query rows that see no key (all of them when Sk == 0).
 
     Row i sees keys [i + Sk - Sq - left, i + Sk - Sq + right] within [0, Sk);
-    the left edge never empties a row (i < Sq), so only the leading rows with
-    i + Sk - Sq + right < 0 are empty."""
+    a left side >= 0 never empties a row (i < Sq), so only the leading rows
+    with i + Sk - Sq + right < 0 are empty (the count this returns; a negative
+    left side can also empty trailing rows, which it does not count)."""
     if seqlen_k == 0:
         return seqlen_q
     right = effective_right(causal, window)

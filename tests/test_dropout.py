@@ -204,3 +204,20 @@ def test_dropout_bad_input(kw, exc, match):
     fc.attention(q, q, q, dropout_p=0.1, seed=1)
     with pytest.raises(exc, match=match):
         fc.attention(q, q, q, **kw)
+
+
+@pytest.mark.parametrize("fd", FAMILY_DTYPES, ids=fd_id)
+def test_windows_beyond_the_sequence(fd, seed):
+    """Sides far outside the sequence keep their meaning (clamped on the host,
+    no int overflow in the kernels): a band beyond either end is empty (out = 0,
+    lse = -inf), an unbounded-as-large window is full attention."""
+    fam, dtype = fd
+    q, k, v = nv.randn_many(cp, seed, [(1, 2, 40, 64), (1, 2, 90, 64), (1, 2, 90, 64)], dtype)
+    with family(fam, dtype):
+        full = fc.attention(q, k, v)
+        for win in [(None, -10**12), (-(2**31 - 1), None), (-2**40, 5), (3, -2**40)]:
+            out, lse = fc.attention(q, k, v, window=win, return_lse=True)
+            assert bool((out.astype(np.float32) == 0).all()), win
+            assert bool(cp.isneginf(lse).all()), win
+        wide = fc.attention(q, k, v, window=(10**12, 2**40))
+    assert bool((wide.view(np.uint8) == full.view(np.uint8)).all())

@@ -198,8 +198,23 @@ def test_keep_rate(p, seed):
     for sub in [keep] + [keep[..., r::8] for r in range(8)] + by_c0:
         sd = math.sqrt(rate * (1 - rate) / sub.size)
         assert abs(sub.mean() - rate) < 5 * sd, (p, sub.mean(), rate)
-    # a threshold of 2**16 - 1 keeps only halves equal to 0xFFFF (2**-16 of them)
-    assert ph.keep_mask(seed, 0, (2,), 64, 64, 1 - 2.0**-40).sum() <= 3
+    # the largest accepted p keeps 1 % of the pairs
+    top = ph.keep_mask(seed, 0, (4,), 256, 256, ph.MAX_DROPOUT_P)
+    rate = 1 - ph.dropout_threshold(ph.MAX_DROPOUT_P) / 2**16
+    assert abs(top.mean() - rate) < 5 * math.sqrt(rate * (1 - rate) / top.size)
+
+
+def test_dropout_p_above_the_16_bit_resolution_is_refused():
+    """Above MAX_DROPOUT_P the 16-bit keep rate is off 1 - p by more than 0.08 %
+    of it (and 1 / (1 - p) grows past float16's range near 1): refused, named."""
+    assert ph.check_dropout(ph.MAX_DROPOUT_P, 1, 0)[0] == ph.MAX_DROPOUT_P
+    for p in (np.nextafter(ph.MAX_DROPOUT_P, 1.0), 0.999, 1 - 2.0**-20):
+        with pytest.raises(ValueError, match="dropout_p must be <= 0.99"):
+            ph.check_dropout(p, 1, 0)
+    for p in (0.0, 0.1, 0.5, 0.99):   # the quantization error is within the stated bound
+        t = ph.dropout_threshold(p)
+        assert abs((1 - t / 2**16) - (1 - p)) <= 2.0**-17
+        assert p == 0 or abs((1 - t / 2**16) / (1 - p) - 1) < 8e-4
 
 
 def test_keep_mask_depends_on_seed_and_offset(seed):
@@ -866,7 +881,7 @@ def test_validation_accepts():
     for kw in [{"bias": np.zeros((3, 5), np.float32)}, {"bias": 0.5}, {"bias": np.zeros((1, 1))},
                {"bias": np.zeros((2, 1, 5))}, {"mask": True}, {"mask": np.ones((2, 3, 1), bool)},
                {"dropout_p": np.float32(0.5), "seed": np.uint64(2**64 - 1)},
-               {"dropout_p": 0.999, "seed": 0, "offset": 2**32 - 1},
+               {"dropout_p": 0.99, "seed": 0, "offset": 2**32 - 1},
                {"dropout_p": 0, "seed": np.int32(3), "offset": np.int64(7)},
                {"seed": 5}]:
         for call in _call_all(q, k, v, **kw):

@@ -578,6 +578,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
       // (benchmarks/dev/NOTES.md, section 7).
       const bool need_mask = var.needs_mask(m0, m0 + BLOCK_M, n_start, n_start + BLOCK_N);
       auto lse2 = [&](int mt, int h) { return lse_to_log2(sLse[s_m0 + mt * 16 + g + 8 * h]); };
+      static_assert(!V::DROPOUT || (BLOCK_N % 32 == 0 && S_N % 32 == 0), "dropout_frag: the keys of a fragment must start on a 32-key block");
       probs_from_scores(var, s, lse2, m0 + s_m0, n_start + s_n0, need_mask, p.scale_log2, lane);
       frag_to_smem<T, S_MT, S_N / 8, LDP, V::DROPOUT>(sP + s_n0, s_m0, s, 1.f, lane);
       float dp[S_MT][S_N / 8][4];
@@ -780,6 +781,7 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
     const bool need_mask = var.needs_mask(m_start, m_start + m_rows, n0, n0 + BLOCK_N);
     auto row_lse2 = [&](int mt, int h) { return lse2[mt][h]; };
     auto row_delta = [&](int mt, int h) { return dlt[mt][h]; };
+    static_assert(!V::DROPOUT || BLOCK_N % 32 == 0, "dropout_frag: the keys of a fragment must start on a 32-key block");
     probs_from_scores(var, s, row_lse2, m_start + wrow, n0, need_mask, p.scale_log2, lane);
     ds_from_dp(var, dp, s, row_delta, row_lse2, m_start + wrow, n0, lane);
 

@@ -175,6 +175,7 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
           }
         sm[mt][h].l_i += lsum;
       }
+    static_assert(!decltype(var)::DROPOUT || BLOCK_N % 32 == 0, "dropout_frag: the keys of a fragment must start on a 32-key block");
     dropout_fwd(var, s, m_start + wrow, n0, lane);  // (after the row sums: l is dropout-free)
     // O *= alpha.  Once a row's running max settles (most tiles of a long row)
     // alpha = exp2(0) = 1 exactly; when that holds for every row of the warp, a

@@ -165,6 +165,8 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p
       // the key end or a window edge; its stores drain while dP runs
       const bool need_mask = var.needs_mask(m0, m0 + BLOCK_M, n_start, n_start + BLOCK_N);
       auto lse2 = [&](int mt, int h) { return lse_to_log2(sLse[s_m0 + mt * 16 + g + 8 * h]); };
+      static_assert(!V::DROPOUT || (BLOCK_N % 32 == 0 && S_N % 32 == 0 && SUB_N % 32 == 0),
+                    "dropout_frag: the keys of a fragment must start on a 32-key block");
       probs_from_scores(var, s, lse2, m0 + s_m0, n_start + n0, need_mask, p.scale_log2, lane);
       frag_to_swz<T, SUB_N / 8, V::DROPOUT>(sP_u, C::PANEL_P, s_m0, n0, s[0], lane);
       wg_wait<0>();

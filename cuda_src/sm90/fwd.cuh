@@ -176,6 +176,7 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
         }
       sm[h].l_i += lsum;
     }
+    static_assert(!decltype(var)::DROPOUT || BLOCK_N % 32 == 0, "dropout_frag: the keys of a fragment must start on a 32-key block");
     dropout_fwd(var, s, m_start + wrow, n0, lane);  // (after the row sums: l is dropout-free)
   };
   auto pack_p = [&](const float (&s)[1][NS][4]) {
