@@ -38,11 +38,13 @@ device (``_draw_dropout_seed``): ``seed`` is the generator's seed, so
 ``offset`` is its Philox offset (in PyTorch's steps of 4, modulo 2**32),
 advanced by one step per call, so consecutive calls draw new patterns.  The
 backward regenerates the forward's pattern from the seed and offset saved with
-the graph.  Dropout applies whenever ``dropout_p > 0``, under ``no_grad`` and
-in eval mode too (as SDPA's, it is the caller's choice).  The draw is a host
+the graph (the operators' ``rng`` tensor).  Dropout applies whenever
+``dropout_p > 0``, under ``no_grad`` and in eval mode too (as SDPA's, it is
+the caller's choice).  The draw is a host
 operation: it cannot be captured in a CUDA graph (an error says so), and
 under ``torch.compile`` it is a graph break (with ``fullgraph=True``, an
-error naming it); eager calls need nothing special.
+error naming it), but not a recompilation: the draws reach the graph as a
+tensor; eager calls need nothing special.
 
 How a call reaches the kernels
 ------------------------------
@@ -58,11 +60,11 @@ How a call reaches the kernels
                      int? window_left=None, int? window_right=None,
                      float? softcap=None, Tensor? alibi=None, Tensor? sink=None,
                      Tensor? bias=None, Tensor? mask=None, float dropout_p=0.0,
-                     int seed=0, int offset=0)
+                     Tensor? rng=None)
            -> (Tensor out, Tensor lse)
        attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
                      Tensor lse, bool causal, float? scale, bool deterministic,
-                     <the same ten variant arguments>, bool bias_grad=False)
+                     <the same nine variant arguments>, bool bias_grad=False)
            -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsink, Tensor dbias)
 
    ``dsink`` is float32 with the sink's shape, or an empty float32 tensor of
@@ -70,10 +72,14 @@ How a call reaches the kernels
    with ``bias_grad=True``, else it is an empty float32 tensor of shape (0,)
    (an operator returns tensors, never None).  A window side of None is
    unbounded (both None: no window); ``causal`` stays its own flag (it sets
-   the right side to 0, as in ``flashcupy.attention``).  ``seed`` is the
-   64-bit dropout seed as a signed int64 (two's complement: an operator's int
-   is 64-bit signed), ``offset`` the counter word in [0, 2**32); both are
-   ignored when ``dropout_p`` is 0.
+   the right side to 0, as in ``flashcupy.attention``).  ``rng`` carries the
+   dropout's seed and offset: a CPU int64 tensor of two elements, the 64-bit
+   seed as a signed int64 (two's complement) and the counter word ``offset``
+   in [0, 2**32); required when ``dropout_p > 0``, ignored when it is 0.  A
+   tensor, as PyTorch passes its own Philox seed and offset, and not two ints:
+   under ``torch.compile`` an int argument is a constant of the graph that
+   dynamo guards on, so every new draw would recompile; a tensor's values are
+   not guarded (the implementations read them with ``.tolist()``).
    Eager calls (not under ``torch.compile``) run the same implementation and
    autograd rule through a plain ``torch.autograd.Function``, whose dispatch
    costs a fraction of a custom operator's.
@@ -106,7 +112,7 @@ import cupy
 import numpy as np
 import torch  # the real PyTorch (absolute import), not this module
 
-from flashcupy import _config, _plan, api
+from flashcupy import _config, _philox, _plan, api
 # Hugging Face transformers: registers flashcupy as an attn_implementation
 # (flashcupy/hf.py; it imports transformers only when called)
 from flashcupy.hf import register_transformers
@@ -323,7 +329,8 @@ def _autocast_bias(bias, q):
 
 
 def _check_dropout_p(fn: str, dropout_p) -> float:
-    """A real number in [0, 1), as a Python float (0.0 is off)."""
+    """A real number the core accepts (``flashcupy._philox.check_dropout``:
+    [0, 1), at most its ``MAX_DROPOUT_P``), as a Python float (0.0 is off)."""
     if type(dropout_p) is float and dropout_p == 0.0:
         return 0.0  # the common call, without the checks below
     if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
@@ -331,9 +338,12 @@ def _check_dropout_p(fn: str, dropout_p) -> float:
             f"{fn}(): dropout_p must be a real number in [0, 1), got {type(dropout_p).__name__} "
             f"{dropout_p!r}")
     p = float(dropout_p)
-    if not (0.0 <= p < 1.0):  # also rejects NaN
-        raise ValueError(
-            f"{fn}(): dropout_p must be in [0, 1) (0 turns dropout off), got {p!r}")
+    # the core's own rule (its range, e.g. the largest probability its 16-bit
+    # keep decision represents), so that the two cannot drift apart
+    try:
+        _philox.check_dropout(p, 0, 0)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{fn}(): {e}") from None
     return p
 
 
@@ -545,15 +555,15 @@ def _replay(key, device_index: int, env: dict, dropout=None) -> bool:
 # without them, like the plain SDPA drop-in's, is unchanged): window_left,
 # window_right (None: unbounded), softcap (None: off), alibi and sink (float32
 # tensors broadcastable to the batch dims, or None), bias and mask (tensors
-# broadcastable to batch + (Sq, Sk), or None), dropout_p (0: off) and the
-# dropout's seed (signed int64) and offset.
+# broadcastable to batch + (Sq, Sk), or None), dropout_p (0: off) and rng,
+# the dropout's seed (signed int64) and offset in one CPU int64 tensor.
 
 _VARIANT_SCHEMA = ("int? window_left=None, int? window_right=None, float? softcap=None, "
                    "Tensor? alibi=None, Tensor? sink=None, Tensor? bias=None, Tensor? mask=None, "
-                   "float dropout_p=0.0, int seed=0, int offset=0")
-_N_FWD_INPUTS = 15  # q, k, v, causal, scale, and the ten variant arguments
+                   "float dropout_p=0.0, Tensor? rng=None")
+_N_FWD_INPUTS = 14  # q, k, v, causal, scale, and the nine variant arguments
 # the defaults of the forward's arguments 5.. (the variant)
-_FWD_DEFAULTS = (None, None, None, None, None, None, None, 0.0, 0, 0)
+_FWD_DEFAULTS = (None, None, None, None, None, None, None, 0.0, None)
 _BIAS_INPUT = 10  # the position of ``bias`` among the forward's inputs
 
 _U64 = 2**64 - 1
@@ -580,11 +590,23 @@ def _as_cupy_opt(t):
     return None if t is None else _as_cupy(t)
 
 
-def _dropout_kwargs(dropout_p, seed, offset) -> dict:
-    """flashcupy.api's dropout keywords (the seed unsigned; none needed at p = 0)."""
+def _rng_tensor(seed: int, offset: int) -> torch.Tensor:
+    """The operators' ``rng`` argument: [seed as a signed int64, offset], a CPU
+    int64 tensor (``seed`` in [0, 2**64), ``offset`` in [0, 2**32))."""
+    return torch.tensor((_seed_i64(seed), offset), dtype=torch.int64)
+
+
+def _dropout_kwargs(dropout_p, rng) -> dict:
+    """flashcupy.api's dropout keywords from the operators' ``dropout_p`` and
+    ``rng`` (the seed unsigned; none needed at p = 0)."""
     if dropout_p == 0.0:
         return dict(dropout_p=0.0, seed=None, offset=0)
-    return dict(dropout_p=dropout_p, seed=_seed_u64(seed), offset=int(offset))
+    if rng is None or rng.dtype != torch.int64 or tuple(rng.shape) != (2,):
+        got = None if rng is None else f"a {rng.dtype} tensor of shape {tuple(rng.shape)}"
+        raise ValueError(f"flashcupy attention operator: dropout_p > 0 needs rng, an int64 "
+                         f"tensor of 2 elements (seed as a signed int64, offset), got {got}")
+    seed, offset = rng.tolist()
+    return dict(dropout_p=dropout_p, seed=_seed_u64(seed), offset=offset)
 
 
 def _pairs_env(env: dict, bias, mask) -> None:
@@ -595,7 +617,7 @@ def _pairs_env(env: dict, bias, mask) -> None:
 
 
 def _fwd_impl(q, k, v, causal, scale, window_left=None, window_right=None, softcap=None,
-              alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=0, offset=0):
+              alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, rng=None):
     # shapes validated (ValueError) before anything is allocated
     out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
     # outputs from PyTorch's caching allocator: the kernels write into them in place
@@ -609,7 +631,7 @@ def _fwd_impl(q, k, v, causal, scale, window_left=None, window_right=None, softc
     if sink is not None:
         env["sink"] = sink
     _pairs_env(env, bias, mask)
-    drop = _dropout_kwargs(dropout_p, seed, offset)
+    drop = _dropout_kwargs(dropout_p, rng)
     if _replay(key, q.get_device(), env, drop):
         return out, lse
     window = _window_arg(window_left, window_right)
@@ -629,16 +651,15 @@ def _fwd_impl(q, k, v, causal, scale, window_left=None, window_right=None, softc
     schema=f"(Tensor q, Tensor k, Tensor v, bool causal, float? scale, {_VARIANT_SCHEMA}) "
            f"-> (Tensor, Tensor)")
 def _attention_fwd(q, k, v, causal, scale, window_left=None, window_right=None, softcap=None,
-                   alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=0,
-                   offset=0):
+                   alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, rng=None):
     return _fwd_impl(q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink,
-                     bias, mask, dropout_p, seed, offset)
+                     bias, mask, dropout_p, rng)
 
 
 @_attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, causal, scale, window_left=None, window_right=None,
                         softcap=None, alibi=None, sink=None, bias=None, mask=None,
-                        dropout_p=0.0, seed=0, offset=0):
+                        dropout_p=0.0, rng=None):
     out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
     return (q.new_empty(out_shape),
             q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype)))
@@ -664,7 +685,7 @@ def _dbias_buffer(q, bias, bias_grad, fake=False):
 
 def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
               window_right=None, softcap=None, alibi=None, sink=None, bias=None, mask=None,
-              dropout_p=0.0, seed=0, offset=0, bias_grad=False):
+              dropout_p=0.0, rng=None, bias_grad=False):
     bias_grad = bool(bias_grad) and bias is not None
     # gradients have their inputs' shapes (summed over broadcast axes), C-contiguous
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -685,7 +706,7 @@ def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left
     _pairs_env(env, bias, mask)
     if bias_grad:
         env["dbias_out"] = dbias
-    drop = _dropout_kwargs(dropout_p, seed, offset)
+    drop = _dropout_kwargs(dropout_p, rng)
     # (with a sink the plan has a host step, dsink, and is never remembered:
     # such calls always take the CuPy route below)
     if _replay(key, q.get_device(), env, drop):
@@ -712,16 +733,15 @@ def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left
            f"-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _attention_bwd(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
                    window_right=None, softcap=None, alibi=None, sink=None, bias=None, mask=None,
-                   dropout_p=0.0, seed=0, offset=0, bias_grad=False):
+                   dropout_p=0.0, rng=None, bias_grad=False):
     return _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left,
-                     window_right, softcap, alibi, sink, bias, mask, dropout_p, seed, offset,
-                     bias_grad)
+                     window_right, softcap, alibi, sink, bias, mask, dropout_p, rng, bias_grad)
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
                         window_right=None, softcap=None, alibi=None, sink=None, bias=None,
-                        mask=None, dropout_p=0.0, seed=0, offset=0, bias_grad=False):
+                        mask=None, dropout_p=0.0, rng=None, bias_grad=False):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             _dsink_buffer(q, sink, fake=True),
             _dbias_buffer(q, bias, bool(bias_grad) and bias is not None, fake=True))
@@ -732,27 +752,28 @@ def _setup_context(ctx, inputs, output):
     inputs = tuple(inputs)
     inputs = inputs + _FWD_DEFAULTS[len(inputs) - 5:]
     (q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink, bias, mask,
-     dropout_p, seed, offset) = inputs
+     dropout_p, rng) = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, alibi, sink, bias, mask)
+    # rng (None without dropout) is saved with the tensors: the backward
+    # regenerates the forward's dropout pattern from its seed and offset
+    ctx.save_for_backward(q, k, v, out, lse, alibi, sink, bias, mask, rng)
     ctx.causal = causal
     ctx.scale = scale
     ctx.variant = (window_left, window_right, softcap)
-    # the backward regenerates the forward's dropout pattern from these
-    ctx.dropout = (dropout_p, seed, offset)
+    ctx.dropout_p = dropout_p
 
 
 def _grads(ctx, dq, dk, dv, dsink, dbias, sink, bias):
     """One gradient per forward input: q, k, v, then None for the flags and
     scalars and for the ALiBi slopes (not differentiable), dsink for the sink,
-    dbias for the bias, None for the mask and the dropout's scalars."""
+    dbias for the bias, None for the mask and the dropout's p and rng."""
     need = tuple(ctx.needs_input_grad) + (False,) * _N_FWD_INPUTS
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             None, None, None, None, None, None,
             dsink if sink is not None and need[9] else None,
             dbias if bias is not None and need[_BIAS_INPUT] else None,
-            None, None, None, None)
+            None, None, None)
 
 
 def _deterministic_dbias(q, k, v, bias) -> bool:
@@ -783,7 +804,7 @@ def _deterministic_dbias(q, k, v, bias) -> bool:
 
 
 def _run_backward(ctx, dout, bwd):
-    q, k, v, out, lse, alibi, sink, bias, mask = ctx.saved_tensors
+    q, k, v, out, lse, alibi, sink, bias, mask, rng = ctx.saved_tensors
     if dout.stride(-1) != 1:
         # e.g. the fully expanded (all strides 0) gradient of out.sum(); the core
         # wants a unit-stride last axis, so make that one copy here, in PyTorch
@@ -796,7 +817,7 @@ def _run_backward(ctx, dout, bwd):
         deterministic = _deterministic_dbias(q, k, v, bias)
     dq, dk, dv, dsink, dbias = bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
                                    deterministic, *ctx.variant, alibi, sink, bias, mask,
-                                   *ctx.dropout, bias_grad)
+                                   ctx.dropout_p, rng, bias_grad)
     return _grads(ctx, dq, dk, dv, dsink, dbias, sink, bias)
 
 
@@ -817,9 +838,9 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink,
-                bias, mask, dropout_p, seed, offset):
+                bias, mask, dropout_p, rng):
         args = (q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink, bias,
-                mask, dropout_p, seed, offset)
+                mask, dropout_p, rng)
         out, lse = _fwd_impl(*args)
         _setup_context(ctx, args, (out, lse))
         return out, lse
@@ -834,9 +855,9 @@ _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def _attention(q, k, v, causal: bool, scale, window_left=None, window_right=None, softcap=None,
-               alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=0, offset=0):
+               alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, rng=None):
     args = (q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink, bias, mask,
-            dropout_p, seed, offset)
+            dropout_p, rng)
     if _is_compiling():
         return torch.ops.flashcupy.attention_fwd(*args)
     return _EagerAttention.apply(*args)
@@ -869,14 +890,16 @@ def _draw_dropout_seed(device: torch.device) -> tuple:
     return seed, step % 2**32
 
 
-def _dropout_args_eager(device: torch.device) -> tuple:
-    seed, offset = _draw_dropout_seed(device)
-    return _seed_i64(seed), offset
+def _dropout_args_eager(device: torch.device) -> torch.Tensor:
+    """One draw as the operators' ``rng`` tensor."""
+    return _rng_tensor(*_draw_dropout_seed(device))
 
 
 try:
     # under torch.compile the draw (a host call on the generator) is a graph
-    # break, and under fullgraph=True an error that says why
+    # break, and under fullgraph=True an error that says why; it returns a
+    # tensor, a graph input whose values dynamo does not guard on (ints would
+    # be constants of the graph: one recompilation per draw)
     _dropout_args = torch.compiler.disable(
         _dropout_args_eager,
         reason="flashcupy draws the dropout seed and offset from PyTorch's CUDA generator on "
@@ -948,7 +971,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         Same broadcasting; False removes the pair (like a ``-inf`` bias).  A
         row with every pair removed gets ``out = 0``, ``lse = -inf`` and zero
         gradients.  Not differentiable.
-    dropout_p : float in [0, 1)
+    dropout_p : float in [0, 1), at most ``flashcupy._philox.MAX_DROPOUT_P``
         Dropout on the attention probabilities (survivors scaled by
         ``1 / (1 - dropout_p)``; ``lse`` is the dropout-free one), with the
         seed and offset of PyTorch's CUDA generator of the device (see the
@@ -977,11 +1000,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if bias is not None and isinstance(bias, torch.Tensor):
         bias = _autocast_bias(bias, q)
     _check_variants(fn, q, k, v, alibi_slopes, sink, bias, mask)
-    seed = offset = 0
-    if dropout_p > 0.0:
-        seed, offset = _dropout_args(q.device)
+    rng = _dropout_args(q.device) if dropout_p > 0.0 else None
     out, lse = _attention(q, k, v, bool(causal), scale, window_left, window_right, softcap,
-                          alibi_slopes, sink, bias, mask, dropout_p, seed, offset)
+                          alibi_slopes, sink, bias, mask, dropout_p, rng)
     return (out, lse) if return_lse else out
 
 
@@ -1016,11 +1037,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
       keys ``j <= i``) for any L and S (query and key lengths); for
       flashcupy's bottom-right mask call ``flashcupy.torch.attention(...,
       causal=True)``.
-    * ``dropout_p``: in [0, 1) (PyTorch also takes 1.0, which flashcupy
-      rejects), applied whenever > 0, with the seed and offset of PyTorch's
-      CUDA generator (reproducible under ``torch.manual_seed``; the bits are
-      flashcupy's, not PyTorch's, so the pattern differs from PyTorch's own
-      SDPA at the same seed).
+    * ``dropout_p``: in [0, 1), at most ``flashcupy._philox.MAX_DROPOUT_P``
+      (PyTorch also takes up to 1.0, which flashcupy rejects), applied
+      whenever > 0, with the seed and offset of PyTorch's CUDA generator
+      (reproducible under ``torch.manual_seed``; the bits are flashcupy's,
+      not PyTorch's, so the pattern differs from PyTorch's own SDPA at the
+      same seed).
     * ``enable_gqa=True``: query ``(..., Hq, L, E)``, key/value ``(..., Hkv, S, E)``
       with ``Hq = G * Hkv``, query head ``h`` uses key/value head ``h // G``;
       mapped onto broadcasting with views (the mask's head axis too), no copies.
@@ -1087,11 +1109,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     # j <= i + (S - L) + right with right = L - S; for L == S that is causal
     causal = bool(is_causal) and L == S
     window_right = L - S if is_causal and L != S else None
-    seed = offset = 0
-    if dropout_p > 0.0:
-        seed, offset = _dropout_args(query.device)
+    rng = _dropout_args(query.device) if dropout_p > 0.0 else None
     out, _ = _attention(q, k, v, causal, scale, None, window_right, None, None, None, bias, mask,
-                        dropout_p, seed, offset)
+                        dropout_p, rng)
     if group:
         out = out.flatten(-4, -3)  # (..., Hkv, G, L, Ev) -> (..., Hq, L, Ev): a view
     return out

@@ -53,7 +53,7 @@ torch = pytest.importorskip("torch")
 import cupy  # noqa: E402
 
 import flashcupy.torch as fct  # noqa: E402
-from flashcupy import _plan, api  # noqa: E402
+from flashcupy import _philox, _plan, api  # noqa: E402
 
 F = torch.nn.functional
 HAS_CUDA = torch.cuda.is_available()
@@ -344,6 +344,9 @@ BAD_DROPOUT = {
     "one": (1.0, ValueError, r"dropout_p must be in \[0, 1\)"),
     "negative": (-0.1, ValueError, r"dropout_p must be in \[0, 1\)"),
     "nan": (float("nan"), ValueError, r"dropout_p must be in \[0, 1\)"),
+    # the core's rule (flashcupy._philox.check_dropout), not a copy of it
+    "above-max": (math.nextafter(_philox.MAX_DROPOUT_P, 1.0), ValueError,
+                  r"dropout_p must be <= .*16 bits"),
     "str": ("0.1", TypeError, r"dropout_p must be a real number"),
     "bool": (True, TypeError, r"dropout_p must be a real number"),
     "tensor": (torch.tensor(0.1), TypeError, r"dropout_p must be a real number"),
@@ -412,8 +415,9 @@ def test_fake_shapes_with_variants_on_meta():
     schema = str(torch.ops.flashcupy.attention_fwd.default._schema)
     for arg in ("int? window_left=None", "int? window_right=None", "float? softcap=None",
                 "Tensor? alibi=None", "Tensor? sink=None", "Tensor? bias=None",
-                "Tensor? mask=None", "float dropout_p=0.", "int seed=0", "int offset=0"):
+                "Tensor? mask=None", "float dropout_p=0.", "Tensor? rng=None"):
         assert arg in schema
+    assert "seed" not in schema and "offset" not in schema
     bwd_schema = str(torch.ops.flashcupy.attention_bwd.default._schema)
     assert "bool bias_grad=False" in bwd_schema
     assert bwd_schema.endswith("-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
@@ -427,7 +431,7 @@ def test_fake_shapes_with_bias_mask_dropout_on_meta(bias_dtype):
     v = torch.empty(1, 1, 7, 6, dtype=torch.bfloat16, device="meta")
     bias = torch.empty(1, 3, 1, 7, dtype=bias_dtype, device="meta")
     mask = torch.empty(5, 7, dtype=torch.bool, device="meta")
-    var = (None, None, None, None, None, bias, mask, 0.1, -5, 7)
+    var = (None, None, None, None, None, bias, mask, 0.1, torch.tensor([-5, 7]))
     out, lse = torch.ops.flashcupy.attention_fwd(q, k, v, False, None, *var)
     assert out.shape == (2, 3, 5, 6) and lse.shape == (2, 3, 5)
     for bias_grad in (False, True):
@@ -441,10 +445,18 @@ def test_fake_shapes_with_bias_mask_dropout_on_meta(bias_dtype):
 
 
 def test_seed_round_trip():
-    """The operators take the 64-bit seed as a signed int64 and give it back whole."""
+    """The operators take the 64-bit seed as a signed int64 (in their rng
+    tensor) and give it back whole."""
     for seed in (0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x1234_5678_9ABC_DEF0):
         s64 = fct._seed_i64(seed)
         assert -2**63 <= s64 < 2**63 and fct._seed_u64(s64) == seed
+        rng = fct._rng_tensor(seed, 2**32 - 1)
+        assert rng.dtype == torch.int64 and rng.shape == (2,) and rng.device.type == "cpu"
+        assert fct._dropout_kwargs(0.5, rng) == dict(dropout_p=0.5, seed=seed, offset=2**32 - 1)
+    assert fct._dropout_kwargs(0.0, None) == dict(dropout_p=0.0, seed=None, offset=0)
+    for bad in (None, torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1, 2, 3])):
+        with pytest.raises(ValueError, match="dropout_p > 0 needs rng"):
+            fct._dropout_kwargs(0.5, bad)
 
 
 def test_one_plan_cache():
@@ -565,27 +577,28 @@ def keep_mask(seed, offset, batch, sq, sk, dropout_p, device="cpu"):
     return torch.from_numpy(keep).to(device)
 
 
-def _cpu_keep(q, k, v, dropout_p, seed, offset):
-    """The keep mask of an operator call (its seed is the signed int64), or None."""
+def _cpu_keep(q, k, v, dropout_p, rng):
+    """The keep mask of an operator call (rng: [seed as a signed int64, offset]), or None."""
     if dropout_p == 0.0:
         return None
+    seed, offset = rng.tolist()
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     return keep_mask(fct._seed_u64(seed), offset, batch, q.shape[-2], k.shape[-2], dropout_p)
 
 
 def _cpu_fwd(q, k, v, causal, scale, window_left=None, window_right=None, softcap=None,
-             alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=0, offset=0):
+             alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, rng=None):
     """The forward operator as a CPU kernel: the float64 reference."""
     window = None if window_left is None and window_right is None else (window_left, window_right)
     out, lse = reference(q, k, v, causal, scale, window=window, softcap=softcap,
                          alibi_slopes=alibi, sink=sink, bias=bias, mask=mask,
-                         keep=_cpu_keep(q, k, v, dropout_p, seed, offset), dropout_p=dropout_p)
+                         keep=_cpu_keep(q, k, v, dropout_p, rng), dropout_p=dropout_p)
     return out.to(q.dtype).contiguous(), lse.to(fct._lse_dtype(q.dtype)).contiguous()
 
 
 def _cpu_bwd(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
              window_right=None, softcap=None, alibi=None, sink=None, bias=None, mask=None,
-             dropout_p=0.0, seed=0, offset=0, bias_grad=False):
+             dropout_p=0.0, rng=None, bias_grad=False):
     """The backward operator as a CPU kernel, written out (a kernel runs below
     autograd): P = exp(s - lse), dropout's Z = keep / (1 - p) (1 without),
     dV = (P Z)^T dO, dS = P (Z dO V^T - delta), dbias = dS, times 1 - tanh^2
@@ -615,7 +628,7 @@ def _cpu_bwd(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=
     l = lse.double()[..., None]
     seen = torch.isfinite(l)
     p = torch.where(visible & seen, torch.exp(s - torch.where(seen, l, 0)), 0)
-    keep = _cpu_keep(q, k, v, dropout_p, seed, offset)
+    keep = _cpu_keep(q, k, v, dropout_p, rng)
     z = 1.0 if keep is None else keep.double() / (1.0 - dropout_p)
     delta = (do * o).sum(-1)
     ds = p * (z * (do @ v64.transpose(-1, -2)) - delta[..., None])
@@ -819,7 +832,7 @@ def _bias_mask_inputs(seed, bias_shape=(1, 3, 6, 9), mask_shape=(2, 1, 1, 9)):
 def test_wiring_opcheck_bias_mask_dropout(cpu_kernels, seed):
     q, k, v = _cpu_inputs(seed)
     bias, mask = _bias_mask_inputs(seed)
-    var = (None, None, None, None, None, bias, mask, 0.25, fct._seed_i64(2**63 + seed), 3)
+    var = (None, None, None, None, None, bias, mask, 0.25, fct._rng_tensor(2**63 + seed, 3))
     args = (q, k, v, False, None, *var)
     torch.library.opcheck(torch.ops.flashcupy.attention_fwd.default, args)
     with torch.no_grad():
@@ -846,7 +859,8 @@ def test_wiring_gradcheck_bias_mask(path, cpu_kernels, seed):
     else:
         def f(q, k, v, bias):
             return torch.ops.flashcupy.attention_fwd(q, k, v, False, 0.3, None, None, None, None,
-                                                     None, bias, mask, 0.3, -12345, 9)[0]
+                                                     None, bias, mask, 0.3,
+                                                     torch.tensor([-12345, 9]))[0]
     assert torch.autograd.gradcheck(f, (q, k, v, bias), fast_mode=True)
 
 
@@ -921,7 +935,7 @@ def test_wiring_dropout_seed_reaches_both_passes(record_bwd, fake_generator, see
         grads = torch.autograd.grad(out, (q, k, v, bias), dout)
         s, off = fake_generator.draws[call]
         args = record_bwd[-1]
-        assert args[-4:-1] == (p, fct._seed_i64(s), off)  # dropout_p, seed, offset
+        assert args[-3] == p and args[-2].tolist() == [fct._seed_i64(s), off]  # p, rng
         keep = keep_mask(s, off, (2, 3), 6, 9, p)
         ref_out, _, ref_grads = reference(q, k, v, dout=dout, bias=bias, mask=mask, keep=keep,
                                           dropout_p=p)
@@ -1073,6 +1087,29 @@ def test_wiring_compile_dropout(cpu_kernels, fake_generator, seed):
         torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(q, k, v)
 
 
+def test_wiring_compile_dropout_no_recompile(cpu_kernels, fake_generator, seed):
+    """The dropout's seed and offset reach the operator in a tensor, not as
+    Python ints that dynamo would guard on: twelve dropout calls (each its own
+    draw) stay one compiled graph, with no recompilation."""
+    from torch._dynamo.testing import CompileCounter
+
+    def f(q, k, v):
+        return fct.attention(q, k, v, dropout_p=0.1)
+
+    q, k, v = (t.detach() for t in _cpu_inputs(seed))
+    torch._dynamo.reset()
+    counter = CompileCounter()  # counts the frames dynamo compiles a graph for
+    compiled = torch.compile(f, backend=counter)
+    outs = [compiled(q, k, v) for _ in range(12)]
+    assert len({d[1] for d in fake_generator.draws}) == len(fake_generator.draws) == 12
+    # one graph (after the draw's break), compiled once: no recompilation per draw
+    assert counter.frame_count == 1, f"{counter.frame_count} compiled frames"
+    for out, (s, off) in zip(outs, fake_generator.draws):
+        keep = keep_mask(s, off, (2, 3), 6, 9, 0.1)
+        torch.testing.assert_close(out, reference(q, k, v, keep=keep, dropout_p=0.1)[0])
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------
 # scaled_dot_product_attention's mapping (attn_mask, top-left is_causal, GQA
 # views, dropout) against PyTorch's own math backend, through the CPU kernels
@@ -1171,7 +1208,8 @@ def test_wiring_sdpa_dropout(record_bwd, fake_generator, seed):
     dout = randn(out.shape, torch.float64, seed + 4, device="cpu")
     grads = torch.autograd.grad(out, (q, k, v), dout)
     (s, off), = fake_generator.draws
-    assert record_bwd[-1][-4:-1] == (0.2, fct._seed_i64(s), off)
+    p, rng = record_bwd[-1][-3:-1]  # dropout_p, rng
+    assert p == 0.2 and rng.tolist() == [fct._seed_i64(s), off]
     keep = keep_mask(s, off, (2, 4), 6, 9, 0.2)
     rk, rv = (t.repeat_interleave(2, dim=1) for t in (k, v))
     ref_out, _, ref_grads = reference(q, rk, rv, dout=dout, mask=m, keep=keep, dropout_p=0.2)

@@ -348,7 +348,7 @@ def test_opcheck_bias_mask(dtype, dropout, seed):
     v = randn((1, 1, 47, 16), dtype, seed + 2, requires_grad=True)
     bias = randn((1, 3, 33, 47), dtype, seed + 3, requires_grad=True)
     mask = make_attn_mask(("bool", (2, 1, 1, 47)), seed + 4, device="cuda")
-    drop = (0.2, fct._seed_i64(2**64 - seed - 1), 5) if dropout else (0.0, 0, 0)
+    drop = (0.2, fct._rng_tensor(2**64 - seed - 1, 5)) if dropout else (0.0, None)
     var = (9, 2, None, None, None, bias, mask, *drop)
     torch.library.opcheck(torch.ops.flashcupy.attention_fwd.default, (q, k, v, False, None, *var))
     with torch.no_grad():
@@ -579,7 +579,8 @@ def test_gradcheck_dropout_fixed_seed(seed):
 
     def f(q, k, v, bias):
         return torch.ops.flashcupy.attention_fwd(q, k, v, True, None, None, None, None, None,
-                                                 None, bias, mask, 0.3, fct._seed_i64(seed), 11)[0]
+                                                 None, bias, mask, 0.3,
+                                                 fct._rng_tensor(seed, 11))[0]
 
     assert torch.autograd.gradcheck(f, (q, k, v, bias))
 
