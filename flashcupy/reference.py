@@ -18,6 +18,13 @@ Two implementations, both on the CPU in float64 whatever the input dtype:
     over tiles) and exists to document the algorithm and to prove that the
     tiling itself is correct, independently of any GPU.
 
+Packed (variable-length) batches and KV caches: ``attention_varlen_naive``,
+``attention_varlen_backward_naive`` and ``attention_with_kvcache_naive`` (in
+``flashcupy._reference_varlen``, re-exported here) loop over the sequences and
+call the naive functions on each; causal and window are bottom-right aligned
+per sequence, and that module's docstring defines the packed layout, the
+per-sequence dropout bits, and the cache layouts and in-place appends.
+
 Conventions shared by all four functions (and by ``flashcupy.attention``):
 
 * ``q`` has shape ``(..., Sq, D)``, ``k`` ``(..., Sk, D)``, ``v`` ``(..., Sk, Dv)``.
@@ -146,6 +153,9 @@ __all__ = [
     "attention_backward_tiled",
     "causal_mask",
     "visible_mask",
+    "attention_varlen_naive",
+    "attention_varlen_backward_naive",
+    "attention_with_kvcache_naive",
 ]
 
 LOG2E = 1.4426950408889634  # log2(e): folds exp into exp2, s2 = s * log2(e)
@@ -938,3 +948,12 @@ def attention_backward_tiled(dout, q, k, v, out, lse, causal: bool = False, scal
     if dbias is not None:
         grads += (dbias.result(),)
     return grads
+
+
+# The packed-batch and KV-cache references are built on the functions above;
+# imported last so that their module finds this one complete.
+from ._reference_varlen import (  # noqa: E402
+    attention_varlen_backward_naive,
+    attention_varlen_naive,
+    attention_with_kvcache_naive,
+)
