@@ -16,7 +16,7 @@ import pytest
 
 import _naive as nv
 from _grid import DTYPES, check_backward, check_forward, dtype_id, family
-from test_variants import FAMILY_DTYPES, HEADS, HEADS_SM90, fd_id
+from test_variants import FAMILY_DTYPES, case_grid, fd_id
 
 cp = pytest.importorskip("cupy")
 import flashcupy as fc  # noqa: E402
@@ -76,18 +76,7 @@ def make_case(name, qb, kb, bias_spec, bias_dt, mask_spec, extra, dtype, sq, sk,
     return q, k, v, dout, causal, kw
 
 
-def _grid():
-    out = []
-    for ci, case in enumerate(CASES):
-        for fi, fd in enumerate(FAMILY_DTYPES):
-            heads = (HEADS_SM90[(ci + fi) % len(HEADS_SM90)] if fd[0] == "sm90"
-                     else HEADS[(ci + 2 * fi) % len(HEADS)])
-            out.append(pytest.param(fd, case, SEQLENS[(ci + fi) % len(SEQLENS)], heads,
-                                    (ci + fi) % 2 == 1, id=f"{fd_id(fd)}-{case[0]}"))
-    return out
-
-
-@pytest.mark.parametrize("fd, case, seqlens, heads, det", _grid())
+@pytest.mark.parametrize("fd, case, seqlens, heads, det", case_grid(CASES, SEQLENS))
 def test_bias_mask_grid(fd, case, seqlens, heads, det, seed, poison_pool):
     fam, dtype = fd
     name, qb, kb, bias_spec, bias_dt, mask_spec, extra = case

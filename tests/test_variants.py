@@ -45,6 +45,21 @@ def fd_id(fd):
     return f"{fd[0]}-{dtype_id(fd[1])}"
 
 
+def case_grid(cases, seqlens):
+    """pytest params (fd, case, seqlens, heads, deterministic) spreading ``cases``
+    over every (family, dtype), with head dims, lengths and the deterministic
+    flag rotated so that each case meets several of each (the bias/mask and
+    dropout grids)."""
+    out = []
+    for ci, case in enumerate(cases):
+        for fi, fd in enumerate(FAMILY_DTYPES):
+            heads = (HEADS_SM90[(ci + fi) % len(HEADS_SM90)] if fd[0] == "sm90"
+                     else HEADS[(ci + 2 * fi) % len(HEADS)])
+            out.append(pytest.param(fd, case, seqlens[(ci + fi) % len(seqlens)], heads,
+                                    (ci + fi) % 2 == 1, id=f"{fd_id(fd)}-{case[0]}"))
+    return out
+
+
 # ----------------------------------------------------------------------------
 # the variants, their pairs, and the factors spread over the grid
 # ----------------------------------------------------------------------------
