@@ -4,12 +4,15 @@ of any tile, for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py generic sm80 sm90
     compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py sm90 with=bias,mask,dropout
+    compute-sanitizer --tool racecheck python benchmarks/sanitize_case.py sm90 with=bias,mask sk=208
 
 The arguments name kernel families (default: generic); a family that cannot run
 a dtype on this GPU is skipped.  ``with=`` adds variants to every call: ``bias``
 (a full (1, 2, Sq, Sk) bias in the dtype, its gradient too), ``mask`` (a random
 (1, 1, Sq, Sk) bool mask with one row that sees no key), ``dropout``
-(dropout_p = 0.2).  Prints one line per call, "finite" or
+(dropout_p = 0.2).  ``sk=`` sets the key length (default 197; a multiple of 16
+such as 208 makes the sm90 forward stage the bias / mask tiles in shared
+memory, cuda_src/sm80/scores.cuh).  Prints one line per call, "finite" or
 "NON-FINITE"; compute-sanitizer reports the errors.  Exit status 2 when no GPU
 is available.
 """
@@ -31,6 +34,7 @@ import numpy as np  # noqa: E402
 import flashcupy as fc  # noqa: E402
 
 families = [a for a in sys.argv[1:] if "=" not in a] or ["generic"]
+SK = int(next((a[3:] for a in sys.argv[1:] if a.startswith("sk=")), 197))
 variants = [v for a in sys.argv[1:] if a.startswith("with=") for v in a[5:].split(",") if v]
 unknown = set(variants) - {"bias", "mask", "dropout"}
 if unknown:
@@ -64,9 +68,9 @@ for fam in families:
             for d in dims:
                 for det in dets:
                     q = rng.standard_normal((1, 2, 131, d)).astype(dt)
-                    k = rng.standard_normal((1, 2, 197, d)).astype(dt)
-                    v = rng.standard_normal((1, 2, 197, d)).astype(dt)
-                    kw = variant_kwargs(dt, 131, 197)
+                    k = rng.standard_normal((1, 2, SK, d)).astype(dt)
+                    v = rng.standard_normal((1, 2, SK, d)).astype(dt)
+                    kw = variant_kwargs(dt, 131, SK)
                     bkw = dict(kw, bias_grad=True) if "bias" in kw else kw
                     with fc.kernel_family(fam):
                         out, lse = fc.attention(q, k, v, causal=causal, return_lse=True, **kw)

@@ -310,6 +310,7 @@ struct Variant {
   // makes the column stride 1, or 0 for a broadcast over keys).  Rows past Sq
   // and keys past Sk (tile padding, whose results are discarded) read a valid
   // element.
+  typedef TB bias_t;
   struct OffsetRow {
     const TB *bias;
     const unsigned char *mask;
@@ -321,13 +322,28 @@ struct Variant {
     if constexpr (MASK) r.mask = mask_b + ic * mask_sr;
     return r;
   }
-  __device__ __forceinline__ Acc offset_u(const OffsetRow &r, int j, Acc mul) const {
-    Acc x = Acc(0);
+  // A pair's elements as loaded (offset_load) and the offset they make
+  // (offset_of).
+  struct OffsetRaw {
+    TB bias;
+    unsigned char mask;
+  };
+  __device__ __forceinline__ OffsetRaw offset_load(const OffsetRow &r, int j) const {
+    OffsetRaw o;
     const int jc = fc_min(j, seqlen_k - 1);
-    if constexpr (BIAS) x = to_acc<Acc>(r.bias[jc * int(bias_sc)]) * mul;
+    if constexpr (BIAS) o.bias = r.bias[jc * int(bias_sc)];
+    if constexpr (MASK) o.mask = r.mask[jc * int(mask_sc)];
+    return o;
+  }
+  __device__ __forceinline__ Acc offset_of(const OffsetRaw &o, Acc mul) const {
+    Acc x = Acc(0);
+    if constexpr (BIAS) x = to_acc<Acc>(o.bias) * mul;
     if constexpr (MASK)
-      if (!r.mask[jc * int(mask_sc)]) x = fc_neg_inf<Acc>::value();
+      if (!o.mask) x = fc_neg_inf<Acc>::value();
     return x;
+  }
+  __device__ __forceinline__ Acc offset_u(const OffsetRow &r, int j, Acc mul) const {
+    return offset_of(offset_load(r, j), mul);
   }
   __device__ __forceinline__ Acc offset_u(const OffsetRow &r, int j) const {
     return offset_u(r, j, bias_umul);

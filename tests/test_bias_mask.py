@@ -102,6 +102,59 @@ def test_bias_mask_grid(fd, case, seqlens, heads, det, seed, poison_pool):
         assert bool((grads[0][..., 3, :].astype(np.float32) == 0).all())
 
 
+def _unaligned(x):
+    """The same values at an odd element offset and row pitch (Sk + 1): a view
+    that no 16-byte copy can read."""
+    buf = cp.empty(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype)
+    buf[..., 1:] = x
+    return buf[..., 1:]
+
+
+# (bias shape, bias dtype, mask shape, causal): the shapes the forward stages
+STAGE_CASES = [
+    ("full", "q", None, False),
+    ((B, 1, 1, "Sk"), "q", None, False),          # one row, broadcast over queries
+    ((1, HKV, "Sq", "Sk"), "f32", None, True),
+    (None, None, (B, 1, "Sq", "Sk"), False),
+    (None, None, (B, 1, 1, "Sk"), True),
+    ("full", "q", (B, 1, 1, "Sk"), True),
+    # masks that keep whole key tiles (key padding; one removed block): the
+    # forward skips the per-score mask there
+    (None, None, "keypad-prefix", False),
+    ("full", "q", "keypad-prefix", False),
+    (None, None, "block-hole", True),
+]
+
+
+@pytest.mark.parametrize("case", STAGE_CASES, ids=lambda c: "-".join(
+    "x".join(map(str, p)) if isinstance(p, tuple) else str(p) for p in c))
+@pytest.mark.parametrize("fd", FAMILY_DTYPES, ids=fd_id)
+def test_offset_stage_equals_direct_read(fd, case, seed):
+    """The sm90 forward copies a bias / mask tile into shared memory when its
+    rows are 16-byte aligned (cuda_src/sm80/scores.cuh, OffsetStage) and reads
+    it at each score otherwise: both give the same bits, and the reference's
+    answer (several query tiles, a partial last key tile)."""
+    fam, dtype = fd
+    bias_spec, bias_dt, mask_spec, causal = case
+    sq, sk, d = 100, 336, 64
+    special = mask_spec if isinstance(mask_spec, str) else None
+    q, k, v, _, _, kw = make_case("stage", (B, HKV), (B, HKV), bias_spec, bias_dt,
+                                  None if special else mask_spec, {}, dtype, sq, sk, d, d, seed)
+    if special == "keypad-prefix":  # batch element b keeps its first sk - 100 b keys
+        kw["mask"] = cp.arange(sk)[None, None, None, :] < cp.asarray([sk, sk - 100])[:, None, None, None]
+    elif special == "block-hole":   # all kept but a block of 20 x 70 pairs
+        m = cp.ones((B, 1, sq, sk), bool)
+        m[1, :, 30:50, 100:170] = False
+        kw["mask"] = m
+    odd = {name: _unaligned(x) for name, x in kw.items()}
+    with family(fam, dtype):
+        out, lse = fc.attention(q, k, v, causal=causal, return_lse=True, **kw)
+        out2, lse2 = fc.attention(q, k, v, causal=causal, return_lse=True, **odd)
+    assert bool((out.view(np.uint8) == out2.view(np.uint8)).all())
+    assert bool((lse.view(np.uint8) == lse2.view(np.uint8)).all())
+    check_forward(q, k, v, out, lse, causal, **kw)
+
+
 @pytest.mark.parametrize("fd", FAMILY_DTYPES, ids=fd_id)
 def test_mask_is_a_neg_inf_bias(fd, seed):
     fam, dtype = fd

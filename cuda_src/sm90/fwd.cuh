@@ -34,7 +34,7 @@
 
 namespace sm80 {
 
-template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS>
+template <int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int VF = 0>
 struct FwdWgCfg {
   static constexpr int NTHREADS = NWARPS * 32;
   static constexpr int Q_BYTES = 2 * BLOCK_M * HD, K_BYTES = 2 * BLOCK_N * HD,
@@ -42,7 +42,11 @@ struct FwdWgCfg {
   // Q | K[2] | V[2], every tile on a 1024-byte boundary (the swizzle's period)
   static constexpr int K_OFF = Q_BYTES;
   static constexpr int V_OFF = K_OFF + 2 * K_BYTES;
-  static constexpr int SMEM_BYTES = V_OFF + 2 * V_BYTES;
+  // then the bias / mask tiles (scores.cuh, OffsetStage: a float32 bias beside
+  // 16-bit inputs takes 4 bytes an element)
+  using OffCfg = OffsetStageCfg<VF, (VF & FC_VF_BIAS_ACC) ? 4 : 2, BLOCK_M, BLOCK_N>;
+  static constexpr int OFF_OFF = V_OFF + 2 * V_BYTES;
+  static constexpr int SMEM_BYTES = OFF_OFF + OffCfg::BYTES;
   static constexpr int PANEL_Q = BLOCK_M * 128, PANEL_K = BLOCK_N * 128;  // 64 columns
   static constexpr int LDO = HDV + PAD;  // O staging (padded) over the K/V ring
   // Two CTAs per SM where shared memory and registers allow (8 warps only with
@@ -64,10 +68,10 @@ struct FwdWgCfg {
 
 template <typename T, int HD, int HDV, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, int VF>
 __global__ void __launch_bounds__(NWARPS * 32,
-                                  (sm80::FwdWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS>::MIN_BLOCKS))
+                                  (sm80::FwdWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, VF>::MIN_BLOCKS))
 fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   using namespace sm80;
-  using C = FwdWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS>;
+  using C = FwdWgCfg<HD, HDV, BLOCK_M, BLOCK_N, NWARPS, VF>;
   static_assert(STAGES == 2, "K and V double-buffered (see the header)");
   constexpr int NTHREADS = C::NTHREADS;
   constexpr int NS = BLOCK_N / 8;  // n8 tiles of S
@@ -102,6 +106,20 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
     load_tile<T, BLOCK_N, HD, NTHREADS, true>(tile(C::K_OFF + (n & 1) * C::K_BYTES),
                                               k_b + n0 * p.k.sr, p.k.sr, p.seqlen_k - n0, p.head_dim);
   };
+  // Bias / mask of key tile n: staged in shared memory with K_n's copies
+  // (OffsetStage) where the layout allows, else read at the scores
+  // (OffsetDirect: only layouts that are not 16-byte aligned; registers loaded a
+  // step ahead, OffsetTile, were 0.9x as fast as the stage and spilled beside
+  // it, NOTES.md section 12).
+  using Var = decltype(var);
+  OffsetStage<Var, BLOCK_M, BLOCK_N, NTHREADS> stage;
+  static_assert(decltype(stage)::Cfg::BYTES == C::OffCfg::BYTES, "the stage's layout");
+  if constexpr (Var::OFFSET) stage.init(var, fc_sm80_smem_wg + C::OFF_OFF);
+  auto load_kb = [&](int n) {
+    load_k(n);
+    if constexpr (Var::OFFSET)
+      if (stage.on) stage.load(var, n, m_start, m_rows);
+  };
   auto load_v = [&](int n) {
     const int n0 = n * BLOCK_N;
     load_tile<T, BLOCK_N, HDV, NTHREADS, true>(tile(C::V_OFF + (n & 1) * C::V_BYTES),
@@ -121,7 +139,7 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
 
   load_tile<T, BLOCK_M, HD, NTHREADS, true>(tile(0), q_b + m_start * p.q.sr, p.q.sr, m_rows,
                                             p.head_dim);
-  if (n_first < n_tiles) load_k(n_first);
+  if (n_first < n_tiles) load_kb(n_first);
   cp_async_commit();
 
   OnlineSoftmax<float> sm[2];  // rows g and g+8; l_i per-thread partial
@@ -138,7 +156,7 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();
-    if (n + 1 < n_tiles) load_k(n + 1);
+    if (n + 1 < n_tiles) load_kb(n + 1);
     load_v(n);
     cp_async_commit();
   };
@@ -152,9 +170,18 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   // p = ex2(s * mul - m).  Leaves P in s and O's factor per row in alpha.
   auto softmax = [&](float (&s)[1][NS][4], int n, float (&alpha)[2]) {
     const int n0 = n * BLOCK_N;
-    const float mul = fwd_scores(var, s, m_start + wrow, n0,
-                                 var.needs_mask(m_start, m_start + m_rows, n0, n0 + BLOCK_N),
-                                 p.scale_log2, lane);
+    const bool need = var.needs_mask(m_start, m_start + m_rows, n0, n0 + BLOCK_N);
+    float mul;
+    if (!Var::OFFSET || stage.on) {
+      // (a mask alone that keeps this warp's whole tile costs nothing a score)
+      const bool offsets = Var::OFFSET && (Var::BIAS || !stage.all_kept(n, wrow, lane));
+      mul = fwd_scores(var, s, m_start + wrow, n0, need, p.scale_log2, lane,
+                       [&](int mt, int h, int nt) {
+                         return stage.pair(var, n, wrow + 16 * mt + g + 8 * h, 8 * nt + 2 * c4);
+                       }, offsets);
+    } else {
+      mul = fwd_scores(var, s, m_start + wrow, n0, need, p.scale_log2, lane);
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float mx = fc_neg_inf<float>::value();

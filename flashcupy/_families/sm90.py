@@ -12,7 +12,8 @@ from the kernel harness (benchmarks/dev/NOTES.md section 8).
 """
 from __future__ import annotations
 
-from .._spec import VF_ALIBI, VF_SOFTCAP, KernelSpec, head_dim_bucket
+from .._spec import (VF_ALIBI, VF_BIAS, VF_BIAS_ACC, VF_MASK, VF_SOFTCAP, KernelSpec,
+                     head_dim_bucket)
 from . import sm80
 
 NAME = "sm90"
@@ -68,7 +69,11 @@ def smem_bytes(s: KernelSpec) -> int:
     """Dynamic shared memory (bytes): FwdWgCfg / DkdvWgCfg of cuda_src/sm90."""
     hd, hdv, bm, bn, st = s.head_dim, s.head_dim_v, s.block_m, s.block_n, s.stages
     if s.kernel == "fwd":
-        return 2 * (bm * hd + 2 * bn * (hd + hdv))  # Q | K[2] | V[2], swizzled, no pad
+        # Q | K[2] | V[2], swizzled, no pad | bias[2], mask[2] (rows padded by 16 bytes)
+        bias_e = 4 if s.variant & VF_BIAS_ACC else 2 if s.variant & VF_BIAS else 0
+        stage = 2 * bm * ((bias_e * bn + 16 if bias_e else 0) +
+                          (bn + 16 if s.variant & VF_MASK else 0))
+        return 2 * (bm * hd + 2 * bn * (hd + hdv)) + stage
     # K, V | STAGES x (Q, dO, lse, delta), rounded up to 1 KB | P, dS; all swizzled
     ring = 2 * bn * (hd + hdv) + st * (2 * bm * (hd + hdv) + 8 * bm)
     return -(-ring // 1024) * 1024 + 4 * bm * bn
@@ -77,7 +82,7 @@ def smem_bytes(s: KernelSpec) -> int:
 def smem_expression(s: KernelSpec):
     hd, hdv, bm, bn, nw, st = s.head_dim, s.head_dim_v, s.block_m, s.block_n, s.nwarps, s.stages
     if s.kernel == "fwd":
-        return f"sm80::FwdWgCfg<{hd}, {hdv}, {bm}, {bn}, {nw}>::SMEM_BYTES"
+        return f"sm80::FwdWgCfg<{hd}, {hdv}, {bm}, {bn}, {nw}, {s.variant}>::SMEM_BYTES"
     atomic = "true" if s.kernel == "bwd_dkdvq" else "false"
     return f"sm80::DkdvWgCfg<{hd}, {hdv}, {bm}, {bn}, {nw}, {st}, {atomic}, false>::SMEM_BYTES"
 
