@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import numpy as np
 
@@ -739,10 +740,17 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, wi
                         mask, bias_grad, dropout_p)
         if bias_grad and deterministic and tuple(bias.shape) != prob.bshape + (
                 prob.seqlen_q, prob.seqlen_k):
-            raise NotImplementedError(
-                f"{fn}: deterministic=True with bias_grad=True needs a bias of the full shape "
-                f"{prob.bshape + (prob.seqlen_q, prob.seqlen_k)} (got {tuple(bias.shape)}): a "
-                f"broadcast bias's gradient is summed with float32 atomics")
+            if prob.features.dropout:
+                raise NotImplementedError(
+                    f"{fn}: deterministic=True with bias_grad=True, dropout_p > 0 and a "
+                    f"broadcast bias (shape {tuple(bias.shape)}) is not implemented; pass the "
+                    f"bias broadcast to {prob.bshape + (prob.seqlen_q, prob.seqlen_k)} (a "
+                    f"stride-0 view) and sum its gradient, or deterministic=False")
+            return _backward_broadcast_dbias(
+                prob, (dout, q, k, v, out, lse), bias_in,
+                dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                     alibi_slopes=alibi_slopes, sink=sink, mask=mask),
+                dict(dq=dq, dk=dk, dv=dv, dsink=dsink, dbias=dbias))
         if bias_grad and bias is bias_in and tuple(bias.shape) == prob.bshape + (
                 prob.seqlen_q, prob.seqlen_k):
             # a full-shape bias (in the kernels' bias type): each dbias element has
@@ -802,6 +810,83 @@ def _backward(dout, q, k, v, out, lse, *, causal, scale, deterministic=False, wi
         if cacheable:
             _PLANS.put(key, plan)
     return grads
+
+
+def _batch_slicer(x, n_batch_dims, bshape, axes, pos):
+    """The index of ``x`` (whose leading ``n_batch_dims`` axes broadcast
+    right-aligned against ``bshape``) at positions ``pos`` of batch ``axes``:
+    a size-1 slice where x has the axis, nothing where x broadcasts along it."""
+    lead = len(bshape) - n_batch_dims
+    idx = [slice(None)] * x.ndim
+    for a, i in zip(axes, pos):
+        ax = a - lead
+        if ax >= 0 and x.shape[ax] != 1:
+            idx[ax] = slice(i, i + 1)
+    return tuple(idx)
+
+
+def _backward_broadcast_dbias(prob, arrays, bias, kw, outs):
+    """deterministic=True with the gradient of a bias that broadcasts over batch
+    axes: the kernels have one writer per dbias element only for a bias of the
+    full shape (the atomics of the other case sum in run-dependent order).  So
+    one backward runs per position of the batch axes the bias broadcasts along,
+    on every operand's slice there, with the bias as a float32 stride-0 view of
+    the call's full shape (its dS is then stored, not added).  The calls' dbias
+    (the bias's batch shape x (Sq, Sk), float32) are summed over Sq / Sk where
+    the bias broadcasts there and added position after position; the
+    gradients of inputs that broadcast along those axes too.  Every sum has a
+    fixed order: bit-identical run to run.  Extra memory: that float32 dbias
+    and float32 copies of the gradients, never the full broadcast size; time:
+    one launch sequence per position (an (Sq, Sk) bias beside (B, H) runs B * H
+    calls of one head each)."""
+    dout, q, k, v, out, lse = arrays
+    bs, sq, sk = prob.bshape, prob.seqlen_q, prob.seqlen_k
+    nd = len(bs)
+    bias_al = bias.reshape((1,) * (nd + 2 - bias.ndim) + tuple(bias.shape))
+    axes = [a for a in range(nd) if bias_al.shape[a] == 1 and bs[a] > 1]
+    inner_bs = tuple(1 if a in axes else bs[a] for a in range(nd))
+    acc = np.float64 if prob.acc_dtype == np.float64 else np.float32
+    bias32 = cupy.broadcast_to(bias_al.astype(acc), inner_bs + (sq, sk))
+    grads = {"dq": (q, 2), "dk": (k, 2), "dv": (v, 2)}
+    sink = kw["sink"]
+    if sink is not None:
+        grads["dsink"] = (sink, 0)
+    with cupy.cuda.Device(prob.device_id):
+        sums = {n: cupy.zeros(x.shape, acc) for n, (x, _) in grads.items()}
+        dbias32 = cupy.zeros(bias_al.shape, acc)
+        red = tuple(i for i in (nd, nd + 1) if bias_al.shape[i] == 1)
+        for pos in itertools.product(*(range(bs[a]) for a in axes)):
+            def cut(x, nb):
+                return None if x is None else x[_batch_slicer(x, nb, bs, axes, pos)]
+            mask = kw["mask"]
+            ikw = dict(kw, alibi_slopes=cut(kw["alibi_slopes"], getattr(kw["alibi_slopes"],
+                                                                        "ndim", 0)),
+                       sink=cut(sink, getattr(sink, "ndim", 0)),
+                       mask=cut(mask, max(0, getattr(mask, "ndim", 0) - 2)))
+            res = _backward(cut(dout, dout.ndim - 2), cut(q, q.ndim - 2), cut(k, k.ndim - 2),
+                            cut(v, v.ndim - 2), cut(out, out.ndim - 2), cut(lse, lse.ndim - 1),
+                            deterministic=True, bias=bias32, bias_grad=True, **ikw)
+            names = ["dq", "dk", "dv"] + (["dsink"] if sink is not None else [])
+            for n, g in zip(names, res):
+                x, nb = grads[n]
+                sums[n][_batch_slicer(x, x.ndim - nb, bs, axes, pos)] += g
+            dbias32 += res[-1].sum(axis=red, keepdims=True) if red else res[-1]
+        result = []
+        for n in ("dq", "dk", "dv", "dsink"):
+            if n not in grads:
+                continue
+            x = grads[n][0]
+            o = outs[n]
+            if o is None:
+                o = cupy.empty(x.shape, np.float32 if n == "dsink" else x.dtype)
+            o[...] = sums[n].astype(o.dtype)
+            result.append(o)
+        db = outs["dbias"]
+        if db is None:
+            db = cupy.empty(bias.shape, bias.dtype)
+        db[...] = dbias32.reshape(bias.shape).astype(db.dtype)
+        result.append(db)
+    return tuple(result)
 
 
 def _group_axes(bshape, k, v, strides):

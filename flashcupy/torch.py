@@ -776,27 +776,27 @@ def _grads(ctx, dq, dk, dv, dsink, dbias, sink, bias):
             None, None, None)
 
 
-def _deterministic_dbias(q, k, v, bias) -> bool:
+def _deterministic_dbias(q, k, v, bias, dropout_p) -> bool:
     """Whether the backward with a bias gradient may run deterministic kernels.
 
-    The core sums the gradient of a *broadcast* bias over its broadcast axes
-    with float32 atomics and has no deterministic kernel for it; that case
-    follows PyTorch's rule for an operator without one under
+    The core has a deterministic gradient for every bias shape (a broadcast
+    bias's by one call per broadcast position, flashcupy/api.py
+    _backward_broadcast_dbias) except a broadcast bias together with dropout.
+    That case follows PyTorch's rule for an operator without one under
     ``torch.use_deterministic_algorithms(True)``: an error, or with
     ``warn_only=True`` a warning and the nondeterministic kernels (False).
-    A bias of the full shape (a stride-0 ``expand`` view too) has one writer
-    per gradient element."""
+    A bias of the full shape (a stride-0 ``expand`` view too) always works."""
     batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
     full = batch + (q.shape[-2], k.shape[-2])
-    if tuple(bias.shape) == full:
+    if tuple(bias.shape) == full or not dropout_p:
         return True
-    msg = (f"flashcupy.torch attention backward with the gradient of a broadcast bias (bias "
-           f"shape {tuple(bias.shape)}, broadcast to {full}) does not have a deterministic "
-           f"implementation, but you set 'torch.use_deterministic_algorithms(True)'. You can "
-           f"turn off determinism just for this operation, or you can use the 'warn_only=True' "
-           f"option, if that's acceptable for your application. A bias of the full shape has "
-           f"a deterministic gradient: pass bias.expand({', '.join(map(str, full))}) (a view, "
-           f"no copy; PyTorch then sums its gradient over the broadcast axes)")
+    msg = (f"flashcupy.torch attention backward with dropout and the gradient of a broadcast "
+           f"bias (bias shape {tuple(bias.shape)}, broadcast to {full}) does not have a "
+           f"deterministic implementation, but you set 'torch.use_deterministic_algorithms(True)'. "
+           f"You can turn off determinism just for this operation, or you can use the "
+           f"'warn_only=True' option, if that's acceptable for your application. A bias of the "
+           f"full shape has a deterministic gradient: pass bias.expand({', '.join(map(str, full))}) "
+           f"(a view, no copy; PyTorch then sums its gradient over the broadcast axes)")
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(msg, UserWarning, stacklevel=2)
         return False
@@ -814,7 +814,7 @@ def _run_backward(ctx, dout, bwd):
     bias_grad = bias is not None and bool(need[_BIAS_INPUT])
     deterministic = torch.are_deterministic_algorithms_enabled()
     if deterministic and bias_grad:
-        deterministic = _deterministic_dbias(q, k, v, bias)
+        deterministic = _deterministic_dbias(q, k, v, bias, ctx.dropout_p)
     dq, dk, dv, dsink, dbias = bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
                                    deterministic, *ctx.variant, alibi, sink, bias, mask,
                                    ctx.dropout_p, rng, bias_grad)

@@ -85,7 +85,6 @@ def test_bias_mask_grid(fd, case, seqlens, heads, det, seed, poison_pool):
                                           dtype, sq, sk, d, dv, seed)
     full = "bias" in kw and tuple(kw["bias"].shape) == tuple(
         np.broadcast_shapes(qb, kb)) + (sq, sk)
-    det = det and (full or "bias" not in kw)  # a broadcast dbias is summed by atomics
     with family(fam, dtype):
         with poison_pool():
             out, lse = fc.attention(q, k, v, causal=causal, return_lse=True, **kw)
@@ -184,6 +183,41 @@ def test_dbias_deterministic(fd, seed):
         assert bool((a.view(np.uint8) == b.view(np.uint8)).all())
 
 
+# (bias shape, q / kv batch dims, extra keywords): biases that broadcast over
+# batch or head axes, rows or columns, with GQA, a sink and a mask
+DET_BCAST = [
+    ((1, HKV, "Sq", "Sk"), (B, HKV), (B, HKV), {}),
+    ((B, 1, 1, "Sk"), (B, HKV), (B, HKV), {"causal": True}),
+    (("Sq", "Sk"), (B, HKV), (B, HKV), {"window": (40, 10)}),
+    ((1, HKV, G, "Sq", 1), (B, HKV, G), (B, HKV, 1), {"sink": True, "mask": True}),
+]
+
+
+@pytest.mark.parametrize("case", DET_BCAST, ids=lambda c: "x".join(map(str, c[0])))
+@pytest.mark.parametrize("fd", FAMILY_DTYPES, ids=fd_id)
+def test_dbias_deterministic_broadcast(fd, case, seed):
+    """deterministic=True with a broadcast bias: bit-identical gradients run to
+    run (one call per broadcast position, api._backward_broadcast_dbias), and
+    the reference's values."""
+    fam, dtype = fd
+    bias_spec, qb, kb, extra = case
+    sq, sk, d = 70, 90, 64
+    mask_spec = (B, 1, 1, "Sq", "Sk") if extra.get("mask") else None
+    q, k, v, dout, causal, kw = make_case("det", qb, kb, bias_spec, "q", mask_spec,
+                                          {n: x for n, x in extra.items() if n != "mask"},
+                                          dtype, sq, sk, d, d, seed)
+    with family(fam, dtype):
+        out, lse = fc.attention(q, k, v, causal=causal, return_lse=True, **kw)
+        g1 = fc.attention_backward(dout, q, k, v, out, lse, causal=causal, bias_grad=True,
+                                   deterministic=True, **kw)
+        g2 = fc.attention_backward(dout, q, k, v, out, lse, causal=causal, bias_grad=True,
+                                   deterministic=True, **kw)
+    assert g1[-1].shape == kw["bias"].shape and g1[-1].dtype == kw["bias"].dtype
+    for a, b in zip(g1, g2):
+        assert bool((a.view(np.uint8) == b.view(np.uint8)).all())
+    check_backward(dout, q, k, v, g1, causal, fwd=(out, lse), bias_grad=True, **kw)
+
+
 def test_bias_mask_bad_input():
     q = cp.zeros((2, 3, 16, 32), np.float16) + 1
     k = v = q
@@ -204,9 +238,9 @@ def test_bias_mask_bad_input():
     with pytest.raises(TypeError, match="bias_grad"):
         fc.attention_backward(q, q, k, v, out, lse, bias=cp.zeros((16, 16), np.float16),
                               bias_grad=1)
-    with pytest.raises(NotImplementedError, match="full shape"):
+    with pytest.raises(NotImplementedError, match="dropout_p > 0 and a broadcast bias"):
         fc.attention_backward(q, q, k, v, out, lse, bias=cp.zeros((16, 16), np.float16),
-                              bias_grad=True, deterministic=True)
+                              bias_grad=True, deterministic=True, dropout_p=0.1, seed=1)
 
 
 def test_float32_bias_beside_float64_after_a_float64_bias(seed):

@@ -1016,25 +1016,29 @@ def test_wiring_dropout_under_no_grad(cpu_kernels, fake_generator, seed):
     assert not torch.equal(out, plain)
 
 
-def test_wiring_deterministic_broadcast_bias(record_bwd, seed):
+def test_wiring_deterministic_broadcast_bias(record_bwd, fake_generator, seed):
     """Under torch.use_deterministic_algorithms(True) the gradient of a
-    broadcast bias raises (torch's message); warn_only warns and runs the
-    nondeterministic kernels; a bias expanded to the full shape is fine."""
+    broadcast bias runs the deterministic path; with dropout too it raises
+    (torch's message), and warn_only warns and runs the nondeterministic
+    kernels; a bias expanded to the full shape is fine with dropout."""
     q, k, v = _cpu_inputs(seed)
     bias, _ = _bias_mask_inputs(seed)
     prev = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        out = fct.attention(q, k, v, bias=bias)
+        fct.attention(q, k, v, bias=bias).sum().backward()
+        assert record_bwd[-1][8] is True  # deterministic
+        bias.grad = None
+        out = fct.attention(q, k, v, bias=bias, dropout_p=0.1)
         with pytest.raises(RuntimeError, match=r"does not have a deterministic implementation, "
                                                r"but you set 'torch.use_deterministic_algorithms"):
             out.sum().backward()
-        fct.attention(q, k, v, bias=bias.expand(2, 3, 6, 9)).sum().backward()
-        assert record_bwd[-1][8] is True  # deterministic
+        fct.attention(q, k, v, bias=bias.expand(2, 3, 6, 9), dropout_p=0.1).sum().backward()
+        assert record_bwd[-1][8] is True
         bias.grad = None
         torch.use_deterministic_algorithms(True, warn_only=True)
-        out = fct.attention(q, k, v, bias=bias)
+        out = fct.attention(q, k, v, bias=bias, dropout_p=0.1)
         with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
             out.sum().backward()
         assert record_bwd[-1][8] is False and bias.grad.shape == bias.shape
