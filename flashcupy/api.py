@@ -705,9 +705,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, det
         summed over the axes the sink was broadcast along.
     dbias : cupy.ndarray, the shape and dtype of ``bias`` (only with ``bias_grad``)
         The gradient of the logit the bias joins, dS = P o (dP - delta),
-        summed over the bias's broadcast axes in the kernel (float32 atomics,
-        so run-to-run bit-identical only for a bias of the full
-        ``batch + (Sq, Sk)`` shape).
+        summed over the bias's broadcast axes in the kernel (float32 atomics).
+        With ``deterministic=True`` a bias broadcast over batch axes runs one
+        backward per position of those axes and sums in a fixed order
+        (bit-identical run to run; not implemented together with dropout).
     """
     return _backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
                      deterministic=deterministic, window=window, softcap=softcap,

@@ -964,9 +964,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         added to the scaled score after softcap and ALiBi.  ``-inf`` removes a
         pair.  Differentiable: its gradient has the bias's own shape and dtype
         (summed over its broadcast axes), computed only when the bias requires
-        grad.  The gradient of a broadcast bias is summed with atomics: under
-        ``torch.use_deterministic_algorithms(True)`` pass it expanded to the
-        full shape (``bias.expand(...)``) or the backward raises.
+        grad.  The gradient of a broadcast bias is summed with atomics; under
+        ``torch.use_deterministic_algorithms(True)`` it is summed in a fixed
+        order instead (one backward per broadcast batch position, slower), and
+        only a broadcast bias together with dropout raises.
     mask : torch.Tensor of bool, optional
         Same broadcasting; False removes the pair (like a ``-inf`` bias).  A
         row with every pair removed gets ``out = 0``, ``lse = -inf`` and zero
