@@ -46,8 +46,16 @@ struct TensorView {
 
 // Decomposes the flat batch index of this CTA.  Returns false for the padding
 // CTAs of the last grid.z slice (nbatch need not divide by gridDim.y).
+//
+// It also carries the CTA's sequence (seq.cuh, seq_init): its lengths sq, sk and
+// the first rows q0 (of q, o, lse, dout, dq, delta), k0 (of k, v, dk, dv) and qa0
+// (of the dQ workspace) in packed (variable-length) buffers.  init() sets the
+// dense values (the problem's lengths, rows 0), which fold away in kernels not
+// compiled for sequences.
 struct BatchIndex {
   int b0, b1, b2;
+  int sq, sk;
+  int q0, k0, qa0;  // (int32 like cu_seqlens; widened where multiplied)
   __device__ __forceinline__ bool init(int nb0, int nb1, int nb2) {
     long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;
     if (b >= (long long)nb0 * nb1 * nb2) return false;
@@ -55,8 +63,34 @@ struct BatchIndex {
     b /= nb2;
     b1 = (int)(b % nb1);
     b0 = (int)(b / nb1);
+    q0 = k0 = qa0 = 0;
     return true;
   }
+};
+
+// Tensor bases of this CTA's batch element and sequence: q-side tensors start
+// at row q0, k-side ones at row k0 (TensorView::batch plus the rows).
+template <typename T>
+__device__ __forceinline__ T *q_rows(const TensorView<T> &t, const BatchIndex &bi) {
+  return t.batch(bi.b0, bi.b1, bi.b2) + (fc_index_t)bi.q0 * t.sr;
+}
+template <typename T>
+__device__ __forceinline__ T *k_rows(const TensorView<T> &t, const BatchIndex &bi) {
+  return t.batch(bi.b0, bi.b1, bi.b2) + (fc_index_t)bi.k0 * t.sr;
+}
+
+// Sequences (variable-length batches, KV caches, paged KV; seq.cuh): the
+// kernel's batch axis b0 is then the sequence.  Null pointers mean "as dense".
+struct SeqArgs {
+  const int *cu_q;    // (B + 1) first query rows: sequence b owns rows cu_q[b] .. cu_q[b + 1]
+  const int *cu_k;    // (B + 1) first key rows
+  const int *cu_qa;   // (B + 1) first rows of the dQ workspace (cu_q plus per-sequence padding)
+  const int *len_k;   // (B) keys per sequence (a KV cache), overrides cu_k's lengths
+  const int *table;   // paged K/V: (B, table_stride) page indices, in order
+  fc_index_t table_stride;
+  fc_index_t k_page_stride, v_page_stride;  // elements between pages (k, v)
+  int page_size;      // rows per page
+  int page_shift;     // log2(page_size) when a power of two, else -1
 };
 
 // The runtime half of an attention variant (variant.cuh holds the logic; its
@@ -110,6 +144,7 @@ struct FwdParams {
   Acc scale;       // softmax scale
   Acc scale_log2;  // scale * log2(e); <= 0 for a non-positive user scale
   VariantArgs<Acc> var;
+  SeqArgs seq;
 };
 
 // Every backward kernel: preprocess (o, dout -> delta), dQ, dK/dV (+ atomic dQ
@@ -128,4 +163,5 @@ struct BwdParams {
   int seqlen_q, seqlen_k, head_dim, head_dim_v;
   Acc scale, scale_log2;
   VariantArgs<Acc> var;
+  SeqArgs seq;
 };

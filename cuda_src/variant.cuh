@@ -36,6 +36,7 @@
 // Units: kernels work in log2 units (softmax.cuh), so score2 = score * log2(e).
 #pragma once
 #include "params.cuh"
+#include "seq.cuh"
 #include "softmax.cuh"
 
 // The VF template parameter of the kernels: which variants are compiled in.
@@ -52,6 +53,7 @@
 #define FC_VF_MASK 64    // boolean mask (one byte per element; 0 removes the pair)
 #define FC_VF_DBIAS 128  // backward: dS added into the bias's gradient (atomics)
 #define FC_VF_DROPOUT 512  // dropout on P (Philox4x32-10, flashcupy/_philox.py)
+// (FC_VF_SEQ 2048 and FC_VF_PAGED 4096, where the sequences live: seq.cuh)
 #define FC_VF_DBIAS_STORE 1024  // with FC_VF_DBIAS: dS stored into dbias (in the bias's
                                 // storage type), not added: each pair has its own dbias
                                 // element (a bias of the full shape), so no atomics
@@ -179,16 +181,22 @@ struct Variant {
     }
     if constexpr (SINK)
       sink2 = Acc(a.sink.batch(bi.b0, bi.b1, bi.b2)[grp * a.sink_sg]) * Acc(FC_LOG2E);
+    // (packed sequences read the block of their rows and columns: q0, k0 are 0
+    // for dense problems)
     if constexpr (BIAS)
       bias_b = static_cast<const TB *>(a.bias.ptr) + bi.b0 * a.bias.sb0 + bi.b1 * a.bias.sb1 +
-               bi.b2 * a.bias.sb2 + grp * a.bias_sg;
-    if constexpr (MASK) mask_b = a.mask.batch(bi.b0, bi.b1, bi.b2) + grp * a.mask_sg;
+               bi.b2 * a.bias.sb2 + grp * a.bias_sg + bi.q0 * a.bias.sr + bi.k0 * a.bias_sc;
+    if constexpr (MASK)
+      mask_b = a.mask.batch(bi.b0, bi.b1, bi.b2) + grp * a.mask_sg + bi.q0 * a.mask.sr +
+               bi.k0 * a.mask_sc;
     if constexpr (DBIAS_STORE)  // (strides in elements of the bias's type)
       dbias_b = reinterpret_cast<Acc *>(reinterpret_cast<TB *>(a.dbias.ptr) + bi.b0 * a.dbias.sb0 +
                                         bi.b1 * a.dbias.sb1 + bi.b2 * a.dbias.sb2 +
-                                        grp * a.dbias_sg);
+                                        grp * a.dbias_sg + bi.q0 * a.dbias.sr +
+                                        bi.k0 * a.dbias_sc);
     else if constexpr (DBIAS)
-      dbias_b = a.dbias.batch(bi.b0, bi.b1, bi.b2) + grp * a.dbias_sg;
+      dbias_b = a.dbias.batch(bi.b0, bi.b1, bi.b2) + grp * a.dbias_sg + bi.q0 * a.dbias.sr +
+                bi.k0 * a.dbias_sc;
     if constexpr (DROPOUT)
       drop_bh = (unsigned)((fc_index_t) reinterpret_cast<unsigned long long>(a.dropout_index.ptr) +
                            bi.b0 * a.dropout_index.sb0 + bi.b1 * a.dropout_index.sb1 +

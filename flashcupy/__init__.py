@@ -3,6 +3,8 @@
     out = flashcupy.attention(q, k, v, causal=True)
     out, lse = flashcupy.attention(q, k, v, return_lse=True)
     dq, dk, dv = flashcupy.attention_backward(dout, q, k, v, out, lse)
+    out = flashcupy.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k)   # packed batches
+    out = flashcupy.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens)
 
 Kernels are CUDA C++ (``cuda_src/``) compiled at run time by NVRTC through
 ``cupy.RawModule``; PyTorch users see ``flashcupy.torch``.  ``flashcupy.reference``
@@ -18,13 +20,14 @@ from ._config import kernel_family
 # machine without CuPy; there, using one raises api's ImportError with the
 # install command.
 _LAZY = ("attention", "attention_backward")
+_LAZY_VARLEN = ("attention_varlen", "attention_varlen_backward", "attention_with_kvcache")
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        from . import api
+    if name in _LAZY or name in _LAZY_VARLEN:
+        from . import _varlen, api
 
-        value = getattr(api, name)
+        value = getattr(api if name in _LAZY else _varlen, name)
         globals()[name] = value  # later lookups are plain attribute reads
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -47,5 +50,6 @@ def families_for(dtype, device=None) -> tuple:
     return _config.families_for(_dtypes.info(dtype).name, cc)
 
 
-__all__ = ["attention", "attention_backward", "kernel_family", "families_for", "reference",
+__all__ = ["attention", "attention_backward", "attention_varlen", "attention_varlen_backward",
+           "attention_with_kvcache", "kernel_family", "families_for", "reference",
            "__version__"]

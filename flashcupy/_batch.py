@@ -45,12 +45,21 @@ class Layout:
 
     sizes: list
     strides: dict
+    pinned: bool = False  # sizes[0] is the sequence axis: the kernels' b0 (seq.cuh)
 
     @classmethod
-    def build(cls, bshape, dims, strides: dict) -> "Layout":
+    def build(cls, bshape, dims, strides: dict, pin_first: bool = False) -> "Layout":
         """Keeps the axes ``dims`` of ``bshape`` (others are handled elsewhere),
         drops size-1 axes and merges axis i into i+1 wherever every operand has
-        stride[i] == stride[i+1] * size[i+1]."""
+        stride[i] == stride[i+1] * size[i+1].  ``pin_first``: the first of
+        ``dims`` is the sequence axis, kept alone (even of size 1) and handed
+        to the kernels as their axis b0."""
+        dims = list(dims)
+        if pin_first:
+            d0 = dims[0]
+            rest = cls.build(bshape, dims[1:], strides)
+            return cls([bshape[d0]] + rest.sizes,
+                       {k: [strides[k][d0]] + rest.strides[k] for k in strides}, True)
         sizes = []
         st = {k: [] for k in strides}
         for d in dims:
@@ -73,6 +82,17 @@ class Layout:
     def chunks(self):
         """Yields (nb0, nb1, nb2, {name: (element offset, sb0, sb1, sb2)}): the
         innermost three axes go to the kernel, the rest are looped over here."""
+        if self.pinned:
+            # the sequence axis, then the innermost two of the others (host loop
+            # over the rest)
+            hs = [1] * max(0, 2 - (len(self.sizes) - 1)) + list(self.sizes[1:])
+            hst = {k: [0] * max(0, 2 - (len(v) - 1)) + list(v[1:]) for k, v in self.strides.items()}
+            outer = hs[:-2]
+            for idx in itertools.product(*[range(n) for n in outer]):
+                offs = {k: sum(i * s for i, s in zip(idx, hst[k][:-2])) for k in hst}
+                yield (self.sizes[0], *hs[-2:],
+                       {k: (offs[k], self.strides[k][0], *hst[k][-2:]) for k in hst})
+            return
         sizes = [1] * max(0, 3 - len(self.sizes)) + list(self.sizes)
         st = {k: [0] * max(0, 3 - len(v)) + list(v) for k, v in self.strides.items()}
         outer, inner = sizes[:-3], sizes[-3:]

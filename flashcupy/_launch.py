@@ -90,6 +90,8 @@ def launch(spec, prob, kind, layout, tensors, n_rows, scalars=None):
     the problem's own (Problem.scalars).
     """
     kern = _compile.get_kernel(spec, prob.device_id, prob.cc)
+    # sequences: every kernel of the call reads SeqArgs' per-call pointers
+    tensors = list(tensors) + [(f"seq.{n}", n, None, None) for n in prob.seq_words]
     n_tiles = -(-n_rows // _config.tile_rows(spec))
     block = (spec.threads, 1, 1)
     smem = _config.smem_bytes(spec)

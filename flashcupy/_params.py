@@ -37,12 +37,20 @@ VARIANT_FIELDS = (
     ("dropout_index", TENSOR), ("dropout_index_sg", "i64"),
     ("dropout_threshold", "i32"), ("dropout_rp", "acc"), ("dropout_keep", "acc"),
 )
+# SeqArgs (cuda_src/params.cuh): the sequences of a packed batch or a KV cache;
+# the pointers are per-call words (the caller's cu_seqlens / lengths / table)
+SEQ_FIELDS = (
+    ("cu_q", WORD), ("cu_k", WORD), ("cu_qa", WORD), ("len_k", WORD), ("table", WORD),
+    ("table_stride", "i64"), ("k_page_stride", "i64"), ("v_page_stride", "i64"),
+    ("page_size", "i32"), ("page_shift", "i32"),
+)
 FWD_FIELDS = (
     ("q", TENSOR), ("k", TENSOR), ("v", TENSOR), ("o", TENSOR), ("lse", TENSOR),
     ("nb0", "i32"), ("nb1", "i32"), ("nb2", "i32"),
     ("seqlen_q", "i32"), ("seqlen_k", "i32"), ("head_dim", "i32"), ("head_dim_v", "i32"),
     ("scale", "acc"), ("scale_log2", "acc"),
     ("var", NESTED, VARIANT_FIELDS),
+    ("seq", NESTED, SEQ_FIELDS),
 )
 BWD_FIELDS = (
     ("q", TENSOR), ("k", TENSOR), ("v", TENSOR), ("dout", TENSOR), ("o", TENSOR),
@@ -54,6 +62,7 @@ BWD_FIELDS = (
     ("seqlen_q", "i32"), ("seqlen_k", "i32"), ("head_dim", "i32"), ("head_dim_v", "i32"),
     ("scale", "acc"), ("scale_log2", "acc"),
     ("var", NESTED, VARIANT_FIELDS),
+    ("seq", NESTED, SEQ_FIELDS),
 )
 STRUCTS = {"fwd": FWD_FIELDS, "bwd": BWD_FIELDS}
 _SCALAR = {"i32": np.int32, "i64": np.int64, "ptr": np.uint64}

@@ -40,6 +40,13 @@ class Plan:
     def launches(self, ls):
         self.steps.extend(("launch", x) for x in ls)
 
+    def seq_view(self, env, name, src, n):
+        """``env[name]``: ``env[src]`` seen along a new leading sequence axis of
+        size ``n`` at stride 0 (packed buffers, flashcupy/_varlen.py)."""
+        self.steps.append(("seqview", name, src, n))
+        env[name] = _seq_view(env[src], n)
+        return env[name]
+
     def host(self, fn):
         self.steps.append(("host", fn))
 
@@ -50,7 +57,7 @@ class Plan:
     def pointers_only(self) -> bool:
         """Whether the steps need nothing of the arrays but their pointers (no
         CuPy operation): what flashcupy.torch replays without CuPy views."""
-        return all(st[0] != "host" for st in self.steps)
+        return all(st[0] not in ("host", "seqview") for st in self.steps)
 
     def run(self, env, stream_ptr=None, alloc=None):
         """Replays the steps on CuPy's current stream, or on ``stream_ptr``;
@@ -68,6 +75,8 @@ class Plan:
                     env[st[1]] = cupy.empty(st[2], st[3]) if alloc is None else alloc(*st[2:])
             elif kind == "alias":
                 env[st[1]] = env[st[2]]
+            elif kind == "seqview":
+                env[st[1]] = _seq_view(env[st[2]], st[3])
             elif kind == "zero":
                 x = env[st[1]]  # contiguous (allocated by the plan)
                 cupy.cuda.runtime.memsetAsync(x.data.ptr, 0, x.nbytes, stream_ptr)
@@ -76,6 +85,12 @@ class Plan:
             else:
                 with cupy.cuda.ExternalStream(stream_ptr):
                     st[1](env)
+
+
+def _seq_view(x, n):
+    import cupy
+
+    return cupy.broadcast_to(x[None], (n,) + x.shape)
 
 
 class PlanCache:

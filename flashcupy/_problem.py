@@ -16,7 +16,7 @@ import numpy as np
 from . import _dtypes
 from . import _philox
 from ._spec import (VF_ALIBI, VF_BIAS, VF_BIAS_ACC, VF_DBIAS, VF_DBIAS_STORE, VF_DROPOUT,
-                    VF_LEFT, VF_MASK, VF_RIGHT, VF_SINK, VF_SOFTCAP)
+                    VF_LEFT, VF_MASK, VF_PAGED, VF_RIGHT, VF_SEQ, VF_SINK, VF_SOFTCAP)
 
 LOG2E = 1.4426950408889634
 
@@ -40,6 +40,9 @@ class Features:
     dropout: the dropout probability p (0: off); the seed and offset are
         per-call values, not features (a plan replays them from its
         environment).
+    seq: per-sequence lengths and first rows (a packed batch or a KV cache;
+        cuda_src/seq.cuh); Problem.seqlen_q / seqlen_k are then the longest.
+    paged: the forward reads K / V rows through a block table.
     """
 
     window_left: int | None = None
@@ -52,6 +55,8 @@ class Features:
     bias_grad: bool = False
     dbias_store: bool = False
     dropout: float = 0.0
+    seq: bool = False
+    paged: bool = False
 
     @property
     def local(self) -> bool:
@@ -67,7 +72,8 @@ class Features:
                 | (VF_MASK if self.mask else 0)
                 | (VF_DBIAS if self.bias_grad and not forward else 0)
                 | (VF_DBIAS_STORE if self.bias_grad and self.dbias_store and not forward else 0)
-                | (VF_DROPOUT if self.dropout > 0 else 0))
+                | (VF_DROPOUT if self.dropout > 0 else 0)
+                | (VF_SEQ if self.seq else 0) | (VF_PAGED if self.paged and forward else 0))
 
     def kernel_args(self, seqlen_q: int, seqlen_k: int, scale: float) -> dict:
         """The scalar fields of the kernels' VariantArgs (params.cuh).  An
@@ -107,6 +113,12 @@ class Problem:
     device_id: int
     cc: int
     family: str
+    # Sequences (features.seq): the packed lengths (total_q, total_k) of a
+    # varlen batch (() for a KV cache), the environment names of SeqArgs'
+    # per-call pointers, and its scalar fields ({"seq.x": value} as a tuple).
+    packed: tuple = ()
+    seq_words: tuple = ()
+    seq_scalars: tuple = ()
 
     @property
     def dtype_name(self) -> str:
@@ -129,4 +141,5 @@ class Problem:
         return {"seqlen_q": self.seqlen_q, "seqlen_k": self.seqlen_k,
                 "head_dim": self.head_dim, "head_dim_v": self.head_dim_v,
                 "scale": self.scale, "scale_log2": self.scale * LOG2E,
-                **self.features.kernel_args(self.seqlen_q, self.seqlen_k, self.scale)}
+                **self.features.kernel_args(self.seqlen_q, self.seqlen_k, self.scale),
+                **dict(self.seq_scalars)}

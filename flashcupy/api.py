@@ -661,7 +661,7 @@ def _plan_forward(plan, env):
     st = {"q": _strides(q, bs), "k": _strides(k, bs), "v": _strides(v, bs),
           "o": _strides(out, bs), "lse": _vec_strides(lse, bs)}
     extra, scalars = _variant_tensors(env, bs, st)
-    layout = _batch.Layout.build(bs, range(len(bs)), st)
+    layout = _batch.Layout.build(bs, range(len(bs)), st, prob.features.seq)
     rs = _launch.row_stride
     plan.launches(_launch.launch(
         _spec(prob, "fwd"), prob, "fwd", layout,
@@ -890,6 +890,11 @@ def _backward_broadcast_dbias(prob, arrays, bias, kw, outs):
     return tuple(result)
 
 
+# Rows of the dQ workspace reserved per sequence beyond its own (a tile's
+# overhang): the largest BLOCK_M of the atomic-dQ kernels.
+_SEQ_QA_PAD = 128
+
+
 def _group_axes(bshape, k, v, strides):
     """Chooses the batch axes that k and v both broadcast over and that the
     dK/dV kernel can sum in registers: the largest run of adjacent such axes
@@ -924,17 +929,33 @@ def _grad_target(plan, env, x, name, bshape):
     reduce_axes = tuple(i for i, f in enumerate(_batch.is_broadcast(x.shape[:-2], bshape)) if f)
     if not reduce_axes:
         return plan.alias(env, name, name + "_out"), ()
-    buf = plan.alloc(env, name, tuple(bshape) + tuple(x.shape[-2:]), plan.prob.acc_dtype)
+    buf = _rows_buffer(plan, env, name, tuple(bshape), tuple(x.shape[-2:]), plan.prob.acc_dtype)
     return buf, reduce_axes
+
+
+def _rows_buffer(plan, env, name, vshape, tail, dtype):
+    """A plan buffer of shape ``vshape + tail``.  With packed sequences (the
+    first of ``vshape`` is the sequence axis, the rows of ``tail`` are packed)
+    it is allocated without that axis and seen along it at stride 0: each
+    sequence owns its own rows (flashcupy/_varlen.py)."""
+    if not plan.prob.packed:
+        return plan.alloc(env, name, tuple(vshape) + tuple(tail), dtype)
+    plan.alloc(env, name + "_packed", tuple(vshape[1:]) + tuple(tail), dtype)
+    return plan.seq_view(env, name, name + "_packed", vshape[0])
 
 
 def _finish(plan, grad, buf, reduce_axes):
     """A host step: the gradient ``grad`` = ``buf`` summed over ``reduce_axes``
     (a pairwise CuPy reduction, so accurate), cast."""
     def step(env):
-        b = env[buf]
+        b, g = env[buf], env[grad]
+        # (axes both see at stride 0, the sequence axis of packed buffers: one
+        # position holds them all)
+        same = tuple(slice(0, 1) if i < g.ndim and b.strides[i] == 0 == g.strides[i]
+                     and b.shape[i] > 1 and i not in reduce_axes else slice(None)
+                     for i in range(b.ndim))
+        b, g = b[same], g[same[:g.ndim]]
         s = b.sum(axis=reduce_axes, keepdims=True) if reduce_axes else b
-        g = env[grad]
         g[...] = s.reshape(g.shape).astype(g.dtype)
     plan.host(step)
 
@@ -942,8 +963,15 @@ def _finish(plan, grad, buf, reduce_axes):
 def _plan_dsink(plan):
     """dsink = -sum_i exp(sink - lse_i) delta_i, summed onto the sink's shape: a
     reduction over (batch, Sq) of two vectors the backward has anyway."""
+    packed = bool(plan.prob.packed)
+
     def step(env):
         sink, lse, delta, dsink = env["sink"], env["lse"], env["delta"], env["dsink_out"]
+        if packed:
+            # packed sequences: the rows of the heads' packed vectors that belong
+            # to a sequence (flashcupy/_varlen.py)
+            n = env["seq_rows_q"]
+            lse, delta = env["lse_packed"][..., :n], env["delta_packed"][..., :n]
         acc = delta.dtype
         p_sink = cupy.exp(sink.astype(acc)[..., None] - lse)  # lse >= sink: no overflow
         per_elem = -(p_sink * delta).sum(axis=-1)            # (batch...)
@@ -964,9 +992,11 @@ def _plan_backward(plan, env, deterministic):
     rs, vs = _launch.row_stride, _launch.vec_stride
 
     # 1. delta = rowsum(dO * O), in the accumulator dtype
-    delta = plan.alloc(env, "delta", bs + (prob.seqlen_q,), prob.acc_dtype)
+    seq = prob.features.seq
+    delta = _rows_buffer(plan, env, "delta", bs, (prob.packed[0] if prob.packed else prob.seqlen_q,),
+                         prob.acc_dtype)
     layout = _batch.Layout.build(bs, all_axes, {
-        "o": _strides(out, bs), "dout": _strides(dout, bs), "delta": _vec_strides(delta, bs)})
+        "o": _strides(out, bs), "dout": _strides(dout, bs), "delta": _vec_strides(delta, bs)}, seq)
     plan.launches(_launch.launch(
         _spec(prob, "bwd_preprocess"), prob, "bwd", layout,
         [("o", "o", out, rs(out)), ("dout", "dout", dout, rs(dout)),
@@ -1015,7 +1045,7 @@ def _plan_backward(plan, env, deterministic):
         if dq_spec is not None and _plan_dkdv(plan, env, st, dq_spec, pair_ops, pair_scalars):
             dqa = env["dq_accum"]
             layout = _batch.Layout.build(bs, all_axes, {
-                "dq_accum": _strides(dqa, bs), "dq": _strides(dq_buf, bs)})
+                "dq_accum": _strides(dqa, bs), "dq": _strides(dq_buf, bs)}, seq)
             plan.launches(_launch.launch(
                 _spec(prob, "bwd_dq_convert"), prob, "bwd", layout,
                 [("dq_accum", "dq_accum", dqa, rs(dqa)), ("dq", "dq", dq_buf, rs(dq_buf))],
@@ -1029,7 +1059,7 @@ def _plan_backward(plan, env, deterministic):
     if "alibi" in env:
         ops.append(("var.alibi", "alibi", env["alibi"], 0))
     ops += [op for op in pair_ops if op[1] != "dbias"]  # dQ reads bias / mask; dK/dV owns dbias
-    layout = _batch.Layout.build(bs, all_axes, st_dq)
+    layout = _batch.Layout.build(bs, all_axes, st_dq, seq)
     plan.launches(_launch.launch(_spec(prob, "bwd_dq", acc_name if dq_red else ""), prob, "bwd",
                                  layout, ops, n_rows=prob.seqlen_q,
                                  scalars={k_: v_ for k_, v_ in pair_scalars.items()
@@ -1108,8 +1138,13 @@ def _plan_dkdv(plan, env, st, dq_spec=None, pair_ops=(), pair_scalars=None):
         # Workspace contract of the atomic-dQ kernels (cuda_src/sm80/bwd.cuh): rows
         # of the head-dim bucket's width, the query axis padded to whole BLOCK_M tiles.
         sq_pad = -(-prob.seqlen_q // dq_spec.block_m) * dq_spec.block_m
-        dqa = plan.alloc(env, "dq_accum", bs + (sq_pad, dq_spec.head_dim), np.float32)
-        plan.zero("dq_accum")
+        if prob.packed:
+            # each sequence's rows padded to whole tiles: cu_qa (flashcupy/_varlen.py)
+            if dq_spec.block_m > _SEQ_QA_PAD:
+                return False
+            sq_pad = prob.packed[0] + (bs[0] * _SEQ_QA_PAD)
+        dqa = _rows_buffer(plan, env, "dq_accum", bs, (sq_pad, dq_spec.head_dim), np.float32)
+        plan.zero("dq_accum_packed" if prob.packed else "dq_accum")
         dqa_st = _strides(dqa, bs)
         # contiguous, so the group axes always merge into one strided axis
         scalars["dq_accum_sg"] = dqa_st[g_axes[-1]] if g_axes else 0
@@ -1118,8 +1153,8 @@ def _plan_dkdv(plan, env, st, dq_spec=None, pair_ops=(), pair_scalars=None):
         ops.append(("dq_accum", "dq_accum", dqa, _launch.row_stride(dqa)))
     if k_red or v_red:
         # Both gradients share the kernel's store type: buffers for both.
-        dk_buf = plan.alloc(env, "dk", tuple(vshape) + tuple(k.shape[-2:]), prob.acc_dtype)
-        dv_buf = plan.alloc(env, "dv", tuple(vshape) + tuple(v.shape[-2:]), prob.acc_dtype)
+        dk_buf = _rows_buffer(plan, env, "dk", vshape, k.shape[-2:], prob.acc_dtype)
+        dv_buf = _rows_buffer(plan, env, "dv", vshape, v.shape[-2:], prob.acc_dtype)
         vst["dk"] = [s_ // dk_buf.itemsize for s_ in dk_buf.strides[:-2]]
         vst["dv"] = [s_ // dv_buf.itemsize for s_ in dv_buf.strides[:-2]]
         acc_name = "fp64" if prob.acc_dtype == np.float64 else "fp32"
@@ -1131,7 +1166,7 @@ def _plan_dkdv(plan, env, st, dq_spec=None, pair_ops=(), pair_scalars=None):
         acc_name = ""
     ops += [("dk", "dk", dk_buf, _launch.row_stride(dk_buf)),
             ("dv", "dv", dv_buf, _launch.row_stride(dv_buf))]
-    layout = _batch.Layout.build(vshape, range(len(vshape)), vst)
+    layout = _batch.Layout.build(vshape, range(len(vshape)), vst, prob.features.seq)
     spec = dq_spec if dq_spec is not None else _spec(prob, "bwd_dkdv", acc_name)
     plan.launches(_launch.launch(spec, prob, "bwd", layout, ops, n_rows=prob.seqlen_k,
                                  scalars=scalars))

@@ -18,7 +18,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _compile, _config, _dtypes, _params
-from ._spec import VF_ALIBI, VF_LOCAL, VF_RIGHT, VF_SINK, VF_SOFTCAP
+from ._spec import VF_ALIBI, VF_LOCAL, VF_PAGED, VF_RIGHT, VF_SEQ, VF_SINK, VF_SOFTCAP
 
 DTYPES = ("fp16", "bf16", "fp32", "fp64")
 
@@ -29,6 +29,9 @@ DTYPES = ("fp16", "bf16", "fp32", "fp64")
 # from the same bodies.
 BASE_VARIANTS = (0, VF_RIGHT)
 HEAVY_VARIANT = VF_LOCAL | VF_SOFTCAP | VF_ALIBI | VF_SINK
+# Sequences (cuda_src/seq.cuh): causal packed batches, and the paged forward,
+# at the 64 and 128 buckets.
+SEQ_VARIANTS = (VF_SEQ | VF_RIGHT, VF_SEQ | VF_PAGED | VF_RIGHT)
 
 
 def shipped_specs(families=None, kernels=None):
@@ -39,6 +42,9 @@ def shipped_specs(families=None, kernels=None):
         specs.extend(mod.shipped_specs(BASE_VARIANTS))
         specs.extend(s for s in mod.shipped_specs((HEAVY_VARIANT,))
                      if s.variant and s.head_dim in (64, 128))
+        specs.extend(s for s in mod.shipped_specs(SEQ_VARIANTS)
+                     if s.variant and s.head_dim in (64, 128)
+                     and (s.kernel == "fwd" or not s.variant & VF_PAGED))
     if families:
         specs = [s for s in specs if s.family in families]
     if kernels:

@@ -41,7 +41,7 @@ def family(name, dtype):
 
 def _variant_ids(variant):
     unknown = set(variant) - {"window", "softcap", "alibi_slopes", "sink", "bias", "mask",
-                              "bias_grad", "dropout_p", "seed", "offset"}
+                              "bias_grad", "dropout_p", "seed", "offset", "dropout_batch"}
     if unknown:
         raise TypeError(f"unknown variant keywords {sorted(unknown)}")
     return variant.get("window"), variant.get("sink")

@@ -247,18 +247,29 @@ def _probs(q, k, causal, scale, dtype, batch, window=None, softcap=None, alibi_s
     return qs, p, lse, t, p_sink
 
 
-def _keep(batch, sq, sk, dropout_p, seed, offset, xp):
-    """The dropout keep mask of flashcupy._philox (None without dropout), on xp."""
+def _keep(batch, sq, sk, dropout_p, seed, offset, xp, dropout_batch=None):
+    """The dropout keep mask of flashcupy._philox (None without dropout), on xp.
+
+    ``dropout_batch = (full_shape, prefix)``: the problem is the batch element
+    ``prefix + h`` of a larger ``full_shape`` (one sequence of a packed batch:
+    ``((B,) + heads, (b,))``), whose bits it draws."""
     if not dropout_p:
         return None
     from flashcupy import _philox
 
-    return xp.asarray(_philox.keep_mask(seed, offset, batch, sq, sk, dropout_p))
+    if dropout_batch is None:
+        return xp.asarray(_philox.keep_mask(seed, offset, batch, sq, sk, dropout_p))
+    full, prefix = dropout_batch
+    keep = np.empty(tuple(batch) + (sq, sk), dtype=bool)
+    for h in np.ndindex(*batch):
+        keep[h] = _philox.keep_mask(seed, offset, full, sq, sk, dropout_p,
+                                    batch_index=tuple(prefix) + h)
+    return xp.asarray(keep)
 
 
 def attention(q, k, v, causal=False, scale=None, dtype=None, *, window=None, softcap=None,
               alibi_slopes=None, sink=None, bias=None, mask=None, dropout_p=0.0, seed=None,
-              offset=0):
+              offset=0, dropout_batch=None):
     """Naive attention in ``dtype`` (default q's dtype).
 
     Returns ``(out, lse)`` in the compute dtype (float32, or float64 for
@@ -284,7 +295,7 @@ def attention(q, k, v, causal=False, scale=None, dtype=None, *, window=None, sof
         return xp.zeros(batch + (sq, dv), cdt), lse
     _, p, lse, _, _ = _probs(q, k, causal, scale, dtype, batch, window, softcap, alibi_slopes,
                              sink, bias, mask)
-    keep = _keep(batch, sq, sk, dropout_p, seed, offset, xp)
+    keep = _keep(batch, sq, sk, dropout_p, seed, offset, xp, dropout_batch)
     if keep is not None:
         p = rounder(dtype)(xp.where(keep, p * cdt.type(1.0 / (1.0 - dropout_p)), cdt.type(0)))
     vc = xp.broadcast_to(upcast(v, dtype), batch + v.shape[-2:])
@@ -294,7 +305,7 @@ def attention(q, k, v, causal=False, scale=None, dtype=None, *, window=None, sof
 
 def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None, *, window=None,
                        softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None,
-                       bias_grad=False, dropout_p=0.0, seed=None, offset=0):
+                       bias_grad=False, dropout_p=0.0, seed=None, offset=0, dropout_batch=None):
     """Naive gradients in ``dtype`` (default q's dtype), from a naive forward.
 
     Returns ``(dq, dk, dv)``, and ``dsink`` as a fourth when ``sink`` is given,
@@ -321,7 +332,7 @@ def attention_backward(dout, q, k, v, causal=False, scale=None, dtype=None, *, w
     vc = xp.broadcast_to(upcast(v, dtype), batch + v.shape[-2:])
     do = xp.broadcast_to(upcast(dout, dtype), batch + (sq, v.shape[-1]))
 
-    keep = _keep(batch, sq, sk, dropout_p, seed, offset, xp)
+    keep = _keep(batch, sq, sk, dropout_p, seed, offset, xp, dropout_batch)
     rp = cdt.type(1.0 / (1.0 - dropout_p)) if keep is not None else None
     pd = p if keep is None else rnd(xp.where(keep, p * rp, cdt.type(0)))  # what O used
     dv = xp.matmul(xp.swapaxes(pd, -1, -2), do)                       # P^T dO

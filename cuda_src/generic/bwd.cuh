@@ -22,15 +22,16 @@ template <typename T, typename Acc, int NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_generic_bwd_preprocess(FC_PARAMS(BwdParams<T, Acc, T>) p) {
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  // (sequences by the null pointers of p.seq, at run time: this kernel has no VF)
+  if (!seq_init<FC_VF_SEQ>(bi, p)) return;
   const int row = blockIdx.x * NWARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= p.seqlen_q) return;
-  const T *o_r = p.o.batch(bi.b0, bi.b1, bi.b2) + row * p.o.sr;
-  const T *do_r = p.dout.batch(bi.b0, bi.b1, bi.b2) + row * p.dout.sr;
+  if (row >= bi.sq) return;
+  const T *o_r = q_rows(p.o, bi) + row * p.o.sr;
+  const T *do_r = q_rows(p.dout, bi) + row * p.dout.sr;
   Acc s = Acc(0);
   for (int c = lane; c < p.head_dim_v; c += 32) s = fma(to_acc<Acc>(o_r[c]), to_acc<Acc>(do_r[c]), s);
   s = warp_sum(s);
-  if (lane == 0) p.delta.batch(bi.b0, bi.b1, bi.b2)[row * p.delta.sr] = s;
+  if (lane == 0) q_rows(p.delta, bi)[row * p.delta.sr] = s;
 }
 
 namespace generic {
@@ -89,32 +90,34 @@ fc_generic_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   Acc *sV = reinterpret_cast<Acc *>(fc_smem_raw) + L::V_OFF;
 
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
-  const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
-  const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
+  if (!seq_init<VF>(bi, p)) return;
+  const T *k_b = k_rows(p.k, bi);
+  const T *v_b = k_rows(p.v, bi);
 
-  VariantFor<T, Acc, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  VariantFor<T, Acc, VF> var(p.var, bi.sq, bi.sk, p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = blockIdx.x * BLOCK_M;
-  const int m_end = fc_min(m_start + BLOCK_M, p.seqlen_q);
+  if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
+    if (m_start >= bi.sq) return;
+  const int m_end = fc_min(m_start + BLOCK_M, bi.sq);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = m_start + warp * ROWS;
 
   load_tile<T, Acc, BLOCK_M, HD, HD, NTHREADS>(
-      sQ, p.q.batch(bi.b0, bi.b1, bi.b2) + m_start * p.q.sr, p.q.sr, m_end - m_start, p.head_dim);
+      sQ, q_rows(p.q, bi) + m_start * p.q.sr, p.q.sr, m_end - m_start, p.head_dim);
   load_tile<T, Acc, BLOCK_M, HDV, HDV, NTHREADS>(
-      sdO, p.dout.batch(bi.b0, bi.b1, bi.b2) + m_start * p.dout.sr, p.dout.sr, m_end - m_start,
+      sdO, q_rows(p.dout, bi) + m_start * p.dout.sr, p.dout.sr, m_end - m_start,
       p.head_dim_v);
 
   Acc lse_i[ROWS], dlt[ROWS], acc_dq[ROWS][CPL];
-  const Acc *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
-  const Acc *delta_b = p.delta.batch(bi.b0, bi.b1, bi.b2);
+  const Acc *lse_b = q_rows(p.lse, bi);
+  const Acc *delta_b = q_rows(p.delta, bi);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = row0 + r;
     // Rows past Sq: LSE -inf makes their P exactly 0.
-    lse_i[r] = row < p.seqlen_q ? lse_b[row * p.lse.sr] : fc_neg_inf<Acc>::value();
-    dlt[r] = row < p.seqlen_q ? delta_b[row * p.delta.sr] : Acc(0);
+    lse_i[r] = row < bi.sq ? lse_b[row * p.lse.sr] : fc_neg_inf<Acc>::value();
+    dlt[r] = row < bi.sq ? delta_b[row * p.delta.sr] : Acc(0);
 #pragma unroll
     for (int c = 0; c < CPL; ++c) acc_dq[r][c] = Acc(0);
   }
@@ -123,7 +126,7 @@ fc_generic_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   for (int n_start = var.key_begin(m_start) / BLOCK_N * BLOCK_N; n_start < n_end;
        n_start += BLOCK_N) {
     __syncthreads();
-    const int n_valid = fc_min(BLOCK_N, p.seqlen_k - n_start);
+    const int n_valid = fc_min(BLOCK_N, bi.sk - n_start);
     load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * p.k.sr, p.k.sr, n_valid,
                                                      p.head_dim);
     load_tile<T, Acc, BLOCK_N, HDV, L::LDV, NTHREADS>(sV, v_b + n_start * p.v.sr, p.v.sr, n_valid,
@@ -169,11 +172,11 @@ fc_generic_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
       for (int c = 0; c < CPL; ++c) acc_dq[r][c] += part[r][c];
   }
 
-  TG *dq_b = p.dq.batch(bi.b0, bi.b1, bi.b2);
+  TG *dq_b = q_rows(p.dq, bi);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = row0 + r;
-    if (row >= p.seqlen_q) continue;
+    if (row >= bi.sq) continue;
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
       const int col = lane + 32 * c;
@@ -208,19 +211,21 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   Acc *sDelta = reinterpret_cast<Acc *>(fc_smem_raw) + L::DELTA_OFF;
 
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  if (!seq_init<VF>(bi, p)) return;
 
-  VariantFor<T, Acc, VF> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  VariantFor<T, Acc, VF> var(p.var, bi.sq, bi.sk, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_KEYS;
-  const int n_valid = fc_min(BLOCK_KEYS, p.seqlen_k - n_start);
+  if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
+    if (n_start >= bi.sk) return;
+  const int n_valid = fc_min(BLOCK_KEYS, bi.sk - n_start);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int key0 = n_start + warp * ROWS;  // first key of this warp
 
   // K and V rows stay in shared memory for the whole loop.
   load_tile<T, Acc, BLOCK_KEYS, HD, HD, NTHREADS>(
-      sK, p.k.batch(bi.b0, bi.b1, bi.b2) + n_start * p.k.sr, p.k.sr, n_valid, p.head_dim);
+      sK, k_rows(p.k, bi) + n_start * p.k.sr, p.k.sr, n_valid, p.head_dim);
   load_tile<T, Acc, BLOCK_KEYS, HDV, HDV, NTHREADS>(
-      sV, p.v.batch(bi.b0, bi.b1, bi.b2) + n_start * p.v.sr, p.v.sr, n_valid, p.head_dim_v);
+      sV, k_rows(p.v, bi) + n_start * p.v.sr, p.v.sr, n_valid, p.head_dim_v);
 
   Acc acc_dk[ROWS][CPLK], acc_dv[ROWS][CPLV];
 #pragma unroll
@@ -236,13 +241,13 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   const int m_stop = var.query_end(n_start + BLOCK_KEYS);
   for (int g = 0; g < p.n_group; ++g) {
     var.bind(p.var, bi, g);  // ALiBi: the group's query head has its own slope
-    const T *q_b = p.q.batch(bi.b0, bi.b1, bi.b2) + g * p.q_sg;
-    const T *do_b = p.dout.batch(bi.b0, bi.b1, bi.b2) + g * p.dout_sg;
-    const Acc *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2) + g * p.lse_sg;
-    const Acc *delta_b = p.delta.batch(bi.b0, bi.b1, bi.b2) + g * p.delta_sg;
+    const T *q_b = q_rows(p.q, bi) + g * p.q_sg;
+    const T *do_b = q_rows(p.dout, bi) + g * p.dout_sg;
+    const Acc *lse_b = q_rows(p.lse, bi) + g * p.lse_sg;
+    const Acc *delta_b = q_rows(p.delta, bi) + g * p.delta_sg;
     for (int m_start = m_begin; m_start < m_stop; m_start += TILE_Q) {
       __syncthreads();
-      const int m_valid = fc_min(TILE_Q, p.seqlen_q - m_start);
+      const int m_valid = fc_min(TILE_Q, bi.sq - m_start);
       load_tile<T, Acc, TILE_Q, HD, L::LDQ, NTHREADS>(sQ, q_b + m_start * p.q.sr, p.q.sr, m_valid,
                                                       p.head_dim);
       load_tile<T, Acc, TILE_Q, HDV, L::LDO, NTHREADS>(sdO, do_b + m_start * p.dout.sr, p.dout.sr,
@@ -261,7 +266,7 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         const int j = key0 + r;
-        pr[r] = (i < p.seqlen_q && var.visible(i, j)) ? var.prob_from_lse(s[r], p.scale, lse_i, i, j)
+        pr[r] = (i < bi.sq && var.visible(i, j)) ? var.prob_from_lse(s[r], p.scale, lse_i, i, j)
                                                      : Acc(0);
         Acc dpr = dp[r];
         if constexpr (decltype(var)::DROPOUT) {
@@ -317,12 +322,12 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
     }
   }
 
-  TG *dk_b = p.dk.batch(bi.b0, bi.b1, bi.b2);
-  TG *dv_b = p.dv.batch(bi.b0, bi.b1, bi.b2);
+  TG *dk_b = k_rows(p.dk, bi);
+  TG *dv_b = k_rows(p.dv, bi);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int key = key0 + r;
-    if (key >= p.seqlen_k) continue;
+    if (key >= bi.sk) continue;
 #pragma unroll
     for (int c = 0; c < CPLK; ++c) {
       const int col = lane + 32 * c;

@@ -46,16 +46,19 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
   Acc *sV = reinterpret_cast<Acc *>(fc_smem_raw) + L::V_OFF;
 
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
-  const T *q_b = p.q.batch(bi.b0, bi.b1, bi.b2);
-  const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
-  const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
+  if (!seq_init<VF>(bi, p)) return;
+  const T *q_b = q_rows(p.q, bi);
+  const T *k_b = k_rows(p.k, bi);
+  const T *v_b = k_rows(p.v, bi);
 
   using V = VariantFor<T, Acc, VF>;
-  V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  V var(p.var, bi.sq, bi.sk, p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = blockIdx.x * BLOCK_M;
-  const int m_end = fc_min(m_start + BLOCK_M, p.seqlen_q);
+  // (sequences: the grid covers the longest one; tiles past this one's end exit)
+  if constexpr ((VF & FC_VF_SEQ) != 0)
+    if (m_start >= bi.sq) return;
+  const int m_end = fc_min(m_start + BLOCK_M, bi.sq);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = m_start + warp * ROWS;  // first query row of this warp
 
@@ -77,11 +80,18 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
   for (int n_start = var.key_begin(m_start) / BLOCK_N * BLOCK_N; n_start < n_end;
        n_start += BLOCK_N) {
     __syncthreads();  // the previous tile is no longer read
-    const int n_valid = fc_min(BLOCK_N, p.seqlen_k - n_start);
-    load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * p.k.sr, p.k.sr, n_valid,
-                                                     p.head_dim);
-    load_tile<T, Acc, BLOCK_N, HDV, HDV, NTHREADS>(sV, v_b + n_start * p.v.sr, p.v.sr, n_valid,
-                                                   p.head_dim_v);
+    const int n_valid = fc_min(BLOCK_N, bi.sk - n_start);
+    if constexpr ((VF & FC_VF_PAGED) != 0) {  // (rows through the block table, seq.cuh)
+      load_tile_paged<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(
+          sK, KvPages<T>(p.k, bi, p.seq, p.seq.k_page_stride), n_start, n_valid, p.head_dim);
+      load_tile_paged<T, Acc, BLOCK_N, HDV, HDV, NTHREADS>(
+          sV, KvPages<T>(p.v, bi, p.seq, p.seq.v_page_stride), n_start, n_valid, p.head_dim_v);
+    } else {
+      load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * p.k.sr, p.k.sr, n_valid,
+                                                       p.head_dim);
+      load_tile<T, Acc, BLOCK_N, HDV, HDV, NTHREADS>(sV, v_b + n_start * p.v.sr, p.v.sr, n_valid,
+                                                     p.head_dim_v);
+    }
     __syncthreads();
 
     // S = Q K^T for this lane's key, in log2 units
@@ -142,13 +152,13 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
   }
 
   // Epilogue: normalize by l, write O and the natural-log LSE.
-  T *o_b = p.o.batch(bi.b0, bi.b1, bi.b2);
-  Acc *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
+  T *o_b = q_rows(p.o, bi);
+  Acc *lse_b = q_rows(p.lse, bi);
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = row0 + r;
     const Acc l = warp_sum(sm[r].l_i) + var.sink_term(sm[r].m_i);
-    if (row >= p.seqlen_q) continue;
+    if (row >= bi.sq) continue;
     const Acc inv_l = OnlineSoftmax<Acc>::inv_sum(l) * (V::DROPOUT ? var.drop_rp : Acc(1));
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {

@@ -9,6 +9,7 @@
 #pragma once
 #include "../common.cuh"
 #include "../params.cuh"
+#include "../seq.cuh"
 
 namespace generic {
 
@@ -42,6 +43,20 @@ __device__ __forceinline__ void load_tile(Acc *__restrict__ smem, const T *__res
     const int c = idx % COLS;
     Acc x = Acc(0);
     if (r < nrows_valid && c < cols_valid) x = to_acc<Acc>(gmem[r * row_stride + c]);
+    smem[r * LD + c] = x;
+  }
+}
+
+// load_tile for paged K / V (seq.cuh): rows n0 .. of the sequence from their pages.
+template <typename T, typename Acc, int TILE_ROWS, int COLS, int LD, int NTHREADS>
+__device__ __forceinline__ void load_tile_paged(Acc *__restrict__ smem, const KvPages<T> &pg,
+                                                int n0, int nrows_valid, int cols_valid) {
+#pragma unroll 4
+  for (int idx = threadIdx.x; idx < TILE_ROWS * COLS; idx += NTHREADS) {
+    const int r = idx / COLS;
+    const int c = idx % COLS;
+    Acc x = Acc(0);
+    if (r < nrows_valid && c < cols_valid) x = to_acc<Acc>(pg.row(n0 + r)[c]);
     smem[r * LD + c] = x;
   }
 }

@@ -181,17 +181,17 @@ struct DkdvRing {
   __device__ __forceinline__ void start(const BwdParams<T, float, T> &p, const BatchIndex &bi,
                                         const V &var, int n_start, int n_rows,
                                         unsigned char *smem) {
-    q_b = p.q.batch(bi.b0, bi.b1, bi.b2);
-    do_b = p.dout.batch(bi.b0, bi.b1, bi.b2);
-    lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
-    delta_b = p.delta.batch(bi.b0, bi.b1, bi.b2);
+    q_b = q_rows(p.q, bi);
+    do_b = q_rows(p.dout, bi);
+    lse_b = q_rows(p.lse, bi);
+    delta_b = q_rows(p.delta, bi);
     q_sr = p.q.sr, do_sr = p.dout.sr, lse_sr = p.lse.sr, delta_sr = p.delta.sr;
     q_sg = p.q_sg, do_sg = p.dout_sg, lse_sg = p.lse_sg, delta_sg = p.delta_sg;
-    seqlen_q = p.seqlen_q, head_dim = p.head_dim, head_dim_v = p.head_dim_v;
+    seqlen_q = bi.sq, head_dim = p.head_dim, head_dim_v = p.head_dim_v;
     init(var.query_begin(n_start) / BLOCK_M, fc_ceil_div(var.query_end(n_start + BLOCK_N), BLOCK_M),
          p.n_group);
-    prologue(smem, p.k.batch(bi.b0, bi.b1, bi.b2) + n_start * p.k.sr, p.k.sr,
-             p.v.batch(bi.b0, bi.b1, bi.b2) + n_start * p.v.sr, p.v.sr, n_rows);
+    prologue(smem, k_rows(p.k, bi) + n_start * p.k.sr, p.k.sr,
+             k_rows(p.v, bi) + n_start * p.v.sr, p.v.sr, n_rows);
   }
 
   // K and V (they stay resident), then the first STAGES - 1 steps.
@@ -289,12 +289,14 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
   const u32 smem0 = smem_u32(fc_sm80_smem);
 
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  if (!seq_init<VF>(bi, p)) return;
 
   using V = VariantFor<T, float, VF, true>;
-  V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  V var(p.var, bi.sq, bi.sk, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
-  const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);
+  if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
+    if (n_start >= bi.sk) return;
+  const int n_rows = fc_min(BLOCK_N, bi.sk - n_start);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   const int wkey = warp * WN;  // first tile key of this warp
@@ -407,7 +409,7 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
       gemm_ab<T, DQ_MT, DQ_COLS, BLOCK_N, 2>(
           acc_dq, [&](int mt, int kk, u32(&a)[4]) { ldsm_x4_t(a, a_lane + 2 * (kk * 16 * LDS + mt * 16)); },
           [&](int n2, int kk, u32(&b)[4]) { ldsm_x4_t(b, b_lane + 2 * (kk * 16 * LDK + n2 * 16)); });
-      add_dq<DQ_MT, DQ_COLS, HD>(p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + grp * p.dq_accum_sg +
+      add_dq<DQ_MT, DQ_COLS, HD>(p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + seq_qa0<VF>(bi, p) * HD + grp * p.dq_accum_sg +
                                      (fc_index_t)(m0 + qrow0 + g) * HD + col0 + 4 * c4,
                                  acc_dq);
     }
@@ -419,10 +421,12 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
   frag_to_smem<T, NT, HD / 8, LDK>(sK, wkey, acc_dk, p.scale, lane);
   frag_to_smem<T, NT, HDV / 8, LDV>(sV, wkey, acc_dv, 1.f, lane);
   __syncthreads();
-  store_tile<T, BLOCK_N, HD, NTHREADS>(p.dk.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dk.sr, p.dk.sr,
-                                       sK, n_rows, p.head_dim);
-  store_tile<T, BLOCK_N, HDV, NTHREADS>(p.dv.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dv.sr, p.dv.sr,
-                                        sV, n_rows, p.head_dim_v);
+  seq_reload<VF>(bi, p);
+  const int n_out = fc_min(BLOCK_N, bi.sk - n_start);  // (= n_rows, from the reloaded length)
+  store_tile<T, BLOCK_N, HD, NTHREADS>(k_rows(p.dk, bi) + n_start * p.dk.sr, p.dk.sr,
+                                       sK, n_out, p.head_dim);
+  store_tile<T, BLOCK_N, HDV, NTHREADS>(k_rows(p.dv, bi) + n_start * p.dv.sr, p.dv.sr,
+                                        sV, n_out, p.head_dim_v);
 }
 
 
@@ -506,12 +510,14 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
   const u32 smem0 = smem_u32(fc_sm80_smem);
 
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  if (!seq_init<VF>(bi, p)) return;
 
   using V = VariantFor<T, float, VF, true>;
-  V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  V var(p.var, bi.sq, bi.sk, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
-  const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);
+  if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
+    if (n_start >= bi.sk) return;
+  const int n_rows = fc_min(BLOCK_N, bi.sk - n_start);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   // this warp's tiles
@@ -615,10 +621,10 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
         fence_proxy_async();
         __syncthreads();
         if (tid == 0)
-          bulk_reduce_add_f32(p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + grp * p.dq_accum_sg + (fc_index_t)m0 * HD,
+          bulk_reduce_add_f32(p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + seq_qa0<VF>(bi, p) * HD + grp * p.dq_accum_sg + (fc_index_t)m0 * HD,
                               sdq, 4 * BLOCK_M * HD);
       } else {
-        add_dq<Q_MT, QD, HD>(p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + grp * p.dq_accum_sg +
+        add_dq<Q_MT, QD, HD>(p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + seq_qa0<VF>(bi, p) * HD + grp * p.dq_accum_sg +
                                  (fc_index_t)(m0 + q_m0 + g) * HD + q_d0 + 4 * c4,
                              acc_dq);
       }
@@ -650,10 +656,12 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
   frag_to_smem<T, K_MT, KD / 8, LDK>(sK + k_d * KD, k_n0, acc_dk, p.scale, lane);
   frag_to_smem<T, K_MT, KDV / 8, LDV>(sV + k_d * KDV, k_n0, acc_dv, 1.f, lane);
   __syncthreads();
-  store_tile<T, BLOCK_N, HD, NTHREADS>(p.dk.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dk.sr, p.dk.sr,
-                                       sK, n_rows, p.head_dim);
-  store_tile<T, BLOCK_N, HDV, NTHREADS>(p.dv.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dv.sr, p.dv.sr,
-                                        sV, n_rows, p.head_dim_v);
+  seq_reload<VF>(bi, p);
+  const int n_out = fc_min(BLOCK_N, bi.sk - n_start);  // (= n_rows, from the reloaded length)
+  store_tile<T, BLOCK_N, HD, NTHREADS>(k_rows(p.dk, bi) + n_start * p.dk.sr, p.dk.sr,
+                                       sK, n_out, p.head_dim);
+  store_tile<T, BLOCK_N, HDV, NTHREADS>(k_rows(p.dv, bi) + n_start * p.dv.sr, p.dv.sr,
+                                        sV, n_out, p.head_dim_v);
 }
 
 }  // namespace sm80
@@ -698,15 +706,17 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
   T *sKV = sdO + C::DO_ELEMS;                    // STAGES x [(BLOCK_N, LDK) K | (BLOCK_N, LDV) V]
 
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
-  const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
-  const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
+  if (!seq_init<VF>(bi, p)) return;
+  const T *k_b = k_rows(p.k, bi);
+  const T *v_b = k_rows(p.v, bi);
 
   using V = VariantFor<T, float, VF, true>;
-  V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  V var(p.var, bi.sq, bi.sk, p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
-  const int m_rows = fc_min(BLOCK_M, p.seqlen_q - m_start);
+  if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
+    if (m_start >= bi.sq) return;
+  const int m_rows = fc_min(BLOCK_M, bi.sq - m_start);
   // window / causal: key tiles [n_first, n_tiles) hold every key the tile sees
   const int n_first = var.key_begin(m_start) / BLOCK_N;
   const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
@@ -716,16 +726,16 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
 
   auto load_kv = [&](int n, int stage) {
     T *sK = sKV + stage * C::KV_ELEMS;
-    const int n0 = n * BLOCK_N, nv = p.seqlen_k - n0;
+    const int n0 = n * BLOCK_N, nv = bi.sk - n0;
     load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * p.k.sr, p.k.sr, nv, p.head_dim);
     load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * p.v.sr, p.v.sr, nv,
                                          p.head_dim_v);
   };
 
-  load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, p.q.batch(bi.b0, bi.b1, bi.b2) + m_start * p.q.sr, p.q.sr,
+  load_tile<T, BLOCK_M, HD, NTHREADS>(sQ, q_rows(p.q, bi) + m_start * p.q.sr, p.q.sr,
                                       m_rows, p.head_dim);
   load_tile<T, BLOCK_M, HDV, NTHREADS>(
-      sdO, p.dout.batch(bi.b0, bi.b1, bi.b2) + m_start * p.dout.sr, p.dout.sr, m_rows, p.head_dim_v);
+      sdO, q_rows(p.dout, bi) + m_start * p.dout.sr, p.dout.sr, m_rows, p.head_dim_v);
   cp_async_commit();
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -734,16 +744,16 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
   }
 
   // Per-row LSE (log2 units, +inf for rows with no key) and delta.
-  const float *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
-  const float *delta_b = p.delta.batch(bi.b0, bi.b1, bi.b2);
+  const float *lse_b = q_rows(p.lse, bi);
+  const float *delta_b = q_rows(p.delta, bi);
   float lse2[MT][2], dlt[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = m_start + wrow + mt * 16 + g + 8 * h;
-      lse2[mt][h] = row < p.seqlen_q ? lse_to_log2(lse_b[row * p.lse.sr]) : 0.f;
-      dlt[mt][h] = row < p.seqlen_q ? delta_b[row * p.delta.sr] : 0.f;
+      lse2[mt][h] = row < bi.sq ? lse_to_log2(lse_b[row * p.lse.sr]) : 0.f;
+      dlt[mt][h] = row < bi.sq ? delta_b[row * p.delta.sr] : 0.f;
     }
 
   const u32 sQ_a = smem_u32(sQ) + 2 * (wrow * LDQ + lane_a<LDQ>(lane));
@@ -793,7 +803,7 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
   __syncthreads();
   frag_to_smem<T, MT, HD / 8, LDQ>(sQ, wrow, acc_dq, p.scale, lane);
   __syncthreads();
-  store_tile<T, BLOCK_M, HD, NTHREADS>(p.dq.batch(bi.b0, bi.b1, bi.b2) + m_start * p.dq.sr, p.dq.sr,
+  store_tile<T, BLOCK_M, HD, NTHREADS>(q_rows(p.dq, bi) + m_start * p.dq.sr, p.dq.sr,
                                        sQ, m_rows, p.head_dim);
 }
 
@@ -809,14 +819,14 @@ fc_sm80_bwd_preprocess(FC_PARAMS(BwdParams<T, float, T>) p) {
   constexpr int L = HDV / 8 < 4 ? 4 : HDV / 8, RPW = 32 / L;  // lanes per row, rows per warp
   constexpr int ROWS = NWARPS * RPW;                           // per CTA (tile_rows)
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  if (!seq_init<FC_VF_SEQ>(bi, p)) return;  // (no VF: p.seq's null pointers decide)
   const int lane = threadIdx.x % 32;
   const int row = blockIdx.x * ROWS + (threadIdx.x / 32) * RPW + lane / L;
   const int c = 8 * (lane % L);
   float s = 0.f;
-  if (row < p.seqlen_q && c < p.head_dim_v) {
-    const T *po = p.o.batch(bi.b0, bi.b1, bi.b2) + row * p.o.sr + c;
-    const T *pd = p.dout.batch(bi.b0, bi.b1, bi.b2) + row * p.dout.sr + c;
+  if (row < bi.sq && c < p.head_dim_v) {
+    const T *po = q_rows(p.o, bi) + row * p.o.sr + c;
+    const T *pd = q_rows(p.dout, bi) + row * p.dout.sr + c;
     if (c + 8 <= p.head_dim_v &&
         ((reinterpret_cast<unsigned long long>(po) | reinterpret_cast<unsigned long long>(pd)) &
          15) == 0) {
@@ -832,7 +842,7 @@ fc_sm80_bwd_preprocess(FC_PARAMS(BwdParams<T, float, T>) p) {
   }
 #pragma unroll
   for (int off = L / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  if (lane % L == 0 && row < p.seqlen_q) p.delta.batch(bi.b0, bi.b1, bi.b2)[row * p.delta.sr] = s;
+  if (lane % L == 0 && row < bi.sq) q_rows(p.delta, bi)[row * p.delta.sr] = s;
 }
 
 // dq = dq_accum * softmax_scale, cast to T, columns back in natural order (see
@@ -844,15 +854,15 @@ __global__ void __launch_bounds__(NWARPS * 32)
 fc_sm80_bwd_dq_convert(FC_PARAMS(BwdParams<T, float, T>) p) {
   constexpr int NTHREADS = NWARPS * 32, ROWS = 4 * NWARPS;  // rows per CTA (tile_rows)
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  if (!seq_init<FC_VF_SEQ>(bi, p)) return;  // (no VF: p.seq's null pointers decide)
   const int quads = (int)(p.dq_accum.sr >> 2);  // per row
   const int row0 = blockIdx.x * ROWS;
-  const float *src = p.dq_accum.batch(bi.b0, bi.b1, bi.b2);
-  T *dst = p.dq.batch(bi.b0, bi.b1, bi.b2);
+  const float *src = p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + (fc_index_t)bi.qa0 * p.dq_accum.sr;
+  T *dst = q_rows(p.dq, bi);
   for (int i = threadIdx.x; i < ROWS * quads; i += NTHREADS) {
     const int r = i / quads, qd = i - r * quads, row = row0 + r;
     const int c = 16 * (qd >> 2) + 2 * (qd & 3);  // logical columns c, c+1, c+8, c+9
-    if (row >= p.seqlen_q || c >= p.head_dim) continue;
+    if (row >= bi.sq || c >= p.head_dim) continue;
     const float4 a = *reinterpret_cast<const float4 *>(src + row * p.dq_accum.sr + 4 * qd);
     T *d = dst + row * p.dq.sr;
     d[c] = from_acc<T>(a.x * p.scale);

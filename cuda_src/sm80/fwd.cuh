@@ -79,15 +79,18 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   T *sKV = sQ + C::Q_ELEMS;                       // STAGES x [(BLOCK_N, LDK) K, (BLOCK_N, LDV) V]
 
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
-  const T *q_b = p.q.batch(bi.b0, bi.b1, bi.b2);
-  const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
-  const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
+  if (!seq_init<VF>(bi, p)) return;
+  const T *q_b = q_rows(p.q, bi);
+  const T *k_b = k_rows(p.k, bi);
+  const T *v_b = k_rows(p.v, bi);
 
-  VariantFor<T, float, VF, true> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  VariantFor<T, float, VF, true> var(p.var, bi.sq, bi.sk, p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
-  const int m_rows = fc_min(BLOCK_M, p.seqlen_q - m_start);
+  // (sequences: the grid covers the longest one; tiles past this one's end exit)
+  if constexpr ((VF & FC_VF_SEQ) != 0)
+    if (m_start >= bi.sq) return;
+  const int m_rows = fc_min(BLOCK_M, bi.sq - m_start);
   // window / causal: key tiles [n_first, n_tiles) hold every key the tile sees
   const int n_first = var.key_begin(m_start) / BLOCK_N;
   const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
@@ -97,10 +100,18 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
 
   auto load_kv = [&](int n, int stage) {
     T *sK = sKV + stage * C::KV_ELEMS;
-    const int n0 = n * BLOCK_N, nv = p.seqlen_k - n0;
-    load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * p.k.sr, p.k.sr, nv, p.head_dim);
-    load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * p.v.sr, p.v.sr, nv,
-                                         p.head_dim_v);
+    const int n0 = n * BLOCK_N, nv = bi.sk - n0;
+    if constexpr ((VF & FC_VF_PAGED) != 0) {  // (rows through the block table, seq.cuh)
+      load_tile_paged<T, BLOCK_N, HD, NTHREADS>(sK, KvPages<T>(p.k, bi, p.seq, p.seq.k_page_stride),
+                                                n0, nv, p.head_dim);
+      load_tile_paged<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK,
+                                                 KvPages<T>(p.v, bi, p.seq, p.seq.v_page_stride),
+                                                 n0, nv, p.head_dim_v);
+    } else {
+      load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * p.k.sr, p.k.sr, nv, p.head_dim);
+      load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * p.v.sr, p.v.sr, nv,
+                                           p.head_dim_v);
+    }
   };
 
   // load q: it stays in registers (or in shared memory) for the whole key loop
@@ -199,8 +210,8 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   cp_async_wait<0>();
 
   // Epilogue: normalize by l, stage O through shared memory, write O and LSE.
-  T *o_b = p.o.batch(bi.b0, bi.b1, bi.b2);
-  float *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
+  T *o_b = q_rows(p.o, bi);
+  float *lse_b = q_rows(p.lse, bi);
   float inv_l[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -213,7 +224,7 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
       // 0 for a row that saw no key; dropout's 1 / (1 - p) joins here, once per row
       inv_l[mt][h] = OnlineSoftmax<float>::inv_sum(l) * (decltype(var)::DROPOUT ? var.drop_rp : 1.f);
       const int row = m_start + wrow + mt * 16 + g + 8 * h;
-      if (c4 == 0 && row < p.seqlen_q)
+      if (c4 == 0 && row < bi.sq)
         lse_b[row * p.lse.sr] = OnlineSoftmax<float>::lse_natural(sm[mt][h].m_i, l);
     }
   __syncthreads();  // every warp is done with sQ / the K-V ring

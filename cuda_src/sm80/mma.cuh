@@ -25,6 +25,7 @@
 #pragma once
 #include "../common.cuh"
 #include "../params.cuh"
+#include "../seq.cuh"
 
 namespace sm80 {
 
@@ -306,6 +307,58 @@ __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row
           for (int e = 0; e < 8; ++e) {
             const int col = c * 8 + e;
             if (col < cols_valid) w[e / 2] |= (u32)g16[r * row_stride + col] << (16 * (e & 1));
+          }
+        }
+        asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};"
+                     ::"r"(s0 + (SWZ ? swz_off<ROWS>(r, c) : 2 * (r * LD + 8 * c))),
+                     "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                     : "memory");
+      }
+    }
+  }
+}
+
+// load_tile for paged K / V (seq.cuh): the same shared layout, rows n0 ..
+// n0 + ROWS of the sequence from their pages.  A thread's rows step by RSTEP,
+// so each of its chunks looks its page up (one cached table read; pages are
+// at least 16 rows, so a tile spans ROWS / 16 pages at most).
+template <typename T, int ROWS, int COLS, int NTHREADS, bool SWZ = false>
+__device__ __forceinline__ void load_tile_paged(T *smem, const KvPages<T> &pg, int n0,
+                                                int rows_valid, int cols_valid) {
+  constexpr int CPR = COLS / 8;
+  constexpr int LD = SWZ ? COLS : COLS + PAD;
+  constexpr int TOTAL = ROWS * CPR;
+  constexpr int ITERS = (TOTAL + NTHREADS - 1) / NTHREADS;
+  static_assert(NTHREADS % CPR == 0, "a thread keeps one column chunk");
+  constexpr int RSTEP = NTHREADS / CPR;
+  const u32 s0 = smem_u32(smem);
+  if (pg.vec16(cols_valid)) {
+    const int r0 = threadIdx.x / CPR, c8 = (threadIdx.x % CPR) * 8;
+    const u32 dst = s0 + (SWZ ? swz_off<ROWS>(r0, c8 / 8) : 2 * (r0 * LD + c8));
+    constexpr int DST_STEP = SWZ ? RSTEP * 128 : 2 * RSTEP * LD;
+    const bool col_ok = c8 < cols_valid;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int r = r0 + it * RSTEP;
+      if (TOTAL % NTHREADS == 0 || r < ROWS) {
+        const bool ok = col_ok && r < rows_valid;
+        // (a row past the sequence is zero-filled from the pool's base: never read)
+        cp_async_16(dst + it * DST_STEP, ok ? pg.row(n0 + r) + c8 : pg.base, ok ? 16 : 0);
+      }
+    }
+  } else {
+#pragma unroll 1
+    for (int it = 0; it < ITERS; ++it) {
+      const int idx = threadIdx.x + it * NTHREADS;
+      if (idx < TOTAL) {
+        const int r = idx / CPR, c = idx % CPR;
+        u32 w[4] = {0u, 0u, 0u, 0u};
+        if (r < rows_valid) {
+          const unsigned short *g16 = reinterpret_cast<const unsigned short *>(pg.row(n0 + r));
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const int col = c * 8 + e;
+            if (col < cols_valid) w[e / 2] |= (u32)g16[col] << (16 * (e & 1));
           }
         }
         asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};"

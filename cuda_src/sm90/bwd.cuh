@@ -110,11 +110,13 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p
   const u32 smem0 = smem_u32(smem);
 
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  if (!seq_init<VF>(bi, p)) return;
 
-  V var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  V var(p.var, bi.sq, bi.sk, p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
-  const int n_rows = fc_min(BLOCK_N, p.seqlen_k - n_start);
+  if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
+    if (n_start >= bi.sk) return;
+  const int n_rows = fc_min(BLOCK_N, bi.sk - n_start);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   const int wg = warp / 4, wl = warp % 4;
@@ -211,7 +213,7 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p
     wg_fence_regs(acc_dk[0]);
     if constexpr (ATOMIC_DQ) {
       wg_fence_regs(acc_dq[0]);
-      float *dq_row = p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + grp * p.dq_accum_sg;
+      float *dq_row = p.dq_accum.batch(bi.b0, bi.b1, bi.b2) + (fc_index_t)bi.qa0 * HD + grp * p.dq_accum_sg;
       if constexpr (C::BULK_DQ) {
         // the tile in the workspace's own layout (quad order, pitch HD), one bulk
         // reduction of its BLOCK_M contiguous rows (as in bwd.cuh)
@@ -237,9 +239,9 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p
   frag_to_smem<T, 1, HD / 8, HD + PAD>(eK, k_n0, acc_dk, p.scale, lane);
   frag_to_smem<T, 1, HDV / 8, HDV + PAD>(eV, k_n0, acc_dv, 1.f, lane);
   __syncthreads();
-  store_tile<T, BLOCK_N, HD, NTHREADS>(p.dk.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dk.sr, p.dk.sr,
+  store_tile<T, BLOCK_N, HD, NTHREADS>(k_rows(p.dk, bi) + n_start * p.dk.sr, p.dk.sr,
                                        eK, n_rows, p.head_dim);
-  store_tile<T, BLOCK_N, HDV, NTHREADS>(p.dv.batch(bi.b0, bi.b1, bi.b2) + n_start * p.dv.sr, p.dv.sr,
+  store_tile<T, BLOCK_N, HDV, NTHREADS>(k_rows(p.dv, bi) + n_start * p.dv.sr, p.dv.sr,
                                         eV, n_rows, p.head_dim_v);
 }
 

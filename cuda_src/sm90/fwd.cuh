@@ -84,15 +84,18 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   const u32 s0 = smem_u32(fc_sm80_smem_wg);
 
   BatchIndex bi;
-  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
-  const T *q_b = p.q.batch(bi.b0, bi.b1, bi.b2);
-  const T *k_b = p.k.batch(bi.b0, bi.b1, bi.b2);
-  const T *v_b = p.v.batch(bi.b0, bi.b1, bi.b2);
+  if (!seq_init<VF>(bi, p)) return;
+  const T *q_b = q_rows(p.q, bi);
+  const T *k_b = k_rows(p.k, bi);
+  const T *v_b = k_rows(p.v, bi);
 
-  VariantFor<T, float, VF, true> var(p.var, p.seqlen_q, p.seqlen_k, p.scale_log2);
+  VariantFor<T, float, VF, true> var(p.var, bi.sq, bi.sk, p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
-  const int m_rows = fc_min(BLOCK_M, p.seqlen_q - m_start);
+  // (sequences: the grid covers the longest one; tiles past this one's end exit)
+  if constexpr ((VF & FC_VF_SEQ) != 0)
+    if (m_start >= bi.sq) return;
+  const int m_rows = fc_min(BLOCK_M, bi.sq - m_start);
   // window / causal: key tiles [n_first, n_tiles) hold every key the tile sees
   const int n_first = var.key_begin(m_start) / BLOCK_N;
   const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
@@ -101,10 +104,17 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   const int wrow = warp * 16;  // this warp's 16 rows (warpgroup warp / 4: rows 64 (warp / 4) ..)
 
   auto tile = [&](int off) { return reinterpret_cast<T *>(fc_sm80_smem_wg + off); };
+  // (paged K / V: rows through the block table, seq.cuh)
+  constexpr bool PAGED = (VF & FC_VF_PAGED) != 0;
   auto load_k = [&](int n) {
     const int n0 = n * BLOCK_N;
-    load_tile<T, BLOCK_N, HD, NTHREADS, true>(tile(C::K_OFF + (n & 1) * C::K_BYTES),
-                                              k_b + n0 * p.k.sr, p.k.sr, p.seqlen_k - n0, p.head_dim);
+    if constexpr (PAGED)
+      load_tile_paged<T, BLOCK_N, HD, NTHREADS, true>(tile(C::K_OFF + (n & 1) * C::K_BYTES),
+                                                      KvPages<T>(p.k, bi, p.seq, p.seq.k_page_stride),
+                                                      n0, bi.sk - n0, p.head_dim);
+    else
+      load_tile<T, BLOCK_N, HD, NTHREADS, true>(tile(C::K_OFF + (n & 1) * C::K_BYTES),
+                                                k_b + n0 * p.k.sr, p.k.sr, bi.sk - n0, p.head_dim);
   };
   // Bias / mask of key tile n: staged in shared memory with K_n's copies
   // (OffsetStage) where the layout allows, else read at the scores
@@ -122,8 +132,13 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   };
   auto load_v = [&](int n) {
     const int n0 = n * BLOCK_N;
-    load_tile<T, BLOCK_N, HDV, NTHREADS, true>(tile(C::V_OFF + (n & 1) * C::V_BYTES),
-                                               v_b + n0 * p.v.sr, p.v.sr, p.seqlen_k - n0, p.head_dim_v);
+    if constexpr (PAGED)
+      load_tile_paged<T, BLOCK_N, HDV, NTHREADS, true>(tile(C::V_OFF + (n & 1) * C::V_BYTES),
+                                                       KvPages<T>(p.v, bi, p.seq, p.seq.v_page_stride),
+                                                       n0, bi.sk - n0, p.head_dim_v);
+    else
+      load_tile<T, BLOCK_N, HDV, NTHREADS, true>(tile(C::V_OFF + (n & 1) * C::V_BYTES),
+                                                 v_b + n0 * p.v.sr, p.v.sr, bi.sk - n0, p.head_dim_v);
   };
   // O += P V_n for this warpgroup: k16 step j reads keys 16 j .. 16 j + 15, i.e.
   // 8-row groups 2 j, 2 j + 1 of V's panels (2048 bytes per step).
@@ -256,8 +271,8 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
 
   // Epilogue: normalize by l, stage O through shared memory (over the K/V ring),
   // write O and LSE.
-  T *o_b = p.o.batch(bi.b0, bi.b1, bi.b2);
-  float *lse_b = p.lse.batch(bi.b0, bi.b1, bi.b2);
+  T *o_b = q_rows(p.o, bi);
+  float *lse_b = q_rows(p.lse, bi);
   float inv_l[1][2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -268,7 +283,7 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
     // 0 for a row that saw no key; dropout's 1 / (1 - p) joins here, once per row
     inv_l[0][h] = OnlineSoftmax<float>::inv_sum(l) * (decltype(var)::DROPOUT ? var.drop_rp : 1.f);
     const int row = m_start + wrow + g + 8 * h;
-    if (c4 == 0 && row < p.seqlen_q)
+    if (c4 == 0 && row < bi.sq)
       lse_b[row * p.lse.sr] = OnlineSoftmax<float>::lse_natural(sm[h].m_i, l);
   }
   __syncthreads();  // every warpgroup is done with the ring

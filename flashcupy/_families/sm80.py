@@ -13,7 +13,7 @@ benchmarks/dev/NOTES.md describes.
 """
 from __future__ import annotations
 
-from .._spec import (VF_BIAS, VF_BIAS_ACC, VF_MASK, VF_SINK, KernelSpec, SMEM_LIMIT_SM80,
+from .._spec import (VF_BIAS, VF_BIAS_ACC, VF_MASK, VF_SEQ, VF_SINK, KernelSpec, SMEM_LIMIT_SM80,
                      SMEM_LIMIT_SM90, head_dim_bucket)
 
 NAME = "sm80"
@@ -46,7 +46,8 @@ DKDV_TILES = {
     32: [(64, 128, 8, 2)],
     64: [(64, 128, 8, 2)],   # 201/197 (whole backward, 4k/16k); 64x64x4w 191/191; 3 stages: no
                              # gain; the 2-D split was slower at 64
-    128: [(64, 128, 8, 2, "2d"),  # 204/202 vs 185/190 for 1-D; 171 KB (swizzled Q/dO): H100 only
+    128: [(64, 128, 8, 2, "2d", "no-seq"),  # 204/202 vs 185/190 for 1-D; 171 KB (swizzled
+                                            # Q/dO): H100 only
           (32, 64, 4, 2)],   # 1-D: 2 CTAs/SM; BLOCK_M 64 spills; A100
 }
 # dK/dV with dQ added by float32 atomics into a workspace (deterministic=False, the
@@ -56,7 +57,7 @@ DKDVQ_TILES = {
     32: [(64, 128, 8, 2)],
     64: [(128, 128, 8, 2, "2d"),  # 247/270; 3 stages 248/266: no gain; 174 KB: sm_90+
          (64, 128, 8, 2)],        # 1-D, 93 KB: A100 (the 2-D tiles spill on sm_80)
-    128: [(64, 128, 8, 2, "2d", "bulk"),  # dQ by bulk reduction (sm_90): 299/315, causal
+    128: [(64, 128, 8, 2, "2d", "bulk", "no-seq"),  # dQ by bulk reduction (sm_90): 299/315, causal
                                           # 266/311 vs 297/306, 261/308 for 3 stages with
                                           # red.global.add; 204 KB
           (32, 128, 8, 2)],       # 1-D, 115 KB: A100
@@ -150,7 +151,11 @@ def smem_expression(s: KernelSpec):
 
 
 # Table tags that are not kernel flags: which variants a tile must not take.
-TAGS = {"no-offset": lambda vf: bool(vf & (VF_BIAS | VF_BIAS_ACC | VF_MASK))}
+TAGS = {"no-offset": lambda vf: bool(vf & (VF_BIAS | VF_BIAS_ACC | VF_MASK)),
+        # The 2-D dK/dV tiles run at 244-255 registers: a packed batch's
+        # per-sequence rows and lengths (loaded, not recomputable from the
+        # parameters) spill there; sequences take the 1-D tile below.
+        "no-seq": lambda vf: bool(vf & VF_SEQ)}
 
 
 def refuses(tile, variant) -> bool:
@@ -208,5 +213,6 @@ def shipped_specs(variants=(0,)) -> list:
             for kernel, table in TABLES.items():
                 for b, tiles in table.items():
                     for tile in tiles:
-                        out.append(tile_spec(kernel, dtype, b, b, tile, vf))
+                        if not refuses(tile, vf):
+                            out.append(tile_spec(kernel, dtype, b, b, tile, vf))
     return list(dict.fromkeys(out))
