@@ -62,6 +62,22 @@ __device__ __forceinline__ bool seq_init(BatchIndex &bi, const P &p) {
   return true;
 }
 
+// The lengths a kernel body uses.  Dense problems read them from the
+// parameters at each use, as before sequences existed: a parameter load is
+// issued again after each asm barrier instead of holding a register through
+// the main loop, which keeps the kernels at the register limit (the sm80
+// forward at D = 128 with every variant) spill-free.
+template <int VF, typename P>
+__device__ __forceinline__ int seq_len_q(const BatchIndex &bi, const P &p) {
+  if constexpr ((VF & FC_VF_SEQ) != 0) return bi.sq;
+  else return p.seqlen_q;
+}
+template <int VF, typename P>
+__device__ __forceinline__ int seq_len_k(const BatchIndex &bi, const P &p) {
+  if constexpr ((VF & FC_VF_SEQ) != 0) return bi.sk;
+  else return p.seqlen_k;
+}
+
 // The same again for kernels at the register limit (the sm80 dK/dV bodies, at
 // their epilogue): the values seq_init loaded would otherwise stay live through
 // the main loop, where the dense problem's (zeros, the parameters) cost no

@@ -441,13 +441,16 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_
                                  f"{nb}; pass cache_batch_idx to map sequences to rows")
             table = None
     total = lens + np.int32(s_new)
-    checks = [lens.min() if nb else cupy.zeros((), np.int32),
-              total.max() if nb else cupy.zeros((), np.int32)]
-    if table is not None and table.size:
+    # (inside a graph capture no check runs: nothing could be read back)
+    capturing = _capturing()
+    checks = [] if capturing else [lens.min() if nb else cupy.zeros((), np.int32),
+                                   total.max() if nb else cupy.zeros((), np.int32)]
+    if table is not None and table.size and not capturing:
         checks += [table.min(), table.max()]
     dup = None
     if s_new and nb:
         slot = _append_slots(lens, s_new, table, rows, paged)
+    if s_new and nb and not capturing:
         flat = slot.reshape(-1)
         srt = cupy.sort(flat)
         dup = (srt[1:] == srt[:-1]).any() if flat.size > 1 else cupy.zeros((), np.bool_)

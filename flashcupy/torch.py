@@ -6,6 +6,10 @@ and binds the real PyTorch, not this module.)
 
 Public functions
 ----------------
+attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)
+attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, ...)
+    packed variable-length batches (differentiable) and KV caches (an operator
+    that mutates the caches), in flashcupy/_torch_varlen.py.
 attention(q, k, v, *, causal=False, scale=None, return_lse=False, window=None,
           softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None,
           dropout_p=0.0)
@@ -117,7 +121,8 @@ from flashcupy import _config, _philox, _plan, api
 # (flashcupy/hf.py; it imports transformers only when called)
 from flashcupy.hf import register_transformers
 
-__all__ = ["attention", "scaled_dot_product_attention", "register_transformers"]
+__all__ = ["attention", "scaled_dot_product_attention", "register_transformers",
+           "attention_varlen", "attention_with_kvcache"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPE = "cuda"
@@ -1116,3 +1121,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if group:
         out = out.flatten(-4, -3)  # (..., Hkv, G, L, Ev) -> (..., Hq, L, Ev): a view
     return out
+
+
+# packed batches and KV caches (flashcupy/_torch_varlen.py)
+from flashcupy._torch_varlen import attention_varlen, attention_with_kvcache  # noqa: E402

@@ -94,12 +94,12 @@ fc_generic_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   const T *k_b = k_rows(p.k, bi);
   const T *v_b = k_rows(p.v, bi);
 
-  VariantFor<T, Acc, VF> var(p.var, bi.sq, bi.sk, p.scale_log2);
+  VariantFor<T, Acc, VF> var(p.var, seq_len_q<VF>(bi, p), seq_len_k<VF>(bi, p), p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = blockIdx.x * BLOCK_M;
   if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
-    if (m_start >= bi.sq) return;
-  const int m_end = fc_min(m_start + BLOCK_M, bi.sq);
+    if (m_start >= seq_len_q<VF>(bi, p)) return;
+  const int m_end = fc_min(m_start + BLOCK_M, seq_len_q<VF>(bi, p));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = m_start + warp * ROWS;
 
@@ -116,8 +116,8 @@ fc_generic_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   for (int r = 0; r < ROWS; ++r) {
     const int row = row0 + r;
     // Rows past Sq: LSE -inf makes their P exactly 0.
-    lse_i[r] = row < bi.sq ? lse_b[row * p.lse.sr] : fc_neg_inf<Acc>::value();
-    dlt[r] = row < bi.sq ? delta_b[row * p.delta.sr] : Acc(0);
+    lse_i[r] = row < seq_len_q<VF>(bi, p) ? lse_b[row * p.lse.sr] : fc_neg_inf<Acc>::value();
+    dlt[r] = row < seq_len_q<VF>(bi, p) ? delta_b[row * p.delta.sr] : Acc(0);
 #pragma unroll
     for (int c = 0; c < CPL; ++c) acc_dq[r][c] = Acc(0);
   }
@@ -126,7 +126,7 @@ fc_generic_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   for (int n_start = var.key_begin(m_start) / BLOCK_N * BLOCK_N; n_start < n_end;
        n_start += BLOCK_N) {
     __syncthreads();
-    const int n_valid = fc_min(BLOCK_N, bi.sk - n_start);
+    const int n_valid = fc_min(BLOCK_N, seq_len_k<VF>(bi, p) - n_start);
     load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * p.k.sr, p.k.sr, n_valid,
                                                      p.head_dim);
     load_tile<T, Acc, BLOCK_N, HDV, L::LDV, NTHREADS>(sV, v_b + n_start * p.v.sr, p.v.sr, n_valid,
@@ -176,7 +176,7 @@ fc_generic_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = row0 + r;
-    if (row >= bi.sq) continue;
+    if (row >= seq_len_q<VF>(bi, p)) continue;
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
       const int col = lane + 32 * c;
@@ -213,11 +213,11 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   BatchIndex bi;
   if (!seq_init<VF>(bi, p)) return;
 
-  VariantFor<T, Acc, VF> var(p.var, bi.sq, bi.sk, p.scale_log2);
+  VariantFor<T, Acc, VF> var(p.var, seq_len_q<VF>(bi, p), seq_len_k<VF>(bi, p), p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_KEYS;
   if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
-    if (n_start >= bi.sk) return;
-  const int n_valid = fc_min(BLOCK_KEYS, bi.sk - n_start);
+    if (n_start >= seq_len_k<VF>(bi, p)) return;
+  const int n_valid = fc_min(BLOCK_KEYS, seq_len_k<VF>(bi, p) - n_start);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int key0 = n_start + warp * ROWS;  // first key of this warp
 
@@ -247,7 +247,7 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
     const Acc *delta_b = q_rows(p.delta, bi) + g * p.delta_sg;
     for (int m_start = m_begin; m_start < m_stop; m_start += TILE_Q) {
       __syncthreads();
-      const int m_valid = fc_min(TILE_Q, bi.sq - m_start);
+      const int m_valid = fc_min(TILE_Q, seq_len_q<VF>(bi, p) - m_start);
       load_tile<T, Acc, TILE_Q, HD, L::LDQ, NTHREADS>(sQ, q_b + m_start * p.q.sr, p.q.sr, m_valid,
                                                       p.head_dim);
       load_tile<T, Acc, TILE_Q, HDV, L::LDO, NTHREADS>(sdO, do_b + m_start * p.dout.sr, p.dout.sr,
@@ -266,7 +266,7 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         const int j = key0 + r;
-        pr[r] = (i < bi.sq && var.visible(i, j)) ? var.prob_from_lse(s[r], p.scale, lse_i, i, j)
+        pr[r] = (i < seq_len_q<VF>(bi, p) && var.visible(i, j)) ? var.prob_from_lse(s[r], p.scale, lse_i, i, j)
                                                      : Acc(0);
         Acc dpr = dp[r];
         if constexpr (decltype(var)::DROPOUT) {
@@ -327,7 +327,7 @@ fc_generic_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int key = key0 + r;
-    if (key >= bi.sk) continue;
+    if (key >= seq_len_k<VF>(bi, p)) continue;
 #pragma unroll
     for (int c = 0; c < CPLK; ++c) {
       const int col = lane + 32 * c;

@@ -52,13 +52,13 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
   const T *v_b = k_rows(p.v, bi);
 
   using V = VariantFor<T, Acc, VF>;
-  V var(p.var, bi.sq, bi.sk, p.scale_log2);
+  V var(p.var, seq_len_q<VF>(bi, p), seq_len_k<VF>(bi, p), p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = blockIdx.x * BLOCK_M;
   // (sequences: the grid covers the longest one; tiles past this one's end exit)
   if constexpr ((VF & FC_VF_SEQ) != 0)
-    if (m_start >= bi.sq) return;
-  const int m_end = fc_min(m_start + BLOCK_M, bi.sq);
+    if (m_start >= seq_len_q<VF>(bi, p)) return;
+  const int m_end = fc_min(m_start + BLOCK_M, seq_len_q<VF>(bi, p));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = m_start + warp * ROWS;  // first query row of this warp
 
@@ -80,7 +80,7 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
   for (int n_start = var.key_begin(m_start) / BLOCK_N * BLOCK_N; n_start < n_end;
        n_start += BLOCK_N) {
     __syncthreads();  // the previous tile is no longer read
-    const int n_valid = fc_min(BLOCK_N, bi.sk - n_start);
+    const int n_valid = fc_min(BLOCK_N, seq_len_k<VF>(bi, p) - n_start);
     if constexpr ((VF & FC_VF_PAGED) != 0) {  // (rows through the block table, seq.cuh)
       load_tile_paged<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(
           sK, KvPages<T>(p.k, bi, p.seq, p.seq.k_page_stride), n_start, n_valid, p.head_dim);
@@ -158,7 +158,7 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
   for (int r = 0; r < ROWS; ++r) {
     const int row = row0 + r;
     const Acc l = warp_sum(sm[r].l_i) + var.sink_term(sm[r].m_i);
-    if (row >= bi.sq) continue;
+    if (row >= seq_len_q<VF>(bi, p)) continue;
     const Acc inv_l = OnlineSoftmax<Acc>::inv_sum(l) * (V::DROPOUT ? var.drop_rp : Acc(1));
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {

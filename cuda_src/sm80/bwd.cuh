@@ -292,11 +292,11 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
   if (!seq_init<VF>(bi, p)) return;
 
   using V = VariantFor<T, float, VF, true>;
-  V var(p.var, bi.sq, bi.sk, p.scale_log2);
+  V var(p.var, seq_len_q<VF>(bi, p), seq_len_k<VF>(bi, p), p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
   if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
-    if (n_start >= bi.sk) return;
-  const int n_rows = fc_min(BLOCK_N, bi.sk - n_start);
+    if (n_start >= seq_len_k<VF>(bi, p)) return;
+  const int n_rows = fc_min(BLOCK_N, seq_len_k<VF>(bi, p) - n_start);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   const int wkey = warp * WN;  // first tile key of this warp
@@ -422,7 +422,7 @@ __device__ __forceinline__ void bwd_dkdv_body(const BwdParams<T, float, T> &p) {
   frag_to_smem<T, NT, HDV / 8, LDV>(sV, wkey, acc_dv, 1.f, lane);
   __syncthreads();
   seq_reload<VF>(bi, p);
-  const int n_out = fc_min(BLOCK_N, bi.sk - n_start);  // (= n_rows, from the reloaded length)
+  const int n_out = fc_min(BLOCK_N, seq_len_k<VF>(bi, p) - n_start);  // (= n_rows, from the reloaded length)
   store_tile<T, BLOCK_N, HD, NTHREADS>(k_rows(p.dk, bi) + n_start * p.dk.sr, p.dk.sr,
                                        sK, n_out, p.head_dim);
   store_tile<T, BLOCK_N, HDV, NTHREADS>(k_rows(p.dv, bi) + n_start * p.dv.sr, p.dv.sr,
@@ -513,11 +513,11 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
   if (!seq_init<VF>(bi, p)) return;
 
   using V = VariantFor<T, float, VF, true>;
-  V var(p.var, bi.sq, bi.sk, p.scale_log2);
+  V var(p.var, seq_len_q<VF>(bi, p), seq_len_k<VF>(bi, p), p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
   if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
-    if (n_start >= bi.sk) return;
-  const int n_rows = fc_min(BLOCK_N, bi.sk - n_start);
+    if (n_start >= seq_len_k<VF>(bi, p)) return;
+  const int n_rows = fc_min(BLOCK_N, seq_len_k<VF>(bi, p) - n_start);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   // this warp's tiles
@@ -657,7 +657,7 @@ __device__ __forceinline__ void bwd_dkdv_body_2d(const BwdParams<T, float, T> &p
   frag_to_smem<T, K_MT, KDV / 8, LDV>(sV + k_d * KDV, k_n0, acc_dv, 1.f, lane);
   __syncthreads();
   seq_reload<VF>(bi, p);
-  const int n_out = fc_min(BLOCK_N, bi.sk - n_start);  // (= n_rows, from the reloaded length)
+  const int n_out = fc_min(BLOCK_N, seq_len_k<VF>(bi, p) - n_start);  // (= n_rows, from the reloaded length)
   store_tile<T, BLOCK_N, HD, NTHREADS>(k_rows(p.dk, bi) + n_start * p.dk.sr, p.dk.sr,
                                        sK, n_out, p.head_dim);
   store_tile<T, BLOCK_N, HDV, NTHREADS>(k_rows(p.dv, bi) + n_start * p.dv.sr, p.dv.sr,
@@ -711,12 +711,12 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
   const T *v_b = k_rows(p.v, bi);
 
   using V = VariantFor<T, float, VF, true>;
-  V var(p.var, bi.sq, bi.sk, p.scale_log2);
+  V var(p.var, seq_len_q<VF>(bi, p), seq_len_k<VF>(bi, p), p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
   if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
-    if (m_start >= bi.sq) return;
-  const int m_rows = fc_min(BLOCK_M, bi.sq - m_start);
+    if (m_start >= seq_len_q<VF>(bi, p)) return;
+  const int m_rows = fc_min(BLOCK_M, seq_len_q<VF>(bi, p) - m_start);
   // window / causal: key tiles [n_first, n_tiles) hold every key the tile sees
   const int n_first = var.key_begin(m_start) / BLOCK_N;
   const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
@@ -726,7 +726,7 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
 
   auto load_kv = [&](int n, int stage) {
     T *sK = sKV + stage * C::KV_ELEMS;
-    const int n0 = n * BLOCK_N, nv = bi.sk - n0;
+    const int n0 = n * BLOCK_N, nv = seq_len_k<VF>(bi, p) - n0;
     load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * p.k.sr, p.k.sr, nv, p.head_dim);
     load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * p.v.sr, p.v.sr, nv,
                                          p.head_dim_v);
@@ -752,8 +752,8 @@ fc_sm80_bwd_dq(FC_PARAMS(BwdParams<T, float, T>) p) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = m_start + wrow + mt * 16 + g + 8 * h;
-      lse2[mt][h] = row < bi.sq ? lse_to_log2(lse_b[row * p.lse.sr]) : 0.f;
-      dlt[mt][h] = row < bi.sq ? delta_b[row * p.delta.sr] : 0.f;
+      lse2[mt][h] = row < seq_len_q<VF>(bi, p) ? lse_to_log2(lse_b[row * p.lse.sr]) : 0.f;
+      dlt[mt][h] = row < seq_len_q<VF>(bi, p) ? delta_b[row * p.delta.sr] : 0.f;
     }
 
   const u32 sQ_a = smem_u32(sQ) + 2 * (wrow * LDQ + lane_a<LDQ>(lane));

@@ -84,13 +84,13 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   const T *k_b = k_rows(p.k, bi);
   const T *v_b = k_rows(p.v, bi);
 
-  VariantFor<T, float, VF, true> var(p.var, bi.sq, bi.sk, p.scale_log2);
+  VariantFor<T, float, VF, true> var(p.var, seq_len_q<VF>(bi, p), seq_len_k<VF>(bi, p), p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
   // (sequences: the grid covers the longest one; tiles past this one's end exit)
   if constexpr ((VF & FC_VF_SEQ) != 0)
-    if (m_start >= bi.sq) return;
-  const int m_rows = fc_min(BLOCK_M, bi.sq - m_start);
+    if (m_start >= seq_len_q<VF>(bi, p)) return;
+  const int m_rows = fc_min(BLOCK_M, seq_len_q<VF>(bi, p) - m_start);
   // window / causal: key tiles [n_first, n_tiles) hold every key the tile sees
   const int n_first = var.key_begin(m_start) / BLOCK_N;
   const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
@@ -100,7 +100,7 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
 
   auto load_kv = [&](int n, int stage) {
     T *sK = sKV + stage * C::KV_ELEMS;
-    const int n0 = n * BLOCK_N, nv = bi.sk - n0;
+    const int n0 = n * BLOCK_N, nv = seq_len_k<VF>(bi, p) - n0;
     if constexpr ((VF & FC_VF_PAGED) != 0) {  // (rows through the block table, seq.cuh)
       load_tile_paged<T, BLOCK_N, HD, NTHREADS>(sK, KvPages<T>(p.k, bi, p.seq, p.seq.k_page_stride),
                                                 n0, nv, p.head_dim);
@@ -224,7 +224,7 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
       // 0 for a row that saw no key; dropout's 1 / (1 - p) joins here, once per row
       inv_l[mt][h] = OnlineSoftmax<float>::inv_sum(l) * (decltype(var)::DROPOUT ? var.drop_rp : 1.f);
       const int row = m_start + wrow + mt * 16 + g + 8 * h;
-      if (c4 == 0 && row < bi.sq)
+      if (c4 == 0 && row < seq_len_q<VF>(bi, p))
         lse_b[row * p.lse.sr] = OnlineSoftmax<float>::lse_natural(sm[mt][h].m_i, l);
     }
   __syncthreads();  // every warp is done with sQ / the K-V ring

@@ -112,11 +112,11 @@ __device__ __forceinline__ void bwd_dkdv_body_wg(const BwdParams<T, float, T> &p
   BatchIndex bi;
   if (!seq_init<VF>(bi, p)) return;
 
-  V var(p.var, bi.sq, bi.sk, p.scale_log2);
+  V var(p.var, seq_len_q<VF>(bi, p), seq_len_k<VF>(bi, p), p.scale_log2);
   const int n_start = blockIdx.x * BLOCK_N;
   if constexpr ((VF & FC_VF_SEQ) != 0)  // (past this sequence's end: the grid covers the longest)
-    if (n_start >= bi.sk) return;
-  const int n_rows = fc_min(BLOCK_N, bi.sk - n_start);
+    if (n_start >= seq_len_k<VF>(bi, p)) return;
+  const int n_rows = fc_min(BLOCK_N, seq_len_k<VF>(bi, p) - n_start);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   const int wg = warp / 4, wl = warp % 4;

@@ -89,13 +89,13 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   const T *k_b = k_rows(p.k, bi);
   const T *v_b = k_rows(p.v, bi);
 
-  VariantFor<T, float, VF, true> var(p.var, bi.sq, bi.sk, p.scale_log2);
+  VariantFor<T, float, VF, true> var(p.var, seq_len_q<VF>(bi, p), seq_len_k<VF>(bi, p), p.scale_log2);
   var.bind(p.var, bi);
   const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
   // (sequences: the grid covers the longest one; tiles past this one's end exit)
   if constexpr ((VF & FC_VF_SEQ) != 0)
-    if (m_start >= bi.sq) return;
-  const int m_rows = fc_min(BLOCK_M, bi.sq - m_start);
+    if (m_start >= seq_len_q<VF>(bi, p)) return;
+  const int m_rows = fc_min(BLOCK_M, seq_len_q<VF>(bi, p) - m_start);
   // window / causal: key tiles [n_first, n_tiles) hold every key the tile sees
   const int n_first = var.key_begin(m_start) / BLOCK_N;
   const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
@@ -111,10 +111,10 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
     if constexpr (PAGED)
       load_tile_paged<T, BLOCK_N, HD, NTHREADS, true>(tile(C::K_OFF + (n & 1) * C::K_BYTES),
                                                       KvPages<T>(p.k, bi, p.seq, p.seq.k_page_stride),
-                                                      n0, bi.sk - n0, p.head_dim);
+                                                      n0, seq_len_k<VF>(bi, p) - n0, p.head_dim);
     else
       load_tile<T, BLOCK_N, HD, NTHREADS, true>(tile(C::K_OFF + (n & 1) * C::K_BYTES),
-                                                k_b + n0 * p.k.sr, p.k.sr, bi.sk - n0, p.head_dim);
+                                                k_b + n0 * p.k.sr, p.k.sr, seq_len_k<VF>(bi, p) - n0, p.head_dim);
   };
   // Bias / mask of key tile n: staged in shared memory with K_n's copies
   // (OffsetStage) where the layout allows, else read at the scores
@@ -135,10 +135,10 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
     if constexpr (PAGED)
       load_tile_paged<T, BLOCK_N, HDV, NTHREADS, true>(tile(C::V_OFF + (n & 1) * C::V_BYTES),
                                                        KvPages<T>(p.v, bi, p.seq, p.seq.v_page_stride),
-                                                       n0, bi.sk - n0, p.head_dim_v);
+                                                       n0, seq_len_k<VF>(bi, p) - n0, p.head_dim_v);
     else
       load_tile<T, BLOCK_N, HDV, NTHREADS, true>(tile(C::V_OFF + (n & 1) * C::V_BYTES),
-                                                 v_b + n0 * p.v.sr, p.v.sr, bi.sk - n0, p.head_dim_v);
+                                                 v_b + n0 * p.v.sr, p.v.sr, seq_len_k<VF>(bi, p) - n0, p.head_dim_v);
   };
   // O += P V_n for this warpgroup: k16 step j reads keys 16 j .. 16 j + 15, i.e.
   // 8-row groups 2 j, 2 j + 1 of V's panels (2048 bytes per step).
@@ -283,7 +283,7 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
     // 0 for a row that saw no key; dropout's 1 / (1 - p) joins here, once per row
     inv_l[0][h] = OnlineSoftmax<float>::inv_sum(l) * (decltype(var)::DROPOUT ? var.drop_rp : 1.f);
     const int row = m_start + wrow + g + 8 * h;
-    if (c4 == 0 && row < bi.sq)
+    if (c4 == 0 && row < seq_len_q<VF>(bi, p))
       lse_b[row * p.lse.sr] = OnlineSoftmax<float>::lse_natural(sm[h].m_i, l);
   }
   __syncthreads();  // every warpgroup is done with the ring

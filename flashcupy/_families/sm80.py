@@ -30,11 +30,11 @@ FWD_TILES = {
                              # tiles; 189/272/295; 128x128x8w 221/251 at 4k/16k; 128x128x4w
                              # "qs" spills
          (64, 64, 4, 2)],    # bias / mask: 197 registers, no spill
-    128: [(128, 64, 4, 2, "no-offset"),  # flash-attn's tile, 4 warps x 32 rows, Q re-read:
+    128: [(128, 64, 4, 2, "no-offset", "no-seq"),  # flash-attn's tile, 4 warps x 32 rows, Q re-read:
                              # 260/334/350 vs 128x128x8w 202/244/263 and 128x32x4w 231/296/315;
                              # spill-free (255 regs) since the conditional O rescale
                              # (NOTES.md); 104 KB: H100 and A100
-          (64, 64, 4, 2)],   # 87 KB: sm_86/89; bias / mask (241 registers, no spill)
+          (64, 64, 4, 2)],   # 87 KB: sm_86/89; bias / mask (241 registers, no spill), sequences
     256: [(128, 64, 8, 2),   # 226/271/291, 8-21 % over 64x32x4w; 198 KB: H100 only
           (64, 32, 4, 2)],   # the largest tile within 163 KB and 255 registers: A100
 }
@@ -155,6 +155,9 @@ TAGS = {"no-offset": lambda vf: bool(vf & (VF_BIAS | VF_BIAS_ACC | VF_MASK)),
         # The 2-D dK/dV tiles run at 244-255 registers: a packed batch's
         # per-sequence rows and lengths (loaded, not recomputable from the
         # parameters) spill there; sequences take the 1-D tile below.
+        # The same holds for the 128-row forward tile at D = 128 (255
+        # registers; the block-table lookups of a paged cache spill most), and
+        # a decode step's few query rows fill a 64-row tile no worse.
         "no-seq": lambda vf: bool(vf & VF_SEQ)}
 
 
