@@ -5,6 +5,7 @@ of any tile, for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
     compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py generic sm80 sm90
     compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py sm90 with=bias,mask,dropout
     compute-sanitizer --tool racecheck python benchmarks/sanitize_case.py sm90 with=bias,mask sk=208
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py sm90 sm80 seq
 
 The arguments name kernel families (default: generic); a family that cannot run
 a dtype on this GPU is skipped.  ``with=`` adds variants to every call: ``bias``
@@ -12,7 +13,11 @@ a dtype on this GPU is skipped.  ``with=`` adds variants to every call: ``bias``
 (1, 1, Sq, Sk) bool mask with one row that sees no key), ``dropout``
 (dropout_p = 0.2).  ``sk=`` sets the key length (default 197; a multiple of 16
 such as 208 makes the sm90 forward stage the bias / mask tiles in shared
-memory, cuda_src/sm80/scores.cuh).  Prints one line per call, "finite" or
+memory, cuda_src/sm80/scores.cuh).  ``seq`` runs sequences instead: a packed
+batch of odd lengths (0 and 1 among them, unused tail rows) forward and
+backward through attention_varlen, and decode / prefill calls of
+attention_with_kvcache on page pools of 16 and 48 rows and a contiguous cache,
+with appends.  Prints one line per call, "finite" or
 "NON-FINITE"; compute-sanitizer reports the errors.  Exit status 2 when no GPU
 is available.
 """
@@ -33,7 +38,8 @@ import numpy as np  # noqa: E402
 
 import flashcupy as fc  # noqa: E402
 
-families = [a for a in sys.argv[1:] if "=" not in a] or ["generic"]
+SEQ = "seq" in sys.argv[1:]
+families = [a for a in sys.argv[1:] if "=" not in a and a != "seq"] or ["generic"]
 SK = int(next((a[3:] for a in sys.argv[1:] if a.startswith("sk=")), 197))
 variants = [v for a in sys.argv[1:] if a.startswith("with=") for v in a[5:].split(",") if v]
 unknown = set(variants) - {"bias", "mask", "dropout"}
@@ -55,8 +61,55 @@ def variant_kwargs(dt, sq, sk):
     return kw
 
 
+def finite(*xs):
+    return all(bool(cp.isfinite(x.astype(np.float32)).all()) for x in xs)
+
+
+def sequences(fam, dt):
+    lens_q, lens_k = [37, 0, 131, 1, 66], [50, 3, 131, 0, 97]
+    cu_q = cp.asarray(np.concatenate([[0], np.cumsum(lens_q)]), np.int32)
+    cu_k = cp.asarray(np.concatenate([[0], np.cumsum(lens_k)]), np.int32)
+    d = 128 if fam == "sm90" else 72
+    for causal in (False, True):
+        q = rng.standard_normal((2, 2, sum(lens_q) + 3, d)).astype(dt)
+        k = rng.standard_normal((2, 1, sum(lens_k) + 5, d)).astype(dt)
+        v = rng.standard_normal((2, 1, sum(lens_k) + 5, d)).astype(dt)
+        with fc.kernel_family(fam):
+            out, lse = fc.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
+            do = rng.standard_normal(out.shape).astype(dt)
+            grads = fc.attention_varlen_backward(do, q, k, v, out, lse, cu_q, cu_k, causal=causal)
+        cp.cuda.get_current_stream().synchronize()
+        print(f"{fam} {np.dtype(dt).name} varlen causal={causal}: "
+              f"{'finite' if finite(out, *grads) else 'NON-FINITE'}")
+    lens = cp.asarray([0, 1, 45, 200], np.int32)
+    for page in (16, 48, None):
+        for sq in (1, 5):
+            qd = rng.standard_normal((4, 2, 2, sq, d)).astype(dt)
+            kn = rng.standard_normal((4, 2, 1, 3, d)).astype(dt)
+            vn = rng.standard_normal((4, 2, 1, 3, d)).astype(dt)
+            if page is None:
+                kc = rng.standard_normal((4, 2, 1, 211, d)).astype(dt)
+                table = None
+            else:
+                width = -(-203 // page)
+                kc = rng.standard_normal((4 * width + 1, 2, 1, page, d)).astype(dt)
+                table = cp.asarray(np.random.default_rng(page).permutation(4 * width + 1)[:4 * width]
+                                   .reshape(4, width), np.int32)
+            vc = rng.standard_normal(kc.shape).astype(dt)
+            with fc.kernel_family(fam):
+                out = fc.attention_with_kvcache(qd, kc, vc, lens, k_new=kn, v_new=vn,
+                                                block_table=table, causal=True)
+            cp.cuda.get_current_stream().synchronize()
+            print(f"{fam} {np.dtype(dt).name} kvcache page={page} sq={sq}: "
+                  f"{'finite' if finite(out) else 'NON-FINITE'}")
+
+
 for fam in families:
     for dt in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+        if SEQ:
+            if fam in fc.families_for(dt):
+                sequences(fam, dt)
+            continue
         if fam not in fc.families_for(dt):
             continue
         # sm80: both backward paths (atomic dQ by default, the kernel pair when
