@@ -149,6 +149,12 @@ def _heads(fn, q, k, v):
     return tuple(np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
 
 
+def _rank(x, nheads):
+    """``x`` with leading axes of size 1 up to ``nheads`` head axes (a view)."""
+    extra = nheads + 2 - x.ndim
+    return x.reshape((1,) * extra + tuple(x.shape)) if extra > 0 else x
+
+
 def _variant_env(env, nseq, alibi_slopes, sink):
     if alibi_slopes is not None:
         env["alibi"] = alibi_slopes
@@ -217,7 +223,9 @@ def _prepare_packed(fn, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window
     heads = _heads(fn, q, k, v)
     pk = _packed(fn, q, k, cu_q, cu_k, max_q, max_k)
     n = pk.nseq
-    qv, kv, vv = (_sv(_api._last_axis_contiguous(x), n) for x in (q, k, v))
+    # (every operand at the heads' rank first: the sequence axis goes in front of
+    # each, and must line up across them)
+    qv, kv, vv = (_sv(_api._last_axis_contiguous(_rank(x, len(heads))), n) for x in (q, k, v))
     prob = _api._prepare(fn, qv, kv, vv, causal, scale, window, softcap, alibi_slopes, sink,
                          bias, mask, bias_grad, dropout_p)
     prob = _seq_problem(prob, pk.max_q, pk.max_k, (q.shape[-2], k.shape[-2]),
@@ -236,6 +244,9 @@ def _varlen_forward(fn, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window
     with cupy.cuda.Device(prob.device_id):
         out = cupy.empty(heads + (tq, prob.head_dim_v), prob.dtype)
         lse = cupy.empty(heads + (tq,), prob.acc_dtype)
+        if _capturing():   # (the tail rows are unknown: every row is written first)
+            out.fill(0)
+            lse.fill(-np.inf)
         if n > 0 and pk.max_q > 0:
             env = {"q": qv, "k": kv, "v": vv, "o": _sv(out, n), "lse": _sv(lse, n),
                    "cu_q": pk.cu_q, "cu_k": pk.cu_k, "cu_qa": pk.cu_q}
@@ -294,8 +305,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                 f"a broadcast bias is summed with atomics")
     seed, offset = _api._check_seed(fn, prob.features.dropout, seed, offset)
     with cupy.cuda.Device(dev):
-        dq, dk, dv = (cupy.empty(x.shape, prob.dtype) for x in (q, k, v))
-        grads = [dq, dk, dv]
+        dq, dk, dv = (cupy.empty(_rank(x, len(heads)).shape, prob.dtype) for x in (q, k, v))
+        grads = [g.reshape(x.shape) for g, x in zip((dq, dk, dv), (q, k, v))]
         dsink = dbias = None
         if sink is not None:
             dsink = cupy.zeros(sink.shape, np.float32)
@@ -303,6 +314,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         if bias_grad:
             dbias = cupy.zeros(bias_in.shape, bias_in.dtype)
             grads.append(dbias)
+        if _capturing():   # (the tail rows are unknown: every row is written first)
+            for g in (dq, dk, dv):
+                g.fill(0)
         if n > 0 and pk.max_q > 0 and pk.max_k > 0:
             douts = _sv(_api._last_axis_contiguous(dout), n)
             outs = _sv(_api._last_axis_contiguous(out), n)
@@ -392,6 +406,11 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise TypeError(f"{fn}: k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must "
                         f"have q's dtype ({q.dtype})")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+            raise ValueError(f"{fn}: {name} has strides {x.strides} (bytes); the last axis (D) "
+                             f"must be contiguous (the appends write into the cache itself, so "
+                             f"it cannot be copied)")
     rows = k_cache.shape[-2]
     paged = block_table is not None
     if paged and cache_batch_idx is not None:
@@ -440,6 +459,25 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_
                 raise ValueError(f"{fn}: k_cache has {n_slots} rows (axis 0) for a batch of "
                                  f"{nb}; pass cache_batch_idx to map sequences to rows")
             table = None
+    # attention over the cache: views with the sequence axis first, checked on the
+    # host before any device check or write
+    heads = _heads(fn, q, k_cache[:1], v_cache[:1])[1:]
+    if table is None:
+        kv, vv = k_cache[:nb], v_cache[:nb]
+    else:
+        kv, vv = _sv(k_cache[0], nb), _sv(v_cache[0], nb)
+    prob = _api._prepare(fn, q, kv, vv, causal, scale, window, softcap, alibi_slopes, sink)
+    words = ["len_k"]
+    scalars = {}
+    if table is not None:
+        words.append("table")
+        scalars = {"seq.table_stride": table.strides[0] // 4,
+                   "seq.k_page_stride": k_cache.strides[0] // k_cache.itemsize,
+                   "seq.v_page_stride": v_cache.strides[0] // v_cache.itemsize,
+                   "seq.page_size": rows,
+                   "seq.page_shift": rows.bit_length() - 1 if rows & (rows - 1) == 0 else -1}
+    prob = _seq_problem(prob, q.shape[-2], capacity, (), words, paged=table is not None,
+                        scalars=scalars)
     total = lens + np.int32(s_new)
     # (inside a graph capture no check runs: nothing could be read back)
     capturing = _capturing()
@@ -478,24 +516,6 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_
     if s_new and nb:
         _append(k_cache, k_new, slot, rows, paged, table)
         _append(v_cache, v_new, slot, rows, paged, table)
-    # attention over the cache: views with the sequence axis first
-    heads = _heads(fn, q, k_cache[:1], v_cache[:1])[1:]
-    if table is None:
-        kv, vv = k_cache[:nb], v_cache[:nb]
-    else:
-        kv, vv = _sv(k_cache[0], nb), _sv(v_cache[0], nb)
-    prob = _api._prepare(fn, q, kv, vv, causal, scale, window, softcap, alibi_slopes, sink)
-    words = ["len_k"]
-    scalars = {}
-    if table is not None:
-        words.append("table")
-        scalars = {"seq.table_stride": table.strides[0] // 4,
-                   "seq.k_page_stride": k_cache.strides[0] // k_cache.itemsize,
-                   "seq.v_page_stride": v_cache.strides[0] // v_cache.itemsize,
-                   "seq.page_size": rows,
-                   "seq.page_shift": rows.bit_length() - 1 if rows & (rows - 1) == 0 else -1}
-    prob = _seq_problem(prob, q.shape[-2], capacity, (), words, paged=table is not None,
-                        scalars=scalars)
     sq = q.shape[-2]
     with cupy.cuda.Device(dev):
         out = cupy.empty((nb,) + heads + (sq, prob.head_dim_v), prob.dtype)

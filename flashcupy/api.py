@@ -974,7 +974,11 @@ def _plan_dsink(plan):
             lse, delta = env["lse_packed"][..., :n], env["delta_packed"][..., :n]
         acc = delta.dtype
         p_sink = cupy.exp(sink.astype(acc)[..., None] - lse)  # lse >= sink: no overflow
-        per_elem = -(p_sink * delta).sum(axis=-1)            # (batch...)
+        terms = p_sink * delta
+        if packed:  # rows past the last sequence hold no delta (n is all rows under capture)
+            valid = cupy.arange(lse.shape[-1], dtype=np.int32) < env["cu_q"][-1]
+            terms = cupy.where(valid, terms, acc.type(0))
+        per_elem = -terms.sum(axis=-1)                       # (batch...)
         extra = per_elem.ndim - sink.ndim
         axes = tuple(range(extra)) + tuple(
             extra + i for i, n in enumerate(sink.shape) if n == 1 and per_elem.shape[extra + i] != 1)

@@ -38,7 +38,9 @@ from flashcupy import reference as ref  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 # (q head axes, k/v head axes)
-LAYOUTS = {"heads": ((2,), (2,)), "gqa": ((2, 2), (2, 1)), "mqa": ((3,), (1,))}
+LAYOUTS = {"heads": ((2,), (2,)), "gqa": ((2, 2), (2, 1)), "mqa": ((3,), (1,)),
+           "mqa-rank": ((3,), ())}   # k, v (total_k, D): fewer axes than q
+CACHE_HEADS = ["heads", "gqa", "mqa"]    # (a cache has q's number of axes)
 # per-sequence lengths (q, k): empty sequences inside the batch, a single row,
 # lengths that are no multiple of any tile, Sq > Sk (causal rows that see nothing)
 LENGTHS = [
@@ -404,7 +406,7 @@ def _cache_grid():
         for k in range(2):
             fd = FAMILY_DTYPES[(li + 3 * k) % len(FAMILY_DTYPES)]
             var = CACHE_VARIANTS[(li + k) % len(CACHE_VARIANTS)]
-            out.append(pytest.param(fd, cl, var, list(LAYOUTS)[(li + k) % len(LAYOUTS)],
+            out.append(pytest.param(fd, cl, var, CACHE_HEADS[(li + k) % len(CACHE_HEADS)],
                                     (1, 4, 16, 37)[(li + 2 * k) % 4], (0, 1, 3)[(li + k) % 3],
                                     id=f"{fd_id(fd)}-{cl[0]}-{var or 'plain'}"))
     return out
@@ -503,7 +505,14 @@ def test_kvcache_bad_input(seed):
     kn = nv.randn(cp, seed, (2, 2, 1, 64), dtype)
     before = cp.asnumpy(kc)
     _raises(ValueError, "k_new", fc.attention_with_kvcache, q, kc, vc, lens, k_new=kn, v_new=kn)
+    ok_lens = cp.asarray([10, 20], np.int32)
+    _raises(ValueError, "alibi_slopes", fc.attention_with_kvcache, q, kc, vc, ok_lens, k_new=kn,
+            v_new=kn, alibi_slopes=cp.ones((5,), np.float32))
+    _raises(ValueError, "q", fc.attention_with_kvcache, q[..., :32], kc, vc, ok_lens, k_new=kn,
+            v_new=kn)
     assert bool((cp.asnumpy(kc) == before).all()), "a refused call wrote into the cache"
+    _raises(ValueError, "k_cache", fc.attention_with_kvcache, q, kc[..., ::2],
+            vc, ok_lens)
     _raises(ValueError, "cache_seqlens", fc.attention_with_kvcache, q, kc, vc,
             cp.asarray([10, 65], np.int32))
     _raises(TypeError, "cache_seqlens", fc.attention_with_kvcache, q, kc, vc,
