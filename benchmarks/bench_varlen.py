@@ -146,8 +146,12 @@ def varlen_table(fc, torch, args):
             with T.torch_on_cupy_stream():
                 try:
                     def f_(q, k, v, do):
-                        return varlen_attn(q, k, v, cut, cut, max(lens), max(lens),
-                                           is_causal=True)
+                        try:
+                            return varlen_attn(q, k, v, cut, cut, max(lens), max(lens),
+                                               is_causal=True)
+                        except TypeError:   # (PyTorch versions that take a window instead)
+                            return varlen_attn(q, k, v, cut, cut, max(lens), max(lens),
+                                               window_size=(-1, 0))
                     tf = bench(T.Rotate(f_, st), args)
 
                     def b_(q, k, v, do):
