@@ -7,7 +7,9 @@ Table 1, varlen (bf16, D = 128, causal): 16 sequences of random lengths in
 [64, 4096] summing to about 32k tokens, forward and backward, in TFLOP/s of
 the visible pairs (sum over sequences of attention_flops(1, H, L, L, D, causal)):
 
-* ``fc varlen``      flashcupy.attention_varlen / attention_varlen_backward;
+* ``fc varlen``      flashcupy.attention_varlen / attention_varlen_backward,
+  as CUDA-graph replays (no host work) and eagerly (with the call's one
+  device-to-host check);
 * ``fc dense@L``     the dense kernels at the same per-sequence lengths: for
   each length L, flashcupy.attention on a full GPU's worth of (B, H, L, D)
   (B = 32k / L) gives TFLOP/s(L); the row is sum(F_L) / sum(F_L / TFLOP/s(L)),
@@ -54,6 +56,30 @@ def bench(fn, args):
     return T.do_bench(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms).ms
 
 
+def timed(call, sets, args):
+    """(CUDA-graph replay ms, eager ms) of call(*s) over the rotating sets: the
+    replay has no host work (a serving or training loop that captures its
+    step); the eager call runs every host check, with its one device-to-host
+    copy."""
+    import cupy as cp
+
+    eager = bench(T.Rotate(call, sets), args)
+    graphs = []
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        for s in sets:
+            call(*s)
+            stream.synchronize()
+            stream.begin_capture()
+            call(*s)
+            graphs.append(stream.end_capture())
+    it = iter(range(10 ** 9))
+
+    def replay():
+        graphs[next(it) % len(graphs)].launch(cp.cuda.get_current_stream())
+    return bench(replay, args), eager
+
+
 def varlen_table(fc, torch, args):
     import cupy as cp
     import numpy as np
@@ -74,12 +100,15 @@ def varlen_table(fc, torch, args):
     for q, k, v, do in packed:
         o, lse = fc.attention_varlen(q, k, v, cu, cu, causal=causal, return_lse=True)
         fwd_state.append((q, k, v, do, o, lse))
-    t_f = bench(T.Rotate(lambda q, k, v, do, o, lse: fc.attention_varlen(
-        q, k, v, cu, cu, causal=causal), fwd_state), args)
-    t_b = bench(T.Rotate(lambda q, k, v, do, o, lse: fc.attention_varlen_backward(
-        do, q, k, v, o, lse, cu, cu, causal=causal), fwd_state), args)
+    mx = max(lens)  # (a CUDA-graph capture needs the longest length: nothing is read back)
+    gf, t_f = timed(lambda q, k, v, do, o, lse: fc.attention_varlen(
+        q, k, v, cu, cu, max_seqlen_q=mx, max_seqlen_k=mx, causal=causal), fwd_state, args)
+    gb, t_b = timed(lambda q, k, v, do, o, lse: fc.attention_varlen_backward(
+        do, q, k, v, o, lse, cu, cu, max_seqlen_q=mx, max_seqlen_k=mx, causal=causal),
+        fwd_state, args)
     ff, fb = visible_flops(lens, h, d, causal, "fwd"), visible_flops(lens, h, d, causal, "bwd")
-    rows.append(("fc varlen", T.tflops(ff, t_f), T.tflops(fb, t_b)))
+    rows.append(("fc varlen (graph)", T.tflops(ff, gf), T.tflops(fb, gb)))
+    rows.append(("fc varlen (eager)", T.tflops(ff, t_f), T.tflops(fb, t_b)))
     del packed, fwd_state
     T.free_gpu_memory()
 
@@ -186,30 +215,13 @@ def paged_table(fc, args):
     rng = np.random.default_rng(args.seed)
     rows = []
 
-    def timed(call, sets):
-        eager = bench(T.Rotate(call, sets), args)
-        graphs = []
-        stream = cp.cuda.Stream(non_blocking=True)
-        with stream:
-            for s in sets:
-                call(*s)
-                stream.synchronize()
-                stream.begin_capture()
-                call(*s)
-                graphs.append(stream.end_capture())
-        it = iter(range(10 ** 9))
-
-        def replay():
-            graphs[next(it) % len(graphs)].launch(cp.cuda.get_current_stream())
-        return bench(replay, args), eager
-
     # contiguous
     sets = []
     for _ in range(args.rotate):
         q = T.randn((nb, hkv, g, 1, d), dt)
         kc, vc = (T.randn((nb, hkv, 1, s_max, d), dt) for _ in range(2))
         sets.append((q, kc, vc))
-    tg, te = timed(lambda q, kc, vc: fc.attention_with_kvcache(q, kc, vc, lens_d), sets)
+    tg, te = timed(lambda q, kc, vc: fc.attention_with_kvcache(q, kc, vc, lens_d), sets, args)
     rows.append(("contiguous", kv_bytes / tg / 1e6, kv_bytes / te / 1e6))
     del sets
     T.free_gpu_memory()
@@ -229,7 +241,7 @@ def paged_table(fc, args):
             kp, vp = (T.randn((pool, hkv, 1, page, d), dt) for _ in range(2))
             sets.append((q, kp, vp, cp.asarray(tab)))
         tg, te = timed(lambda q, kp, vp, tab: fc.attention_with_kvcache(
-            q, kp, vp, lens_d, block_table=tab), sets)
+            q, kp, vp, lens_d, block_table=tab), sets, args)
         rows.append((f"page {page}", kv_bytes / tg / 1e6, kv_bytes / te / 1e6))
         del sets
         T.free_gpu_memory()

@@ -56,6 +56,13 @@ struct BatchIndex {
   int b0, b1, b2;
   int sq, sk;
   int q0, k0, qa0;  // (int32 like cu_seqlens; widened where multiplied)
+  // blockIdx.x is the tile, (z, y) the batch element: every batch element's
+  // tiles launch together, heaviest first (the kernels reverse x), so the CTAs
+  // that share a K / V slice run at the same time and read it from L2 once.
+  // (Packed sequences too: launching tile x of every sequence before tile x + 1
+  // of any balanced a simulated 2-CTA-per-SM schedule better, 99.8% against 94%
+  // of ideal, but lost that sharing and ran at 0.68-0.90x the speed, NOTES.md
+  // 13.4.)
   __device__ __forceinline__ bool init(int nb0, int nb1, int nb2) {
     long long b = (long long)blockIdx.z * gridDim.y + blockIdx.y;
     if (b >= (long long)nb0 * nb1 * nb2) return false;
@@ -89,8 +96,8 @@ struct SeqArgs {
   const int *table;   // paged K/V: (B, table_stride) page indices, in order
   fc_index_t table_stride;
   fc_index_t k_page_stride, v_page_stride;  // elements between pages (k, v)
-  int page_size;      // rows per page
-  int page_shift;     // log2(page_size) when a power of two, else -1
+  unsigned long long page_magic;  // floor(2^64 / page_size) + 1 (rows.cuh PageGeometry)
+  int page_size;                  // rows per page
 };
 
 // The runtime half of an attention variant (variant.cuh holds the logic; its

@@ -18,6 +18,7 @@
 // FlashInfer's paged_kv_t (include/flashinfer/page.cuh).
 #pragma once
 #include "params.cuh"
+#include "rows.cuh"
 
 #define FC_VF_SEQ 2048    // per-sequence lengths and first rows (SeqArgs)
 #define FC_VF_PAGED 4096  // forward: K / V rows through the block table
@@ -95,33 +96,69 @@ __device__ __forceinline__ fc_index_t seq_qa0(const BatchIndex &bi, const P &p) 
   return 0;
 }
 
-// Rows of a paged K or V: row t of this sequence.  base is the tensor's
-// batch / head offset (its page axis has stride 0 in the view; pages are
-// page_stride apart).
-template <typename T>
-struct KvPages {
-  const T *base;
-  const int *pages;
-  fc_index_t sr, page_stride;
-  int page_size, page_shift;
-
-  __device__ __forceinline__ KvPages(const TensorView<const T> &t, const BatchIndex &bi,
-                                     const SeqArgs &s, fc_index_t page_stride_)
-      : base(t.batch(bi.b0, bi.b1, bi.b2)), pages(s.table + bi.b0 * s.table_stride), sr(t.sr),
-        page_stride(page_stride_), page_size(s.page_size), page_shift(s.page_shift) {}
-
-  __device__ __forceinline__ const T *row(int t) const {
-    // (a power-of-two page, the common case, avoids the integer division)
-    const int pg = page_shift >= 0 ? t >> page_shift : t / page_size;
-    const int r = page_shift >= 0 ? t & (page_size - 1) : t - pg * page_size;
-    return base + (fc_index_t)__ldg(pages + pg) * page_stride + r * sr;
+// The row source of key tile rows n0 .. of K or V (rows.cuh): the dense
+// view from the sequence's first key row kb, or its pages (FC_VF_PAGED; n0 a
+// multiple of 16).  One place for the choice, so a kernel's tile loads read the
+// same either way.  With runs (KvAhead): the entries a paged cursor uses.
+template <int VF, typename T>
+__device__ __forceinline__ auto kv_rows(const T *kb, const TensorView<const T> &t,
+                                        const BatchIndex &bi, const SeqArgs &s,
+                                        fc_index_t page_stride, int n0) {
+  if constexpr ((VF & FC_VF_PAGED) != 0) return KvPages<T>(kb, t, bi, s, page_stride, n0);
+  else return StridedRows<T>{kb + (fc_index_t)n0 * t.sr, t.sr};
+}
+template <int VF, typename T, int ROWS>
+__device__ __forceinline__ auto kv_rows(const T *kb, const TensorView<const T> &t,
+                                        const BatchIndex &bi, const SeqArgs &s,
+                                        fc_index_t page_stride, int n0,
+                                        const TileRuns<ROWS> &runs) {
+  if constexpr ((VF & FC_VF_PAGED) != 0) {
+    KvPages<T, ROWS> k(kb, t, bi, s, page_stride, n0);
+    k.runs = runs;
+    return k;
+  } else {
+    return StridedRows<T>{kb + (fc_index_t)n0 * t.sr, t.sr};
   }
-  // Whether 16-byte copies are legal for every row (as vec16_ok, sm80/mma.cuh).
-  __device__ __forceinline__ bool vec16(int cols_valid) const {
-    return ((reinterpret_cast<unsigned long long>(base) |
-             (unsigned long long)(sr * sizeof(T)) |
-             (unsigned long long)(page_stride * sizeof(T))) & 15) == 0 &&
-           (cols_valid * sizeof(T)) % 16 == 0;
+}
+
+// The block-table entries of a kernel's key tiles of ROWS rows, each read one
+// load ahead of its copies: take(n, n_next) returns tile n's (read by the
+// previous take, or by the constructor) and starts the read of tile n_next's,
+// whose latency then hides under a whole pipeline step; again(n) returns the
+// last tile taken once more (V_n after K_n when they load a step apart).  Out
+// of order, either reads the table there and then.  Empty without FC_VF_PAGED.
+template <int VF, int ROWS>
+struct KvAhead {
+  static constexpr bool PAGED = (VF & FC_VF_PAGED) != 0;
+  using Runs = TileRuns<PAGED ? ROWS : 0>;
+  Runs next, last;
+  const int *pages;  // this sequence's table row, and the page geometry: kept, not
+  PageGeometry pg;   // recomputed from the parameters at every fetch
+
+  __device__ __forceinline__ void fetch(Runs &r, const BatchIndex &, const SeqArgs &, int n,
+                                        int sk) {
+    if constexpr (PAGED) r.fetch(pages, pg, n * ROWS, sk - n * ROWS);
+  }
+  __device__ __forceinline__ KvAhead(const BatchIndex &bi, const SeqArgs &s, int n, int sk) {
+    if constexpr (PAGED) {
+      pages = s.table + bi.b0 * s.table_stride;
+      pg = PageGeometry{s.page_magic, s.page_size};
+      last.n0 = -1;
+    }
+    fetch(next, bi, s, n, sk);
+  }
+  __device__ __forceinline__ Runs take(const BatchIndex &bi, const SeqArgs &s, int n, int n_next,
+                                       int sk) {
+    if constexpr (PAGED) {
+      if (next.n0 != n * ROWS) fetch(next, bi, s, n, sk);
+      last = next;
+      fetch(next, bi, s, n_next, sk);
+    }
+    return last;
+  }
+  __device__ __forceinline__ Runs again(const BatchIndex &bi, const SeqArgs &s, int n, int sk) {
+    if constexpr (PAGED)
+      if (last.n0 != n * ROWS) fetch(last, bi, s, n, sk);
+    return last;
   }
 };
-

@@ -42,7 +42,7 @@ VARIANT_FIELDS = (
 SEQ_FIELDS = (
     ("cu_q", WORD), ("cu_k", WORD), ("cu_qa", WORD), ("len_k", WORD), ("table", WORD),
     ("table_stride", "i64"), ("k_page_stride", "i64"), ("v_page_stride", "i64"),
-    ("page_size", "i32"), ("page_shift", "i32"),
+    ("page_magic", "u64"), ("page_size", "i32"),
 )
 FWD_FIELDS = (
     ("q", TENSOR), ("k", TENSOR), ("v", TENSOR), ("o", TENSOR), ("lse", TENSOR),
@@ -65,7 +65,7 @@ BWD_FIELDS = (
     ("seq", NESTED, SEQ_FIELDS),
 )
 STRUCTS = {"fwd": FWD_FIELDS, "bwd": BWD_FIELDS}
-_SCALAR = {"i32": np.int32, "i64": np.int64, "ptr": np.uint64}
+_SCALAR = {"i32": np.int32, "i64": np.int64, "u64": np.uint64, "ptr": np.uint64}
 
 
 def _flat(fields, acc, prefix=""):

@@ -470,12 +470,20 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_
     words = ["len_k"]
     scalars = {}
     if table is not None:
+        # (the kernels form offsets inside the pool as unsigned 32-bit products:
+        # cuda_src/rows.cuh KvPages)
+        for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if x.strides[0] // x.itemsize >= 2 ** 32 or rows * (x.strides[-2] // x.itemsize) >= 2 ** 32:
+                raise ValueError(f"{fn}: {name} has strides {x.strides} (bytes): one page (or "
+                                 f"cache row) spans 2^32 elements or more, which the paged "
+                                 f"kernels do not address")
         words.append("table")
         scalars = {"seq.table_stride": table.strides[0] // 4,
                    "seq.k_page_stride": k_cache.strides[0] // k_cache.itemsize,
                    "seq.v_page_stride": v_cache.strides[0] // v_cache.itemsize,
                    "seq.page_size": rows,
-                   "seq.page_shift": rows.bit_length() - 1 if rows & (rows - 1) == 0 else -1}
+                   # t // rows as a multiply-high on the device (cuda_src/rows.cuh)
+                   "seq.page_magic": (1 << 64) // rows + 1}
     prob = _seq_problem(prob, q.shape[-2], capacity, (), words, paged=table is not None,
                         scalars=scalars)
     total = lens + np.int32(s_new)

@@ -35,12 +35,14 @@ def test_layout_natural_alignment():
     assert offs["var.dropout_index.ptr"][0] == offs["var.dropout_offset"][0] + 8
     assert offs["var.dropout_threshold"][0] == offs["var.dropout_index_sg"][0] + 8
     assert offs["var.dropout_keep"][0] == offs["var.dropout_threshold"][0] + 8
-    # then the sequences (SeqArgs): five per-call words, three int64, two int32
+    # then the sequences (SeqArgs): five per-call words, three int64, a uint64 and
+    # an int32, the struct padded to 8 bytes
     assert offs["seq.cu_q"] == (offs["var.dropout_keep"][0] + 8, None)
     assert offs["seq.table"] == (offs["seq.cu_q"][0] + 32, None)
     assert offs["seq.table_stride"][0] == offs["seq.table"][0] + 8
-    assert offs["seq.page_shift"][0] == offs["seq.page_size"][0] + 4
-    assert size % 8 == 0 and size == offs["seq.page_shift"][0] + 4
+    assert offs["seq.page_magic"][0] == offs["seq.v_page_stride"][0] + 8
+    assert offs["seq.page_size"][0] == offs["seq.page_magic"][0] + 8
+    assert size % 8 == 0 and size == offs["seq.page_size"][0] + 8
     offs64_, size64_ = _params.layout("fwd", 8)  # float64: rp on its 8-byte alignment
     assert offs64_["var.dropout_rp"][0] == offs64_["var.dropout_threshold"][0] + 8
     offs64, size64 = _params.layout("fwd", 8)

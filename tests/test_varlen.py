@@ -461,7 +461,10 @@ def test_kvcache_graph_capture(seed):
         stream.begin_capture()
         out = fc.attention_with_kvcache(q, kc, vc, lens)
         graph = stream.end_capture()
-    lens[...] = new_lens
+    # (the capture stream does not wait for the default stream: write the new
+    # lengths on it, ahead of the replay)
+    with stream:
+        lens[...] = new_lens
     graph.launch(stream)
     stream.synchronize()
     want = fc.attention_with_kvcache(q, kc, vc, lens)

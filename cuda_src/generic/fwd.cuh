@@ -81,17 +81,11 @@ fc_generic_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
        n_start += BLOCK_N) {
     __syncthreads();  // the previous tile is no longer read
     const int n_valid = fc_min(BLOCK_N, seq_len_k<VF>(bi, p) - n_start);
-    if constexpr ((VF & FC_VF_PAGED) != 0) {  // (rows through the block table, seq.cuh)
-      load_tile_paged<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(
-          sK, KvPages<T>(p.k, bi, p.seq, p.seq.k_page_stride), n_start, n_valid, p.head_dim);
-      load_tile_paged<T, Acc, BLOCK_N, HDV, HDV, NTHREADS>(
-          sV, KvPages<T>(p.v, bi, p.seq, p.seq.v_page_stride), n_start, n_valid, p.head_dim_v);
-    } else {
-      load_tile<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(sK, k_b + n_start * p.k.sr, p.k.sr, n_valid,
-                                                       p.head_dim);
-      load_tile<T, Acc, BLOCK_N, HDV, HDV, NTHREADS>(sV, v_b + n_start * p.v.sr, p.v.sr, n_valid,
-                                                     p.head_dim_v);
-    }
+    // (paged K / V: rows through the block table, seq.cuh kv_rows)
+    load_rows<T, Acc, BLOCK_N, HD, L::LDK, NTHREADS>(
+        sK, kv_rows<VF>(k_b, p.k, bi, p.seq, p.seq.k_page_stride, n_start), n_valid, p.head_dim);
+    load_rows<T, Acc, BLOCK_N, HDV, HDV, NTHREADS>(
+        sV, kv_rows<VF>(v_b, p.v, bi, p.seq, p.seq.v_page_stride, n_start), n_valid, p.head_dim_v);
     __syncthreads();
 
     // S = Q K^T for this lane's key, in log2 units

@@ -28,37 +28,31 @@ struct TileGeom {
   static constexpr int PAD = VEC;               // per-lane row padding (16 bytes)
 };
 
-// Copies rows [row0, row0 + nrows) of a (rows, cols) global view into a shared
-// tile of TILE_ROWS x COLS_PAD Acc, widening to Acc.  Elements past `nrows_valid`
-// or `cols_valid` are written as 0: padded head-dim columns then add nothing to
-// a dot product, and padded key rows of V contribute 0 * 0 (never 0 * NaN from
-// uninitialized memory).
-template <typename T, typename Acc, int TILE_ROWS, int COLS, int LD, int NTHREADS>
-__device__ __forceinline__ void load_tile(Acc *__restrict__ smem, const T *__restrict__ gmem,
-                                          fc_index_t row_stride, int nrows_valid,
+// Copies rows [0, TILE_ROWS) of a row source (rows.cuh: a strided view or
+// paged K / V) into a shared tile of TILE_ROWS x LD Acc, widening to Acc.
+// Elements past `nrows_valid` or `cols_valid` are written as 0: padded
+// head-dim columns then add nothing to a dot product, and padded key rows of V
+// contribute 0 * 0 (never 0 * NaN from uninitialized memory).
+template <typename T, typename Acc, int TILE_ROWS, int COLS, int LD, int NTHREADS, typename Rows>
+__device__ __forceinline__ void load_rows(Acc *__restrict__ smem, const Rows &src, int nrows_valid,
                                           int cols_valid) {
 #pragma unroll 4
   for (int idx = threadIdx.x; idx < TILE_ROWS * COLS; idx += NTHREADS) {
     const int r = idx / COLS;  // COLS is a power of two: a shift
     const int c = idx % COLS;
     Acc x = Acc(0);
-    if (r < nrows_valid && c < cols_valid) x = to_acc<Acc>(gmem[r * row_stride + c]);
+    if (r < nrows_valid && c < cols_valid) x = to_acc<Acc>(src.row(r)[c]);
     smem[r * LD + c] = x;
   }
 }
 
-// load_tile for paged K / V (seq.cuh): rows n0 .. of the sequence from their pages.
+// load_rows of a row-major view (the dense operands).
 template <typename T, typename Acc, int TILE_ROWS, int COLS, int LD, int NTHREADS>
-__device__ __forceinline__ void load_tile_paged(Acc *__restrict__ smem, const KvPages<T> &pg,
-                                                int n0, int nrows_valid, int cols_valid) {
-#pragma unroll 4
-  for (int idx = threadIdx.x; idx < TILE_ROWS * COLS; idx += NTHREADS) {
-    const int r = idx / COLS;
-    const int c = idx % COLS;
-    Acc x = Acc(0);
-    if (r < nrows_valid && c < cols_valid) x = to_acc<Acc>(pg.row(n0 + r)[c]);
-    smem[r * LD + c] = x;
-  }
+__device__ __forceinline__ void load_tile(Acc *__restrict__ smem, const T *__restrict__ gmem,
+                                          fc_index_t row_stride, int nrows_valid,
+                                          int cols_valid) {
+  load_rows<T, Acc, TILE_ROWS, COLS, LD, NTHREADS>(smem, StridedRows<T>{gmem, row_stride},
+                                                   nrows_valid, cols_valid);
 }
 
 // Loads a vector of TILE_ROWS per-row scalars (LSE or delta), widening to Acc

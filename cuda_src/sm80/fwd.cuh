@@ -98,20 +98,18 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   const int g = lane >> 2, c4 = lane & 3;
   const int wrow = warp * WM;  // first tile row of this warp
 
+  // (paged K / V: rows through the block table, seq.cuh kv_rows; K_n and V_n
+  // load together, so they share the table reads ahead)
+  KvAhead<VF, BLOCK_N> ahead(bi, p.seq, n_first, seq_len_k<VF>(bi, p));
   auto load_kv = [&](int n, int stage) {
     T *sK = sKV + stage * C::KV_ELEMS;
     const int n0 = n * BLOCK_N, nv = seq_len_k<VF>(bi, p) - n0;
-    if constexpr ((VF & FC_VF_PAGED) != 0) {  // (rows through the block table, seq.cuh)
-      load_tile_paged<T, BLOCK_N, HD, NTHREADS>(sK, KvPages<T>(p.k, bi, p.seq, p.seq.k_page_stride),
-                                                n0, nv, p.head_dim);
-      load_tile_paged<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK,
-                                                 KvPages<T>(p.v, bi, p.seq, p.seq.v_page_stride),
-                                                 n0, nv, p.head_dim_v);
-    } else {
-      load_tile<T, BLOCK_N, HD, NTHREADS>(sK, k_b + n0 * p.k.sr, p.k.sr, nv, p.head_dim);
-      load_tile<T, BLOCK_N, HDV, NTHREADS>(sK + BLOCK_N * LDK, v_b + n0 * p.v.sr, p.v.sr, nv,
-                                           p.head_dim_v);
-    }
+    const auto runs = ahead.take(bi, p.seq, n, n + 1, seq_len_k<VF>(bi, p));
+    load_rows<T, BLOCK_N, HD, NTHREADS>(
+        sK, kv_rows<VF>(k_b, p.k, bi, p.seq, p.seq.k_page_stride, n0, runs), nv, p.head_dim);
+    load_rows<T, BLOCK_N, HDV, NTHREADS>(
+        sK + BLOCK_N * LDK, kv_rows<VF>(v_b, p.v, bi, p.seq, p.seq.v_page_stride, n0, runs), nv,
+        p.head_dim_v);
   };
 
   // load q: it stays in registers (or in shared memory) for the whole key loop

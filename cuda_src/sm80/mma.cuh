@@ -5,8 +5,10 @@
 //   * Mma<T>::pack     two fp32 -> one f16x2 / bf16x2 register (cvt.rn)
 //   * ldsm_x4(_t)      ldmatrix x4 (and .trans) from shared memory
 //   * cp_async_16      16-byte cp.async.cg with zero fill (src-size 0 past the end)
-//   * load_tile        a (ROWS, COLS) global tile -> padded shared tile, async when
-//                      16-byte aligned, element-wise otherwise (odd head_dim/strides)
+//   * load_rows        a (ROWS, COLS) tile of a row source (rows.cuh: strided or
+//                      paged) -> padded shared tile, async when 16-byte aligned,
+//                      element-wise otherwise (odd head_dim / strides); load_tile
+//                      for a strided view
 //   * store_tile       the reverse, for epilogues staged through shared memory
 //
 // Shared-memory layout of every 16-bit tile: row-major, row pitch COLS + PAD
@@ -232,33 +234,24 @@ __device__ __forceinline__ int swz_off(int r, int c) {
   return (c >> 3) * (ROWS * 128) + r * 128 + 16 * swz_chunk(c & 7, r);
 }
 
-// True when 16-byte vector accesses are legal for every row of the tile: the
-// tile start and the row pitch are 16-byte multiples and head_dim fills whole
-// 16-byte chunks.  Otherwise the element-wise path runs (e.g. head_dim 59).
-template <typename T>
-__device__ __forceinline__ bool vec16_ok(const T *g, fc_index_t row_stride, int cols_valid) {
-  return ((reinterpret_cast<unsigned long long>(g) | (unsigned long long)(row_stride * 2)) & 15) ==
-             0 &&
-         (cols_valid & 7) == 0;
-}
-
-// (ROWS, COLS) tile of a row-major global view -> shared tile of pitch COLS + PAD.
-// Rows >= rows_valid and columns >= cols_valid become 0 (src-size 0 zero fill),
-// so padded key rows never bring 0 * NaN from stale shared memory.  The async
-// path issues cp.async only (the caller commits); the element-wise path stores
-// synchronously (visible after the caller's __syncthreads).
+// (ROWS, COLS) tile of a row source (rows.cuh: a strided view or paged K / V)
+// -> shared tile of pitch COLS + PAD.  Rows >= rows_valid and columns >=
+// cols_valid become 0 (src-size 0 zero fill), so padded key rows never bring
+// 0 * NaN from stale shared memory.  The async path (16-byte aligned rows)
+// issues cp.async only (the caller commits); the element-wise path (e.g.
+// head_dim 59) stores synchronously (visible after the caller's __syncthreads).
 //
 // Async path: thread t owns the 16-byte column chunk t % CPR of rows
-// t / CPR + i * RSTEP, so its whole share is one 64-bit pointer and one shared
-// address advanced by constant steps.  (Recomputing row, chunk and a 64-bit
-// offset per chunk cost ~15 integer instructions per cp.async; in the dK/dV
-// loop that was a third of all instructions issued.)  A full tile (the common
-// case) skips the per-chunk predicates behind one uniform branch.
+// t / CPR + i * RSTEP, so its whole share is one cursor: a 64-bit pointer
+// advanced by constant steps for a strided view.  (Recomputing row, chunk and
+// a 64-bit offset per chunk cost ~15 integer instructions per cp.async; in the
+// dK/dV loop that was a third of all instructions issued.)  A full tile (the
+// common case) skips the per-chunk predicates behind one uniform branch.
 //
 // SWZ = true: the swizzled layout instead (see swz_off): 64-column panels, no pad.
-template <typename T, int ROWS, int COLS, int NTHREADS, bool SWZ = false>
-__device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row_stride,
-                                          int rows_valid, int cols_valid) {
+template <typename T, int ROWS, int COLS, int NTHREADS, bool SWZ = false, typename Rows>
+__device__ __forceinline__ void load_rows(T *smem, const Rows &src, int rows_valid,
+                                          int cols_valid) {
   constexpr int CPR = COLS / 8;  // 16-byte chunks per row
   constexpr int LD = SWZ ? COLS : COLS + PAD;
   constexpr int TOTAL = ROWS * CPR;
@@ -267,10 +260,9 @@ __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row
   constexpr int RSTEP = NTHREADS / CPR;  // rows between a thread's chunks
   static_assert(!SWZ || (RSTEP % 8 == 0 && CPR % 8 == 0), "swizzle: a thread keeps row & 7");
   const u32 s0 = smem_u32(smem);
-  if (vec16_ok(gmem, row_stride, cols_valid)) {
+  if (src.vec16(cols_valid)) {
     const int r0 = threadIdx.x / CPR, c8 = (threadIdx.x % CPR) * 8;
-    const T *src = gmem + r0 * row_stride + c8;
-    const fc_index_t step = RSTEP * row_stride;
+    auto cur = src.template cursor<ITERS, RSTEP>(r0, c8, fc_min(rows_valid, ROWS));
     // (swizzled: a thread's rows step by RSTEP, a multiple of 8, so row & 7 and the
     // chunk's place stay fixed and its rows are RSTEP * 128 bytes apart)
     const u32 dst = s0 + (SWZ ? swz_off<ROWS>(r0, c8 / 8) : 2 * (r0 * LD + c8));
@@ -279,8 +271,8 @@ __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row
 #pragma unroll
       for (int it = 0; it < ITERS; ++it) {
         if (TOTAL % NTHREADS == 0 || r0 + it * RSTEP < ROWS)
-          cp_async_16(dst + it * DST_STEP, src, 16);
-        src += step;
+          cp_async_16(dst + it * DST_STEP, cur.at(it), 16);
+        cur.next();
       }
     } else {
       const bool col_ok = c8 < cols_valid;
@@ -289,61 +281,9 @@ __device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row
         const int r = r0 + it * RSTEP;
         if (TOTAL % NTHREADS == 0 || r < ROWS) {
           const bool ok = col_ok && r < rows_valid;
-          cp_async_16(dst + it * DST_STEP, ok ? src : gmem, ok ? 16 : 0);
+          cp_async_16(dst + it * DST_STEP, ok ? cur.at(it) : src.any(), ok ? 16 : 0);
         }
-        src += step;
-      }
-    }
-  } else {
-    const unsigned short *g16 = reinterpret_cast<const unsigned short *>(gmem);
-#pragma unroll 1
-    for (int it = 0; it < ITERS; ++it) {
-      const int idx = threadIdx.x + it * NTHREADS;
-      if (idx < TOTAL) {
-        const int r = idx / CPR, c = idx % CPR;
-        u32 w[4] = {0u, 0u, 0u, 0u};
-        if (r < rows_valid) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const int col = c * 8 + e;
-            if (col < cols_valid) w[e / 2] |= (u32)g16[r * row_stride + col] << (16 * (e & 1));
-          }
-        }
-        asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};"
-                     ::"r"(s0 + (SWZ ? swz_off<ROWS>(r, c) : 2 * (r * LD + 8 * c))),
-                     "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-                     : "memory");
-      }
-    }
-  }
-}
-
-// load_tile for paged K / V (seq.cuh): the same shared layout, rows n0 ..
-// n0 + ROWS of the sequence from their pages.  A thread's rows step by RSTEP,
-// so each of its chunks looks its page up (one cached table read; pages are
-// at least 16 rows, so a tile spans ROWS / 16 pages at most).
-template <typename T, int ROWS, int COLS, int NTHREADS, bool SWZ = false>
-__device__ __forceinline__ void load_tile_paged(T *smem, const KvPages<T> &pg, int n0,
-                                                int rows_valid, int cols_valid) {
-  constexpr int CPR = COLS / 8;
-  constexpr int LD = SWZ ? COLS : COLS + PAD;
-  constexpr int TOTAL = ROWS * CPR;
-  constexpr int ITERS = (TOTAL + NTHREADS - 1) / NTHREADS;
-  static_assert(NTHREADS % CPR == 0, "a thread keeps one column chunk");
-  constexpr int RSTEP = NTHREADS / CPR;
-  const u32 s0 = smem_u32(smem);
-  if (pg.vec16(cols_valid)) {
-    const int r0 = threadIdx.x / CPR, c8 = (threadIdx.x % CPR) * 8;
-    const u32 dst = s0 + (SWZ ? swz_off<ROWS>(r0, c8 / 8) : 2 * (r0 * LD + c8));
-    constexpr int DST_STEP = SWZ ? RSTEP * 128 : 2 * RSTEP * LD;
-    const bool col_ok = c8 < cols_valid;
-#pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int r = r0 + it * RSTEP;
-      if (TOTAL % NTHREADS == 0 || r < ROWS) {
-        const bool ok = col_ok && r < rows_valid;
-        // (a row past the sequence is zero-filled from the pool's base: never read)
-        cp_async_16(dst + it * DST_STEP, ok ? pg.row(n0 + r) + c8 : pg.base, ok ? 16 : 0);
+        cur.next();
       }
     }
   } else {
@@ -354,7 +294,7 @@ __device__ __forceinline__ void load_tile_paged(T *smem, const KvPages<T> &pg, i
         const int r = idx / CPR, c = idx % CPR;
         u32 w[4] = {0u, 0u, 0u, 0u};
         if (r < rows_valid) {
-          const unsigned short *g16 = reinterpret_cast<const unsigned short *>(pg.row(n0 + r));
+          const unsigned short *g16 = reinterpret_cast<const unsigned short *>(src.row(r));
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             const int col = c * 8 + e;
@@ -370,6 +310,14 @@ __device__ __forceinline__ void load_tile_paged(T *smem, const KvPages<T> &pg, i
   }
 }
 
+// load_rows of a row-major view (the dense operands).
+template <typename T, int ROWS, int COLS, int NTHREADS, bool SWZ = false>
+__device__ __forceinline__ void load_tile(T *smem, const T *gmem, fc_index_t row_stride,
+                                          int rows_valid, int cols_valid) {
+  load_rows<T, ROWS, COLS, NTHREADS, SWZ>(smem, StridedRows<T>{gmem, row_stride}, rows_valid,
+                                          cols_valid);
+}
+
 // Shared tile of pitch COLS + PAD -> rows [0, rows_valid), columns [0, cols_valid)
 // of a row-major global view (16-byte stores when aligned, else element-wise).
 template <typename T, int ROWS, int COLS, int NTHREADS>
@@ -380,7 +328,7 @@ __device__ __forceinline__ void store_tile(T *gmem, fc_index_t row_stride, const
   constexpr int TOTAL = ROWS * CPR;
   constexpr int ITERS = (TOTAL + NTHREADS - 1) / NTHREADS;
   const u32 s0 = smem_u32(smem);
-  const bool vec = vec16_ok(gmem, row_stride, cols_valid);
+  const bool vec = StridedRows<T>{gmem, row_stride}.vec16(cols_valid);
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {
     const int idx = threadIdx.x + it * NTHREADS;

@@ -104,17 +104,16 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   const int wrow = warp * 16;  // this warp's 16 rows (warpgroup warp / 4: rows 64 (warp / 4) ..)
 
   auto tile = [&](int off) { return reinterpret_cast<T *>(fc_sm80_smem_wg + off); };
-  // (paged K / V: rows through the block table, seq.cuh)
-  constexpr bool PAGED = (VF & FC_VF_PAGED) != 0;
+  // (paged K / V: rows through the block table, seq.cuh kv_rows; V_n loads a
+  // step after K_n, with the entries K_n took: load_v(n) before load_k(n + 1))
+  KvAhead<VF, BLOCK_N> ahead(bi, p.seq, n_first, seq_len_k<VF>(bi, p));
   auto load_k = [&](int n) {
     const int n0 = n * BLOCK_N;
-    if constexpr (PAGED)
-      load_tile_paged<T, BLOCK_N, HD, NTHREADS, true>(tile(C::K_OFF + (n & 1) * C::K_BYTES),
-                                                      KvPages<T>(p.k, bi, p.seq, p.seq.k_page_stride),
-                                                      n0, seq_len_k<VF>(bi, p) - n0, p.head_dim);
-    else
-      load_tile<T, BLOCK_N, HD, NTHREADS, true>(tile(C::K_OFF + (n & 1) * C::K_BYTES),
-                                                k_b + n0 * p.k.sr, p.k.sr, seq_len_k<VF>(bi, p) - n0, p.head_dim);
+    const auto runs = ahead.take(bi, p.seq, n, n + 1, seq_len_k<VF>(bi, p));
+    load_rows<T, BLOCK_N, HD, NTHREADS, true>(
+        tile(C::K_OFF + (n & 1) * C::K_BYTES),
+        kv_rows<VF>(k_b, p.k, bi, p.seq, p.seq.k_page_stride, n0, runs),
+        seq_len_k<VF>(bi, p) - n0, p.head_dim);
   };
   // Bias / mask of key tile n: staged in shared memory with K_n's copies
   // (OffsetStage) where the layout allows, else read at the scores
@@ -132,13 +131,11 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   };
   auto load_v = [&](int n) {
     const int n0 = n * BLOCK_N;
-    if constexpr (PAGED)
-      load_tile_paged<T, BLOCK_N, HDV, NTHREADS, true>(tile(C::V_OFF + (n & 1) * C::V_BYTES),
-                                                       KvPages<T>(p.v, bi, p.seq, p.seq.v_page_stride),
-                                                       n0, seq_len_k<VF>(bi, p) - n0, p.head_dim_v);
-    else
-      load_tile<T, BLOCK_N, HDV, NTHREADS, true>(tile(C::V_OFF + (n & 1) * C::V_BYTES),
-                                                 v_b + n0 * p.v.sr, p.v.sr, seq_len_k<VF>(bi, p) - n0, p.head_dim_v);
+    const auto runs = ahead.again(bi, p.seq, n, seq_len_k<VF>(bi, p));
+    load_rows<T, BLOCK_N, HDV, NTHREADS, true>(
+        tile(C::V_OFF + (n & 1) * C::V_BYTES),
+        kv_rows<VF>(v_b, p.v, bi, p.seq, p.seq.v_page_stride, n0, runs),
+        seq_len_k<VF>(bi, p) - n0, p.head_dim_v);
   };
   // O += P V_n for this warpgroup: k16 step j reads keys 16 j .. 16 j + 15, i.e.
   // 8-row groups 2 j, 2 j + 1 of V's panels (2048 bytes per step).
@@ -165,14 +162,14 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   const u32 sQ_wg = s0 + (warp / 4) * 64 * 128;  // this warpgroup's 64 rows of each panel
 
   // Top of step n: K_n and V_{n-1} have landed (this thread's copies), are made
-  // visible to wgmma (async proxy), and to every thread; then K_{n+1} and V_n
-  // go into the buffers of K_{n-1} and V_{n-2}, whose products are complete.
+  // visible to wgmma (async proxy), and to every thread; then V_n and K_{n+1}
+  // go into the buffers of V_{n-2} and K_{n-1}, whose products are complete.
   auto top = [&](int n) {
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();
-    if (n + 1 < n_tiles) load_kb(n + 1);
     load_v(n);
+    if (n + 1 < n_tiles) load_kb(n + 1);
     cp_async_commit();
   };
   auto issue_s = [&](float (&s)[1][NS][4], int n) {

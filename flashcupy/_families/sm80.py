@@ -13,7 +13,7 @@ benchmarks/dev/NOTES.md describes.
 """
 from __future__ import annotations
 
-from .._spec import (VF_BIAS, VF_BIAS_ACC, VF_MASK, VF_SEQ, VF_SINK, KernelSpec, SMEM_LIMIT_SM80,
+from .._spec import (VF_BIAS, VF_BIAS_ACC, VF_MASK, VF_PAGED, VF_SEQ, VF_SINK, KernelSpec, SMEM_LIMIT_SM80,
                      SMEM_LIMIT_SM90, head_dim_bucket)
 
 NAME = "sm80"
@@ -26,7 +26,7 @@ PAD = 8  # smem row padding in elements (16 bytes): conflict-free ldmatrix / cp.
 # the next row.
 FWD_TILES = {
     32: [(128, 128, 4, 2, "qs")],  # 186/219/230, 7-16 % over 128x64x4w (Q in registers)
-    64: [(128, 64, 4, 2, "no-offset"),  # 4 warps x 32 rows: each K/V fragment feeds two m16
+    64: [(128, 64, 4, 2, "no-offset", "no-paged"),  # 4 warps x 32 rows: each K/V fragment feeds two m16
                              # tiles; 189/272/295; 128x128x8w 221/251 at 4k/16k; 128x128x4w
                              # "qs" spills
          (64, 64, 4, 2)],    # bias / mask: 197 registers, no spill
@@ -158,7 +158,11 @@ TAGS = {"no-offset": lambda vf: bool(vf & (VF_BIAS | VF_BIAS_ACC | VF_MASK)),
         # The same holds for the 128-row forward tile at D = 128 (255
         # registers; the block-table lookups of a paged cache spill most), and
         # a decode step's few query rows fill a 64-row tile no worse.
-        "no-seq": lambda vf: bool(vf & VF_SEQ)}
+        "no-seq": lambda vf: bool(vf & VF_SEQ),
+        # The block-table entries a paged forward holds a tile ahead
+        # (cuda_src/seq.cuh KvAhead) take the 128-row D = 64 forward to 255
+        # registers and 80 bytes of spill on sm_80 (kernel check).
+        "no-paged": lambda vf: bool(vf & VF_PAGED)}
 
 
 def refuses(tile, variant) -> bool:
