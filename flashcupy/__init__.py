@@ -5,6 +5,7 @@
     dq, dk, dv = flashcupy.attention_backward(dout, q, k, v, out, lse)
     out = flashcupy.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k)   # packed batches
     out = flashcupy.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens)
+    out = flashcupy.merge_attention([out1, out2], [lse1, lse2])   # disjoint key sets
 
 Kernels are CUDA C++ (``cuda_src/``) compiled at run time by NVRTC through
 ``cupy.RawModule``; PyTorch users see ``flashcupy.torch``.  ``flashcupy.reference``
@@ -21,13 +22,15 @@ from ._config import kernel_family
 # install command.
 _LAZY = ("attention", "attention_backward")
 _LAZY_VARLEN = ("attention_varlen", "attention_varlen_backward", "attention_with_kvcache")
+_LAZY_MERGE = ("merge_attention",)
 
 
 def __getattr__(name):
-    if name in _LAZY or name in _LAZY_VARLEN:
-        from . import _varlen, api
+    if name in _LAZY or name in _LAZY_VARLEN or name in _LAZY_MERGE:
+        from . import _merge, _varlen, api
 
-        value = getattr(api if name in _LAZY else _varlen, name)
+        value = getattr(api if name in _LAZY else _varlen if name in _LAZY_VARLEN else _merge,
+                        name)
         globals()[name] = value  # later lookups are plain attribute reads
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -51,5 +54,5 @@ def families_for(dtype, device=None) -> tuple:
 
 
 __all__ = ["attention", "attention_backward", "attention_varlen", "attention_varlen_backward",
-           "attention_with_kvcache", "kernel_family", "families_for", "reference",
+           "attention_with_kvcache", "merge_attention", "kernel_family", "families_for", "reference",
            "__version__"]

@@ -156,6 +156,7 @@ __all__ = [
     "attention_varlen_naive",
     "attention_varlen_backward_naive",
     "attention_with_kvcache_naive",
+    "merge_attention_naive",
 ]
 
 LOG2E = 1.4426950408889634  # log2(e): folds exp into exp2, s2 = s * log2(e)
@@ -957,3 +958,20 @@ from ._reference_varlen import (  # noqa: E402
     attention_varlen_naive,
     attention_with_kvcache_naive,
 )
+
+
+def merge_attention_naive(outs, lses):
+    """``(out, lse)`` of attention over the union of disjoint key sets, from
+    ``(out_i, lse_i)`` over each (natural-log LSEs), in float64:
+    ``lse = log(sum_i exp(lse_i))``, ``out = sum_i exp(lse_i - lse) out_i``.
+    Rows with no key in any set (every ``lse_i = -inf``) give 0 and -inf.
+    (flashcupy/_merge.py holds the formula, shared with the GPU version.)"""
+    from . import _merge
+
+    if isinstance(outs, (list, tuple)) and isinstance(lses, (list, tuple)):
+        outs = [np.asarray(o) for o in outs]
+        lses = [np.asarray(x) for x in lses]
+    _merge.check("merge_attention_naive", outs, lses, lambda x: isinstance(x, np.ndarray),
+                 "numpy.ndarray", lambda x: f"shape {x.shape} and dtype {x.dtype}",
+                 (np.dtype(np.float32), np.dtype(np.float64)))
+    return _merge.merge(np, outs, lses, _f64, lambda x: x)

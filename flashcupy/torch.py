@@ -10,6 +10,10 @@ attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)
 attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, ...)
     packed variable-length batches (differentiable) and KV caches (an operator
     that mutates the caches), in flashcupy/_torch_varlen.py.
+merge_attention(outs, lses, *, return_lse=False)
+    attention over the union of disjoint key sets from attention over each
+    (flashcupy/_merge.py), in PyTorch operations: any device, differentiable
+    in outs and lses.
 attention(q, k, v, *, causal=False, scale=None, return_lse=False, window=None,
           softcap=None, alibi_slopes=None, sink=None, bias=None, mask=None,
           dropout_p=0.0)
@@ -122,7 +126,7 @@ from flashcupy import _config, _philox, _plan, api
 from flashcupy.hf import register_transformers
 
 __all__ = ["attention", "scaled_dot_product_attention", "register_transformers",
-           "attention_varlen", "attention_with_kvcache"]
+           "attention_varlen", "attention_with_kvcache", "merge_attention"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPE = "cuda"
@@ -1125,3 +1129,28 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
 # packed batches and KV caches (flashcupy/_torch_varlen.py)
 from flashcupy._torch_varlen import attention_varlen, attention_with_kvcache  # noqa: E402
+
+
+def merge_attention(outs, lses, *, return_lse=False):
+    """Attention over the union of disjoint key sets, from ``(out_i, lse_i)``
+    over each: ``flashcupy.merge_attention`` for tensors (same shapes, dtypes
+    and rules; flashcupy/_merge.py).  Plain PyTorch operations, so it runs on
+    any device, under ``torch.compile``, and autograd differentiates it with
+    respect to ``outs`` and ``lses`` (``attention(..., return_lse=True)``'s LSE
+    itself carries no gradient)."""
+    from flashcupy import _merge
+
+    fn = "flashcupy.torch.merge_attention"
+    _merge.check(fn, outs, lses, lambda x: isinstance(x, torch.Tensor), "torch.Tensor",
+                 lambda x: f"shape {tuple(x.shape)} and dtype {x.dtype}",
+                 (torch.float32, torch.float64))
+    dev = outs[0].device
+    for name, xs in (("outs", outs), ("lses", lses)):
+        for i, x in enumerate(xs):
+            if x.device != dev:
+                raise ValueError(f"{fn}: {name}[{i}] is on {x.device}, outs[0] on {dev}")
+    wide = torch.float64 if (outs[0].dtype == torch.float64
+                             or any(x.dtype == torch.float64 for x in lses)) else torch.float32
+    out, lse = _merge.merge(torch, outs, lses, lambda x: x.to(wide),
+                            lambda x: x.to(outs[0].dtype))
+    return (out, lse) if return_lse else out

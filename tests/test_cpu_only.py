@@ -23,7 +23,7 @@ from conftest import GPU_COUNT
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ["__version__", "attention", "attention_backward", "attention_varlen",
           "attention_varlen_backward", "attention_with_kvcache", "families_for", "kernel_family",
-          "reference"]
+          "merge_attention", "reference"]
 
 
 def _run_without_cupy(code: str) -> subprocess.CompletedProcess:
@@ -63,7 +63,7 @@ def test_import_flashcupy_without_cupy_and_the_install_hint():
         print(flashcupy.__version__, flashcupy.kernel_family)
         for get in (lambda: flashcupy.attention, lambda: flashcupy.attention_backward,
                     lambda: flashcupy.attention_varlen, lambda: flashcupy.attention_with_kvcache,
-                    lambda: flashcupy.families_for("float16")):
+                    lambda: flashcupy.merge_attention, lambda: flashcupy.families_for("float16")):
             try:
                 get()
             except ImportError as e:
@@ -80,7 +80,7 @@ def test_import_flashcupy_without_cupy_and_the_install_hint():
     lines = out.splitlines()
     assert lines[0] == repr(PUBLIC)
     hints = [ln for ln in lines if ln.startswith("HINT ")]
-    assert len(hints) == 6
+    assert len(hints) == 7
     for h in hints:
         # a command that works: CuPy's own package, or the checkout's extras;
         # never flashcupy from the package index, where it is not published
