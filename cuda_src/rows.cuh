@@ -55,7 +55,8 @@ struct StridedRows {
 // Where key t of a sequence lives in a pool of page_size rows (vLLM's block
 // table): page pages[t / page_size], row t % page_size.  The division is a
 // multiply-high by magic = floor(2^64 / page_size) + 1, exact for every
-// t < 2^32 and every page size (the error magic * page_size - 2^64 is at most
+// t < 2^32 and every page size >= 2 (the host passes 0 for a cache of one row:
+// page 0 for every key; the error magic * page_size - 2^64 is at most
 // page_size, so t * error < 2^64 never carries into the quotient): no branch
 // and no division instruction sequence for pages that are not powers of two,
 // or for a contiguous cache seen as one page of S_max rows per sequence.

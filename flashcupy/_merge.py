@@ -9,7 +9,8 @@ are disjoint, attention over their union is
 
 exactly (FlashAttention's online softmax, Dao 2023, applied to whole blocks;
 the combine step of split-KV decoding and of ring attention).  A row that sees
-no key in a set has ``lse_i = -inf`` and weight 0; a row that sees no key in
+no key in a set has ``lse_i = -inf`` and weight 0 (its ``out_i`` there is not
+used, even if it is NaN); a row that sees no key in
 any set gets ``out = 0`` and ``lse = -inf``, as ``attention`` gives it.  NaN
 (or ``+inf``) in an ``lse_i`` makes the row NaN.
 
@@ -35,7 +36,10 @@ def merge(xp, outs, lses, acc, out_cast):
     inv = xp.where(empty, 0.0, 1.0 / xp.where(empty, 1.0, total))
     out = None
     for i, o in enumerate(outs):
-        term = acc(o) * (w[i] * inv)[..., None]
+        # (a set with no key for a row adds nothing, whatever its out holds
+        # there: split-KV buffers of empty splits need not be written)
+        wi = (w[i] * inv)[..., None]
+        term = xp.where(wi == 0, 0.0, acc(o) * wi)
         out = term if out is None else out + term
     lse = xp.where(empty, -np.inf, m_safe + xp.log(xp.where(empty, 1.0, total)))
     return out_cast(out), lse
@@ -80,8 +84,8 @@ def merge_attention(outs, lses, *, return_lse=False):
     lses : list of cupy.ndarray, each ``(..., Sq)``, float32 or float64
         Their row log-sum-exps (``attention(..., return_lse=True)``).
     return_lse : bool
-        Also return the union's log-sum-exp (in the lses' widest dtype), so
-        merges can be chained.
+        Also return the union's log-sum-exp (float64 if any out or lse is
+        float64, else float32), so merges can be chained.
 
     Returns ``out`` in the outs' dtype (accumulated in float32, or float64
     for float64 outs), or ``(out, lse)``.  Exact up to rounding: one

@@ -473,6 +473,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_
         # (the kernels form offsets inside the pool as unsigned 32-bit products:
         # cuda_src/rows.cuh KvPages)
         for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if x.strides[0] < 0 or x.strides[-2] < 0:
+                raise ValueError(f"{fn}: {name} has strides {x.strides} (bytes); the page (or "
+                                 f"cache row) axis and the row axis must not run backwards "
+                                 f"with block_table / cache_batch_idx (pass a forward view)")
             if x.strides[0] // x.itemsize >= 2 ** 32 or rows * (x.strides[-2] // x.itemsize) >= 2 ** 32:
                 raise ValueError(f"{fn}: {name} has strides {x.strides} (bytes): one page (or "
                                  f"cache row) spans 2^32 elements or more, which the paged "
@@ -482,8 +486,9 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_
                    "seq.k_page_stride": k_cache.strides[0] // k_cache.itemsize,
                    "seq.v_page_stride": v_cache.strides[0] // v_cache.itemsize,
                    "seq.page_size": rows,
-                   # t // rows as a multiply-high on the device (cuda_src/rows.cuh)
-                   "seq.page_magic": (1 << 64) // rows + 1}
+                   # t // rows as a multiply-high on the device (cuda_src/rows.cuh);
+                   # a cache of 0 or 1 rows has only page 0 (and 2^64 + 1 would not fit)
+                   "seq.page_magic": (1 << 64) // rows + 1 if rows >= 2 else 0}
     prob = _seq_problem(prob, q.shape[-2], capacity, (), words, paged=table is not None,
                         scalars=scalars)
     total = lens + np.int32(s_new)

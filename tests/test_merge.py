@@ -83,6 +83,15 @@ def test_reference_merge_nan_reaches_its_row():
     assert np.isfinite(out[rest]).all() and np.allclose(lse[rest], np.log(2.0))
 
 
+def test_reference_merge_ignores_out_of_empty_sets():
+    """A set whose lse is -inf for a row adds nothing there, even NaN (split-KV
+    buffers of empty splits need not be written)."""
+    outs = [np.ones((3, 2)), np.full((3, 2), np.nan)]
+    lses = [np.zeros(3), np.full(3, -np.inf)]
+    out, lse = ref.merge_attention_naive(outs, lses)
+    assert (out == 1).all() and (lse == 0).all()
+
+
 @pytest.mark.parametrize("outs, lses, exc, words", [
     ([], [], ValueError, "at least one"),
     ([np.ones((2, 3, 4))], [np.ones((2, 3)), np.ones((2, 3))], ValueError, "one lse per out"),
@@ -108,14 +117,20 @@ def test_torch_merge_gradcheck():
             for _ in range(3)]
     lses = [torch.randn(2, 5, generator=g, dtype=torch.float64) for _ in range(3)]
     lses[2][0, 1] = -float("inf")      # a part with no key for one row
+    for x in lses:                     # a row with no key in any part
+        x[1, 3] = -float("inf")
     lses = [x.requires_grad_() for x in lses]
 
     def f(*xs):
         out, lse = fct.merge_attention(list(xs[:3]), list(xs[3:]), return_lse=True)
         return out, torch.where(torch.isneginf(lse), 0.0, lse)
     assert torch.autograd.gradcheck(f, tuple(outs) + tuple(lses))
-    # and the values are the reference's
+    # and the values are the reference's (the empty row: 0, -inf, zero gradients)
     out, lse = fct.merge_attention(outs, lses, return_lse=True)
+    assert (out[1, 3] == 0).all() and torch.isneginf(lse[1, 3])
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in outs + lses)
+    assert (outs[0].grad[1, 3] == 0).all() and lses[0].grad[1, 3] == 0
     r_out, r_lse = ref.merge_attention_naive([o.detach().numpy() for o in outs],
                                              [x.detach().numpy() for x in lses])
     np.testing.assert_allclose(out.detach().numpy(), r_out, rtol=0, atol=1e-14)
@@ -152,6 +167,34 @@ def test_merge_attention_equals_one_call(dtype, n):
     # a single part is the call itself, exactly
     one = fc.merge_attention(outs[:1], lses[:1])
     assert bool((one == outs[0]).all())
+
+
+@pytest.mark.gpu
+def test_merge_attention_masked_rows_on_gpu():
+    """Rows that see no key in some parts, or in any: the merge of masked calls
+    against one masked call over the union (0 and -inf where nothing is seen)."""
+    cp = pytest.importorskip("cupy")
+    import flashcupy as fc
+
+    q, k, v = nv.randn_many(cp, 5, [(2, 33, 64), (2, 120, 64), (2, 120, 64)], nv.BF16)
+    mask = RNG(5).random((1, 33, 120)) < 0.5
+    mask[:, 4, :] = False
+    mask[:, 7, :60] = False
+    mask = cp.asarray(mask)
+    outs, lses = [], []
+    for idx in (cp.arange(0, 60), cp.arange(60, 120)):
+        o, l = fc.attention(q, cp.ascontiguousarray(k[..., idx, :]),
+                            cp.ascontiguousarray(v[..., idx, :]),
+                            mask=cp.ascontiguousarray(mask[..., idx]), return_lse=True)
+        outs.append(o)
+        lses.append(l)
+    out, lse = fc.merge_attention(outs, lses, return_lse=True)
+    want, want_lse = ref.attention_naive(nv.to_f64(q).get(), nv.to_f64(k).get(),
+                                         nv.to_f64(v).get(), mask=mask.get())
+    naive, naive_lse = nv.attention(q, k, v, mask=mask)
+    A.assert_close("merged out", out, cp.asarray(want), naive)
+    A.assert_close("merged lse", lse, cp.asarray(want_lse), naive_lse)
+    assert bool((out[:, 4] == 0).all()) and bool(cp.isneginf(lse[:, 4]).all())
 
 
 @pytest.mark.gpu

@@ -528,3 +528,25 @@ def test_kvcache_bad_input(seed):
     _raises(ValueError, "same cache slot", fc.attention_with_kvcache, q, kc, vc,
             cp.asarray([3, 3], np.int32), k_new=kn, v_new=kn,
             cache_batch_idx=cp.asarray([1, 1], np.int32))
+    # a pool (or a cache seen through cache_batch_idx) whose page or row axis runs
+    # backwards: the paged kernels form offsets as unsigned products
+    _raises(ValueError, "run backwards", fc.attention_with_kvcache, q, pool[::-1], pool[::-1],
+            cp.asarray([3, 5], np.int32), block_table=cp.asarray([[0], [1]], np.int32))
+    _raises(ValueError, "run backwards", fc.attention_with_kvcache, q, kc[:, :, ::-1],
+            vc[:, :, ::-1], ok_lens, cache_batch_idx=cp.asarray([1, 0], np.int32))
+
+
+def test_kvcache_one_row_cache(seed):
+    """A contiguous cache of a single row through cache_batch_idx (one page of
+    one row per sequence) against the reference."""
+    dtype = nv.BF16
+    kc, vc = nv.randn_many(cp, seed, [(3, 2, 1, 64)] * 2, dtype)
+    q = nv.randn(cp, seed ^ 1, (2, 2, 1, 64), dtype)
+    lens = cp.asarray([1, 0], np.int32)
+    idx = cp.asarray([2, 0], np.int32)
+    out = fc.attention_with_kvcache(q, kc, vc, lens, cache_batch_idx=idx)
+    want, _ = ref.attention_naive(nv.to_f64(q[:1]).get(), nv.to_f64(kc[2:3]).get(),
+                                  nv.to_f64(vc[2:3]).get())
+    naive, _ = nv.attention(q[:1], kc[2:3], vc[2:3])
+    A.assert_close("one-row cache out", out[:1], cp.asarray(want), naive)
+    assert bool((out[1] == 0).all())   # no key cached: a row that sees nothing
