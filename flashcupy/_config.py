@@ -107,3 +107,26 @@ def choose_family(dtype: str, cc: int) -> str:
             f"kernel family {forced!r} cannot run {dtype} inputs on a compute capability "
             f"{cc // 10}.{cc % 10} GPU; it runs on: {families_for(dtype, cc)}")
     return forced
+
+
+# -- GQA packing (flashcupy/_pack.py) -----------------------------------------------
+_GQA_PACK = contextvars.ContextVar("flashcupy_gqa_packing", default="off")
+
+
+@contextlib.contextmanager
+def gqa_packing(mode: str):
+    """Fold a query-head group into the rows of one tile (``"on"``) or not
+    (``"off"``, the default until the packed decode path is measured) inside a
+    ``with`` block.  Where it applies (flashcupy/_pack.py), the G query heads
+    that share a K/V head read each K/V tile once instead of G times."""
+    if mode not in ("on", "off"):
+        raise ValueError(f"gqa_packing: expected 'on' or 'off', got {mode!r}")
+    token = _GQA_PACK.set(mode)
+    try:
+        yield
+    finally:
+        _GQA_PACK.reset(token)
+
+
+def gqa_mode() -> str:
+    return _GQA_PACK.get()

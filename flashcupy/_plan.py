@@ -20,10 +20,13 @@ class Plan:
     ("host", fn, names): ``fn(env)`` with CuPy on the launch stream (gradient
     reductions, dsink)."""
 
-    __slots__ = ("prob", "steps")
+    __slots__ = ("prob", "steps", "call")
 
-    def __init__(self, prob):
+    def __init__(self, prob, call=None):
+        # prob: the problem the kernels run; call: the caller's (its output
+        # shapes), another one where the arrays were re-viewed (_pack.py)
         self.prob, self.steps = prob, []
+        self.call = prob if call is None else call
 
     def alloc(self, env, name, shape, dtype):
         import cupy

@@ -539,8 +539,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_
             if table is not None:
                 env["table"] = table
             _variant_env(env, nb, alibi_slopes, sink)
-            plan = _plan.Plan(prob)
-            _api._plan_forward(plan, env)
+            # (a GQA group folds into the rows where it applies: _pack.py)
+            plan = _api.plan_forward(prob, env)
             plan.run(env)
     return (out, lse) if return_lse else out
 

@@ -13,7 +13,7 @@ import itertools
 import math
 import numpy as np
 
-from . import _batch, _config, _dtypes, _launch, _philox, _plan
+from . import _batch, _config, _dtypes, _launch, _pack, _philox, _plan
 from ._problem import Features, Problem
 
 try:
@@ -469,7 +469,8 @@ def _signature(kind, arrays, causal, scale, window, softcap, extras, dropout_p=0
         return None
     if type(dropout_p) not in (float, int):
         return None
-    sig = [kind, causal, scale, window, softcap, dropout_p, _config.current_family()]
+    sig = [kind, causal, scale, window, softcap, dropout_p, _config.current_family(),
+           _config.gqa_mode()]
     for x in arrays:
         sig.extend((x.shape, x.strides, x.dtype, x.data.device_id))
     for x in extras:
@@ -515,7 +516,7 @@ def _forward(q, k, v, *, causal, scale, window=None, softcap=None, alibi_slopes=
     extras = (alibi_slopes, sink, bias_in, mask)
     key = _signature("fwd", (q, k, v), causal, scale, window, softcap, extras, dropout_p)
     plan = _PLANS.get(key)
-    prob = plan.prob if plan is not None else _prepare(fn, q, k, v, causal, scale, window,
+    prob = plan.call if plan is not None else _prepare(fn, q, k, v, causal, scale, window,
                                                        softcap, alibi_slopes, sink, bias, mask,
                                                        dropout_p=dropout_p)
     seed, offset = _check_seed(fn, prob.features.dropout, seed, offset)
@@ -553,8 +554,7 @@ def _forward(q, k, v, *, causal, scale, window=None, softcap=None, alibi_slopes=
         # a copy is made per call: no plan
         cacheable = qc is q and kc is k and vc is v and not pair_copied and bias is bias_in
         env.update(q=qc, k=kc, v=vc)
-        plan = _plan.Plan(prob)
-        _plan_forward(plan, env)
+        plan = plan_forward(prob, env)
         plan.run(env)
         if cacheable:
             _PLANS.put(key, plan)
@@ -653,6 +653,20 @@ def _variant_tensors(env, bs, st, pairs=("bias", "mask")):
                 ("var.dropout_seed", "dropout_seed", None, None),
                 ("var.dropout_offset", "dropout_offset", None, None)]
     return ops, scalars
+
+
+def plan_forward(prob, env):
+    """The forward's plan for a validated problem and its arrays: a GQA group
+    folded into the rows where that applies (flashcupy/_pack.py), else as
+    given.  It replays on ``env``'s arrays."""
+    folded = _pack.fold(prob, env)
+    if folded is None:
+        plan = _plan.Plan(prob)
+        _plan_forward(plan, env)
+    else:
+        plan = _plan.Plan(folded[0], call=prob)
+        _plan_forward(plan, folded[1])
+    return plan
 
 
 def _plan_forward(plan, env):
