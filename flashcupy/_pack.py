@@ -16,7 +16,8 @@ inside the group:
 - no per-head terms: no ALiBi slopes, sink, bias or mask;
 - no dropout (its bits are keyed by the row and head).
 and when q's group axis merges with its row axis in memory (stride of G =
-Sq x the row stride, true for a contiguous q) and k, v have size 1 there.
+Sq x the row stride, true for a contiguous q; any stride at Sq = 1) and k, v
+have size 1 there.
 
 The transformation is on a validated problem and its arrays (``fold``), just
 before planning; a plan built on the folded views replays on the caller's
@@ -41,6 +42,8 @@ def fold(prob, env):
     a = nb - 1  # the group: the batch axis next to the rows
     if a < 0 or prob.bshape[a] < 2 or "cu_q" in prob.seq_words:
         return None
+    if f.seq and a == 0:
+        return None  # (axis 0 is the kernels' sequence axis: never folded)
     if f.alibi or f.sink or f.bias or f.mask or f.dropout or f.window_left is not None:
         return None
     q, k, v, o, lse = (env[n] for n in ("q", "k", "v", "o", "lse"))
@@ -50,8 +53,15 @@ def fold(prob, env):
     if not (q.ndim == k.ndim == v.ndim == nb + 2 and q.shape[a] == g
             and k.shape[a] == 1 and v.shape[a] == 1):
         return None
-    if q.strides[a] != sq * q.strides[-2] or not (o.flags.c_contiguous
-                                                 and lse.flags.c_contiguous):
+    # the folded rows: the group axis at Sq = 1 (any stride), else group x rows,
+    # which must merge in memory
+    if sq == 1:
+        row_stride = q.strides[a]
+    elif q.strides[a] == sq * q.strides[-2]:
+        row_stride = q.strides[-2]
+    else:
+        return None
+    if not (o.flags.c_contiguous and lse.flags.c_contiguous):
         return None
     if isinstance(q, np.ndarray):  # (the CPU tests fold NumPy arrays)
         as_strided = np.lib.stride_tricks.as_strided
@@ -59,7 +69,7 @@ def fold(prob, env):
         from cupy.lib.stride_tricks import as_strided
     cut = (slice(None),) * a + (0,)
     env = dict(env, q=as_strided(q, q.shape[:a] + (g * sq, q.shape[-1]),
-                                 q.strides[:a] + q.strides[-2:]),
+                                 q.strides[:a] + (row_stride, q.strides[-1])),
                k=k[cut], v=v[cut], o=o.reshape(o.shape[:a] + (g * sq, o.shape[-1])),
                lse=lse.reshape(lse.shape[:a] + (g * sq,)))
     feats = dataclasses.replace(f, window_right=None) if sq == 1 else f

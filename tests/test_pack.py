@@ -4,8 +4,9 @@ CPU: ``fold`` on NumPy arrays gives views of the caller's memory, and the
 float64 reference over the folded views equals the reference over the
 originals wherever the fold applies (non-causal at any Sq, causal at Sq = 1);
 every case the fold must refuse returns None.  GPU: with packing on,
-``flashcupy.attention`` and ``attention_with_kvcache`` on GQA decode shapes
-against the reference, and the folded plan replays on new arrays.
+``flashcupy.attention`` (a folded plan, built and then replayed on new arrays)
+and the contiguous ``attention_with_kvcache`` on GQA decode shapes against the
+reference.
 """
 from __future__ import annotations
 
@@ -59,6 +60,21 @@ def test_fold_is_exact(sq, causal):
     np.testing.assert_allclose(env["o"], want, rtol=0, atol=1e-13)
 
 
+def test_fold_single_row_any_group_stride():
+    """Sq = 1: the group axis becomes the row axis whatever its stride (a
+    decode query sliced out of a longer one, q[..., -1:, :])."""
+    b, hkv, g, sk, d = 2, 3, 4, 29, 8
+    env = _env(b, hkv, g, 6, sk, d)
+    env = dict(env, q=env["q"][..., -1:, :], o=np.empty((b, hkv, g, 1, d)),
+               lse=np.empty((b, hkv, g, 1)))
+    with _config.gqa_packing("on"):
+        prob, fenv = _pack.fold(_problem((b, hkv, g), 1, sk, d, Features(window_right=0)), env)
+    assert np.shares_memory(fenv["q"], env["q"])
+    want, _ = ref.attention_naive(env["q"], env["k"], env["v"], causal=True)
+    got, _ = ref.attention_naive(fenv["q"], fenv["k"], fenv["v"])
+    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=0, atol=1e-13)
+
+
 def _refused(prob, env):
     with _config.gqa_packing("on"):
         return _pack.fold(prob, env) is None
@@ -91,6 +107,16 @@ def test_fold_refuses_what_is_not_exact():
     assert _refused(p, dict(env, q=t))
     # no group
     assert _refused(_problem((b, hkv, 1), 5, sk, d), _env(b, hkv, 1, 5, sk, d))
+    # outputs that are not C-contiguous; k with fewer axes than q
+    assert _refused(p, dict(env, o=np.empty((b, hkv, g, d, 5)).swapaxes(-1, -2)))
+    assert _refused(p, dict(env, k=env["k"][0], v=env["v"][0]))
+    # a sequence batch never folds its sequence axis
+    seq = dataclasses.replace(_problem((b * hkv * g,), 5, sk, d),
+                              features=Features(seq=True), seq_words=("len_k",))
+    flat = {n: x.reshape((b * hkv * g,) + x.shape[3:]) if n in ("q", "o", "lse")
+            else x[0, 0] for n, x in env.items()}   # k, v (1, Sk, D): foldable but for seq
+    assert not _refused(dataclasses.replace(seq, features=Features()), flat)
+    assert _refused(seq, flat)
 
 
 # ---------------------------------------------------------------------------- GPU
@@ -108,11 +134,22 @@ def test_packed_attention_on_gpu(sq, causal):
     naive, naive_lse = nv.attention(q, k, v, causal=causal)
     want, want_lse = ref.attention_naive(nv.to_f64(q).get(), nv.to_f64(k).get(),
                                          nv.to_f64(v).get(), causal=causal)
-    with fc.kernel_family("auto"), _config.gqa_packing("on"):
-        for _ in range(2):  # built, then replayed from the plan cache
-            out, lse = fc.attention(q, k, v, causal=causal, return_lse=True)
-            A.assert_close("packed out", out, cp.asarray(want), naive)
-            A.assert_close("packed lse", lse, cp.asarray(want_lse), naive_lse)
+    from flashcupy import api
+
+    with _config.gqa_packing("on"):
+        out, lse = fc.attention(q, k, v, causal=causal, return_lse=True)
+        A.assert_close("packed out", out, cp.asarray(want), naive)
+        A.assert_close("packed lse", lse, cp.asarray(want_lse), naive_lse)
+        plan = api.cached_plan("fwd", (q, k, v), causal, None)
+        assert plan.prob.bshape == (2, 2) and plan.call.bshape == (2, 2, 4)  # folded
+        # the plan replays on new arrays of the same layout
+        q2, k2, v2 = nv.randn_many(cp, 4, [q.shape, k.shape, v.shape], nv.BF16)
+        out2 = fc.attention(q2, k2, v2, causal=causal)
+        assert api.cached_plan("fwd", (q2, k2, v2), causal, None) is plan
+        want2, _ = ref.attention_naive(nv.to_f64(q2).get(), nv.to_f64(k2).get(),
+                                       nv.to_f64(v2).get(), causal=causal)
+        A.assert_close("replayed out", out2, cp.asarray(want2), nv.attention(q2, k2, v2,
+                                                                             causal=causal)[0])
         # the same call through the cache entry point (contiguous and paged)
         lens = cp.asarray([700, 650], np.int32)
         out_c = fc.attention_with_kvcache(q, k, v, lens, causal=causal)
