@@ -135,8 +135,7 @@ struct KvAhead {
   const int *pages;  // this sequence's table row, and the page geometry: kept, not
   PageGeometry pg;   // recomputed from the parameters at every fetch
 
-  __device__ __forceinline__ void fetch(Runs &r, const BatchIndex &, const SeqArgs &, int n,
-                                        int sk) {
+  __device__ __forceinline__ void fetch(Runs &r, int n, int sk) {
     if constexpr (PAGED) r.fetch(pages, pg, n * ROWS, sk - n * ROWS);
   }
   __device__ __forceinline__ KvAhead(const BatchIndex &bi, const SeqArgs &s, int n, int sk) {
@@ -145,20 +144,19 @@ struct KvAhead {
       pg = PageGeometry{s.page_magic, s.page_size};
       last.n0 = -1;
     }
-    fetch(next, bi, s, n, sk);
+    fetch(next, n, sk);
   }
-  __device__ __forceinline__ Runs take(const BatchIndex &bi, const SeqArgs &s, int n, int n_next,
-                                       int sk) {
+  __device__ __forceinline__ Runs take(int n, int n_next, int sk) {
     if constexpr (PAGED) {
-      if (next.n0 != n * ROWS) fetch(next, bi, s, n, sk);
+      if (next.n0 != n * ROWS) fetch(next, n, sk);
       last = next;
-      fetch(next, bi, s, n_next, sk);
+      fetch(next, n_next, sk);
     }
     return last;
   }
-  __device__ __forceinline__ Runs again(const BatchIndex &bi, const SeqArgs &s, int n, int sk) {
+  __device__ __forceinline__ Runs again(int n, int sk) {
     if constexpr (PAGED)
-      if (last.n0 != n * ROWS) fetch(last, bi, s, n, sk);
+      if (last.n0 != n * ROWS) fetch(last, n, sk);
     return last;
   }
 };

@@ -75,11 +75,18 @@ def kernel_family(name: str):
     """
     if name not in ("auto",) + FAMILIES:
         raise ValueError(f"kernel_family: expected one of {('auto',) + FAMILIES}, got {name!r}")
-    token = _FORCED.set(name)
+    with _setting(_FORCED, name):
+        yield
+
+
+@contextlib.contextmanager
+def _setting(var: contextvars.ContextVar, value):
+    """``var`` set to ``value`` inside a ``with`` block (the forcing switches)."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _FORCED.reset(token)
+        var.reset(token)
 
 
 def current_family() -> str:
@@ -121,11 +128,8 @@ def gqa_packing(mode: str):
     that share a K/V head read each K/V tile once instead of G times."""
     if mode not in ("on", "off"):
         raise ValueError(f"gqa_packing: expected 'on' or 'off', got {mode!r}")
-    token = _GQA_PACK.set(mode)
-    try:
+    with _setting(_GQA_PACK, mode):
         yield
-    finally:
-        _GQA_PACK.reset(token)
 
 
 def gqa_mode() -> str:

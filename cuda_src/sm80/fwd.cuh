@@ -104,7 +104,7 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   auto load_kv = [&](int n, int stage) {
     T *sK = sKV + stage * C::KV_ELEMS;
     const int n0 = n * BLOCK_N, nv = seq_len_k<VF>(bi, p) - n0;
-    const auto runs = ahead.take(bi, p.seq, n, n + 1, seq_len_k<VF>(bi, p));
+    const auto runs = ahead.take(n, n + 1, seq_len_k<VF>(bi, p));
     load_rows<T, BLOCK_N, HD, NTHREADS>(
         sK, kv_rows<VF>(k_b, p.k, bi, p.seq, p.seq.k_page_stride, n0, runs), nv, p.head_dim);
     load_rows<T, BLOCK_N, HDV, NTHREADS>(

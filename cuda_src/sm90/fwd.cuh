@@ -109,7 +109,7 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   KvAhead<VF, BLOCK_N> ahead(bi, p.seq, n_first, seq_len_k<VF>(bi, p));
   auto load_k = [&](int n) {
     const int n0 = n * BLOCK_N;
-    const auto runs = ahead.take(bi, p.seq, n, n + 1, seq_len_k<VF>(bi, p));
+    const auto runs = ahead.take(n, n + 1, seq_len_k<VF>(bi, p));
     load_rows<T, BLOCK_N, HD, NTHREADS, true>(
         tile(C::K_OFF + (n & 1) * C::K_BYTES),
         kv_rows<VF>(k_b, p.k, bi, p.seq, p.seq.k_page_stride, n0, runs),
@@ -131,7 +131,7 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   };
   auto load_v = [&](int n) {
     const int n0 = n * BLOCK_N;
-    const auto runs = ahead.again(bi, p.seq, n, seq_len_k<VF>(bi, p));
+    const auto runs = ahead.again(n, seq_len_k<VF>(bi, p));
     load_rows<T, BLOCK_N, HDV, NTHREADS, true>(
         tile(C::V_OFF + (n & 1) * C::V_BYTES),
         kv_rows<VF>(v_b, p.v, bi, p.seq, p.seq.v_page_stride, n0, runs),
