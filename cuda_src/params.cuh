@@ -152,6 +152,12 @@ struct FwdParams {
   Acc scale_log2;  // scale * log2(e); <= 0 for a non-positive user scale
   VariantArgs<Acc> var;
   SeqArgs seq;
+  // Split-KV (split.cuh): float32 partial results of n_splits key ranges,
+  // split s at o_part + s * o_part_ss and lse_part + s * lse_part_ss; read by
+  // the combine kernel, which writes o and lse.  Unused when n_splits = 1.
+  TensorView<float> o_part, lse_part;
+  fc_index_t o_part_ss, lse_part_ss;
+  int n_splits;
 };
 
 // Every backward kernel: preprocess (o, dout -> delta), dQ, dK/dV (+ atomic dQ

@@ -79,7 +79,7 @@ class Launch:
                          self._extra_ptr)
 
 
-def launch(spec, prob, kind, layout, tensors, n_rows, scalars=None):
+def launch(spec, prob, kind, layout, tensors, n_rows, scalars=None, grid_x_mult=1):
     """The launches of ``spec`` over every batch chunk of ``layout``.
 
     kind: "fwd" | "bwd" (the parameter struct).  tensors: [(field, env name,
@@ -87,12 +87,13 @@ def launch(spec, prob, kind, layout, tensors, n_rows, scalars=None):
     environment the launches run with; a row stride of None marks a per-call
     WORD field (no array, no strides).  ``n_rows`` is the length of the tiled
     sequence axis (queries, or keys for dK/dV).  scalars: {field: value} beyond
-    the problem's own (Problem.scalars).
+    the problem's own (Problem.scalars).  ``grid_x_mult``: CTAs per tile along
+    x (split-KV's splits, cuda_src/split.cuh).
     """
     kern = _compile.get_kernel(spec, prob.device_id, prob.cc)
     # sequences: every kernel of the call reads SeqArgs' per-call pointers
     tensors = list(tensors) + [(f"seq.{n}", n, None, None) for n in prob.seq_words]
-    n_tiles = -(-n_rows // _config.tile_rows(spec))
+    n_tiles = -(-n_rows // _config.tile_rows(spec)) * grid_x_mult
     block = (spec.threads, 1, 1)
     smem = _config.smem_bytes(spec)
     values0 = dict(prob.scalars(), **(scalars or {}))

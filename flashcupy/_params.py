@@ -51,6 +51,9 @@ FWD_FIELDS = (
     ("scale", "acc"), ("scale_log2", "acc"),
     ("var", NESTED, VARIANT_FIELDS),
     ("seq", NESTED, SEQ_FIELDS),
+    # split-KV (cuda_src/split.cuh): the partial buffers and the split count
+    ("o_part", TENSOR), ("lse_part", TENSOR), ("o_part_ss", "i64"), ("lse_part_ss", "i64"),
+    ("n_splits", "i32"),
 )
 BWD_FIELDS = (
     ("q", TENSOR), ("k", TENSOR), ("v", TENSOR), ("dout", TENSOR), ("o", TENSOR),

@@ -37,12 +37,15 @@ VF_DBIAS_STORE = 1024
 # Sequences (cuda_src/seq.cuh): per-sequence lengths and first rows (packed
 # batches, KV caches), and, in the forward, K / V rows through a block table.
 VF_SEQ, VF_PAGED = 2048, 4096
+# Split-KV (cuda_src/split.cuh): the forward of one query tile over several
+# CTAs by key range, each writing float32 partial results for the combine.
+VF_SPLIT = 8192
 VF_LOCAL = VF_LEFT | VF_RIGHT  # a two-sided sliding window
 _VF_NAMES = ((VF_RIGHT, "right"), (VF_LEFT, "left"), (VF_SOFTCAP, "softcap"),
              (VF_ALIBI, "alibi"), (VF_SINK, "sink"), (VF_BIAS, "bias"),
              (VF_BIAS_ACC, "bias32"), (VF_MASK, "mask"), (VF_DBIAS, "dbias"),
              (VF_DROPOUT, "dropout"), (VF_DBIAS_STORE, "dbias-store"),
-             (VF_SEQ, "seq"), (VF_PAGED, "paged"))
+             (VF_SEQ, "seq"), (VF_PAGED, "paged"), (VF_SPLIT, "split"))
 
 
 def variant_names(vf: int) -> list:

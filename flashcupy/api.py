@@ -13,8 +13,9 @@ import itertools
 import math
 import numpy as np
 
-from . import _batch, _config, _dtypes, _launch, _pack, _philox, _plan
+from . import _batch, _config, _dtypes, _launch, _pack, _philox, _plan, _split
 from ._problem import Features, Problem
+from ._spec import VF_SPLIT
 
 try:
     import cupy
@@ -470,7 +471,7 @@ def _signature(kind, arrays, causal, scale, window, softcap, extras, dropout_p=0
     if type(dropout_p) not in (float, int):
         return None
     sig = [kind, causal, scale, window, softcap, dropout_p, _config.current_family(),
-           _config.gqa_mode()]
+           _config.gqa_mode(), _config.split_mode()]
     for x in arrays:
         sig.extend((x.shape, x.strides, x.dtype, x.data.device_id))
     for x in extras:
@@ -583,13 +584,13 @@ def _SMEM_OPTIN(device_id: int) -> int:
     return int(cupy.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"])
 
 
-def _spec(prob, kernel, grad_dtype=""):
+def _spec(prob, kernel, grad_dtype="", extra_vf=0):
     """The kernel of ``prob``'s family for ``kernel``: the family's table, or a
     fallback where it has no tile (the sm90 family falls back to sm80's table
     inside its pick; tensor-core gaps fall back to the generic family)."""
     fam = _config.module(prob.family)
     forward = kernel == "fwd"
-    vf = prob.features.flags(forward)
+    vf = prob.features.flags(forward) | extra_vf
     generic = _config.module("generic")
     if prob.family == "generic":
         if kernel == "bwd_preprocess":
@@ -675,13 +676,35 @@ def _plan_forward(plan, env):
     st = {"q": _strides(q, bs), "k": _strides(k, bs), "v": _strides(v, bs),
           "o": _strides(out, bs), "lse": _vec_strides(lse, bs)}
     extra, scalars = _variant_tensors(env, bs, st)
-    layout = _batch.Layout.build(bs, range(len(bs)), st, prob.features.seq)
+    spec = _spec(prob, "fwd")
     rs = _launch.row_stride
-    plan.launches(_launch.launch(
-        _spec(prob, "fwd"), prob, "fwd", layout,
-        [("q", "q", q, rs(q)), ("k", "k", k, rs(k)), ("v", "v", v, rs(v)), ("o", "o", out, rs(out)),
-         ("lse", "lse", lse, _launch.vec_stride(lse))] + extra,
-        n_rows=prob.seqlen_q, scalars=scalars))
+    ops = [("q", "q", q, rs(q)), ("k", "k", k, rs(k)), ("v", "v", v, rs(v)),
+           ("o", "o", out, rs(out)), ("lse", "lse", lse, _launch.vec_stride(lse))] + extra
+    n_splits = 1
+    if _split.supports(spec):
+        split_spec = _spec(prob, "fwd", extra_vf=VF_SPLIT)
+        n_m = -(-prob.seqlen_q // _config.tile_rows(spec))
+        n_splits = _split.choose(prob, spec, split_spec, n_m)
+    if n_splits > 1:
+        # Split-KV (cuda_src/split.cuh): float32 partial O / LSE per split, then
+        # the combine writes out and lse.  Partial rows are padded to 4 floats
+        # (the combine's 16-byte loads).
+        dv4 = -(-prob.head_dim_v // 4) * 4
+        o_part = plan.alloc(env, "o_part", (n_splits,) + bs + (prob.seqlen_q, dv4), np.float32)
+        lse_part = plan.alloc(env, "lse_part", (n_splits,) + bs + (prob.seqlen_q,), np.float32)
+        st["o_part"], st["lse_part"] = _strides(o_part[0], bs), _vec_strides(lse_part[0], bs)
+        ops += [("o_part", "o_part", o_part, rs(o_part)),
+                ("lse_part", "lse_part", lse_part, _launch.vec_stride(lse_part))]
+        scalars.update(n_splits=n_splits, o_part_ss=o_part.strides[0] // 4,
+                       lse_part_ss=lse_part.strides[0] // 4)
+        spec = split_spec
+    layout = _batch.Layout.build(bs, range(len(bs)), st, prob.features.seq)
+    plan.launches(_launch.launch(spec, prob, "fwd", layout, ops, n_rows=prob.seqlen_q,
+                                 scalars=scalars, grid_x_mult=n_splits))
+    if n_splits > 1:
+        plan.launches(_launch.launch(
+            _config.module("sm80").combine_spec(prob.dtype_name), prob, "fwd", layout, ops,
+            n_rows=prob.seqlen_q, scalars=scalars))
 
 
 # ---------------------------------------------------------------------------

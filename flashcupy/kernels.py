@@ -18,7 +18,8 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _compile, _config, _dtypes, _params
-from ._spec import VF_ALIBI, VF_LOCAL, VF_PAGED, VF_RIGHT, VF_SEQ, VF_SINK, VF_SOFTCAP
+from ._spec import (VF_ALIBI, VF_LOCAL, VF_PAGED, VF_RIGHT, VF_SEQ, VF_SINK, VF_SOFTCAP,
+                    VF_SPLIT)
 
 DTYPES = ("fp16", "bf16", "fp32", "fp64")
 
@@ -32,6 +33,9 @@ HEAVY_VARIANT = VF_LOCAL | VF_SOFTCAP | VF_ALIBI | VF_SINK
 # Sequences (cuda_src/seq.cuh): causal packed batches, and the paged forward,
 # at the 64 and 128 buckets.
 SEQ_VARIANTS = (VF_SEQ | VF_RIGHT, VF_SEQ | VF_PAGED | VF_RIGHT)
+# Split-KV forwards (cuda_src/split.cuh): dense, the KV cache and the paged
+# cache, at every bucket (decode at D = 256 is a Gemma-class step).
+SPLIT_VARIANTS = (VF_SPLIT, VF_SPLIT | VF_SEQ, VF_SPLIT | VF_SEQ | VF_PAGED)
 
 
 def shipped_specs(families=None, kernels=None):
@@ -45,6 +49,8 @@ def shipped_specs(families=None, kernels=None):
         specs.extend(s for s in mod.shipped_specs(SEQ_VARIANTS)
                      if s.variant and s.head_dim in (64, 128)
                      and (s.kernel == "fwd" or not s.variant & VF_PAGED))
+        if fam != "generic":
+            specs.extend(s for s in mod.shipped_specs(SPLIT_VARIANTS) if s.kernel == "fwd")
     if families:
         specs = [s for s in specs if s.family in families]
     if kernels:

@@ -520,7 +520,7 @@ def _plan_key(kind: str, tensors, causal: bool, scale, window_left=None, window_
     if type(dropout_p) is not float:
         return None
     sig = ["torch", kind, causal, scale, window_left, window_right, softcap, dropout_p,
-           _config.current_family(), _config.gqa_mode()]
+           _config.current_family(), _config.gqa_mode(), _config.split_mode()]
     for t in tensors:
         sig.extend(_meta(t))
     extras = tuple(extras) + (None,) * (4 - len(extras))

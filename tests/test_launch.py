@@ -42,7 +42,13 @@ def test_layout_natural_alignment():
     assert offs["seq.table_stride"][0] == offs["seq.table"][0] + 8
     assert offs["seq.page_magic"][0] == offs["seq.v_page_stride"][0] + 8
     assert offs["seq.page_size"][0] == offs["seq.page_magic"][0] + 8
-    assert size % 8 == 0 and size == offs["seq.page_size"][0] + 8
+    # then split-KV: two views, two int64 split strides and the int32 count,
+    # padded to 8 bytes
+    assert offs["o_part.ptr"][0] == offs["seq.page_size"][0] + 8
+    assert offs["lse_part.ptr"][0] == offs["o_part.ptr"][0] + 40
+    assert offs["o_part_ss"][0] == offs["lse_part.ptr"][0] + 40
+    assert offs["n_splits"][0] == offs["lse_part_ss"][0] + 8
+    assert size % 8 == 0 and size == offs["n_splits"][0] + 8
     offs64_, size64_ = _params.layout("fwd", 8)  # float64: rp on its 8-byte alignment
     assert offs64_["var.dropout_rp"][0] == offs64_["var.dropout_threshold"][0] + 8
     offs64, size64 = _params.layout("fwd", 8)

@@ -28,6 +28,7 @@
 #pragma once
 #include "../softmax.cuh"
 #include "scores.cuh"
+#include "../split.cuh"
 
 namespace sm80 {
 
@@ -86,14 +87,18 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
 
   VariantFor<T, float, VF, true> var(p.var, seq_len_q<VF>(bi, p), seq_len_k<VF>(bi, p), p.scale_log2);
   var.bind(p.var, bi);
-  const int m_start = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
+  // (split-KV: several CTAs share this query tile, each a run of its key
+  // tiles; split.cuh)
+  const KeySplit ks = key_split<VF>(p);
+  const int m_start = ks.m_tile * BLOCK_M;
   // (sequences: the grid covers the longest one; tiles past this one's end exit)
   if constexpr ((VF & FC_VF_SEQ) != 0)
     if (m_start >= seq_len_q<VF>(bi, p)) return;
   const int m_rows = fc_min(BLOCK_M, seq_len_q<VF>(bi, p) - m_start);
   // window / causal: key tiles [n_first, n_tiles) hold every key the tile sees
-  const int n_first = var.key_begin(m_start) / BLOCK_N;
-  const int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
+  int n_first = var.key_begin(m_start) / BLOCK_N;
+  int n_tiles = fc_ceil_div(var.key_end(m_start + m_rows), BLOCK_N);
+  split_keys<VF>(n_first, n_tiles, ks, p);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, c4 = lane & 3;
   const int wrow = warp * WM;  // first tile row of this warp
@@ -209,7 +214,7 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
 
   // Epilogue: normalize by l, stage O through shared memory, write O and LSE.
   T *o_b = q_rows(p.o, bi);
-  float *lse_b = q_rows(p.lse, bi);
+  float *lse_b = split_lse<VF>(p, bi, ks);
   float inv_l[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -218,13 +223,17 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
       float l = sm[mt][h].l_i;
       l += shfl_xor(l, 1);
       l += shfl_xor(l, 2);
-      l += var.sink_term(sm[mt][h].m_i);
+      if (sink_here<VF>(ks)) l += var.sink_term(sm[mt][h].m_i);  // (once per row)
       // 0 for a row that saw no key; dropout's 1 / (1 - p) joins here, once per row
       inv_l[mt][h] = OnlineSoftmax<float>::inv_sum(l) * (decltype(var)::DROPOUT ? var.drop_rp : 1.f);
       const int row = m_start + wrow + mt * 16 + g + 8 * h;
       if (c4 == 0 && row < seq_len_q<VF>(bi, p))
         lse_b[row * p.lse.sr] = OnlineSoftmax<float>::lse_natural(sm[mt][h].m_i, l);
     }
+  if constexpr ((VF & FC_VF_SPLIT) != 0) {  // float32 partial rows, no staging
+    store_partial<MT, NO>(p, bi, ks, m_start + wrow, seq_len_q<VF>(bi, p), acc_o, inv_l, lane);
+    return;
+  }
   __syncthreads();  // every warp is done with sQ / the K-V ring
   frag_to_smem_rows<T, MT, NO, LDO>(sQ, wrow, acc_o, inv_l, lane);
   __syncthreads();

@@ -13,7 +13,7 @@ benchmarks/dev/NOTES.md describes.
 """
 from __future__ import annotations
 
-from .._spec import (VF_BIAS, VF_BIAS_ACC, VF_MASK, VF_PAGED, VF_SEQ, VF_SINK, KernelSpec, SMEM_LIMIT_SM80,
+from .._spec import (VF_BIAS, VF_BIAS_ACC, VF_MASK, VF_PAGED, VF_SEQ, VF_SINK, VF_SPLIT, KernelSpec, SMEM_LIMIT_SM80,
                      SMEM_LIMIT_SM90, head_dim_bucket)
 
 NAME = "sm80"
@@ -30,11 +30,12 @@ FWD_TILES = {
                              # tiles; 189/272/295; 128x128x8w 221/251 at 4k/16k; 128x128x4w
                              # "qs" spills
          (64, 64, 4, 2)],    # bias / mask: 197 registers, no spill
-    128: [(128, 64, 4, 2, "no-offset", "no-seq"),  # flash-attn's tile, 4 warps x 32 rows, Q re-read:
+    128: [(128, 64, 4, 2, "no-offset", "no-seq", "no-split"),  # flash-attn's tile, 4 warps x 32 rows, Q re-read:
                              # 260/334/350 vs 128x128x8w 202/244/263 and 128x32x4w 231/296/315;
                              # spill-free (255 regs) since the conditional O rescale
                              # (NOTES.md); 104 KB: H100 and A100
-          (64, 64, 4, 2)],   # 87 KB: sm_86/89; bias / mask (241 registers, no spill), sequences
+          (64, 64, 4, 2)],   # 87 KB: sm_86/89; bias / mask (241 registers, no spill), sequences,
+                             # split-KV
     256: [(128, 64, 8, 2),   # 226/271/291, 8-21 % over 64x32x4w; 198 KB: H100 only
           (64, 32, 4, 2)],   # the largest tile within 163 KB and 255 registers: A100
 }
@@ -79,6 +80,10 @@ _KERNEL_NAMES = {"fwd": "fc_sm80_fwd", "bwd_dkdv": "fc_sm80_bwd_dkdv",
 # 16-byte quad of the workspace, 4 rows per warp).
 PREPROCESS_WARPS = 4
 CONVERT_WARPS = 4
+# Split-KV's combine (cuda_src/split.cuh): one warp per query row, 4 rows a CTA
+# (a decode step has B x H x Sq rows: few CTAs either way; it reads each
+# partial row once).
+COMBINE_WARPS = 4
 STORAGE = {"fp16": "fc_half", "bf16": "fc_bf16"}
 
 
@@ -87,6 +92,8 @@ def supports(dtype: str, cc: int) -> bool:
 
 
 def source(s: KernelSpec) -> str:
+    if s.kernel == "fwd_combine":
+        return "split.cuh"
     return "sm80/fwd.cuh" if s.kernel == "fwd" else "sm80/bwd.cuh"
 
 
@@ -95,6 +102,8 @@ def name_expression(s: KernelSpec) -> str:
         return f"fc_sm80_bwd_dq_convert<{STORAGE[s.dtype]}, {s.nwarps}>"
     if s.kernel == "bwd_preprocess":
         return f"fc_sm80_bwd_preprocess<{STORAGE[s.dtype]}, {s.head_dim_v}, {s.nwarps}>"
+    if s.kernel == "fwd_combine":
+        return f"fc_split_combine<{STORAGE[s.dtype]}, {s.nwarps}>"
     # Trailing template flags (defaults in the kernels): Q_IN_REGS for the forward,
     # SPLIT2D [, BULK_DQ] for dK/dV.
     flag = ", true" if "2d" in s.extra else ", false" if "qs" in s.extra else ""
@@ -109,6 +118,8 @@ def tile_rows(s: KernelSpec) -> int:
         return 4 * s.nwarps  # cuda_src/sm80/bwd.cuh: 4 rows per warp
     if s.kernel == "bwd_preprocess":  # HDV / 8 lanes (at least 4) per row
         return s.nwarps * 32 // max(4, s.head_dim_v // 8)
+    if s.kernel == "fwd_combine":
+        return s.nwarps  # cuda_src/split.cuh: one warp per row
     return s.block_n if s.kernel in ("bwd_dkdv", "bwd_dkdvq") else s.block_m
 
 
@@ -116,7 +127,7 @@ def smem_bytes(s: KernelSpec) -> int:
     """Dynamic shared memory (bytes): the *Cfg structs of cuda_src/sm80 (the
     kernel check compiles a static_assert that the two agree)."""
     hd, hdv, bm, bn, st = s.head_dim, s.head_dim_v, s.block_m, s.block_n, s.stages
-    if s.kernel in ("bwd_dq_convert", "bwd_preprocess"):
+    if s.kernel in ("bwd_dq_convert", "bwd_preprocess", "fwd_combine"):
         return 0
     if s.kernel == "fwd":
         return 2 * (bm * (max(hd, hdv) + PAD) + st * bn * (hd + hdv + 2 * PAD))
@@ -162,7 +173,11 @@ TAGS = {"no-offset": lambda vf: bool(vf & (VF_BIAS | VF_BIAS_ACC | VF_MASK)),
         # The block-table entries a paged forward holds a tile ahead
         # (cuda_src/seq.cuh KvAhead) take the 128-row D = 64 forward to 255
         # registers and 80 bytes of spill on sm_80 (kernel check).
-        "no-paged": lambda vf: bool(vf & VF_PAGED)}
+        "no-paged": lambda vf: bool(vf & VF_PAGED),
+        # The split epilogue's partial-row stores take the 255-register D = 128
+        # forward to 120 bytes of spill (kernel check); a split's few query
+        # rows fill a 64-row tile no worse.
+        "no-split": lambda vf: bool(vf & VF_SPLIT)}
 
 
 def refuses(tile, variant) -> bool:
@@ -203,6 +218,10 @@ def convert_spec(dtype) -> KernelSpec:
     return KernelSpec(NAME, "bwd_dq_convert", dtype, nwarps=CONVERT_WARPS)
 
 
+def combine_spec(dtype) -> KernelSpec:
+    return KernelSpec(NAME, "fwd_combine", dtype, nwarps=COMBINE_WARPS)
+
+
 def runs_on(s: KernelSpec, arch: str) -> bool:
     """Whether ``s`` is ever launched on ``arch`` (its tile fits there)."""
     limit = SMEM_LIMIT_SM90 if arch.startswith("sm_9") else SMEM_LIMIT_SM80
@@ -215,6 +234,7 @@ def shipped_specs(variants=(0,)) -> list:
     out = []
     for dtype in ("fp16", "bf16"):
         out.append(convert_spec(dtype))
+        out.append(combine_spec(dtype))
         out.extend(preprocess_spec(dtype, b) for b in (32, 64, 128, 256))
         for vf in variants:
             for kernel, table in TABLES.items():

@@ -1,0 +1,152 @@
+// flashcupy: split-KV, the forward of one query tile spread over several CTAs
+// by key range (FlashAttention's "flash-decoding"; flash-attn's num_splits,
+// FlashInfer's split-k), and the combine kernel that merges their results.
+//
+// A decode step (a few query rows against a long cache) has one query tile per
+// (batch, head): B x Hkv CTAs after GQA packing, far fewer than a GPU holds at
+// once, and each of them walks the whole key range alone.  With FC_VF_SPLIT
+// the grid's x axis holds n_splits CTAs per query tile; split s takes an equal
+// share of the tile's key tiles and writes its own softmax result:
+//   O_s   = sum_j p_j v_j / l_s    (float32, unnormalized by the other splits)
+//   LSE_s = m_s + log(l_s)         (natural log; -inf where the split saw no key)
+// into the partial buffers p.o_part and p.lse_part (split s at offsets
+// s * o_part_ss and s * lse_part_ss).  fc_split_combine then forms the exact result,
+//   LSE = log sum_s exp(LSE_s),   O = sum_s exp(LSE_s - LSE) O_s,
+// which is flashcupy.merge_attention's formula (flashcupy/_merge.py).  Every
+// variant composes: scores, masks and dropout bits are keyed by absolute (row,
+// key) coordinates, and the sink's term enters the denominator once (split 0).
+#pragma once
+#include "params.cuh"
+
+#define FC_VF_SPLIT 8192  // forward: this CTA covers one share of the key tiles
+
+// Which query tile and which split this CTA is.  blockIdx.x = split * n_m + x,
+// the query tiles reversed as without splits (heaviest causal tiles first).
+struct KeySplit {
+  int m_tile, split;
+};
+
+template <int VF, typename P>
+__device__ __forceinline__ KeySplit key_split(const P &p) {
+  if constexpr ((VF & FC_VF_SPLIT) != 0) {
+    const int n_m = gridDim.x / p.n_splits;
+    const int x = blockIdx.x % n_m;
+    return {n_m - 1 - x, (int)blockIdx.x / n_m};
+  } else {
+    return {(int)(gridDim.x - 1 - blockIdx.x), 0};
+  }
+}
+
+// Narrows the key tiles [n_first, n_tiles) to split ks.split's share: equal
+// runs of whole tiles, the last ones possibly empty (they then write
+// LSE = -inf and O = 0, which the combine weighs by 0).
+template <int VF, typename P>
+__device__ __forceinline__ void split_keys(int &n_first, int &n_tiles, const KeySplit &ks,
+                                           const P &p) {
+  if constexpr ((VF & FC_VF_SPLIT) != 0) {
+    const int per = fc_ceil_div(fc_max(n_tiles - n_first, 0), p.n_splits);
+    const int a = n_first + ks.split * per;
+    n_first = fc_min(a, n_tiles);
+    n_tiles = fc_min(a + per, n_tiles);
+  }
+}
+
+// Whether this CTA adds the sink's term to its denominator (once per row).
+template <int VF>
+__device__ __forceinline__ bool sink_here(const KeySplit &ks) {
+  return (VF & FC_VF_SPLIT) == 0 || ks.split == 0;
+}
+
+// A split's epilogue: O * inv_l straight from the m16n8 accumulator fragments
+// (rows g and g + 8 of each m16 tile; columns 2 c4, 2 c4 + 1 of each n8 tile)
+// to the float32 partial rows, and no shared-memory staging: a decode tile
+// has few valid rows, and partial rows are never re-read by this CTA.
+template <int MT, int NO, typename P>
+__device__ __forceinline__ void store_partial(const P &p, const BatchIndex &bi, const KeySplit &ks,
+                                              int row0, int n_rows,
+                                              const float (&acc)[MT][NO][4],
+                                              const float (&inv_l)[MT][2], int lane) {
+  float *o = q_rows(p.o_part, bi) + (fc_index_t)ks.split * p.o_part_ss;
+  const int g = lane >> 2, c4 = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row0 + 16 * mt + g + 8 * h;
+      if (r >= n_rows) continue;
+      float *o_r = o + (fc_index_t)r * p.o_part.sr;
+#pragma unroll
+      for (int nt = 0; nt < NO; ++nt) {
+        const int c = 8 * nt + 2 * c4;
+        const float x0 = acc[mt][nt][2 * h] * inv_l[mt][h], x1 = acc[mt][nt][2 * h + 1] * inv_l[mt][h];
+        if (c + 1 < p.head_dim_v) {  // (rows of the partial buffer are 16-byte aligned)
+          *reinterpret_cast<float2 *>(o_r + c) = make_float2(x0, x1);
+        } else if (c < p.head_dim_v) {
+          o_r[c] = x0;
+        }
+      }
+    }
+}
+
+// The LSE of this CTA's split: lse for a plain forward, the split's row of the
+// partial LSE buffer with FC_VF_SPLIT.
+template <int VF, typename P>
+__device__ __forceinline__ float *split_lse(const P &p, const BatchIndex &bi, const KeySplit &ks) {
+  if constexpr ((VF & FC_VF_SPLIT) != 0)
+    return q_rows(p.lse_part, bi) + (fc_index_t)ks.split * p.lse_part_ss;
+  else
+    return q_rows(p.lse, bi);
+}
+
+// The combine: one warp per query row.  Reads the n_splits partial LSEs of
+// the row (one per lane, 32 at a time), then each lane forms 4 columns of O
+// per pass from the weighted partial rows.  A split whose LSE is -inf has
+// weight 0 and its row is not read (an empty split's buffer may hold
+// anything).  A row no split saw gets O = 0 and LSE = -inf, as without splits.
+// Launch: grid (ceil(Sq / NWARPS), batch as every kernel), NWARPS * 32 threads.
+template <typename T, int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32)
+fc_split_combine(FC_PARAMS(FwdParams<T, float>) p) {
+  BatchIndex bi;
+  if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * NWARPS + threadIdx.x / 32;
+  if (row >= p.seqlen_q) return;
+  const float *lse_p = q_rows(p.lse_part, bi) + (fc_index_t)row * p.lse_part.sr;
+  const int ns = p.n_splits;
+  float mx = fc_neg_inf<float>::value();
+  for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lse_p[(fc_index_t)s * p.lse_part_ss]);
+  mx = warp_max(mx);
+  const float sub = mx == fc_neg_inf<float>::value() ? 0.f : mx;  // no -inf - -inf
+  float sum = 0.f;
+  for (int s = lane; s < ns; s += 32) sum += exp2f((lse_p[(fc_index_t)s * p.lse_part_ss] - sub) * (float)FC_LOG2E);
+  sum = warp_sum(sum);
+  // LSE = sub + log(sum): -inf for a row with no key (sum = 0)
+  const float lse = sum > 0.f ? sub + logf(sum) : fc_neg_inf<float>::value();
+  if (lane == 0) q_rows(p.lse, bi)[(fc_index_t)row * p.lse.sr] = lse;
+  const float *o_p = q_rows(p.o_part, bi) + (fc_index_t)row * p.o_part.sr;
+  T *o = q_rows(p.o, bi) + (fc_index_t)row * p.o.sr;
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int c = 4 * lane; c < p.head_dim_v; c += 128) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    const bool whole = c + 3 < p.head_dim_v;
+    for (int s = 0; s < ns; ++s) {
+      const float ls = lse_p[(fc_index_t)s * p.lse_part_ss];
+      if (ls == fc_neg_inf<float>::value()) continue;
+      const float w = exp2f((ls - sub) * (float)FC_LOG2E) * inv;
+      const float *src = o_p + (fc_index_t)s * p.o_part_ss + c;
+      if (whole) {
+        const float4 x = *reinterpret_cast<const float4 *>(src);
+        acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
+      } else {
+        acc.x += w * src[0];
+        if (c + 1 < p.head_dim_v) acc.y += w * src[1];
+        if (c + 2 < p.head_dim_v) acc.z += w * src[2];
+      }
+    }
+    o[c] = from_acc<T>(acc.x);
+    if (c + 1 < p.head_dim_v) o[c + 1] = from_acc<T>(acc.y);
+    if (c + 2 < p.head_dim_v) o[c + 2] = from_acc<T>(acc.z);
+    if (whole) o[c + 3] = from_acc<T>(acc.w);
+  }
+}
