@@ -85,6 +85,7 @@ def graph_ms(call, sets, args):
     import cupy as cp
 
     graphs = []
+    cp.cuda.Device().synchronize()  # (the inputs were made on the default stream)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         for s in sets:
@@ -158,7 +159,7 @@ def decode_table(fc, torch, args, read_gbs):
             T.free_gpu_memory()
     print(f"\ndecode: bf16, D={D}, non-causal, GB/s of K+V read; device read kernel "
           f"{read_gbs:.0f} GB/s")
-    print(T.format_table([[r[0], r[1]] + [T.fmt(x, 0) for x in r[2:]] for r in table], header))
+    print(T.format_table([[r[0], str(r[1])] + [T.fmt(x, 0) for x in r[2:]] for r in table], header))
     return table
 
 
@@ -235,7 +236,7 @@ def cache_table(fc, args):
             T.progress(f"cache {row[0]} Sq={sq}: " + " ".join(T.fmt(x) for x in row[2:]))
     print(f"\ncache: attention_with_kvcache, bf16, D={D}, GQA 32/8, CUDA-graph replays, "
           f"GB/s of K+V held")
-    print(T.format_table([[r[0], r[1]] + [T.fmt(x, 0) for x in r[2:6]] +
+    print(T.format_table([[r[0], str(r[1])] + [T.fmt(x, 0) for x in r[2:6]] +
                           [T.fmt(x, 2) for x in r[6:]] for r in table], header))
     return table
 

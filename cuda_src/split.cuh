@@ -98,14 +98,20 @@ __device__ __forceinline__ float *split_lse(const P &p, const BatchIndex &bi, co
     return q_rows(p.lse, bi);
 }
 
-// The combine: one warp per query row.  Reads the n_splits partial LSEs of
-// the row (one per lane, 32 at a time), then each lane forms 4 columns of O
-// per pass from the weighted partial rows.  A split whose LSE is -inf has
-// weight 0 and its row is not read (an empty split's buffer may hold
-// anything).  A row no split saw gets O = 0 and LSE = -inf, as without splits.
+// The combine: one warp per query row.  Pass 1 reads the row's n_splits
+// partial LSEs, one per lane (32 at a time): their max and sum give the LSE.
+// Pass 2: lane l holds the weight w_l = exp(LSE_l - LSE) of split l, and
+// every lane forms 4 columns of O (16-byte loads; the partial rows are padded
+// to 4 floats) over the splits with w broadcast by a shuffle, 8 splits' loads
+// in flight at a time: a decode row's splits are a chain of dependent loads
+// otherwise (29 splits of one row took 13 us, NOTES.md section 14).  A split
+// whose LSE is -inf (no key) has weight 0 and its row, which it never wrote,
+// is discarded by a select.  A row no split saw gets O = 0 and LSE = -inf,
+// as without splits.
 // Launch: grid (ceil(Sq / NWARPS), batch as every kernel), NWARPS * 32 threads.
+// (__launch_bounds__' minimum of 1 CTA: without it ptxas spills 4 bytes on sm_80)
 template <typename T, int NWARPS>
-__global__ void __launch_bounds__(NWARPS * 32)
+__global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_split_combine(FC_PARAMS(FwdParams<T, float>) p) {
   BatchIndex bi;
   if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
@@ -114,39 +120,42 @@ fc_split_combine(FC_PARAMS(FwdParams<T, float>) p) {
   if (row >= p.seqlen_q) return;
   const float *lse_p = q_rows(p.lse_part, bi) + (fc_index_t)row * p.lse_part.sr;
   const int ns = p.n_splits;
-  float mx = fc_neg_inf<float>::value();
+  const float ninf = fc_neg_inf<float>::value();
+  float mx = ninf;
   for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lse_p[(fc_index_t)s * p.lse_part_ss]);
   mx = warp_max(mx);
-  const float sub = mx == fc_neg_inf<float>::value() ? 0.f : mx;  // no -inf - -inf
+  const float sub = mx == ninf ? 0.f : mx;  // no -inf - -inf
   float sum = 0.f;
-  for (int s = lane; s < ns; s += 32) sum += exp2f((lse_p[(fc_index_t)s * p.lse_part_ss] - sub) * (float)FC_LOG2E);
+  for (int s = lane; s < ns; s += 32)
+    sum += exp2f((lse_p[(fc_index_t)s * p.lse_part_ss] - sub) * (float)FC_LOG2E);
   sum = warp_sum(sum);
   // LSE = sub + log(sum): -inf for a row with no key (sum = 0)
-  const float lse = sum > 0.f ? sub + logf(sum) : fc_neg_inf<float>::value();
-  if (lane == 0) q_rows(p.lse, bi)[(fc_index_t)row * p.lse.sr] = lse;
+  if (lane == 0) q_rows(p.lse, bi)[(fc_index_t)row * p.lse.sr] = sum > 0.f ? sub + logf(sum) : ninf;
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
   const float *o_p = q_rows(p.o_part, bi) + (fc_index_t)row * p.o_part.sr;
   T *o = q_rows(p.o, bi) + (fc_index_t)row * p.o.sr;
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
   for (int c = 4 * lane; c < p.head_dim_v; c += 128) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    const bool whole = c + 3 < p.head_dim_v;
-    for (int s = 0; s < ns; ++s) {
-      const float ls = lse_p[(fc_index_t)s * p.lse_part_ss];
-      if (ls == fc_neg_inf<float>::value()) continue;
-      const float w = exp2f((ls - sub) * (float)FC_LOG2E) * inv;
-      const float *src = o_p + (fc_index_t)s * p.o_part_ss + c;
-      if (whole) {
-        const float4 x = *reinterpret_cast<const float4 *>(src);
-        acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
-      } else {
-        acc.x += w * src[0];
-        if (c + 1 < p.head_dim_v) acc.y += w * src[1];
-        if (c + 2 < p.head_dim_v) acc.z += w * src[2];
+    for (int s0 = 0; s0 < ns; s0 += 32) {
+      const int s = s0 + lane;
+      const float ls = s < ns ? lse_p[(fc_index_t)s * p.lse_part_ss] : ninf;
+      const float w_l = ls == ninf ? 0.f : exp2f((ls - sub) * (float)FC_LOG2E) * inv;
+      const int n = fc_min(32, ns - s0);
+      const float *src = o_p + (fc_index_t)s0 * p.o_part_ss + c;
+#pragma unroll 8
+      for (int j = 0; j < n; ++j) {
+        const float w = __shfl_sync(0xffffffffu, w_l, j);
+        const float4 x = *reinterpret_cast<const float4 *>(src + (fc_index_t)j * p.o_part_ss);
+        const bool on = w != 0.f;
+        acc.x += on ? w * x.x : 0.f;
+        acc.y += on ? w * x.y : 0.f;
+        acc.z += on ? w * x.z : 0.f;
+        acc.w += on ? w * x.w : 0.f;
       }
     }
     o[c] = from_acc<T>(acc.x);
     if (c + 1 < p.head_dim_v) o[c + 1] = from_acc<T>(acc.y);
     if (c + 2 < p.head_dim_v) o[c + 2] = from_acc<T>(acc.z);
-    if (whole) o[c + 3] = from_acc<T>(acc.w);
+    if (c + 3 < p.head_dim_v) o[c + 3] = from_acc<T>(acc.w);
   }
 }

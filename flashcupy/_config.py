@@ -117,17 +117,23 @@ def choose_family(dtype: str, cc: int) -> str:
 
 
 # -- GQA packing (flashcupy/_pack.py) -----------------------------------------------
-_GQA_PACK = contextvars.ContextVar("flashcupy_gqa_packing", default="off")
+_GQA_PACK = contextvars.ContextVar("flashcupy_gqa_packing", default="auto")
+# "auto" folds calls of at most this many query rows a head: the decode,
+# speculative and chunked-prefill shapes it was measured on (GQA 32/8 decode
+# 1.7 -> 4.2-4.3 TB/s at Sq = 1, 4 and 16 with split-KV, benchmarks/dev/NOTES.md
+# section 14); prefill tiles are full without it.
+GQA_AUTO_MAX_ROWS = 64
 
 
 @contextlib.contextmanager
 def gqa_packing(mode: str):
-    """Fold a query-head group into the rows of one tile (``"on"``) or not
-    (``"off"``, the default until the packed decode path is measured) inside a
-    ``with`` block.  Where it applies (flashcupy/_pack.py), the G query heads
-    that share a K/V head read each K/V tile once instead of G times."""
-    if mode not in ("on", "off"):
-        raise ValueError(f"gqa_packing: expected 'on' or 'off', got {mode!r}")
+    """Fold a query-head group into the rows of one tile inside a ``with``
+    block: ``"on"`` wherever the fold applies (flashcupy/_pack.py), ``"off"``
+    never, ``"auto"`` (the default) for calls of at most
+    ``GQA_AUTO_MAX_ROWS`` query rows.  Folded, the G query heads that share a
+    K/V head read each K/V tile once instead of G times."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"gqa_packing: expected 'auto', 'on' or 'off', got {mode!r}")
     with _setting(_GQA_PACK, mode):
         yield
 

@@ -35,7 +35,8 @@ def fold(prob, env):
     rows, or None where the fold does not apply (see the module docstring)."""
     from . import _config
 
-    if _config.gqa_mode() != "on":
+    mode = _config.gqa_mode()
+    if mode == "off" or (mode == "auto" and prob.seqlen_q > _config.GQA_AUTO_MAX_ROWS):
         return None
     f = prob.features
     nb = len(prob.bshape)

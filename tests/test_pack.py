@@ -86,7 +86,15 @@ def test_fold_refuses_what_is_not_exact():
     p = _problem((b, hkv, g), 5, sk, d)
     assert not _refused(p, env)
     with _config.gqa_packing("off"):
-        assert _pack.fold(p, env) is None                       # the default
+        assert _pack.fold(p, env) is None
+    assert _config.gqa_mode() == "auto"                          # the default: small Sq
+    assert _pack.fold(p, env) is not None
+    rows = _config.GQA_AUTO_MAX_ROWS + 1
+    big = _problem((b, hkv, g), rows, sk, d)
+    benv = _env(b, hkv, g, rows, sk, d)
+    assert _pack.fold(big, benv) is None
+    with _config.gqa_packing("on"):
+        assert _pack.fold(big, benv) is not None
     # position-dependent masks
     assert _refused(_problem((b, hkv, g), 5, sk, d, Features(window_right=0)), env)
     assert _refused(_problem((b, hkv, g), 5, sk, d, Features(window_left=4)), env)
