@@ -6,6 +6,7 @@ of any tile, for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
     compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py sm90 with=bias,mask,dropout
     compute-sanitizer --tool racecheck python benchmarks/sanitize_case.py sm90 with=bias,mask sk=208
     compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py sm90 sm80 seq
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py sm90 sm80 split
 
 The arguments name kernel families (default: generic); a family that cannot run
 a dtype on this GPU is skipped.  ``with=`` adds variants to every call: ``bias``
@@ -17,7 +18,10 @@ memory, cuda_src/sm80/scores.cuh).  ``seq`` runs sequences instead: a packed
 batch of odd lengths (0 and 1 among them, unused tail rows) forward and
 backward through attention_varlen, and decode / prefill calls of
 attention_with_kvcache on page pools of 16 and 48 rows and a contiguous cache,
-with appends.  Prints one line per call, "finite" or
+with appends.  ``split`` runs split-KV decode calls (cuda_src/split.cuh):
+forced split counts 3 and 128 (so most splits are empty) at odd lengths, head
+dims 72 and 128, GQA-packed and not, and a paged cache with ragged lengths
+(0 and 1 among them).  Prints one line per call, "finite" or
 "NON-FINITE"; compute-sanitizer reports the errors.  Exit status 2 when no GPU
 is available.
 """
@@ -39,7 +43,8 @@ import numpy as np  # noqa: E402
 import flashcupy as fc  # noqa: E402
 
 SEQ = "seq" in sys.argv[1:]
-families = [a for a in sys.argv[1:] if "=" not in a and a != "seq"] or ["generic"]
+SPLIT = "split" in sys.argv[1:]
+families = [a for a in sys.argv[1:] if "=" not in a and a not in ("seq", "split")] or ["generic"]
 SK = int(next((a[3:] for a in sys.argv[1:] if a.startswith("sk=")), 197))
 variants = [v for a in sys.argv[1:] if a.startswith("with=") for v in a[5:].split(",") if v]
 unknown = set(variants) - {"bias", "mask", "dropout"}
@@ -104,8 +109,40 @@ def sequences(fam, dt):
                   f"{'finite' if finite(out) else 'NON-FINITE'}")
 
 
+def splits(fam, dt):
+    from flashcupy import _config
+
+    for ns in (3, 128):
+        for d in (72, 128):
+            for g, causal in ((1, True), (4, False)):
+                q = rng.standard_normal((2, 2, g, 3, d)).astype(dt)
+                k = rng.standard_normal((2, 2, 1, 1037, d)).astype(dt)
+                v = rng.standard_normal((2, 2, 1, 1037, d)).astype(dt)
+                with fc.kernel_family(fam), _config.split_kv(ns):
+                    out, lse = fc.attention(q, k, v, causal=causal, return_lse=True)
+                cp.cuda.get_current_stream().synchronize()
+                print(f"{fam} {np.dtype(dt).name} split={ns} d={d} group={g} causal={causal}: "
+                      f"{'finite' if finite(out, lse) else 'NON-FINITE'}")
+        lens = cp.asarray([0, 1, 45, 700], np.int32)
+        qd = rng.standard_normal((4, 2, 4, 1, 128)).astype(dt)
+        width = -(-700 // 16)
+        kc = rng.standard_normal((4 * width, 2, 1, 16, 128)).astype(dt)
+        vc = rng.standard_normal(kc.shape).astype(dt)
+        table = cp.asarray(np.random.default_rng(1).permutation(4 * width).reshape(4, width),
+                           np.int32)
+        with fc.kernel_family(fam), _config.split_kv(ns):
+            out = fc.attention_with_kvcache(qd, kc, vc, lens, block_table=table)
+        cp.cuda.get_current_stream().synchronize()
+        print(f"{fam} {np.dtype(dt).name} split={ns} paged ragged: "
+              f"{'finite' if finite(out[1:]) else 'NON-FINITE'}")
+
+
 for fam in families:
     for dt in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+        if SPLIT:
+            if fam in fc.families_for(dt) and fam != "generic":
+                splits(fam, dt)
+            continue
         if SEQ:
             if fam in fc.families_for(dt):
                 sequences(fam, dt)

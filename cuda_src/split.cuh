@@ -98,21 +98,24 @@ __device__ __forceinline__ float *split_lse(const P &p, const BatchIndex &bi, co
     return q_rows(p.lse, bi);
 }
 
-// The combine: one warp per query row.  Pass 1 reads the row's n_splits
-// partial LSEs, one per lane (32 at a time): their max and sum give the LSE.
-// Pass 2: lane l holds the weight w_l = exp(LSE_l - LSE) of split l, and
-// every lane forms 4 columns of O (16-byte loads; the partial rows are padded
-// to 4 floats) over the splits with w broadcast by a shuffle, 8 splits' loads
-// in flight at a time: a decode row's splits are a chain of dependent loads
-// otherwise (29 splits of one row took 13 us, NOTES.md section 14).  A split
-// whose LSE is -inf (no key) has weight 0 and its row, which it never wrote,
-// is discarded by a select.  A row no split saw gets O = 0 and LSE = -inf,
-// as without splits.
+// The combine: one warp per query row, at most FC_SPLIT_MAX splits.
+// Lane l holds the partial LSEs of splits l, l + 32, .. (one load each, all
+// in flight together); their max and sum give the row's LSE and each split's
+// weight w = exp(LSE_s - LSE).  Then every lane forms 4 columns of O (16-byte
+// loads; partial rows are padded to 4 floats) over the splits, w broadcast by
+// a shuffle, 16 splits' loads issued before any is used: a decode row's
+// splits were otherwise a chain of dependent loads (29 splits of one row
+// took 13 us in a loop, 7 us unrolled by 8; NOTES.md section 14).  A split
+// whose LSE is -inf (it saw no key) has weight 0, and its row, which it never
+// wrote, is not read.  A row no split saw gets O = 0 and LSE = -inf, as
+// without splits.
 // Launch: grid (ceil(Sq / NWARPS), batch as every kernel), NWARPS * 32 threads.
-// (__launch_bounds__' minimum of 1 CTA: without it ptxas spills 4 bytes on sm_80)
+#define FC_SPLIT_MAX 128  // flashcupy/_split.py MAX_SPLITS
+// (__launch_bounds__' minimum of 1 CTA: without it ptxas spills on sm_80)
 template <typename T, int NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 fc_split_combine(FC_PARAMS(FwdParams<T, float>) p) {
+  constexpr int G = FC_SPLIT_MAX / 32, BATCH = 16;
   BatchIndex bi;
   if (!bi.init(p.nb0, p.nb1, p.nb2)) return;
   const int lane = threadIdx.x % 32;
@@ -121,41 +124,65 @@ fc_split_combine(FC_PARAMS(FwdParams<T, float>) p) {
   const float *lse_p = q_rows(p.lse_part, bi) + (fc_index_t)row * p.lse_part.sr;
   const int ns = p.n_splits;
   const float ninf = fc_neg_inf<float>::value();
+  float ls[G];
+#pragma unroll
+  for (int gi = 0; gi < G; ++gi) {
+    const int s = 32 * gi + lane;
+    ls[gi] = s < ns ? lse_p[(fc_index_t)s * p.lse_part_ss] : ninf;
+  }
   float mx = ninf;
-  for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lse_p[(fc_index_t)s * p.lse_part_ss]);
+#pragma unroll
+  for (int gi = 0; gi < G; ++gi) mx = fmaxf(mx, ls[gi]);
   mx = warp_max(mx);
   const float sub = mx == ninf ? 0.f : mx;  // no -inf - -inf
-  float sum = 0.f;
-  for (int s = lane; s < ns; s += 32)
-    sum += exp2f((lse_p[(fc_index_t)s * p.lse_part_ss] - sub) * (float)FC_LOG2E);
+  float w[G], sum = 0.f;
+#pragma unroll
+  for (int gi = 0; gi < G; ++gi) {
+    w[gi] = ls[gi] == ninf ? 0.f : exp2f((ls[gi] - sub) * (float)FC_LOG2E);
+    sum += w[gi];
+  }
   sum = warp_sum(sum);
   // LSE = sub + log(sum): -inf for a row with no key (sum = 0)
   if (lane == 0) q_rows(p.lse, bi)[(fc_index_t)row * p.lse.sr] = sum > 0.f ? sub + logf(sum) : ninf;
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+  for (int gi = 0; gi < G; ++gi) w[gi] *= inv;
   const float *o_p = q_rows(p.o_part, bi) + (fc_index_t)row * p.o_part.sr;
   T *o = q_rows(p.o, bi) + (fc_index_t)row * p.o.sr;
-  for (int c = 4 * lane; c < p.head_dim_v; c += 128) {
+  // (the column loop runs warp-uniformly: its shuffles need all 32 lanes, and
+  // at Dv < 128 some lanes own no column)
+  for (int c0 = 0; c0 < p.head_dim_v; c0 += 128) {
+    const int c = c0 + 4 * lane;
+    const bool mine = c < p.head_dim_v;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s0 = 0; s0 < ns; s0 += 32) {
-      const int s = s0 + lane;
-      const float ls = s < ns ? lse_p[(fc_index_t)s * p.lse_part_ss] : ninf;
-      const float w_l = ls == ninf ? 0.f : exp2f((ls - sub) * (float)FC_LOG2E) * inv;
-      const int n = fc_min(32, ns - s0);
-      const float *src = o_p + (fc_index_t)s0 * p.o_part_ss + c;
-#pragma unroll 8
-      for (int j = 0; j < n; ++j) {
-        const float w = __shfl_sync(0xffffffffu, w_l, j);
-        const float4 x = *reinterpret_cast<const float4 *>(src + (fc_index_t)j * p.o_part_ss);
-        const bool on = w != 0.f;
-        acc.x += on ? w * x.x : 0.f;
-        acc.y += on ? w * x.y : 0.f;
-        acc.z += on ? w * x.z : 0.f;
-        acc.w += on ? w * x.w : 0.f;
+#pragma unroll
+    for (int gi = 0; gi < G; ++gi) {
+      if (32 * gi >= ns) break;
+#pragma unroll
+      for (int j0 = 0; j0 < 32; j0 += BATCH) {
+        if (32 * gi + j0 >= ns) break;
+        float wj[BATCH];
+        float4 x[BATCH];
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+          wj[u] = __shfl_sync(0xffffffffu, w[gi], j0 + u);  // 0 past the last split
+          x[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (mine && wj[u] != 0.f)
+            x[u] = *reinterpret_cast<const float4 *>(
+                o_p + (fc_index_t)(32 * gi + j0 + u) * p.o_part_ss + c);
+        }
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+          acc.x += wj[u] * x[u].x, acc.y += wj[u] * x[u].y;
+          acc.z += wj[u] * x[u].z, acc.w += wj[u] * x[u].w;
+        }
       }
     }
-    o[c] = from_acc<T>(acc.x);
-    if (c + 1 < p.head_dim_v) o[c + 1] = from_acc<T>(acc.y);
-    if (c + 2 < p.head_dim_v) o[c + 2] = from_acc<T>(acc.z);
-    if (c + 3 < p.head_dim_v) o[c + 3] = from_acc<T>(acc.w);
+    if (mine) {
+      o[c] = from_acc<T>(acc.x);
+      if (c + 1 < p.head_dim_v) o[c + 1] = from_acc<T>(acc.y);
+      if (c + 2 < p.head_dim_v) o[c + 2] = from_acc<T>(acc.z);
+      if (c + 3 < p.head_dim_v) o[c + 3] = from_acc<T>(acc.w);
+    }
   }
 }

@@ -150,9 +150,10 @@ _SPLITS = contextvars.ContextVar("flashcupy_split_kv", default="auto")
 def split_kv(n):
     """Force the forward's split-KV count inside a ``with`` block: an int >= 1
     (1: no split; larger counts are capped by the key tiles a query tile
-    has), or ``"auto"`` (the default: the occupancy rule of
-    flashcupy/_split.py).  A test and benchmark hook; results are the same
-    up to float32 rounding of the merge."""
+    has and by 128), or ``"auto"`` (the default: the occupancy rule of
+    flashcupy/_split.py).  A test and benchmark hook.  Results agree within
+    the tolerance rule, not bit for bit: each split's probabilities are
+    rounded to the input dtype against its own running max."""
     if n != "auto" and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
         raise ValueError(f"split_kv: expected 'auto' or an int >= 1, got {n!r}")
     with _setting(_SPLITS, n):

@@ -30,7 +30,7 @@ FULL = 0.8        # a grid of >= 80 % of the slots runs as is (flash-attn's cut)
 NEAR = 0.85       # within 85 % of the best efficiency: fewer splits, less merge traffic
 MIN_TILES = 4     # >= 4 key tiles (256 keys at BLOCK_N = 64) a split: the pipeline's
                   # prologue and the partial row's write stay small beside its loads
-MAX_SPLITS = 128  # flash-attn's cap; the combine reads 32 LSEs per warp pass
+MAX_SPLITS = 128  # flash-attn's cap; the combine holds 4 LSEs a lane (FC_SPLIT_MAX)
 
 
 def count_for(ctas: int, key_tiles: int, slots: int) -> int:
@@ -76,7 +76,7 @@ def choose(prob, spec, split_spec, n_m_tiles: int) -> int:
     key_tiles = -(-prob.seqlen_k // spec.block_n)
     forced = _config.split_mode()
     if forced != "auto":
-        return max(1, min(int(forced), key_tiles))
+        return max(1, min(int(forced), key_tiles, MAX_SPLITS))
     ctas = n_m_tiles * prob.nbatch
     if ctas >= FULL * 132 * 8:  # (more than any GPU holds: skip the occupancy query)
         return 1
