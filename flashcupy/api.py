@@ -606,7 +606,7 @@ def _spec(prob, kernel, grad_dtype="", extra_vf=0):
         return None  # the atomic path needs dK, dV in the input dtype: use the pair
     # The tensor-core kernels store gradients in the input dtype only; a gradient
     # that needs an accumulator-dtype buffer (an input broadcast over an axis the
-    # kernel does not sum) and the HD = 256 backward run on the generic family.
+    # kernel does not sum) runs on the generic family.
     s = None if grad_dtype else fam.pick(kernel, prob.dtype_name, prob.head_dim,
                                          prob.head_dim_v, vf, _smem_limit(prob.device_id),
                                          prob.cc)

@@ -456,7 +456,9 @@ struct Dkdv2dCfg {
   static constexpr int SWM = 2, SWN = NWARPS / 2;
   static constexpr int S_MT = BLOCK_M / SWM / 16, S_N = BLOCK_N / SWN;
   // dK / dV tiling
-  static constexpr int KWN = NWARPS / 2, KWD = 2;
+  // (HD = 256: 4 slices of 64 columns, so each warp's dK / dV slice stays
+  // within one swizzle panel and its accumulators at 2 x 64 registers)
+  static constexpr int KWD = (HD > 128 || HDV > 128) ? 4 : 2, KWN = NWARPS / KWD;
   static constexpr int K_MT = BLOCK_N / KWN / 16, KD = HD / KWD, KDV = HDV / KWD;
   // dQ tiling
   static constexpr int QWM = BLOCK_M / 32 < NWARPS ? BLOCK_M / 32 : NWARPS;

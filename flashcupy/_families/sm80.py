@@ -13,7 +13,8 @@ benchmarks/dev/NOTES.md describes.
 """
 from __future__ import annotations
 
-from .._spec import (VF_BIAS, VF_BIAS_ACC, VF_MASK, VF_PAGED, VF_SEQ, VF_SINK, VF_SPLIT, KernelSpec, SMEM_LIMIT_SM80,
+from .._spec import (VF_BIAS, VF_BIAS_ACC, VF_DROPOUT, VF_MASK, VF_PAGED, VF_SEQ, VF_SINK,
+                     VF_SPLIT, KernelSpec, SMEM_LIMIT_SM80,
                      SMEM_LIMIT_SM90, head_dim_bucket)
 
 NAME = "sm80"
@@ -50,6 +51,12 @@ DKDV_TILES = {
     128: [(64, 128, 8, 2, "2d", "no-seq"),  # 204/202 vs 185/190 for 1-D; 171 KB (swizzled
                                             # Q/dO): H100 only
           (32, 64, 4, 2)],   # 1-D: 2 CTAs/SM; BLOCK_M 64 spills; A100
+    # HD = 256: the 2-D split with dK / dV in four 64-column slices (2 warps along
+    # the keys x 4 along D, 128 accumulator registers a thread; FlashAttention-2's
+    # hdim-256 backward splits them across warps the same way): 248 / 244 registers,
+    # no spill (kernel check).  The 1-D tiles need 256+ registers for dK, dV alone.
+    256: [(64, 64, 8, 2, "2d", "no-dropout"),   # 213 KB: H100 / H200
+          (32, 64, 8, 2, "2d", "no-dropout")],  # 140 KB: A100
 }
 # dK/dV with dQ added by float32 atomics into a workspace (deterministic=False, the
 # default; flash-attn 2's design: 5 products per step instead of the 4 + 3 of the
@@ -62,14 +69,16 @@ DKDVQ_TILES = {
                                           # 266/311 vs 297/306, 261/308 for 3 stages with
                                           # red.global.add; 204 KB
           (32, 128, 8, 2)],       # 1-D, 115 KB: A100
+    256: [(32, 64, 8, 2, "2d", "no-dropout")],  # dK / dV in 64-column slices as above, plus the dQ
+                                  # product: 238 registers, no spill; 140 KB (64 query
+                                  # rows spill: 255 registers + 68 bytes)
 }
 DQ_TILES = {
     32: [(64, 64, 4, 2)],
     64: [(64, 128, 4, 2)],   # 197-204
     128: [(64, 64, 4, 2)],   # 180-203; 3 stages slower
+    256: [(64, 32, 4, 2)],   # 239 registers, no spill; 132 KB
 }
-# HD = 256 backward: a warp owning 16 keys would need 256 registers for its dK,
-# dV accumulators alone; it runs on the generic family.
 
 TABLES = {"fwd": FWD_TILES, "bwd_dkdv": DKDV_TILES, "bwd_dq": DQ_TILES,
           "bwd_dkdvq": DKDVQ_TILES}
@@ -177,7 +186,11 @@ TAGS = {"no-offset": lambda vf: bool(vf & (VF_BIAS | VF_BIAS_ACC | VF_MASK)),
         # The split epilogue's partial-row stores take the 255-register D = 128
         # forward to 120 bytes of spill (kernel check); a split's few query
         # rows fill a 64-row tile no worse.
-        "no-split": lambda vf: bool(vf & VF_SPLIT)}
+        "no-split": lambda vf: bool(vf & VF_SPLIT),
+        # Dropout's bits come in 32-key blocks (variant.cuh dropout_frag); the
+        # 2-D split's S tiles at BLOCK_N = 64 give a warp 16 keys, so a dropout
+        # backward at HD = 256 takes the generic dK/dV kernel.
+        "no-dropout": lambda vf: bool(vf & VF_DROPOUT)}
 
 
 def refuses(tile, variant) -> bool:
