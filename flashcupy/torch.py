@@ -869,6 +869,13 @@ def _attention(q, k, v, causal: bool, scale, window_left=None, window_right=None
             dropout_p, rng)
     if _is_compiling():
         return torch.ops.flashcupy.attention_fwd(*args)
+    if not torch.is_grad_enabled() or not (
+            q.requires_grad or k.requires_grad or v.requires_grad
+            or (sink is not None and sink.requires_grad)
+            or (bias is not None and bias.requires_grad)):
+        # nothing to differentiate: no autograd node (its apply cost ~20 us of
+        # host time a call, more than a small call's kernels; profile_host.py)
+        return _fwd_impl(*args)
     return _EagerAttention.apply(*args)
 
 

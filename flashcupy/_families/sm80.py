@@ -69,9 +69,13 @@ DKDVQ_TILES = {
                                           # 266/311 vs 297/306, 261/308 for 3 stages with
                                           # red.global.add; 204 KB
           (32, 128, 8, 2)],       # 1-D, 115 KB: A100
-    256: [(32, 64, 8, 2, "2d", "no-dropout")],  # dK / dV in 64-column slices as above, plus the dQ
-                                  # product: 238 registers, no spill; 140 KB (64 query
-                                  # rows spill: 255 registers + 68 bytes)
+    # HD = 256: dK / dV in 64-column slices as in DKDV_TILES, plus the dQ product
+    # (64 query rows spill: 255 registers + 68 bytes).  H200, B4 H8 S4k bf16, whole
+    # backward: 211 / causal 196 TFLOP/s with the bulk dQ (SDPA flash 245 / 218),
+    # 200 / 184 with red.global.add, 202 / 187 with 3 stages; the deterministic
+    # pair (64x64 dK/dV + 64x32 dQ) 190 / 177.
+    256: [(32, 64, 8, 2, "2d", "bulk", "no-dropout"),  # 236 registers, 172 KB: sm_90
+          (32, 64, 8, 2, "2d", "no-dropout")],         # 238 registers, 140 KB: A100
 }
 DQ_TILES = {
     32: [(64, 64, 4, 2)],
