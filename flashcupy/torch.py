@@ -674,6 +674,9 @@ def _attention_fwd_fake(q, k, v, causal, scale, window_left=None, window_right=N
             q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype)))
 
 
+_EMPTY: dict = {}  # device -> a (0,) float32 tensor (_bwd_impl's shared placeholder)
+
+
 def _dsink_buffer(q, sink, fake=False):
     """dsink: float32 of the sink's shape (C-contiguous), or an empty (0,) tensor
     when there is no sink (an operator returns tensors, never None)."""
@@ -694,14 +697,20 @@ def _dbias_buffer(q, bias, bias_grad, fake=False):
 
 def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
               window_right=None, softcap=None, alibi=None, sink=None, bias=None, mask=None,
-              dropout_p=0.0, rng=None, bias_grad=False):
+              dropout_p=0.0, rng=None, bias_grad=False, shared_empty=True):
     bias_grad = bool(bias_grad) and bias is not None
     # gradients have their inputs' shapes (summed over broadcast axes), C-contiguous
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    dsink = _dsink_buffer(q, sink)
-    dbias = _dbias_buffer(q, bias, bias_grad)
+    # (shared_empty: the eager path discards the (0,) placeholders of an absent
+    # dsink / dbias, so one cached tensor serves them; the custom operator's
+    # outputs must be distinct tensors, it passes False)
+    empty = _EMPTY.get(q.device) if shared_empty else None
+    if shared_empty and empty is None:
+        empty = _EMPTY[q.device] = torch.empty((0,), dtype=torch.float32, device=q.device)
+    dsink = empty if empty is not None and sink is None else _dsink_buffer(q, sink)
+    dbias = empty if empty is not None and not bias_grad else _dbias_buffer(q, bias, bias_grad)
     kind = ("bwd-det" if deterministic else "bwd") + ("-dbias" if bias_grad else "")
     inputs = (dout, q, k, v, out, lse)
     key = _plan_key(kind, inputs, causal, scale, window_left, window_right, softcap,
@@ -744,7 +753,8 @@ def _attention_bwd(dout, q, k, v, out, lse, causal, scale, deterministic, window
                    window_right=None, softcap=None, alibi=None, sink=None, bias=None, mask=None,
                    dropout_p=0.0, rng=None, bias_grad=False):
     return _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left,
-                     window_right, softcap, alibi, sink, bias, mask, dropout_p, rng, bias_grad)
+                     window_right, softcap, alibi, sink, bias, mask, dropout_p, rng, bias_grad,
+                     shared_empty=False)
 
 
 @_attention_bwd.register_fake
@@ -1006,6 +1016,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Under ``torch.autocast("cuda")`` inputs are cast to the autocast dtype, as
     for PyTorch's SDPA (a float32 bias is kept: the kernels add it in float32).
     """
+    if (window is None and softcap is None and alibi_slopes is None and sink is None
+            and bias is None and mask is None and dropout_p == 0.0):
+        hit = _fast_attention(q, k, v, causal, scale)
+        if hit is not None:
+            return hit if return_lse else hit[0]
     fn = "attention"
     window_left, window_right = _check_window(fn, window)
     softcap = _check_softcap(fn, softcap)
@@ -1020,7 +1035,64 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     rng = _dropout_args(q.device) if dropout_p > 0.0 else None
     out, lse = _attention(q, k, v, bool(causal), scale, window_left, window_right, softcap,
                           alibi_slopes, sink, bias, mask, dropout_p, rng)
+    if (window is None and softcap is None and alibi_slopes is None and sink is None
+            and bias is None and mask is None and dropout_p == 0.0):
+        _fast_remember(q, k, v, causal, scale, out, lse)
     return (out, lse) if return_lse else out
+
+
+# A repeated plain call (no variant, no dropout) of a signature that passed every
+# check before skips them: its tensors' metadata, the flags and the forcing
+# switches key the entry, which holds the output shapes and the plan's key.
+# (bench_overhead.py's tiny forward spent 54 us of host time a call, against
+# SDPA's 25-31; profile_host.py: the checks, the plan key and the autograd node
+# were 25 us of it.)
+_FAST: dict = {}
+
+
+def _fast_key(q, k, v, causal, scale):
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        return None  # (subclasses and fakes take the checked route)
+    if not (q.layout is torch.strided and k.layout is torch.strided and v.layout is torch.strided
+            and not (q.is_nested or k.is_nested or v.is_nested)):
+        return None  # (the checks name what is wrong with these)
+    return (causal, scale, _config.current_family(), _config.gqa_mode(), _config.split_mode(),
+            torch.is_autocast_enabled("cuda"),
+            q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+            v.shape, v.stride(), v.dtype, v.device)
+
+
+def _fast_attention(q, k, v, causal, scale):
+    """(out, lse) of a call whose signature is remembered, or None (nothing launched)."""
+    if _is_compiling() or not (type(causal) is bool and (scale is None or type(scale) is float)):
+        return None
+    key = _fast_key(q, k, v, causal, scale)
+    entry = _FAST.get(key) if key is not None else None
+    if entry is None:
+        return None
+    out_shape, lse_shape, plan_key = entry
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(q, k, v, causal, scale, None, None, None, None, None, None,
+                                     None, 0.0, None)
+    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=q.device)
+    if _replay(plan_key, q.get_device(), {"q": q, "k": k, "v": v, "o": out, "lse": lse}):
+        return out, lse
+    return None
+
+
+def _fast_remember(q, k, v, causal, scale, out, lse) -> None:
+    if _is_compiling() or not (type(causal) is bool and (scale is None or type(scale) is float)):
+        return
+    key = _fast_key(q, k, v, causal, scale)
+    if key is None or torch.is_autocast_enabled("cuda"):
+        return
+    plan_key = _plan_key("fwd", (q, k, v), causal, scale, None, None, None, (None,) * 4, 0.0)
+    if _PLANS.get(plan_key) is None:
+        return  # (no replayable plan: e.g. an input copied for its layout)
+    if len(_FAST) >= 4096:
+        _FAST.clear()
+    _FAST[key] = (tuple(out.shape), tuple(lse.shape), plan_key)
 
 
 def _split_heads(x, n_kv: int, group: int):
