@@ -37,6 +37,18 @@ __device__ __forceinline__ KeySplit key_split(const P &p) {
   }
 }
 
+// The query tile of this CTA.  Without splits it is read from blockIdx at each
+// use, as before splits existed: a special register the compiler can re-read
+// instead of holding a value (the sm80 D = 128 forward with every variant sits
+// at 255 registers and spilled 88 bytes when it held ks.m_tile).
+// (Unsigned, as blockIdx: a signed tile index changes the code ptxas builds
+// around it enough to bring that spill back.)
+template <int VF>
+__device__ __forceinline__ unsigned query_tile(const KeySplit &ks) {
+  if constexpr ((VF & FC_VF_SPLIT) != 0) return (unsigned)ks.m_tile;
+  else return gridDim.x - 1 - blockIdx.x;
+}
+
 // Narrows the key tiles [n_first, n_tiles) to split ks.split's share: equal
 // runs of whole tiles, the last ones possibly empty (they then write
 // LSE = -inf and O = 0, which the combine weighs by 0).

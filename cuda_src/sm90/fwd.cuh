@@ -95,7 +95,7 @@ fc_sm90_fwd(FC_PARAMS(FwdParams<T, float>) p) {
   // (split-KV: several CTAs share this query tile, each a run of its key
   // tiles; split.cuh)
   const KeySplit ks = key_split<VF>(p);
-  const int m_start = ks.m_tile * BLOCK_M;
+  const int m_start = query_tile<VF>(ks) * BLOCK_M;
   // (sequences: the grid covers the longest one; tiles past this one's end exit)
   if constexpr ((VF & FC_VF_SEQ) != 0)
     if (m_start >= seq_len_q<VF>(bi, p)) return;
