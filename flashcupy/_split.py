@@ -68,16 +68,26 @@ def _slots(spec, device_id: int, cc: int) -> int:
     return max(1, per_sm) * sms
 
 
-def choose(prob, spec, split_spec, n_m_tiles: int) -> int:
-    """The split count of ``prob`` run by ``spec`` (``split_spec``: its split
-    kernel), from the forcing hook (flashcupy._config.split_kv) or the model."""
-    if not supports(spec) or "cu_q" in prob.seq_words:
+def _slots_at_most(spec, device_id: int) -> int:
+    """An upper bound of ``_slots`` from two device attributes, no compile: the
+    SMs times the CTAs of ``spec.threads`` threads an SM can hold."""
+    import cupy
+
+    attrs = cupy.cuda.Device(device_id).attributes
+    return attrs["MultiProcessorCount"] * max(1, attrs["MaxThreadsPerMultiProcessor"]
+                                              // spec.threads)
+
+
+def choose(prob, split_spec) -> int:
+    """The split count of ``prob`` for its split kernel ``split_spec``, from the
+    forcing hook (flashcupy._config.split_kv) or the model."""
+    if not supports(split_spec) or "cu_q" in prob.seq_words:
         return 1  # (packed query rows: a varlen batch has query tiles to spare)
-    key_tiles = -(-prob.seqlen_k // spec.block_n)
+    key_tiles = -(-prob.seqlen_k // split_spec.block_n)
     forced = _config.split_mode()
     if forced != "auto":
         return max(1, min(int(forced), key_tiles, MAX_SPLITS))
-    ctas = n_m_tiles * prob.nbatch
-    if ctas >= FULL * 132 * 8:  # (more than any GPU holds: skip the occupancy query)
-        return 1
+    ctas = -(-prob.seqlen_q // _config.tile_rows(split_spec)) * prob.nbatch
+    if ctas >= FULL * _slots_at_most(split_spec, prob.device_id):
+        return 1  # (a full grid on any occupancy: no need to build the split kernel)
     return count_for(ctas, key_tiles, _slots(split_spec, prob.device_id, prob.cc))

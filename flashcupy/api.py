@@ -682,9 +682,8 @@ def _plan_forward(plan, env):
            ("o", "o", out, rs(out)), ("lse", "lse", lse, _launch.vec_stride(lse))] + extra
     n_splits = 1
     if _split.supports(spec):
-        split_spec = _spec(prob, "fwd", extra_vf=VF_SPLIT)
-        n_m = -(-prob.seqlen_q // _config.tile_rows(spec))
-        n_splits = _split.choose(prob, spec, split_spec, n_m)
+        split_spec = _spec(prob, "fwd", extra_vf=VF_SPLIT)  # (its tile may differ)
+        n_splits = _split.choose(prob, split_spec)
     if n_splits > 1:
         # Split-KV (cuda_src/split.cuh): float32 partial O / LSE per split, then
         # the combine writes out and lse.  Partial rows are padded to 4 floats

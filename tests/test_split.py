@@ -38,6 +38,35 @@ def test_model_fills_the_gpu():
     assert _split.count_for(0, 512, slots) == 1
 
 
+def test_choose(monkeypatch):
+    """The plan's choice: the model over the split kernel's own tile, the
+    forcing hook capped by the key tiles and 128, no split for packed query
+    rows, a family without a split kernel, or a grid that fills any occupancy
+    (then the split kernel is not even built)."""
+    import dataclasses
+
+    from flashcupy._problem import Features, Problem
+    from flashcupy._spec import VF_SPLIT, KernelSpec
+
+    monkeypatch.setattr(_split, "_slots_at_most", lambda spec, dev: 132 * 16)
+    monkeypatch.setattr(_split, "_slots", lambda spec, dev, cc: 264)
+    spec = KernelSpec("sm90", "fwd", "bf16", 128, 128, nwarps=4, block_m=64, block_n=64,
+                      stages=2, variant=VF_SPLIT)
+    prob = Problem(bshape=(1, 8), seqlen_q=4, seqlen_k=131072, head_dim=128, head_dim_v=128,
+                   scale=0.1, features=Features(), dtype=np.dtype(np.float16),
+                   acc_dtype=np.dtype(np.float32), device_id=0, cc=90, family="sm90")
+    assert _split.choose(prob, spec) == _split.count_for(8, 2048, 264) > 16
+    assert _split.choose(dataclasses.replace(prob, bshape=(8, 8), seqlen_k=32768), spec) == 4
+    assert _split.choose(dataclasses.replace(prob, bshape=(64, 32)), spec) == 1
+    assert _split.choose(dataclasses.replace(prob, seq_words=("cu_q", "cu_k")), spec) == 1
+    assert _split.choose(prob, dataclasses.replace(spec, family="generic")) == 1
+    with _config.split_kv(500):
+        assert _split.choose(prob, spec) == _split.MAX_SPLITS
+        assert _split.choose(dataclasses.replace(prob, seqlen_k=200), spec) == 4
+    monkeypatch.setattr(_split, "_slots", lambda *a: pytest.fail("built the split kernel"))
+    assert _split.choose(dataclasses.replace(prob, bshape=(64, 64), seqlen_q=4096), spec) == 1
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, "4", None])
 def test_split_hook_refuses(bad):
     with pytest.raises(ValueError, match="split_kv"):
