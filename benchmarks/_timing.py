@@ -195,6 +195,31 @@ def do_bench(fn, warmup_ms=WARMUP_MS, rep_ms=REP_MS, min_reps=MIN_REPS, max_reps
                   reps=n_rep)
 
 
+def graph_ms(call, sets, bench) -> float:
+    """``bench(fn)`` (milliseconds) of CUDA-graph replays of ``call(*s)``, one
+    graph per input set, rotated: the call with no host work, as a serving or
+    training loop that captures its step runs it.  Each set is called once
+    eagerly first (compiles, plans, allocates), then captured on a
+    non-blocking stream."""
+    import cupy
+
+    cupy.cuda.Device().synchronize()  # (inputs made on the default stream are ready)
+    graphs = []
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for s in sets:
+            call(*s)
+            stream.synchronize()
+            stream.begin_capture()
+            call(*s)
+            graphs.append(stream.end_capture())
+    it = iter(range(10 ** 9))
+
+    def replay():
+        graphs[next(it) % len(graphs)].launch(cupy.cuda.get_current_stream())
+    return bench(replay)
+
+
 class Rotate:
     """Callable that runs ``body(*inputs)`` on the next of several input sets.
 

@@ -69,7 +69,7 @@ def read_bandwidth(args) -> float:
     k = cp.RawKernel(_READ_SRC, "fc_read")
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     n16 = np.uint64(n_bytes // 16)
-    ms = T.do_bench(lambda: k((sms * 8,), (512,), (x, n16, out)), warmup_ms=args.warmup_ms,
+    ms = T.do_bench(lambda x=x: k((sms * 8,), (512,), (x, n16, out)), warmup_ms=args.warmup_ms,
                     rep_ms=args.rep_ms).ms
     del x
     T.free_gpu_memory()
@@ -82,23 +82,7 @@ def bench(fn, args):
 
 def graph_ms(call, sets, args):
     """CUDA-graph replay ms of call(*s) over the rotating sets."""
-    import cupy as cp
-
-    graphs = []
-    cp.cuda.Device().synchronize()  # (the inputs were made on the default stream)
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        for s in sets:
-            call(*s)
-            stream.synchronize()
-            stream.begin_capture()
-            call(*s)
-            graphs.append(stream.end_capture())
-    it = iter(range(10 ** 9))
-
-    def replay():
-        graphs[next(it) % len(graphs)].launch(cp.cuda.get_current_stream())
-    return bench(replay, args)
+    return T.graph_ms(call, sets, lambda fn: bench(fn, args))
 
 
 def fc_modes(fc, args):
@@ -126,8 +110,6 @@ def _stack(*cms):
 
 
 def decode_table(fc, torch, args, read_gbs):
-    import cupy as cp
-
     dt = T.dtype_from_name("bf16")
     cols = fc_modes(fc, args)
     header = ["shape", "Sq"] + [c for c, _ in cols] + ["sdpa-flash", "sdpa-cudnn"]

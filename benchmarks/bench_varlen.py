@@ -61,23 +61,8 @@ def timed(call, sets, args):
     replay has no host work (a serving or training loop that captures its
     step); the eager call runs every host check, with its one device-to-host
     copy."""
-    import cupy as cp
-
     eager = bench(T.Rotate(call, sets), args)
-    graphs = []
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        for s in sets:
-            call(*s)
-            stream.synchronize()
-            stream.begin_capture()
-            call(*s)
-            graphs.append(stream.end_capture())
-    it = iter(range(10 ** 9))
-
-    def replay():
-        graphs[next(it) % len(graphs)].launch(cp.cuda.get_current_stream())
-    return bench(replay, args), eager
+    return T.graph_ms(call, sets, lambda fn: bench(fn, args)), eager
 
 
 def varlen_table(fc, torch, args):
