@@ -101,13 +101,18 @@ __device__ __forceinline__ void store_partial(const P &p, const BatchIndex &bi, 
 }
 
 // The LSE of this CTA's split: lse for a plain forward, the split's row of the
-// partial LSE buffer with FC_VF_SPLIT.
+// partial LSE buffer with FC_VF_SPLIT (rows at split_lse_sr apart).
 template <int VF, typename P>
 __device__ __forceinline__ float *split_lse(const P &p, const BatchIndex &bi, const KeySplit &ks) {
   if constexpr ((VF & FC_VF_SPLIT) != 0)
     return q_rows(p.lse_part, bi) + (fc_index_t)ks.split * p.lse_part_ss;
   else
     return q_rows(p.lse, bi);
+}
+template <int VF, typename P>
+__device__ __forceinline__ fc_index_t split_lse_sr(const P &p) {
+  if constexpr ((VF & FC_VF_SPLIT) != 0) return p.lse_part.sr;
+  else return p.lse.sr;
 }
 
 // The combine: one warp per query row, at most FC_SPLIT_MAX splits.

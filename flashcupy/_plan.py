@@ -69,6 +69,8 @@ class Plan:
 
         if stream_ptr is None:
             stream_ptr = cupy.cuda.get_current_stream().ptr
+        if alloc is None and any(st[0] == "alloc" for st in self.steps):
+            _keep_if_captured(self, env, stream_ptr)
         for st in self.steps:
             kind = st[0]
             if kind == "launch":
@@ -88,6 +90,26 @@ class Plan:
             else:
                 with cupy.cuda.ExternalStream(stream_ptr):
                     st[1](env)
+
+
+# Workspaces of plans run inside a CUDA-graph capture on CuPy's pool: the graph
+# writes them at every replay, but nothing else holds them once the call
+# returns, so the pool could hand their blocks to later arrays.  They are kept
+# for the life of the process (a capture is rare and its workspaces small: a
+# decode step's split-KV partials, a backward's dQ workspace).
+_CAPTURED: list = []
+
+
+def _keep_if_captured(plan, env, stream_ptr) -> None:
+    import cupy
+
+    if not cupy.cuda.runtime.streamIsCapturing(stream_ptr):
+        return
+    for st in plan.steps:
+        if st[0] == "alloc":
+            if st[1] not in env:
+                env[st[1]] = cupy.empty(st[2], st[3])
+            _CAPTURED.append(env[st[1]])
 
 
 def _seq_view(x, n):

@@ -119,6 +119,7 @@ import warnings
 import cupy
 import numpy as np
 import torch  # the real PyTorch (absolute import), not this module
+import torch.autograd.forward_ad as _fwAD
 
 from flashcupy import _config, _philox, _plan, api
 # Hugging Face transformers: registers flashcupy as an attn_implementation
@@ -873,16 +874,23 @@ class _EagerAttention(torch.autograd.Function):
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
+def _forward_ad() -> bool:
+    """Whether a forward-mode AD level is open: dual tensors do not show in
+    requires_grad, and the autograd Function must see them (it refuses them:
+    it has no jvp) rather than a bypass dropping their tangents."""
+    return getattr(_fwAD, "_current_level", -1) >= 0
+
+
 def _attention(q, k, v, causal: bool, scale, window_left=None, window_right=None, softcap=None,
                alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, rng=None):
     args = (q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink, bias, mask,
             dropout_p, rng)
     if _is_compiling():
         return torch.ops.flashcupy.attention_fwd(*args)
-    if not torch.is_grad_enabled() or not (
+    if not _forward_ad() and (not torch.is_grad_enabled() or not (
             q.requires_grad or k.requires_grad or v.requires_grad
             or (sink is not None and sink.requires_grad)
-            or (bias is not None and bias.requires_grad)):
+            or (bias is not None and bias.requires_grad))):
         # nothing to differentiate: no autograd node (its apply cost ~20 us of
         # host time a call, more than a small call's kernels; profile_host.py)
         return _fwd_impl(*args)
@@ -1017,7 +1025,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     for PyTorch's SDPA (a float32 bias is kept: the kernels add it in float32).
     """
     if (window is None and softcap is None and alibi_slopes is None and sink is None
-            and bias is None and mask is None and dropout_p == 0.0):
+            and bias is None and mask is None and type(dropout_p) is float
+            and dropout_p == 0.0):
         hit = _fast_attention(q, k, v, causal, scale)
         if hit is not None:
             return hit if return_lse else hit[0]
@@ -1036,7 +1045,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     out, lse = _attention(q, k, v, bool(causal), scale, window_left, window_right, softcap,
                           alibi_slopes, sink, bias, mask, dropout_p, rng)
     if (window is None and softcap is None and alibi_slopes is None and sink is None
-            and bias is None and mask is None and dropout_p == 0.0):
+            and bias is None and mask is None and type(dropout_p) is float
+            and dropout_p == 0.0):
         _fast_remember(q, k, v, causal, scale, out, lse)
     return (out, lse) if return_lse else out
 
@@ -1064,7 +1074,8 @@ def _fast_key(q, k, v, causal, scale):
 
 def _fast_attention(q, k, v, causal, scale):
     """(out, lse) of a call whose signature is remembered, or None (nothing launched)."""
-    if _is_compiling() or not (type(causal) is bool and (scale is None or type(scale) is float)):
+    if (_is_compiling() or _forward_ad()
+            or not (type(causal) is bool and (scale is None or type(scale) is float))):
         return None
     key = _fast_key(q, k, v, causal, scale)
     entry = _FAST.get(key) if key is not None else None

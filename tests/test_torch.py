@@ -1224,6 +1224,36 @@ def test_wiring_sdpa_dropout(record_bwd, fake_generator, seed):
 
 
 # ----------------------------------------------------------------------------
+# the fast path of a repeated plain call (flashcupy/torch.py _fast_attention)
+# ----------------------------------------------------------------------------
+
+@gpu
+def test_fast_path_repeats_exactly_and_keeps_the_checks(seed):
+    """A repeated plain call replays its remembered plan: fresh outputs with the
+    first call's values, gradients through autograd, and every check the
+    checked route makes (a bool dropout_p, forward-mode AD) still applies."""
+    q, k, v = (randn((2, 3, 77, 64), torch.bfloat16, seed + i) for i in range(3))
+    with torch.no_grad():
+        a = fct.attention(q, k, v, causal=True)   # checked, remembered
+        b = fct.attention(q, k, v, causal=True)   # the fast entry
+    assert fct._fast_key(q, k, v, True, None) in fct._FAST
+    assert b.data_ptr() != a.data_ptr() and torch.equal(a, b)
+    qg = q.clone().requires_grad_(True)
+    out = fct.attention(qg, k, v, causal=True)
+    assert out.grad_fn is not None and torch.equal(out.detach(), a)
+    (g,) = torch.autograd.grad(out, (qg,), torch.ones_like(out))
+    assert g.shape == q.shape and bool(torch.isfinite(g).all())
+    with pytest.raises(TypeError, match="dropout_p"):
+        fct.attention(q, k, v, causal=True, dropout_p=False)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, torch.randn_like(q))
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            fct.attention(dual, k, v, causal=True)
+
+
+# ----------------------------------------------------------------------------
 # values: forward and backward vs float64
 # ----------------------------------------------------------------------------
 

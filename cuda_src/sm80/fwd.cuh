@@ -228,7 +228,7 @@ fc_sm80_fwd(FC_PARAMS(FwdParams<T, float>) p) {
       inv_l[mt][h] = OnlineSoftmax<float>::inv_sum(l) * (decltype(var)::DROPOUT ? var.drop_rp : 1.f);
       const int row = m_start + wrow + mt * 16 + g + 8 * h;
       if (c4 == 0 && row < seq_len_q<VF>(bi, p))
-        lse_b[row * p.lse.sr] = OnlineSoftmax<float>::lse_natural(sm[mt][h].m_i, l);
+        lse_b[row * split_lse_sr<VF>(p)] = OnlineSoftmax<float>::lse_natural(sm[mt][h].m_i, l);
     }
   if constexpr ((VF & FC_VF_SPLIT) != 0) {  // float32 partial rows, no staging
     store_partial<MT, NO>(p, bi, ks, m_start + wrow, seq_len_q<VF>(bi, p), acc_o, inv_l, lane);
