@@ -169,6 +169,19 @@ def _sdpa_gbs(torch, backend, sets, kv_bytes, args):
         return None
 
 
+def contiguous_gbs(fc, shape, lens_d, nbytes, args):
+    """GB/s (``nbytes`` per call) of attention_with_kvcache on a contiguous
+    cache of shape (B, Hkv, G, Sq, Sk) with lengths ``lens_d``, graph replays."""
+    b, hkv, g, sq, sk = shape
+    dt = T.dtype_from_name("bf16")
+    sets = [(T.randn((b, hkv, g, sq, D), dt),) + tuple(
+        T.randn((b, hkv, 1, sk, D), dt) for _ in range(2)) for _ in range(args.rotate)]
+    ms = graph_ms(lambda q, k, v: fc.attention_with_kvcache(q, k, v, lens_d), sets, args)
+    del sets
+    T.free_gpu_memory()
+    return nbytes / ms / 1e6
+
+
 def cache_table(fc, args):
     import cupy as cp
     import numpy as np
@@ -186,12 +199,7 @@ def cache_table(fc, args):
             lens_d = cp.asarray(lens)
             kv_bytes = 2 * b * hkv * sk * D * 2
             row = [f"{name} B{b} Sk{sk // 1024}k", sq]
-            sets = [(T.randn((b, hkv, g, sq, D), dt),) + tuple(
-                T.randn((b, hkv, 1, sk, D), dt) for _ in range(2)) for _ in range(args.rotate)]
-            row.append(kv_bytes / graph_ms(lambda q, k, v: fc.attention_with_kvcache(
-                q, k, v, lens_d), sets, args) / 1e6)
-            del sets
-            T.free_gpu_memory()
+            row.append(contiguous_gbs(fc, (b, hkv, g, sq, sk), lens_d, kv_bytes, args))
             for page in (16, 256):
                 per = -(-sk // page)
                 sets = []
@@ -207,12 +215,7 @@ def cache_table(fc, args):
             rl = rng.integers(sk // 2, sk + 1, b).astype(np.int32)
             rl_d = cp.asarray(rl)
             held = 2 * int(rl.sum()) * hkv * D * 2
-            sets = [(T.randn((b, hkv, g, sq, D), dt),) + tuple(
-                T.randn((b, hkv, 1, sk, D), dt) for _ in range(2)) for _ in range(args.rotate)]
-            row.append(held / graph_ms(lambda q, k, v: fc.attention_with_kvcache(
-                q, k, v, rl_d), sets, args) / 1e6)
-            del sets
-            T.free_gpu_memory()
+            row.append(contiguous_gbs(fc, (b, hkv, g, sq, sk), rl_d, held, args))
             row += [row[3] / row[2], row[4] / row[2], row[5] / row[2]]
             table.append(row)
             T.progress(f"cache {row[0]} Sq={sq}: " + " ".join(T.fmt(x) for x in row[2:]))

@@ -20,18 +20,20 @@ class Plan:
     ("host", fn, names): ``fn(env)`` with CuPy on the launch stream (gradient
     reductions, dsink)."""
 
-    __slots__ = ("prob", "steps", "call")
+    __slots__ = ("prob", "steps", "call", "workspaces")
 
     def __init__(self, prob, call=None):
         # prob: the problem the kernels run; call: the caller's (its output
         # shapes), another one where the arrays were re-viewed (_pack.py)
         self.prob, self.steps = prob, []
         self.call = prob if call is None else call
+        self.workspaces = False  # any "alloc" step (_keep_if_captured)
 
     def alloc(self, env, name, shape, dtype):
         import cupy
 
         self.steps.append(("alloc", name, tuple(shape), dtype))
+        self.workspaces = True
         env[name] = cupy.empty(shape, dtype)
         return env[name]
 
@@ -69,7 +71,7 @@ class Plan:
 
         if stream_ptr is None:
             stream_ptr = cupy.cuda.get_current_stream().ptr
-        if alloc is None and any(st[0] == "alloc" for st in self.steps):
+        if alloc is None and self.workspaces:
             _keep_if_captured(self, env, stream_ptr)
         for st in self.steps:
             kind = st[0]

@@ -1024,9 +1024,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Under ``torch.autocast("cuda")`` inputs are cast to the autocast dtype, as
     for PyTorch's SDPA (a float32 bias is kept: the kernels add it in float32).
     """
-    if (window is None and softcap is None and alibi_slopes is None and sink is None
-            and bias is None and mask is None and type(dropout_p) is float
-            and dropout_p == 0.0):
+    plain = (window is None and softcap is None and alibi_slopes is None and sink is None
+             and bias is None and mask is None and type(dropout_p) is float
+             and dropout_p == 0.0)
+    if plain:
         hit = _fast_attention(q, k, v, causal, scale)
         if hit is not None:
             return hit if return_lse else hit[0]
@@ -1044,9 +1045,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     rng = _dropout_args(q.device) if dropout_p > 0.0 else None
     out, lse = _attention(q, k, v, bool(causal), scale, window_left, window_right, softcap,
                           alibi_slopes, sink, bias, mask, dropout_p, rng)
-    if (window is None and softcap is None and alibi_slopes is None and sink is None
-            and bias is None and mask is None and type(dropout_p) is float
-            and dropout_p == 0.0):
+    if plain:
         _fast_remember(q, k, v, causal, scale, out, lse)
     return (out, lse) if return_lse else out
 
