@@ -204,7 +204,8 @@ def cache_table(fc, args):
                 per = -(-sk // page)
                 sets = []
                 for _ in range(args.rotate):
-                    tab = rng.permutation(b * per).astype(np.int32).reshape(b, per)
+                    tab = (rng.permutation(b * per) if args.page_order == "random" else
+                           np.arange(b * per)).astype(np.int32).reshape(b, per)
                     q = T.randn((b, hkv, g, sq, D), dt)
                     kp, vp = (T.randn((b * per, hkv, 1, page, D), dt) for _ in range(2))
                     sets.append((q, kp, vp, cp.asarray(tab)))
@@ -234,6 +235,9 @@ def main(argv=None):
                    help="extra flashcupy columns with GQA packing forced")
     p.add_argument("--splits", nargs="*", default=["auto"],
                    help="split counts of the extra columns (auto or ints)")
+    p.add_argument("--page-order", choices=["random", "sorted"], default="random",
+                   help="pages of the pools in a random order (default), or each "
+                        "sequence's pages one after another in memory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rotate", type=int, default=2)
     p.add_argument("--warmup-ms", type=float, default=T.WARMUP_MS)

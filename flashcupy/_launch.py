@@ -78,6 +78,16 @@ class Launch:
             self._launch(self.fptr, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, stream_ptr, 0,
                          self._extra_ptr)
 
+    def run_ptrs(self, ptrs, stream_ptr):
+        """``run`` from a {name: address} map (Plan.run_pointers)."""
+        u64 = self._u64
+        g, b = self.grid, self.block
+        with self._lock:
+            for word, name, byte_off in self.slots:
+                u64[word] = ptrs[name] + byte_off
+            self._launch(self.fptr, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, stream_ptr, 0,
+                         self._extra_ptr)
+
 
 def launch(spec, prob, kind, layout, tensors, n_rows, scalars=None, grid_x_mult=1):
     """The launches of ``spec`` over every batch chunk of ``layout``.

@@ -20,7 +20,7 @@ class Plan:
     ("host", fn, names): ``fn(env)`` with CuPy on the launch stream (gradient
     reductions, dsink)."""
 
-    __slots__ = ("prob", "steps", "call", "workspaces")
+    __slots__ = ("prob", "steps", "call", "workspaces", "_arena")
 
     def __init__(self, prob, call=None):
         # prob: the problem the kernels run; call: the caller's (its output
@@ -28,12 +28,14 @@ class Plan:
         self.prob, self.steps = prob, []
         self.call = prob if call is None else call
         self.workspaces = False  # any "alloc" step (_keep_if_captured)
+        self._arena = None       # the workspaces' layout in one block (arena)
 
     def alloc(self, env, name, shape, dtype):
         import cupy
 
         self.steps.append(("alloc", name, tuple(shape), dtype))
         self.workspaces = True
+        self._arena = None
         env[name] = cupy.empty(shape, dtype)
         return env[name]
 
@@ -92,6 +94,52 @@ class Plan:
             else:
                 with cupy.cuda.ExternalStream(stream_ptr):
                     st[1](env)
+
+    def arena(self):
+        """The workspaces in one block: ``(bytes, ((name, offset, bytes), ..))``,
+        each at a 256-byte boundary (cudaMalloc's alignment)."""
+        if self._arena is None:
+            import numpy as np
+
+            at, parts = 0, []
+            for st in self.steps:
+                if st[0] == "alloc":
+                    n = int(np.prod(st[2], dtype=np.int64)) * np.dtype(st[3]).itemsize
+                    parts.append((st[1], at, n))
+                    at += -(-n // 256) * 256
+            self._arena = (at, tuple(parts))
+        return self._arena
+
+    def run_pointers(self, ptrs, stream_ptr, alloc_bytes, nbytes_of):
+        """A replay from addresses alone (``pointers_only`` plans; flashcupy.torch):
+        ``ptrs`` maps each environment name to its address (a per-call word to
+        its value) and gains the workspaces', which ``alloc_bytes(n)`` provides
+        as one block of n bytes (its address) that stays valid until the
+        launches are queued; ``nbytes_of(name)`` is the size of a caller's
+        array that a step zeroes (dbias).  One allocation and no array objects: the
+        workspaces of a backward cost two allocator calls and every operand an
+        object before (bench_overhead.py, NOTES.md 14.8)."""
+        total, parts = self.arena()
+        sizes = {}
+        if total:
+            base = alloc_bytes(total)
+            for name, off, n in parts:
+                ptrs[name] = base + off
+                sizes[name] = n
+        for st in self.steps:
+            kind = st[0]
+            if kind == "launch":
+                st[1].run_ptrs(ptrs, stream_ptr)
+            elif kind == "alias":
+                ptrs[st[1]] = ptrs[st[2]]
+                sizes[st[1]] = sizes[st[2]] if st[2] in sizes else nbytes_of(st[2])
+            elif kind == "zero":
+                import cupy
+
+                n = sizes[st[1]] if st[1] in sizes else nbytes_of(st[1])
+                cupy.cuda.runtime.memsetAsync(ptrs[st[1]], 0, n, stream_ptr)
+            elif kind != "alloc":
+                raise RuntimeError(f"a pointer replay of a plan with a {kind!r} step")
 
 
 # Workspaces of plans run inside a CUDA-graph capture on CuPy's pool: the graph

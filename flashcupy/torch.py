@@ -472,25 +472,7 @@ def _cupy_on_torch(device: torch.device):
 # stream, device or allocator context.  Those cost ~150 us per forward call at
 # small sizes, far more than the kernels.
 
-class _Ptr:
-    """What a plan replay needs of a tensor: its address and size.  Holds the
-    tensor, so a workspace lives until the launches that use it are queued
-    (PyTorch's allocator then reuses the block only in stream order)."""
-
-    __slots__ = ("ptr", "nbytes", "ref")
-
-    def __init__(self, t: torch.Tensor):
-        self.ptr, self.nbytes, self.ref = t.data_ptr(), t.nbytes, t
-
-    @property
-    def data(self):  # the plan reads ``env[name].data.ptr``, as of a cupy.ndarray
-        return self
-
-
 _PLANS = _plan.CACHE  # flashcupy's one plan cache (bounded: a full cache is cleared)
-# the plan's workspace dtypes (numpy types or dtypes) -> torch dtypes
-_WORKSPACE_DTYPES = {np.float32: torch.float32, np.dtype(np.float32): torch.float32,
-                     np.float64: torch.float64, np.dtype(np.float64): torch.float64}
 
 try:
     _raw_stream = torch._C._cuda_getCurrentRawStream  # device index -> cudaStream_t
@@ -538,23 +520,44 @@ def _remember(key, plan) -> None:
     _PLANS.put(key, plan)
 
 
+try:
+    _current_device = torch._C._cuda_getDevice  # (torch.cuda.current_device without its
+except AttributeError:  # pragma: no cover      # lazy-init check: CUDA is up by a replay)
+    _current_device = torch.cuda.current_device
+_DEVICES: dict = {}  # index -> torch.device (one object per device, not one per call)
+
+
+def _device(index: int) -> torch.device:
+    d = _DEVICES.get(index)
+    if d is None:
+        d = _DEVICES[index] = torch.device("cuda", index)
+    return d
+
+
 def _replay(key, device_index: int, env: dict, dropout=None) -> bool:
     """Runs the remembered plan of ``key`` on the tensors of ``env`` on PyTorch's
     current stream; False (nothing launched) when there is none to replay.
-    ``dropout``: this call's dropout keywords of flashcupy.api (``_dropout_kwargs``)."""
+    ``dropout``: this call's dropout keywords of flashcupy.api (``_dropout_kwargs``).
+    The plan sees addresses only (Plan.run_pointers): the tensors' and one
+    workspace block's from PyTorch's allocator, held until the launches are
+    queued (the allocator then reuses the block in stream order)."""
     plan = _PLANS.get(key)
-    if plan is None or torch.cuda.current_device() != device_index:
+    if plan is None or _current_device() != device_index:
         return False
-    device = torch.device("cuda", device_index)
-
-    def alloc(shape, dtype):
-        return _Ptr(torch.empty(shape, dtype=_WORKSPACE_DTYPES[dtype], device=device))
-
-    run_env = {n: _Ptr(t) for n, t in env.items()}
+    ptrs = {n: t.data_ptr() for n, t in env.items()}
     if dropout is not None and dropout["dropout_p"]:
-        # the seed and offset are not part of the plan: it reads them from the environment
-        api.dropout_env(run_env, dropout["dropout_p"], dropout["seed"], dropout["offset"])
-    plan.run(run_env, _raw_stream(device_index), alloc)
+        # the seed and offset are not part of the plan: it reads them per call
+        # (flashcupy.api.dropout_env's words, as values)
+        ptrs["dropout_seed"], ptrs["dropout_offset"] = dropout["seed"], dropout["offset"]
+        ptrs["dropout_index"] = 0
+    held = []
+
+    def alloc_bytes(n):
+        t = torch.empty((n,), dtype=torch.uint8, device=_device(device_index))
+        held.append(t)
+        return t.data_ptr()
+
+    plan.run_pointers(ptrs, _raw_stream(device_index), alloc_bytes, lambda n: env[n].nbytes)
     return True
 
 
@@ -627,14 +630,23 @@ def _pairs_env(env: dict, bias, mask) -> None:
 
 
 def _fwd_impl(q, k, v, causal, scale, window_left=None, window_right=None, softcap=None,
-              alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, rng=None):
+              alibi=None, sink=None, bias=None, mask=None, dropout_p=0.0, rng=None, *,
+              key=False, ctx=None):
+    """The forward on PyTorch tensors.  ``key``: the plan key when the caller
+    has it (flashcupy.torch.attention's fast entry), else computed here;
+    ``ctx``: the eager autograd context, which keeps it as ``fwd_key`` (the
+    backward's key builds on it, _bwd_impl)."""
     # shapes validated (ValueError) before anything is allocated
     out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
     # outputs from PyTorch's caching allocator: the kernels write into them in place
-    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=q.device)
-    key = _plan_key("fwd", (q, k, v), causal, scale, window_left, window_right, softcap,
-                    (alibi, sink, bias, mask), dropout_p)
+    dev = q.device
+    out = torch.empty(out_shape, dtype=q.dtype, device=dev)
+    lse = torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=dev)
+    if key is False:
+        key = _plan_key("fwd", (q, k, v), causal, scale, window_left, window_right, softcap,
+                        (alibi, sink, bias, mask), dropout_p)
+    if ctx is not None:
+        ctx.fwd_key = key
     env = {"q": q, "k": k, "v": v, "o": out, "lse": lse}
     if alibi is not None:
         env["alibi"] = alibi
@@ -698,24 +710,34 @@ def _dbias_buffer(q, bias, bias_grad, fake=False):
 
 def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left=None,
               window_right=None, softcap=None, alibi=None, sink=None, bias=None, mask=None,
-              dropout_p=0.0, rng=None, bias_grad=False, shared_empty=True):
+              dropout_p=0.0, rng=None, bias_grad=False, shared_empty=True, fwd_key=None):
+    """The backward on PyTorch tensors.  ``fwd_key``: the eager forward's plan
+    key (its ``out`` and ``lse`` are the ones this forward allocated, so they
+    follow from it): the backward's key is then that key, the gradient kind,
+    dout's metadata and the forcing switches, not six tensors' metadata
+    again."""
     bias_grad = bool(bias_grad) and bias is not None
     # gradients have their inputs' shapes (summed over broadcast axes), C-contiguous
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dev = q.device  # (one device object: k and v are on it)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     # (shared_empty: the eager path discards the (0,) placeholders of an absent
     # dsink / dbias, so one cached tensor serves them; the custom operator's
     # outputs must be distinct tensors, it passes False)
-    empty = _EMPTY.get(q.device) if shared_empty else None
+    empty = _EMPTY.get(dev) if shared_empty else None
     if shared_empty and empty is None:
-        empty = _EMPTY[q.device] = torch.empty((0,), dtype=torch.float32, device=q.device)
+        empty = _EMPTY[dev] = torch.empty((0,), dtype=torch.float32, device=dev)
     dsink = empty if empty is not None and sink is None else _dsink_buffer(q, sink)
     dbias = empty if empty is not None and not bias_grad else _dbias_buffer(q, bias, bias_grad)
     kind = ("bwd-det" if deterministic else "bwd") + ("-dbias" if bias_grad else "")
     inputs = (dout, q, k, v, out, lse)
-    key = _plan_key(kind, inputs, causal, scale, window_left, window_right, softcap,
-                    (alibi, sink, bias, mask), dropout_p)
+    if fwd_key is not None:
+        key = ("torch", kind, fwd_key, dout.shape, dout.stride(), dout.dtype, dout.get_device(),
+               _config.current_family(), _config.gqa_mode(), _config.split_mode())
+    else:
+        key = _plan_key(kind, inputs, causal, scale, window_left, window_right, softcap,
+                        (alibi, sink, bias, mask), dropout_p)
     env = {"dout": dout, "q": q, "k": k, "v": v, "o": out, "lse": lse,
            "dq_out": dq, "dk_out": dk, "dv_out": dv}
     if alibi is not None:
@@ -823,7 +845,7 @@ def _deterministic_dbias(q, k, v, bias, dropout_p) -> bool:
     raise RuntimeError(msg)
 
 
-def _run_backward(ctx, dout, bwd):
+def _run_backward(ctx, dout, bwd, **extra):
     q, k, v, out, lse, alibi, sink, bias, mask, rng = ctx.saved_tensors
     if dout.stride(-1) != 1:
         # e.g. the fully expanded (all strides 0) gradient of out.sum(); the core
@@ -837,7 +859,7 @@ def _run_backward(ctx, dout, bwd):
         deterministic = _deterministic_dbias(q, k, v, bias, ctx.dropout_p)
     dq, dk, dv, dsink, dbias = bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
                                    deterministic, *ctx.variant, alibi, sink, bias, mask,
-                                   ctx.dropout_p, rng, bias_grad)
+                                   ctx.dropout_p, rng, bias_grad, **extra)
     return _grads(ctx, dq, dk, dv, dsink, dbias, sink, bias)
 
 
@@ -858,17 +880,20 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink,
-                bias, mask, dropout_p, rng):
+                bias, mask, dropout_p, rng, key=False):
+        # (key: the plan key when the caller has it, as _fwd_impl's)
         args = (q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink, bias,
                 mask, dropout_p, rng)
-        out, lse = _fwd_impl(*args)
+        out, lse = _fwd_impl(*args, key=key, ctx=ctx)
         _setup_context(ctx, args, (out, lse))
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        return _run_backward(ctx, dout, _bwd_impl)
+        # (no fwd_key when a test routes the forward elsewhere)
+        key = getattr(ctx, "fwd_key", None)
+        return _run_backward(ctx, dout, _bwd_impl, fwd_key=key) + (None,)
 
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
@@ -1028,7 +1053,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
              and bias is None and mask is None and type(dropout_p) is float
              and dropout_p == 0.0)
     if plain:
-        hit = _fast_attention(q, k, v, causal, scale)
+        hit = _fast_attention(q, k, v, causal, scale, return_lse)
         if hit is not None:
             return hit if return_lse else hit[0]
     fn = "attention"
@@ -1066,36 +1091,76 @@ def _fast_key(q, k, v, causal, scale):
             and not (q.is_nested or k.is_nested or v.is_nested)):
         return None  # (the checks name what is wrong with these)
     return (causal, scale, _config.current_family(), _config.gqa_mode(), _config.split_mode(),
-            torch.is_autocast_enabled("cuda"),
             q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
             v.shape, v.stride(), v.dtype, v.device)
 
 
-def _fast_attention(q, k, v, causal, scale):
-    """(out, lse) of a call whose signature is remembered, or None (nothing launched)."""
+def _autocast_is_noop(q, k, v) -> bool:
+    """Whether ``_autocast`` leaves these tensors as they are (no autocast, or
+    they have its dtype or are float64): then a remembered signature holds
+    under autocast too (a training step under bf16 autocast feeds bf16
+    projections)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return True
+    dt = torch.get_autocast_dtype("cuda")
+    return all(t.dtype is dt or t.dtype is torch.float64 or not t.is_floating_point()
+               for t in (q, k, v))
+
+
+def _fast_attention(q, k, v, causal, scale, need_lse=True, sdpa=False):
+    """(out, lse) of a call whose signature is remembered, or None (nothing
+    launched).  Without ``need_lse`` (and no autograd node) the lse is a
+    shared scratch buffer, not the caller's to keep (_lse_scratch).
+    ``sdpa``: the SDPA drop-in's call, whose ``is_causal`` is attention's
+    ``causal`` only when Sq == Sk (else it takes the checked route)."""
     if (_is_compiling() or _forward_ad()
             or not (type(causal) is bool and (scale is None or type(scale) is float))):
         return None
     key = _fast_key(q, k, v, causal, scale)
     entry = _FAST.get(key) if key is not None else None
-    if entry is None:
+    if entry is None or not _autocast_is_noop(q, k, v):
+        return None
+    if sdpa and causal and q.shape[-2] != k.shape[-2]:
         return None
     out_shape, lse_shape, plan_key = entry
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, causal, scale, None, None, None, None, None, None,
-                                     None, 0.0, None)
-    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=q.device)
+                                     None, 0.0, None, plan_key)
+    dev = q.device
+    out = torch.empty(out_shape, dtype=q.dtype, device=dev)
+    lse = (torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=dev) if need_lse
+           else _lse_scratch(lse_shape, q.dtype, dev))
     if _replay(plan_key, q.get_device(), {"q": q, "k": k, "v": v, "o": out, "lse": lse}):
         return out, lse
     return None
+
+
+# The LSE of a call that returns none and records no autograd node is written
+# and never read: such calls share one buffer per (shape, dtype, device) instead
+# of allocating one each (an allocator call is ~3 us of a tiny call's host time;
+# NOTES.md 14.8).  Kernels of several streams, or of a captured CUDA graph, may
+# write it at once: nothing reads it, and its memory is never freed (a graph
+# keeps its address), so the cache stops growing at _LSE_SCRATCH_MAX entries and
+# calls beyond that allocate as before.
+_LSE_SCRATCH: dict = {}
+_LSE_SCRATCH_MAX = 64
+
+
+def _lse_scratch(shape, dtype, device):
+    key = (shape, dtype, device)
+    t = _LSE_SCRATCH.get(key)
+    if t is None:
+        t = torch.empty(shape, dtype=_lse_dtype(dtype), device=device)
+        if len(_LSE_SCRATCH) < _LSE_SCRATCH_MAX:
+            _LSE_SCRATCH[key] = t
+    return t
 
 
 def _fast_remember(q, k, v, causal, scale, out, lse) -> None:
     if _is_compiling() or not (type(causal) is bool and (scale is None or type(scale) is float)):
         return
     key = _fast_key(q, k, v, causal, scale)
-    if key is None or torch.is_autocast_enabled("cuda"):
+    if key is None:
         return
     plan_key = _plan_key("fwd", (q, k, v), causal, scale, None, None, None, (None,) * 4, 0.0)
     if _PLANS.get(plan_key) is None:
@@ -1159,6 +1224,14 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     an ordinary score: such a row averages over all keys, in every
     implementation.
     """
+    # a plain call (no mask, no dropout, no GQA flag) of a signature checked
+    # before: attention()'s fast entry (is_causal with L == S is its causal)
+    plain = (attn_mask is None and type(dropout_p) is float and dropout_p == 0.0
+             and not enable_gqa)
+    if plain:
+        hit = _fast_attention(query, key, value, is_causal, scale, need_lse=False, sdpa=True)
+        if hit is not None:
+            return hit[0]
     fn = "scaled_dot_product_attention"
     if attn_mask is not None and is_causal:
         raise ValueError(
@@ -1209,10 +1282,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     causal = bool(is_causal) and L == S
     window_right = L - S if is_causal and L != S else None
     rng = _dropout_args(query.device) if dropout_p > 0.0 else None
-    out, _ = _attention(q, k, v, causal, scale, None, window_right, None, None, None, bias, mask,
-                        dropout_p, rng)
+    out, lse = _attention(q, k, v, causal, scale, None, window_right, None, None, None, bias,
+                          mask, dropout_p, rng)
     if group:
         out = out.flatten(-4, -3)  # (..., Hkv, G, L, Ev) -> (..., Hq, L, Ev): a view
+    elif plain and window_right is None:
+        _fast_remember(q, k, v, causal, scale, out, lse)  # (the call is attention's own)
     return out
 
 

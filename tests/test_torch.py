@@ -657,8 +657,11 @@ def cpu_kernels(monkeypatch, cpu_device):
     scoped = getattr(torch.library, "_scoped_library", None)
     if scoped is None:
         pytest.skip("torch.library._scoped_library is not available")
-    monkeypatch.setattr(fct, "_fwd_impl", lambda *a: torch.ops.flashcupy.attention_fwd(*a))
-    monkeypatch.setattr(fct, "_bwd_impl", lambda *a: torch.ops.flashcupy.attention_bwd(*a))
+    # (the eager path's keywords, its plan keys, do not reach the operators)
+    monkeypatch.setattr(fct, "_fwd_impl",
+                        lambda *a, **kw: torch.ops.flashcupy.attention_fwd(*a))
+    monkeypatch.setattr(fct, "_bwd_impl",
+                        lambda *a, **kw: torch.ops.flashcupy.attention_bwd(*a))
     with scoped("flashcupy", "IMPL") as lib:
         lib.impl("attention_fwd", _cpu_fwd, "CPU")
         lib.impl("attention_bwd", _cpu_bwd, "CPU")
@@ -870,9 +873,9 @@ def record_bwd(monkeypatch, cpu_kernels):
     calls = []
     inner = fct._bwd_impl
 
-    def bwd(*args):
+    def bwd(*args, **kw):
         calls.append(args)
-        return inner(*args)
+        return inner(*args, **kw)
 
     monkeypatch.setattr(fct, "_bwd_impl", bwd)
     return calls
@@ -1251,6 +1254,68 @@ def test_fast_path_repeats_exactly_and_keeps_the_checks(seed):
         dual = fwAD.make_dual(q, torch.randn_like(q))
         with pytest.raises((NotImplementedError, RuntimeError)):
             fct.attention(dual, k, v, causal=True)
+
+
+@gpu
+def test_fast_path_lse_scratch_sdpa_and_autocast(seed):
+    """The fast entry's other users and buffers: a call without return_lse
+    (no grad) writes a shared LSE scratch, one with return_lse gets its own,
+    correct LSE; the SDPA drop-in's plain calls (is_causal with L == S) take
+    the same entry, its L != S causal calls and masked ones keep their own
+    semantics; under bf16 autocast bf16 inputs take it and float32 ones are
+    cast (the checked route); a backward built on the forward's key (the eager
+    path) gives the gradients of the checked route."""
+    q, k, v = (randn((2, 3, 96, 64), torch.bfloat16, seed + i) for i in range(3))
+    with torch.no_grad():
+        ref_out, ref_lse = fct.attention(q, k, v, causal=True, return_lse=True)  # remembered
+        o1 = fct.attention(q, k, v, causal=True)
+        o2, l2 = fct.attention(q, k, v, causal=True, return_lse=True)
+        o3, l3 = fct.attention(q, k, v, causal=True, return_lse=True)
+        assert torch.equal(o1, ref_out) and torch.equal(o2, ref_out)
+        assert torch.equal(l2, ref_lse) and torch.equal(l3, ref_lse)
+        assert l2.data_ptr() != l3.data_ptr()           # the caller's own LSEs
+        # the SDPA drop-in: the same entry, the same values
+        s1 = fct.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert torch.equal(s1, ref_out)
+        # L != S: top-left causal is not attention's (bottom-right) causal, whose
+        # entry exists for these tensors
+        qs = q[:, :, :40]
+        fct.attention(qs, k, v, causal=True)
+        bottom_right = fct.attention(qs, k, v, causal=True)
+        top_left = torch.ones(40, 96, dtype=torch.bool, device="cuda").tril()
+
+        def top_left_math(dt):  # SDPA's math: P rounded to bf16, then P V
+            sc = (qs.to(dt) @ k.to(dt).transpose(-1, -2)) / 8.0
+            p_ = torch.softmax(sc.masked_fill(~top_left, float("-inf")), -1)
+            return p_.to(torch.bfloat16).to(dt) @ v.to(dt)
+        want = top_left_math(torch.float64)
+        naive = top_left_math(torch.float32).to(torch.bfloat16)
+        for _ in range(2):
+            got = fct.scaled_dot_product_attention(qs, k, v, is_causal=True)
+            assert_close("out", got, want, naive)
+            assert not torch.equal(got, bottom_right)
+        # autocast: bf16 inputs keep the entry, float32 ones are cast first
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            a1 = fct.attention(q, k, v, causal=True)
+            a2 = fct.attention(q.float(), k.float(), v.float(), causal=True)
+            a3 = fct.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        assert a1.dtype == a2.dtype == a3.dtype == torch.bfloat16
+        assert torch.equal(a1, ref_out) and torch.equal(a2, ref_out) and torch.equal(a3, ref_out)
+    # backward: a call keyed on its forward (eager) against the checked route's
+    g_ref = None
+    for trial in range(3):
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = fct.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        dout = randn(out.shape, torch.bfloat16, seed + 7)
+        grads = torch.autograd.grad(out, (qg, kg, vg), dout)
+        if g_ref is None:
+            g_ref = grads
+            ref, _, ref_grads = reference(q, k, v, True, dout=dout)
+            _, _, naive_grads = naive_in_dtype(q, k, v, True, dout=dout)
+            for name, g, r, n in zip(("dq", "dk", "dv"), grads, ref_grads, naive_grads):
+                assert_close(name, g, r, n, grad=True)
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(grads, g_ref))
 
 
 # ----------------------------------------------------------------------------
