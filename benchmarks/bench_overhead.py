@@ -15,6 +15,13 @@ flash forced), and an empty CuPy RawKernel as the launch floor.
 
     python benchmarks/bench_overhead.py
     python benchmarks/bench_overhead.py --mode fwd bwd --n 500
+    python benchmarks/bench_overhead.py --mode step --b 32 --h 4 --s 256 --causal 1
+
+Modes: fwd (no autograd), bwd (the backward of a saved forward; autograd.grad
+for PyTorch providers), step (forward + backward through autograd, a training
+step's attention).  The host figures drift with CPU clocks and scheduling, so
+--rounds measures every provider in turn, several times over, and reports the
+median of the rounds with the ratio to SDPA's default taken within each round.
 """
 from __future__ import annotations
 
@@ -126,13 +133,18 @@ def make(provider, args, libs, mode):
             return (lambda: fc.attention(q, k, v, causal=causal)), contextlib.nullcontext()
         out, lse = fc.attention(q, k, v, causal=causal, return_lse=True)
         do = T.randn(shape, dt)
+        if mode == "step":
+            def step():
+                o, s = fc.attention(q, k, v, causal=causal, return_lse=True)
+                return fc.attention_backward(do, q, k, v, o, s, causal=causal)
+            return step, contextlib.nullcontext()
         return ((lambda: fc.attention_backward(do, q, k, v, out, lse, causal=causal)),
                 contextlib.nullcontext())
     torch, why = libs.get("torch", (None, "torch not requested"))
     if torch is None:
         raise ImportError(why)
     dt = T.torch_dtype_from_name(args.dtype)
-    grad = mode == "bwd"
+    grad = mode in ("bwd", "step")
     q, k, v = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=grad)
                for _ in range(3))
     if provider == "flashcupy.torch":
@@ -166,6 +178,8 @@ def make(provider, args, libs, mode):
     with ctx_f():
         out = f()
         do = torch.randn_like(out)
+    if mode == "step":
+        return (lambda: torch.autograd.grad(f(), (q, k, v), do)), ctx_f()
     return (lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)), ctx_f()
 
 
@@ -174,8 +188,9 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Exit status 2 when no GPU is available.")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS)
-    p.add_argument("--mode", nargs="+", choices=["fwd", "bwd"], default=["fwd"],
-                   help="bwd: attention_backward / autograd.grad of a saved forward")
+    p.add_argument("--mode", nargs="+", choices=["fwd", "bwd", "step"], default=["fwd"],
+                   help="bwd: attention_backward / autograd.grad of a saved forward; "
+                        "step: forward + backward")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], default="bf16")
     p.add_argument("--b", type=int, default=1)
     p.add_argument("--h", type=int, default=1)
@@ -185,7 +200,10 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=100,
                    help="calls per measurement (keep n x launches per call under ~1000, the "
                         "launch queue depth, or (a) is flagged)")
-    p.add_argument("--repeats", type=int, default=7, help="measurements; the median is shown")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="measurements per round; the median is kept")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="passes over all providers; the median over rounds is shown")
     p.add_argument("--out", default="bench_out/overhead.json", help="JSON path")
     args = p.parse_args(argv)
     T.require_gpu()
@@ -207,37 +225,59 @@ def main(argv=None):
     env = T.environment()
     method = (f"(a) CUDA events around {args.n} calls queued behind a globaltimer spin kernel "
               f"(no host gaps); (b) perf_counter around {args.n} calls, one synchronize; "
-              f"median of {args.repeats}; overhead = b - a")
+              f"median of {args.repeats}, then the median of {args.rounds} rounds over all providers "
+              f"(the ratio to SDPA default within each round); overhead = b - a")
+    per = {}  # (mode, provider) -> list of per-round results, or an error status
+    for rnd in range(args.rounds):
+        for mode in args.mode:
+            for prov in args.providers:
+                if prov == "empty-rawkernel" and mode != "fwd":
+                    continue
+                if isinstance(per.get((mode, prov)), str):
+                    continue  # failed in an earlier round
+                T.progress(f"round {rnd + 1}/{args.rounds}: {mode} {prov} ...")
+                try:
+                    fn, ctx = make(prov, args, libs, mode)
+                    with ctx:
+                        per.setdefault((mode, prov), []).append(
+                            measure(fn, args.n, args.repeats))
+                except Exception as e:  # noqa: BLE001
+                    per[(mode, prov)] = T.classify_error(e) if not isinstance(e, ImportError) \
+                        else f"unavailable: {str(e)[:80]}"
+                fn = ctx = None
+                T.free_gpu_memory()
     rows = []
-    for mode in args.mode:
-        for prov in args.providers:
-            if prov == "empty-rawkernel" and mode != "fwd":
-                continue
-            T.progress(f"{mode} {prov} ...")
-            row = {"provider": prov, "mode": mode, "status": "ok"}
-            try:
-                fn, ctx = make(prov, args, libs, mode)
-                with ctx:
-                    row.update(measure(fn, args.n, args.repeats))
-            except Exception as e:  # noqa: BLE001
-                row["status"] = T.classify_error(e) if not isinstance(e, ImportError) \
-                    else f"unavailable: {str(e)[:80]}"
-            rows.append(row)
-            fn = ctx = None
-            T.free_gpu_memory()
+    for (mode, prov), res in per.items():
+        row = {"provider": prov, "mode": mode}
+        if isinstance(res, str):
+            row["status"] = res
+        else:
+            row["status"] = "ok"
+            for f in ("gpu_us", "wall_us", "overhead_us"):
+                row[f] = statistics.median(r[f] for r in res)
+            row["wall_us_rounds"] = [r["wall_us"] for r in res]
+            row["gaps"] = any(r["gaps"] for r in res)
+            ref = per.get((mode, "sdpa-default"))
+            if isinstance(ref, list) and len(ref) == len(res):
+                # within each round, then the median: drift between rounds cancels
+                row["vs_sdpa_default"] = statistics.median(
+                    r["wall_us"] / b["wall_us"] for r, b in zip(res, ref))
+        rows.append(row)
     T.release_flush_buffer()
     import bench_attention as BA
 
     BA.write_json(args.out, env, method, args, rows)
     body = [[r["provider"], r["mode"], T.fmt(r.get("gpu_us"), 1), T.fmt(r.get("wall_us"), 1),
-             T.fmt(r.get("overhead_us"), 1),
+             T.fmt(r.get("overhead_us"), 1), T.fmt(r.get("vs_sdpa_default"), 2),
+             "-".join(T.fmt(x, 0) for x in (min(r["wall_us_rounds"]), max(r["wall_us_rounds"])))
+             if r["status"] == "ok" else "",
              ("(a) may include host gaps" if r.get("gaps") else "")
              if r["status"] == "ok" else r["status"][:60]] for r in rows]
     print(T.format_environment(env, method))
     print(f"shape B={args.b} H={args.h} S={args.s} D={args.d} {args.dtype} "
           f"causal={args.causal}")
     print(T.format_table(body, ["provider", "mode", "GPU us/call", "wall us/call",
-                                "overhead us", "note"]))
+                                "overhead us", "wall / SDPA default", "wall range", "note"]))
     return 0
 
 

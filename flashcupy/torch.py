@@ -534,6 +534,21 @@ def _device(index: int) -> torch.device:
     return d
 
 
+# Allocations in the replayed paths derive from a tensor (``new_empty``,
+# ``empty_like``) rather than calling ``torch.empty(shape, dtype=, device=)``:
+# PyTorch's argument parsing of the keywords cost 2-3 us per tensor, a few per
+# call (bench_overhead.py; NOTES.md 14.8).
+_U8: dict = {}  # device index -> a (1,) uint8 tensor: the workspace blocks' template
+_CONTIGUOUS = torch.contiguous_format
+
+
+def _u8(index: int) -> torch.Tensor:
+    t = _U8.get(index)
+    if t is None:
+        t = _U8[index] = torch.empty((1,), dtype=torch.uint8, device=_device(index))
+    return t
+
+
 def _replay(key, device_index: int, env: dict, dropout=None) -> bool:
     """Runs the remembered plan of ``key`` on the tensors of ``env`` on PyTorch's
     current stream; False (nothing launched) when there is none to replay.
@@ -553,7 +568,7 @@ def _replay(key, device_index: int, env: dict, dropout=None) -> bool:
     held = []
 
     def alloc_bytes(n):
-        t = torch.empty((n,), dtype=torch.uint8, device=_device(device_index))
+        t = _u8(device_index).new_empty((n,))
         held.append(t)
         return t.data_ptr()
 
@@ -639,9 +654,9 @@ def _fwd_impl(q, k, v, causal, scale, window_left=None, window_right=None, softc
     # shapes validated (ValueError) before anything is allocated
     out_shape, lse_shape = _output_shapes(q.shape, k.shape, v.shape)
     # outputs from PyTorch's caching allocator: the kernels write into them in place
-    dev = q.device
-    out = torch.empty(out_shape, dtype=q.dtype, device=dev)
-    lse = torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=dev)
+    out = (torch.empty_like(q, memory_format=_CONTIGUOUS) if q.shape == out_shape
+           else q.new_empty(out_shape))
+    lse = q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype))
     if key is False:
         key = _plan_key("fwd", (q, k, v), causal, scale, window_left, window_right, softcap,
                         (alibi, sink, bias, mask), dropout_p)
@@ -719,9 +734,9 @@ def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left
     bias_grad = bool(bias_grad) and bias is not None
     # gradients have their inputs' shapes (summed over broadcast axes), C-contiguous
     dev = q.device  # (one device object: k and v are on it)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    dq = torch.empty_like(q, memory_format=_CONTIGUOUS)
+    dk = torch.empty_like(k, memory_format=_CONTIGUOUS)
+    dv = torch.empty_like(v, memory_format=_CONTIGUOUS)
     # (shared_empty: the eager path discards the (0,) placeholders of an absent
     # dsink / dbias, so one cached tensor serves them; the custom operator's
     # outputs must be distinct tensors, it passes False)
@@ -880,20 +895,105 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink,
-                bias, mask, dropout_p, rng, key=False):
-        # (key: the plan key when the caller has it, as _fwd_impl's)
+                bias, mask, dropout_p, rng):
         args = (q, k, v, causal, scale, window_left, window_right, softcap, alibi, sink, bias,
                 mask, dropout_p, rng)
-        out, lse = _fwd_impl(*args, key=key, ctx=ctx)
+        out, lse = _fwd_impl(*args, ctx=ctx)
         _setup_context(ctx, args, (out, lse))
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():
+            # create_graph: the gradients are not differentiable, and
+            # once_differentiable makes a second backward through them raise
+            return _EagerAttention._backward_once(ctx, dout, dlse)
+        # (otherwise the same call without its wrapper: a few us per call)
         # (no fwd_key when a test routes the forward elsewhere)
-        key = getattr(ctx, "fwd_key", None)
-        return _run_backward(ctx, dout, _bwd_impl, fwd_key=key) + (None,)
+        return _run_backward(ctx, dout, _bwd_impl, fwd_key=getattr(ctx, "fwd_key", None))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def _backward_once(ctx, dout, dlse):
+        return _run_backward(ctx, dout, _bwd_impl, fwd_key=getattr(ctx, "fwd_key", None))
+
+
+class _PlainAttention(torch.autograd.Function):
+    """The fast entry's node (a remembered plain signature, ``_fast_attention``):
+    _EagerAttention's rule without the variant, so its apply takes six
+    arguments rather than fifteen, it saves five tensors rather than ten, and
+    forward and backward go straight to the replays.  Nothing materializes a
+    zero gradient for the LSE (it is not differentiable): each such fill was a
+    kernel launch and an allocation per step (NOTES.md 14.8)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, entry):
+        ctx.set_materialize_grads(False)
+        res = _plain_forward(q, k, v, entry)
+        key = entry[2]
+        out, lse = res if res is not None else _fwd_impl(q, k, v, causal, scale, key=key)
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.fwd_key = causal, scale, key
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        if dout is None:  # (out took no part in the loss)
+            return None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph: as _EagerAttention.backward
+            return _PlainAttention._backward_once(ctx, dout, dlse)
+        return _plain_backward(ctx, dout)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def _backward_once(ctx, dout, dlse):
+        return _plain_backward(ctx, dout)
+
+
+# torch.autograd.Function.apply without its Python wrapper (which binds default
+# arguments for setup_context-style Functions, unwraps dead functorch wrappers
+# and dispatches to functorch: ~7 us a call, NOTES.md 14.8).  _plain_apply does
+# the part that applies here and keeps the wrapper under functorch transforms.
+_C_PLAIN_APPLY = super(torch.autograd.Function, _PlainAttention).apply
+try:
+    _transforms_active = torch._C._are_functorch_transforms_active
+    _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+except AttributeError:  # pragma: no cover - older PyTorch
+    _transforms_active, _unwrap_if_dead = (lambda: True), None
+
+
+def _plain_apply(q, k, v, causal, scale, entry):
+    if _transforms_active():
+        return _PlainAttention.apply(q, k, v, causal, scale, entry)
+    return _C_PLAIN_APPLY(_unwrap_if_dead(q), _unwrap_if_dead(k), _unwrap_if_dead(v),
+                          causal, scale, entry)
+
+
+def _plain_forward(q, k, v, entry, need_lse=True):
+    """A remembered plain forward's replay (``entry``: _FAST's (out shape, LSE
+    shape, plan key)); None (nothing launched) when its plan is gone.  Without
+    ``need_lse`` the LSE is the shared scratch (_lse_scratch)."""
+    out_shape, lse_shape, key = entry
+    out = (torch.empty_like(q, memory_format=_CONTIGUOUS) if q.shape == out_shape
+           else q.new_empty(out_shape))
+    lse = (q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype)) if need_lse
+           else _lse_scratch(lse_shape, q.dtype, q.device))
+    if _replay(key, q.get_device(), {"q": q, "k": k, "v": v, "o": out, "lse": lse}):
+        return out, lse
+    return None
+
+
+def _plain_backward(ctx, dout):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()  # (as _run_backward)
+    dq, dk, dv, _, _ = _bwd_impl(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
+                                 torch.are_deterministic_algorithms_enabled(),
+                                 fwd_key=ctx.fwd_key)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            None, None, None)
 
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
@@ -1122,17 +1222,9 @@ def _fast_attention(q, k, v, causal, scale, need_lse=True, sdpa=False):
         return None
     if sdpa and causal and q.shape[-2] != k.shape[-2]:
         return None
-    out_shape, lse_shape, plan_key = entry
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, causal, scale, None, None, None, None, None, None,
-                                     None, 0.0, None, plan_key)
-    dev = q.device
-    out = torch.empty(out_shape, dtype=q.dtype, device=dev)
-    lse = (torch.empty(lse_shape, dtype=_lse_dtype(q.dtype), device=dev) if need_lse
-           else _lse_scratch(lse_shape, q.dtype, dev))
-    if _replay(plan_key, q.get_device(), {"q": q, "k": k, "v": v, "o": out, "lse": lse}):
-        return out, lse
-    return None
+        return _plain_apply(q, k, v, causal, scale, entry)
+    return _plain_forward(q, k, v, entry, need_lse)
 
 
 # The LSE of a call that returns none and records no autograd node is written

@@ -2116,3 +2116,27 @@ def test_error_variant_scalars_on_gpu(no_launch):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"softcap must be a finite number > 0"):
         fct.attention(q, k, v, softcap=float("nan"))
+
+
+@gpu
+def test_double_backward_raises_on_both_nodes(seed):
+    """The gradients are not differentiable: a second backward through them
+    raises, from the checked route's node and from the fast entry's (which
+    skips once_differentiable's wrapper only when no graph is being built),
+    and a first backward with create_graph=True still gives the same
+    gradients as one without."""
+    q, k, v = (randn((2, 3, 80, 64), torch.bfloat16, seed + i).requires_grad_(True)
+               for i in range(3))
+    # (dout requires grad: else once_differentiable has nothing to guard, and the
+    # gradients simply do not require grad)
+    dout = randn((2, 3, 80, 64), torch.bfloat16, seed + 5).requires_grad_(True)
+    names = []
+    for _ in range(3):  # the first call is checked, later ones take the fast entry
+        out = fct.attention(q, k, v, causal=True)
+        names.append(type(out.grad_fn).__name__)
+        plain = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout, create_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip((dq, dk, dv), plain))
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            (dq.float().sum() + dv.float().sum()).backward()
+    assert names[0].startswith("_EagerAttention") and names[-1].startswith("_PlainAttention")
