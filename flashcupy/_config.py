@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
-from ._families import generic, sm80, sm90
+from ._families import f64mma, generic, sm80, sm90
 from ._spec import (HEAD_DIM_BUCKETS, MAX_HEAD_DIM, SMEM_LIMIT_SM80, SMEM_LIMIT_SM90,  # noqa: F401
                     KernelSpec, head_dim_bucket)
 
-FAMILIES = ("generic", "sm80", "sm90")
-_MODULES = {"generic": generic, "sm80": sm80, "sm90": sm90}
+FAMILIES = ("generic", "sm80", "sm90", "f64mma")
+_MODULES = {"generic": generic, "sm80": sm80, "sm90": sm90, "f64mma": f64mma}
+# Families whose backward is the generic family's kernels (plan and all).
+GENERIC_BACKWARD = ("generic", "f64mma")
 
 
 def module(family: str):
@@ -56,7 +58,7 @@ def group_max(family: str) -> int:
     in the input dtype only (a split would need float32 partial buffers), and
     for float16/bfloat16 outputs the sequential float32 sum's error stays far
     below the output rounding: no cap."""
-    return generic.GROUP_MAX if family == "generic" else 1 << 30
+    return generic.GROUP_MAX if family in GENERIC_BACKWARD else 1 << 30
 
 
 # -- family choice ----------------------------------------------------------------
@@ -70,7 +72,9 @@ def kernel_family(name: str):
     ``"auto"`` (the default) picks the fastest family for the inputs:
     ``"sm90"`` (warpgroup MMA) for float16/bfloat16 on compute capability 9.0,
     ``"sm80"`` (mma.sync tensor cores) for float16/bfloat16 on 8.0 and newer,
-    ``"generic"`` (plain FMA) otherwise.  Forcing a family that cannot run the
+    ``"f64mma"`` (the double-precision tensor cores; the forward, with the
+    generic backward) for float64 on 8.0 and newer, ``"generic"`` (plain FMA)
+    otherwise.  Forcing a family that cannot run the
     inputs raises ``ValueError`` at the call.
     """
     if name not in ("auto",) + FAMILIES:
@@ -105,7 +109,7 @@ def families_for(dtype: str, cc: int) -> tuple:
 def choose_family(dtype: str, cc: int) -> str:
     forced = _FORCED.get()
     if forced == "auto":
-        for f in ("sm90", "sm80"):
+        for f in ("sm90", "sm80", "f64mma"):
             if family_supports(f, dtype, cc):
                 return f
         return "generic"

@@ -62,7 +62,7 @@ def head_dim_bucket(d: int) -> int:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    family: str          # "generic" | "sm80" | "sm90"
+    family: str          # "generic" | "sm80" | "sm90" | "f64mma"
     kernel: str          # "fwd" | "bwd_preprocess" | "bwd_dq" | "bwd_dkdv" | family extras
     dtype: str           # "fp16" | "bf16" | "fp32" | "fp64" (see _dtypes)
     head_dim: int = 0    # compile-time bucket of D

@@ -592,7 +592,12 @@ def _spec(prob, kernel, grad_dtype="", extra_vf=0):
     forward = kernel == "fwd"
     vf = prob.features.flags(forward) | extra_vf
     generic = _config.module("generic")
-    if prob.family == "generic":
+    if prob.family == "f64mma":
+        s = fam.pick(kernel, prob.dtype_name, prob.head_dim, prob.head_dim_v, vf,
+                     _smem_limit(prob.device_id))
+        if s is not None:
+            return s
+    if prob.family in _config.GENERIC_BACKWARD:
         if kernel == "bwd_preprocess":
             return generic.spec(kernel, prob.dtype_name)
         return generic.spec(kernel, prob.dtype_name, prob.head_dim, prob.head_dim_v, grad_dtype,
@@ -1080,7 +1085,7 @@ def _plan_backward(plan, env, deterministic):
     #    per step instead of the 4 + 3 of the dK/dV and dQ pair), then a
     #    bandwidth kernel scales and casts it into dQ.  Atomic adds land in run-
     #    dependent order, so dQ's last bits may differ between runs.
-    if not deterministic and not dq_red and prob.family != "generic":
+    if not deterministic and not dq_red and prob.family not in _config.GENERIC_BACKWARD:
         dq_spec = _spec(prob, "bwd_dkdvq")
         if dq_spec is not None and _plan_dkdv(plan, env, st, dq_spec, pair_ops, pair_scalars):
             dqa = env["dq_accum"]

@@ -13,7 +13,7 @@ HEAD_DIMS = [1, 8, 16, 32, 40, 59, 64, 80, 96, 128, 160, 192, 256]
 # (causal rows that see no key), one large square case, and empty axes
 SEQLENS = [(1, 1), (1, 1000), (17, 97), (128, 128), (255, 257), (1000, 17), (2048, 2048),
            (0, 5), (5, 0)]
-FAMILIES = ["generic", "sm80"]
+FAMILIES = ["generic", "sm80", "f64mma"]
 BATCH = (1, 2)  # (B, H): small, so the ~1900-case grids stay fast
 
 

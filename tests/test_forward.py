@@ -69,6 +69,7 @@ def test_families_for():
         elif cc >= 80:
             assert "sm80" in fams, (dtype_id(dtype), fams)
         assert ("sm90" in fams) == (cc == 90 and dtype not in (nv.F32, nv.F64)), fams
+        assert ("f64mma" in fams) == (cc >= 80 and dtype == nv.F64), fams
 
 
 def test_output_is_deterministic(seed):

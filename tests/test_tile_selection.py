@@ -92,3 +92,34 @@ def test_softcap_with_alibi_backward_leaves_the_wgmma_tiles(kernel, d):
     for vf in (VF_SOFTCAP, VF_ALIBI):
         assert sm90.pick(kernel, "bf16", d, d, vf, H100_SMEM, cc=90).family == "sm90"
     assert sm90.pick("fwd", "bf16", d, d, VF_SOFTCAP | VF_ALIBI, H100_SMEM, cc=90).family == "sm90"
+
+
+def test_f64mma_selection():
+    """float64 on the double-precision tensor cores from sm_80 on; the forward
+    only (the backward and split-KV are the generic family's), the D = 256 tile
+    only where its shared memory fits, one-fragment warps where two spill."""
+    from flashcupy._families import f64mma
+    from flashcupy._spec import VF_BIAS, VF_DROPOUT, VF_RIGHT, VF_SEQ, VF_SPLIT
+
+    assert _config.choose_family("fp64", 80) == "f64mma"
+    assert _config.choose_family("fp64", 90) == "f64mma"
+    assert _config.choose_family("fp64", 75) == "generic"
+    assert _config.choose_family("fp32", 90) == "generic"
+    assert _config.families_for("fp64", 90) == ("generic", "f64mma")
+    assert _config.families_for("bf16", 90) == ("generic", "sm80", "sm90")
+    with _config.kernel_family("f64mma"):
+        with pytest.raises(ValueError, match="cannot run"):
+            _config.choose_family("fp32", 90)
+    for d in (32, 64, 128, 256):
+        s = f64mma.pick("fwd", "fp64", d, d, VF_RIGHT, H100_SMEM)
+        assert s is not None and s.family == "f64mma" and s.rows == (8 if d == 256 else 16)
+        assert s.nwarps == (4 if d == 256 else 8)
+        for kernel in ("bwd_dq", "bwd_dkdv", "bwd_preprocess"):
+            assert f64mma.pick(kernel, "fp64", d, d, 0, H100_SMEM) is None
+        assert f64mma.pick("fwd", "fp64", d, d, VF_SPLIT, H100_SMEM) is None
+    assert f64mma.pick("fwd", "fp64", 256, 256, 0, A100_SMEM) is None
+    assert f64mma.pick("fwd", "fp64", 128, 128, 0, A100_SMEM).nwarps == 4  # (203 KB at 8)
+    assert f64mma.pick("fwd", "fp64", 128, 128, VF_DROPOUT, H100_SMEM).rows == 8
+    assert f64mma.pick("fwd", "fp64", 128, 128, VF_BIAS | VF_SEQ, H100_SMEM).rows == 8
+    assert f64mma.pick("fwd", "fp64", 128, 128, VF_BIAS, H100_SMEM).rows == 16
+    assert _config.group_max("f64mma") == _config.group_max("generic")

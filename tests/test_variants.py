@@ -38,7 +38,7 @@ pytestmark = pytest.mark.gpu
 TENSOR_CORE_DTYPES = (nv.F16, nv.BF16)
 FAMILY_DTYPES = [(fam, d) for d in DTYPES
                  for fam in (("generic", "sm80", "sm90") if d in TENSOR_CORE_DTYPES
-                             else ("generic",))]
+                             else ("generic", "f64mma") if d == nv.F64 else ("generic",))]
 
 
 def fd_id(fd):
