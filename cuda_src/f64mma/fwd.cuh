@@ -6,6 +6,8 @@
 // (ceil(Sq / BLOCK_M), batch).  Each of the NWARPS warps owns MT fragments of
 // 8 query rows; a tile of BLOCK_N = 32 keys streams through shared memory.
 //
+// On sm_90 two m8 fragments that share B issue as one m16n8k4 (dmma_pair): the
+// same per-lane elements, twice the flops per cycle of the DP tensor pipe.
 // Fragments of m8n8k4 (PTX ISA, "Matrix Fragments for mma.m8n8k4" with .f64):
 // lane = 4 g + t holds A[g][t] (8 x 4, row-major), B[t][g] (4 x 8, column-major)
 // and C[g][2t], C[g][2t + 1] (8 x 8).  So:
@@ -57,6 +59,33 @@ __device__ __forceinline__ void dmma(double (&d)[2], double a, double b) {
   asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
       : "+d"(d[0]), "+d"(d[1])
       : "d"(a), "d"(b));
+}
+
+// The same for two m8 fragments stacked on M (rows g and g + 8) that share B.
+// sm_90 has it as one instruction, m16n8k4, whose fragments are exactly the
+// two m8n8k4 ones (a0 = A[g][t], a1 = A[g + 8][t]; c0, c1 row g, c2, c3 row
+// g + 8): it issues at twice the flops of m8n8k4 per cycle of the DP tensor
+// pipe (m8n8k4 held that pipe 65 % busy at 21.8 TFLOP/s, NOTES.md 16.1, about
+// half the H200's float64 tensor peak).
+__device__ __forceinline__ void dmma_pair(double (&d0)[2], double (&d1)[2], double a0, double a1,
+                                          double b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm("mma.sync.aligned.m16n8k4.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+      "{%0, %1, %2, %3};"
+      : "+d"(d0[0]), "+d"(d0[1]), "+d"(d1[0]), "+d"(d1[1])
+      : "d"(a0), "d"(a1), "d"(b));
+#else
+  dmma(d0, a0, b);
+  dmma(d1, a1, b);
+#endif
+}
+
+// D[mt] += A[mt] B for the MT fragments of a warp: pairs on m16n8k4.
+template <int MT>
+__device__ __forceinline__ void dmma_rows(double (&d)[MT][2], const double (&a)[MT], double b) {
+#pragma unroll
+  for (int mt = 0; mt + 1 < MT; mt += 2) dmma_pair(d[mt], d[mt + 1], a[mt], a[mt + 1], b);
+  if constexpr (MT % 2 == 1) dmma(d[MT - 1], a[MT - 1], b);
 }
 
 __device__ __forceinline__ void cp_async_8(unsigned dst, const void *src, int src_bytes) {
@@ -146,12 +175,12 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
   cp_async_commit();
 
   OnlineSoftmax<Acc> sm[MT];  // row g of fragment mt: m_i shared by its 4 lanes, l_i partial
-  double acc_o[MT][DT][2];
+  double acc_o[DT][MT][2];  // (fragment-major: dmma_rows takes one n8 block's MT fragments)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     sm[mt].init(var.init_max());
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) acc_o[mt][dt][0] = acc_o[mt][dt][1] = 0.0;
+    for (int dt = 0; dt < DT; ++dt) acc_o[dt][mt][0] = acc_o[dt][mt][1] = 0.0;
   }
 
   for (int n_start = n_begin; n_start < n_end; n_start += BLOCK_N) {
@@ -160,11 +189,11 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
     __syncthreads();
 
     // S = Q K^T (raw scores)
-    double s[MT][NT][2];
+    double s[NT][MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) s[mt][nt][0] = s[mt][nt][1] = 0.0;
+      for (int nt = 0; nt < NT; ++nt) s[nt][mt][0] = s[nt][mt][1] = 0.0;
 #pragma unroll
     for (int kk = 0; kk < HD; kk += 4) {
       double a[MT], b[NT];
@@ -173,9 +202,7 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) b[nt] = sK[(nt * 8 + g) * L::LDK + kk + t];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) dmma(s[mt][nt], a[mt], b[nt]);
+      for (int nt = 0; nt < NT; ++nt) dmma_rows<MT>(s[nt], a, b[nt]);
     }
     __syncthreads();  // every warp is done with K(n): refill it
     if (more) load_k(n_start + BLOCK_N);
@@ -196,11 +223,11 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
           // that P is formed with one FMA (rounded once, as the generic family)
           double x;
           if constexpr (V::ELEMENTWISE) {
-            x = ok ? var.score2(s[mt][nt][e], row, j) : fc_neg_inf<double>::value();
-            s[mt][nt][e] = x;
+            x = ok ? var.score2(s[nt][mt][e], row, j) : fc_neg_inf<double>::value();
+            s[nt][mt][e] = x;
           } else {
-            x = ok ? s[mt][nt][e] * p.scale_log2 : fc_neg_inf<double>::value();
-            if (!ok) s[mt][nt][e] = fc_neg_inf<double>::value();
+            x = ok ? s[nt][mt][e] * p.scale_log2 : fc_neg_inf<double>::value();
+            if (!ok) s[nt][mt][e] = fc_neg_inf<double>::value();
           }
           mx = fmax(mx, x);
         }
@@ -213,19 +240,19 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const double x = s[mt][nt][e];
+          const double x = s[nt][mt][e];
           double pr;
           if constexpr (V::ELEMENTWISE) pr = fc_exp2(x - sub);  // exp2(-inf) = 0 for masked
           else pr = x == fc_neg_inf<double>::value() ? 0.0 : fc_exp2(fma(x, p.scale_log2, -sub));
           sm[mt].l_i += pr;  // (before dropout: the LSE has none)
           if constexpr (V::DROPOUT)
             if (!var.dropout_keep(row, n_start + nt * 8 + 2 * t + e)) pr = 0.0;
-          s[mt][nt][e] = pr;
+          s[nt][mt][e] = pr;
         }
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
-        acc_o[mt][dt][0] *= alpha;
-        acc_o[mt][dt][1] *= alpha;
+        acc_o[dt][mt][0] *= alpha;
+        acc_o[dt][mt][1] *= alpha;
       }
     }
 
@@ -237,12 +264,11 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const double *vrow = sV + (nt * 8 + 2 * t + e) * L::LDV + g;
+        double pa[MT];
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          const double b = vrow[dt * 8];
+        for (int mt = 0; mt < MT; ++mt) pa[mt] = s[nt][mt][e];
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) dmma(acc_o[mt][dt], s[mt][nt][e], b);
-        }
+        for (int dt = 0; dt < DT; ++dt) dmma_rows<MT>(acc_o[dt], pa, vrow[dt * 8]);
       }
     __syncthreads();  // every warp is done with V(n): refill it
     if (more) load_v(n_start + BLOCK_N);
@@ -267,7 +293,7 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int col = dt * 8 + 2 * t + e;
-        if (col < p.head_dim_v) o_b[(fc_index_t)row * p.o.sr + col] = acc_o[mt][dt][e] * inv_l;
+        if (col < p.head_dim_v) o_b[(fc_index_t)row * p.o.sr + col] = acc_o[dt][mt][e] * inv_l;
       }
     if (t == 0) lse_b[(fc_index_t)row * p.lse.sr] = OnlineSoftmax<double>::lse_natural(sm[mt].m_i, l);
   }
