@@ -95,11 +95,11 @@ def test_softcap_with_alibi_backward_leaves_the_wgmma_tiles(kernel, d):
 
 
 def test_f64mma_selection():
-    """float64 on the double-precision tensor cores from sm_80 on; the forward
-    only (the backward and split-KV are the generic family's), the D = 256 tile
-    only where its shared memory fits, one-fragment warps where two spill."""
+    """float64 on the double-precision tensor cores from sm_80 on; split-KV and
+    the backward's delta kernel are the generic family's, the D = 256 tile only
+    where its shared memory fits, one-fragment warps where two spill."""
     from flashcupy._families import f64mma
-    from flashcupy._spec import VF_BIAS, VF_DROPOUT, VF_RIGHT, VF_SEQ, VF_SPLIT
+    from flashcupy._spec import VF_BIAS, VF_DROPOUT, VF_SEQ, VF_SPLIT
 
     assert _config.choose_family("fp64", 80) == "f64mma"
     assert _config.choose_family("fp64", 90) == "f64mma"
@@ -114,8 +114,7 @@ def test_f64mma_selection():
         s = f64mma.pick("fwd", "fp64", d, d, VF_RIGHT, H100_SMEM)
         assert s is not None and s.family == "f64mma" and s.rows == (8 if d == 256 else 16)
         assert s.nwarps == (4 if d == 256 else 8)
-        for kernel in ("bwd_dq", "bwd_dkdv", "bwd_preprocess"):
-            assert f64mma.pick(kernel, "fp64", d, d, 0, H100_SMEM) is None
+        assert f64mma.pick("bwd_preprocess", "fp64", d, d, 0, H100_SMEM) is None
         assert f64mma.pick("fwd", "fp64", d, d, VF_SPLIT, H100_SMEM) is None
     assert f64mma.pick("fwd", "fp64", 256, 256, 0, A100_SMEM) is None
     assert f64mma.pick("fwd", "fp64", 128, 128, 0, A100_SMEM).nwarps == 4  # (203 KB at 8)
@@ -123,3 +122,28 @@ def test_f64mma_selection():
     assert f64mma.pick("fwd", "fp64", 128, 128, VF_BIAS | VF_SEQ, H100_SMEM).rows == 8
     assert f64mma.pick("fwd", "fp64", 128, 128, VF_BIAS, H100_SMEM).rows == 16
     assert _config.group_max("f64mma") == _config.group_max("generic")
+
+
+def test_f64mma_backward_tiles(monkeypatch):
+    """dQ and dK/dV tiles where they fit; none at D = 256 (the generic kernels
+    run); one fragment per warp where two spill.  (Selected only with
+    f64mma.BACKWARD; off, the generic kernels run.)"""
+    from flashcupy._families import f64mma
+    from flashcupy._spec import VF_BIAS, VF_DROPOUT, VF_SEQ, VF_SINK
+
+    monkeypatch.setattr(f64mma, "BACKWARD", False)
+    assert f64mma.pick("bwd_dq", "fp64", 64, 64, 0, H100_SMEM) is None
+    monkeypatch.setattr(f64mma, "BACKWARD", True)
+
+    for kernel in ("bwd_dq", "bwd_dkdv"):
+        assert f64mma.pick(kernel, "fp64", 256, 256, 0, H100_SMEM) is None
+        for d in (32, 64, 128):
+            s = f64mma.pick(kernel, "fp64", d, d, VF_RIGHT | VF_SINK, H100_SMEM)
+            assert s.family == "f64mma" and s.kernel == kernel and not s.variant & VF_SINK
+            assert f64mma.smem_bytes(s) <= H100_SMEM
+    assert f64mma.pick("bwd_dq", "fp64", 128, 128, 0, H100_SMEM).rows == 16
+    assert f64mma.pick("bwd_dq", "fp64", 128, 128, 0, A100_SMEM).rows == 8  # (203 KB at 16)
+    assert f64mma.pick("bwd_dkdv", "fp64", 128, 128, 0, H100_SMEM).rows == 8
+    assert f64mma.pick("bwd_dkdv", "fp64", 64, 64, 0, H100_SMEM).rows == 16
+    assert f64mma.pick("bwd_dkdv", "fp64", 64, 64, VF_DROPOUT, H100_SMEM).rows == 8
+    assert f64mma.pick("bwd_dq", "fp64", 128, 128, VF_BIAS | VF_SEQ, H100_SMEM).rows == 8

@@ -22,27 +22,17 @@
 //                    (the lane's own accumulator) and B = V[key 2t + e][col g].
 //                    No shuffles.
 //
-// Shared memory: Q (BLOCK_M x HD), K (32 x HD), V (32 x HDV), each row padded by
-// PAD = 4 doubles (32 bytes).  With that pitch the 32 lanes of every fragment
-// load (8 rows x 4 columns for Q and K; 4 rows x 8 columns for V) touch each
-// bank exactly twice: 256 bytes in two wavefronts, the minimum.
-//
-// Loads are 8-byte cp.async (any stride of a float64 array is 8-byte aligned;
-// zero fill past the valid rows and columns).  One buffer each for K and V,
+// Shared memory: Q (BLOCK_M x HD), K (32 x HD), V (32 x HDV), padded rows
+// (mma.cuh: two wavefronts per fragment load).  Loads are 8-byte cp.async.  One buffer each for K and V,
 // refilled as soon as it is free: K(n + 1) lands during the softmax and P V of
 // tile n, V(n + 1) during the Q K^T of tile n + 1.
 #pragma once
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "the f64mma family needs the double-precision tensor cores of sm_80 or newer"
-#endif
 #include "../variant.cuh"
 #include "../softmax.cuh"
 #include "../seq.cuh"
+#include "mma.cuh"
 
 namespace f64mma {
-
-constexpr int BLOCK_N = 32;  // keys per tile: 4 n8 fragments of S
-constexpr int PAD = 4;       // doubles of row padding (the bank analysis above)
 
 template <int HD, int HDV, int NWARPS, int MT>
 struct FwdSmem {
@@ -53,69 +43,6 @@ struct FwdSmem {
   static constexpr int V_OFF = K_OFF + BLOCK_N * LDK;
   static constexpr int SIZE = V_OFF + BLOCK_N * LDV;  // doubles
 };
-
-// D += A B for one m8n8k4 fragment (A, B: this lane's one element each).
-__device__ __forceinline__ void dmma(double (&d)[2], double a, double b) {
-  asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
-      : "+d"(d[0]), "+d"(d[1])
-      : "d"(a), "d"(b));
-}
-
-// The same for two m8 fragments stacked on M (rows g and g + 8) that share B.
-// sm_90 has it as one instruction, m16n8k4, whose fragments are exactly the
-// two m8n8k4 ones (a0 = A[g][t], a1 = A[g + 8][t]; c0, c1 row g, c2, c3 row
-// g + 8): it issues at twice the flops of m8n8k4 per cycle of the DP tensor
-// pipe (m8n8k4 held that pipe 65 % busy at 21.8 TFLOP/s, NOTES.md 16.1, about
-// half the H200's float64 tensor peak).
-__device__ __forceinline__ void dmma_pair(double (&d0)[2], double (&d1)[2], double a0, double a1,
-                                          double b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm("mma.sync.aligned.m16n8k4.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
-      "{%0, %1, %2, %3};"
-      : "+d"(d0[0]), "+d"(d0[1]), "+d"(d1[0]), "+d"(d1[1])
-      : "d"(a0), "d"(a1), "d"(b));
-#else
-  dmma(d0, a0, b);
-  dmma(d1, a1, b);
-#endif
-}
-
-// D[mt] += A[mt] B for the MT fragments of a warp: pairs on m16n8k4.
-template <int MT>
-__device__ __forceinline__ void dmma_rows(double (&d)[MT][2], const double (&a)[MT], double b) {
-#pragma unroll
-  for (int mt = 0; mt + 1 < MT; mt += 2) dmma_pair(d[mt], d[mt + 1], a[mt], a[mt + 1], b);
-  if constexpr (MT % 2 == 1) dmma(d[MT - 1], a[MT - 1], b);
-}
-
-__device__ __forceinline__ void cp_async_8(unsigned dst, const void *src, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-// Rows [0, ROWS) x columns [0, COLS) of a row source (rows.cuh: strided or
-// paged) into a shared tile of pitch LD; zeros past nrows_valid / cols_valid,
-// so padded head-dim columns add nothing to a dot product and padded key rows
-// of V contribute 0 * 0 (never 0 * NaN from uninitialized memory).
-template <int ROWS, int COLS, int LD, int NTHREADS, typename Rows>
-__device__ __forceinline__ void load_rows_async(double *smem, const Rows &src, int nrows_valid,
-                                                int cols_valid) {
-  const unsigned base = (unsigned)__cvta_generic_to_shared(smem);
-#pragma unroll 4
-  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NTHREADS) {
-    const int r = idx / COLS, c = idx % COLS;  // COLS is a power of two: shifts
-    const bool ok = r < nrows_valid && c < cols_valid;
-    cp_async_8(base + 8u * (unsigned)(r * LD + c),
-               ok ? static_cast<const void *>(src.row(r) + c) : static_cast<const void *>(src.any()),
-               ok ? 8 : 0);
-  }
-}
 
 }  // namespace f64mma
 
@@ -176,12 +103,9 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
 
   OnlineSoftmax<Acc> sm[MT];  // row g of fragment mt: m_i shared by its 4 lanes, l_i partial
   double acc_o[DT][MT][2];  // (fragment-major: dmma_rows takes one n8 block's MT fragments)
+  zero_frags(acc_o);
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    sm[mt].init(var.init_max());
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) acc_o[dt][mt][0] = acc_o[dt][mt][1] = 0.0;
-  }
+  for (int mt = 0; mt < MT; ++mt) sm[mt].init(var.init_max());
 
   for (int n_start = n_begin; n_start < n_end; n_start += BLOCK_N) {
     const bool more = n_start + BLOCK_N < n_end;
@@ -190,20 +114,8 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
 
     // S = Q K^T (raw scores)
     double s[NT][MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) s[nt][mt][0] = s[nt][mt][1] = 0.0;
-#pragma unroll
-    for (int kk = 0; kk < HD; kk += 4) {
-      double a[MT], b[NT];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) a[mt] = sQ[(wrow + mt * 8 + g) * L::LDQ + kk + t];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) b[nt] = sK[(nt * 8 + g) * L::LDK + kk + t];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) dmma_rows<MT>(s[nt], a, b[nt]);
-    }
+    zero_frags(s);
+    mma_abt<MT, NT, HD>(s, sQ + wrow * L::LDQ, L::LDQ, sK, L::LDK);
     __syncthreads();  // every warp is done with K(n): refill it
     if (more) load_k(n_start + BLOCK_N);
     cp_async_commit();  // (empty without a next tile: the group count stays uniform)
@@ -258,18 +170,8 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
 
     cp_async_wait<1>();  // V(n) has landed (K(n + 1) may not have)
     __syncthreads();
-    // O += P V, key 2t + e of each 8-key block from both operands
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const double *vrow = sV + (nt * 8 + 2 * t + e) * L::LDV + g;
-        double pa[MT];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) pa[mt] = s[nt][mt][e];
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) dmma_rows<MT>(acc_o[dt], pa, vrow[dt * 8]);
-      }
+    // O += P V
+    mma_pb<MT, NT, DT>(acc_o, s, sV, L::LDV);
     __syncthreads();  // every warp is done with V(n): refill it
     if (more) load_v(n_start + BLOCK_N);
     cp_async_commit();

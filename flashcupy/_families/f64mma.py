@@ -1,8 +1,11 @@
 """The f64mma family: float64 on the double-precision tensor cores (DMMA,
 ``mma.sync.m8n8k4`` with f64 operands; sm_80 and newer: A100, H100, H200).
 
-The forward runs here (cuda_src/f64mma/fwd.cuh); the backward kernels are the
-generic family's (plain FMA in float64) until this family has its own.
+The forward (cuda_src/f64mma/fwd.cuh) runs here.  The backward's dQ and dK/dV
+kernels (cuda_src/f64mma/bwd.cuh) are written and pass the kernel check (sm_80
+and sm_90a, no spills in the shipped set) but have not yet run on a GPU:
+until a GPU run of the test suite clears them, ``BACKWARD`` is False and the
+backward is the generic family's (its plan and delta kernel are in any case).
 
 Tile: 8 or 4 warps (NWARPS), MT fragments of 8 query rows per warp, 32-key
 tiles.
@@ -22,8 +25,8 @@ tiles.
 """
 from __future__ import annotations
 
-from .._spec import (HEAD_DIM_BUCKETS, VF_BIAS, VF_DROPOUT, VF_MASK, VF_SEQ, VF_SPLIT,
-                     KernelSpec, head_dim_bucket)
+from .._spec import (HEAD_DIM_BUCKETS, VF_BIAS, VF_DROPOUT, VF_MASK, VF_SEQ, VF_SINK,
+                     VF_PAGED, VF_SPLIT, KernelSpec, head_dim_bucket)
 
 NAME = "f64mma"
 # Warps per CTA, tried in order until the shared memory fits: 8 warps share
@@ -35,6 +38,21 @@ BLOCK_N = 32
 PAD = 4  # doubles of row padding (cuda_src/f64mma/fwd.cuh: two wavefronts per fragment load)
 MT = {32: 2, 64: 2, 128: 2,  # 8-row fragments per warp, by max(HD, HDV) bucket (above)
       256: 1}
+
+
+BACKWARD = False  # select the dQ and dK/dV kernels below (see the module docstring)
+
+# The backward: (warps, MT) tried in order until the shared memory fits, by
+# max(HD, HDV) bucket.  No D = 256 tile: dK and dV of even one 8-key fragment
+# per warp are 128 doubles per lane (256 registers); the generic kernels run.
+BWD_TILES = {
+    # dQ: Q and dO stay in shared memory (four padded tiles: 203 KB at D = 128,
+    # MT = 2; 135 KB at MT = 1, the A100's tile)
+    "bwd_dq": {32: ((4, 2),), 64: ((4, 2),), 128: ((4, 2), (4, 1))},
+    # dK/dV: dK and dV accumulate in registers, 2 x HD / 4 doubles per lane at
+    # MT = 2 (128 registers at D = 64); MT = 1 at D = 128 (another 128 at MT 2)
+    "bwd_dkdv": {32: ((4, 2),), 64: ((4, 2),), 128: ((4, 1),)},
+}
 
 
 def supports(dtype: str, cc: int) -> bool:
@@ -53,14 +71,39 @@ def fwd_spec(dtype: str, head_dim: int, head_dim_v: int, variant: int = 0,
     return KernelSpec(NAME, "fwd", dtype, hd, hdv, nwarps=nwarps, rows=8 * mt, variant=variant)
 
 
+def bwd_spec(kernel: str, dtype: str, head_dim: int, head_dim_v: int, variant: int,
+             nwarps: int, mt: int) -> KernelSpec:
+    hd, hdv = head_dim_bucket(head_dim), head_dim_bucket(head_dim_v)
+    variant &= ~VF_SINK  # the backward sees the sink through the LSE
+    return KernelSpec(NAME, kernel, dtype, hd, hdv, nwarps=nwarps, rows=8 * mt, variant=variant)
+
+
 def pick(kernel: str, dtype: str, head_dim: int, head_dim_v: int, variant: int,
          smem_limit: int):
     """The family's kernel for ``kernel``, or None where it has none (the
     backward, split-KV, a tile over the shared memory): the caller then runs
     the generic family's."""
+    b = max(head_dim_bucket(head_dim), head_dim_bucket(head_dim_v))
+    if kernel in BWD_TILES:
+        if not BACKWARD:
+            return None
+        tiles = BWD_TILES[kernel].get(b, ())
+        if (kernel == "bwd_dkdv" and b >= 64 and variant & VF_DROPOUT) or (
+                kernel == "bwd_dq" and b == 128 and variant & (VF_BIAS | VF_MASK)
+                and variant & (VF_DROPOUT | VF_SEQ)):
+            # at MT = 2 these spill 20-188 bytes at 255 registers (kernel check,
+            # sm_90a); at MT = 1 every combination fits but the heaviest dK/dV
+            # one on sm_80 (all of bias, mask, dbias, dropout, window, softcap,
+            # ALiBi and sequences: 8 bytes)
+            tiles = ((4, 1),)
+        for w, mt in tiles:
+            s = bwd_spec(kernel, dtype, head_dim, head_dim_v, variant, w, mt)
+            if smem_bytes(s) <= smem_limit:
+                return s
+        return None
     if kernel != "fwd" or variant & VF_SPLIT:
         return None
-    for w in NWARPS[max(head_dim_bucket(head_dim), head_dim_bucket(head_dim_v))]:
+    for w in NWARPS[b]:
         s = fwd_spec(dtype, head_dim, head_dim_v, variant, w)
         if smem_bytes(s) <= smem_limit:
             return s
@@ -68,12 +111,14 @@ def pick(kernel: str, dtype: str, head_dim: int, head_dim_v: int, variant: int,
 
 
 def source(s: KernelSpec) -> str:
-    return "f64mma/fwd.cuh"
+    return "f64mma/fwd.cuh" if s.kernel == "fwd" else "f64mma/bwd.cuh"
 
 
 def name_expression(s: KernelSpec) -> str:
-    return (f"fc_f64mma_fwd<double, double, {s.head_dim}, {s.head_dim_v}, {s.nwarps}, "
-            f"{s.rows // 8}, {s.variant}>")
+    dims = f"{s.head_dim}, {s.head_dim_v}, {s.nwarps}, {s.rows // 8}, {s.variant}"
+    if s.kernel == "fwd":
+        return f"fc_f64mma_fwd<double, double, {dims}>"
+    return f"fc_f64mma_{s.kernel}<double, double, double, {dims}>"
 
 
 def tile_rows(s: KernelSpec) -> int:
@@ -81,15 +126,21 @@ def tile_rows(s: KernelSpec) -> int:
 
 
 def smem_bytes(s: KernelSpec) -> int:
-    """FwdSmem of cuda_src/f64mma/fwd.cuh (the kernel check asserts they agree)."""
+    """The *Smem structs of cuda_src/f64mma (the kernel check asserts they agree)."""
     m = s.nwarps * s.rows
-    return 8 * (m * (s.head_dim + PAD) + BLOCK_N * (s.head_dim + PAD)
-                + BLOCK_N * (s.head_dim_v + PAD))
+    hd, hdv = s.head_dim + PAD, s.head_dim_v + PAD
+    if s.kernel == "fwd":
+        return 8 * (m * hd + BLOCK_N * hd + BLOCK_N * hdv)
+    extra = 2 * BLOCK_N if s.kernel == "bwd_dkdv" else 0  # (LSE and delta of a query tile)
+    return 8 * (m * (hd + hdv) + BLOCK_N * (hd + hdv) + extra)
+
+
+_SMEM_STRUCT = {"fwd": "FwdSmem", "bwd_dq": "DqSmem", "bwd_dkdv": "DkdvSmem"}
 
 
 def smem_expression(s: KernelSpec):
-    return (f"f64mma::FwdSmem<{s.head_dim}, {s.head_dim_v}, {s.nwarps}, {s.rows // 8}>::SIZE"
-            f" * sizeof(double)")
+    return (f"f64mma::{_SMEM_STRUCT[s.kernel]}<{s.head_dim}, {s.head_dim_v}, {s.nwarps}, "
+            f"{s.rows // 8}>::SIZE * sizeof(double)")
 
 
 def runs_on(s: KernelSpec, arch: str) -> bool:
@@ -107,4 +158,8 @@ def shipped_specs(variants=(0,)) -> list:
             continue
         for b in HEAD_DIM_BUCKETS:
             out.extend(fwd_spec("fp64", b, b, vf, w) for w in NWARPS[b])
+            if vf & VF_PAGED:
+                continue  # (the backward has no paged K / V)
+            for kernel, table in BWD_TILES.items():
+                out.extend(bwd_spec(kernel, "fp64", b, b, vf, w, mt) for w, mt in table.get(b, ()))
     return list(dict.fromkeys(out))
