@@ -536,8 +536,8 @@ def _device(index: int) -> torch.device:
 
 # Allocations in the replayed paths derive from a tensor (``new_empty``,
 # ``empty_like``) rather than calling ``torch.empty(shape, dtype=, device=)``:
-# PyTorch's argument parsing of the keywords cost 2-3 us per tensor, a few per
-# call (bench_overhead.py; NOTES.md 14.8).
+# PyTorch's argument parsing of the keywords made it 3.9-4.7 us per tensor
+# against 1.5-2.7, a few tensors per call (NOTES.md 14.8).
 _U8: dict = {}  # device index -> a (1,) uint8 tensor: the workspace blocks' template
 _CONTIGUOUS = torch.contiguous_format
 
@@ -748,8 +748,15 @@ def _bwd_impl(dout, q, k, v, out, lse, causal, scale, deterministic, window_left
     kind = ("bwd-det" if deterministic else "bwd") + ("-dbias" if bias_grad else "")
     inputs = (dout, q, k, v, out, lse)
     if fwd_key is not None:
+        # The saved tensors are the forward's in shape but not always in layout or
+        # place: a saved-tensor hook (torch.autograd.graph.save_on_cpu, activation
+        # offloading) may hand back a contiguous copy of a strided view.  The
+        # plan's strides are baked into its launches, so they join the key.
         key = ("torch", kind, fwd_key, dout.shape, dout.stride(), dout.dtype, dout.get_device(),
-               _config.current_family(), _config.gqa_mode(), _config.split_mode())
+               _config.current_family(), _config.gqa_mode(), _config.split_mode(),
+               q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(),
+               q.dtype, k.dtype, v.dtype, out.dtype, q.get_device(), k.get_device(),
+               v.get_device(), out.get_device(), lse.get_device())
     else:
         key = _plan_key(kind, inputs, causal, scale, window_left, window_right, softcap,
                         (alibi, sink, bias, mask), dropout_p)
@@ -1231,20 +1238,25 @@ def _fast_attention(q, k, v, causal, scale, need_lse=True, sdpa=False):
 # and never read: such calls share one buffer per (shape, dtype, device) instead
 # of allocating one each (an allocator call is ~3 us of a tiny call's host time;
 # NOTES.md 14.8).  Kernels of several streams, or of a captured CUDA graph, may
-# write it at once: nothing reads it, and its memory is never freed (a graph
-# keeps its address), so the cache stops growing at _LSE_SCRATCH_MAX entries and
-# calls beyond that allocate as before.
+# write it at once: nothing reads it.  Its memory is never freed, so the cache
+# holds at most _LSE_SCRATCH_MAX_BYTES in all (calls beyond that allocate as
+# before), and a buffer first needed inside a CUDA-graph capture is not kept
+# (it would live in that graph's private pool).
 _LSE_SCRATCH: dict = {}
-_LSE_SCRATCH_MAX = 64
+_LSE_SCRATCH_MAX_BYTES = 64 << 20
+_lse_scratch_bytes = 0
 
 
 def _lse_scratch(shape, dtype, device):
+    global _lse_scratch_bytes
     key = (shape, dtype, device)
     t = _LSE_SCRATCH.get(key)
     if t is None:
         t = torch.empty(shape, dtype=_lse_dtype(dtype), device=device)
-        if len(_LSE_SCRATCH) < _LSE_SCRATCH_MAX:
+        if (_lse_scratch_bytes + t.nbytes <= _LSE_SCRATCH_MAX_BYTES
+                and not torch.cuda.is_current_stream_capturing()):
             _LSE_SCRATCH[key] = t
+            _lse_scratch_bytes += t.nbytes
     return t
 
 

@@ -41,6 +41,7 @@ shapes on meta tensors, errors on CPU tensors) run anywhere PyTorch does.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import subprocess
@@ -2140,3 +2141,24 @@ def test_double_backward_raises_on_both_nodes(seed):
         with pytest.raises(RuntimeError, match="once_differentiable"):
             (dq.float().sum() + dv.float().sum()).backward()
     assert names[0].startswith("_EagerAttention") and names[-1].startswith("_PlainAttention")
+
+
+@gpu
+def test_backward_follows_the_saved_tensors_layout(seed):
+    """A saved-tensor hook may hand back the forward's tensors in another layout
+    (save_on_cpu copies a strided view into a contiguous tensor): the backward's
+    plan, keyed on its forward's, must still follow the strides of the tensors
+    it is given, on the checked route and the fast entry alike."""
+    xs = [randn((2, 80, 3, 64), torch.bfloat16, seed + i).requires_grad_(True) for i in range(3)]
+    dout = randn((2, 3, 80, 64), torch.bfloat16, seed + 5)
+    q, k, v = (x.transpose(1, 2) for x in xs)  # (B, H, S, D) views of (B, S, H, D)
+    ref, _, ref_grads = reference(q, k, v, True, dout=dout)
+    _, _, naive_grads = naive_in_dtype(q, k, v, True, dout=dout)
+    for hooked in (False, False, True, True):  # each: the checked route, then the fast entry
+        ctx = (torch.autograd.graph.save_on_cpu(pin_memory=True) if hooked
+               else contextlib.nullcontext())
+        with ctx:
+            out = fct.attention(q, k, v, causal=True)
+        grads = torch.autograd.grad(out, xs, dout)
+        for name, g, r, n in zip(("dq", "dk", "dv"), grads, ref_grads, naive_grads):
+            assert_close(name, g.transpose(1, 2), r, n, grad=True)

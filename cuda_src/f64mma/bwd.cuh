@@ -134,6 +134,7 @@ fc_f64mma_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
         }
     mma_pb<MT, NT, DT>(acc_dq, s, sK, L::LDK);  // dQ += dS K (scale at the end)
   }
+  cp_async_wait<0>();  // (a tile that sees no key still issued its Q, dO copies)
 
   TG *dq_b = q_rows(p.dq, bi);
 #pragma unroll
