@@ -140,14 +140,7 @@ fc_f64mma_bwd_dq(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int row = m_start + wrow + mt * 8 + g;
-    if (row >= len_q) continue;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = dt * 8 + 2 * t + e;
-        if (col < p.head_dim) dq_b[(fc_index_t)row * p.dq.sr + col] = acc_dq[dt][mt][e] * p.scale;
-      }
+    if (row < len_q) store_row(dq_b + (fc_index_t)row * p.dq.sr, acc_dq, mt, p.head_dim, p.scale);
   }
 }
 
@@ -264,19 +257,7 @@ fc_f64mma_bwd_dkdv(FC_PARAMS(BwdParams<T, Acc, TG>) p) {
   for (int mt = 0; mt < MT; ++mt) {
     const int key = n_start + wkey + mt * 8 + g;
     if (key >= len_k) continue;
-#pragma unroll
-    for (int dt = 0; dt < DTK; ++dt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = dt * 8 + 2 * t + e;
-        if (col < p.head_dim) dk_b[(fc_index_t)key * p.dk.sr + col] = acc_dk[dt][mt][e] * p.scale;
-      }
-#pragma unroll
-    for (int dt = 0; dt < DTV; ++dt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = dt * 8 + 2 * t + e;
-        if (col < p.head_dim_v) dv_b[(fc_index_t)key * p.dv.sr + col] = acc_dv[dt][mt][e];
-      }
+    store_row(dk_b + (fc_index_t)key * p.dk.sr, acc_dk, mt, p.head_dim, p.scale);
+    store_row(dv_b + (fc_index_t)key * p.dv.sr, acc_dv, mt, p.head_dim_v, 1.0);
   }
 }

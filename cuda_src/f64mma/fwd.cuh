@@ -190,13 +190,7 @@ fc_f64mma_fwd(FC_PARAMS(FwdParams<T, Acc>) p) {
     l += var.sink_term(sm[mt].m_i);
     if (row >= len_q) continue;
     const double inv_l = OnlineSoftmax<double>::inv_sum(l) * (V::DROPOUT ? var.drop_rp : 1.0);
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = dt * 8 + 2 * t + e;
-        if (col < p.head_dim_v) o_b[(fc_index_t)row * p.o.sr + col] = acc_o[dt][mt][e] * inv_l;
-      }
+    store_row(o_b + (fc_index_t)row * p.o.sr, acc_o, mt, p.head_dim_v, inv_l);
     if (t == 0) lse_b[(fc_index_t)row * p.lse.sr] = OnlineSoftmax<double>::lse_natural(sm[mt].m_i, l);
   }
 }

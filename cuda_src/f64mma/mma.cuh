@@ -138,4 +138,19 @@ __device__ __forceinline__ void zero_frags(double (&x)[NT][MT][2]) {
     for (int mt = 0; mt < MT; ++mt) x[i][mt][0] = x[i][mt][1] = 0.0;
 }
 
+// Row 8 mt + g of an accumulator in mma_pb's layout (acc[dt][mt]: columns
+// 8 dt + 2t + e of this lane), times mul, into dst_row[0, cols): the epilogues.
+template <typename TO, int DT, int MT>
+__device__ __forceinline__ void store_row(TO *dst_row, const double (&acc)[DT][MT][2], int mt,
+                                          int cols, double mul) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = dt * 8 + 2 * t + e;
+      if (col < cols) dst_row[col] = acc[dt][mt][e] * mul;
+    }
+}
+
 }  // namespace f64mma
